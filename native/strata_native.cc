@@ -1,0 +1,569 @@
+// strata_native: thin node-addon-api wrapper over liburing.
+//
+// Requests are described in a SharedArrayBuffer (32-byte descriptors) and
+// completions are written to another one (8-byte entries), so JS pays one
+// N-API call per batch instead of marshalling arguments per request.
+// The layout is documented in src/native.ts.
+
+#include <napi.h>
+#include <uv.h>
+#include <liburing.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "descriptors are little-endian and copied as host structs"
+#endif
+
+namespace {
+
+enum Op : uint8_t { READ = 1, WRITE = 2, FSYNC = 3, FDATASYNC = 4, FALLOCATE = 5, NOP = 6 };
+enum Flag : uint8_t { FIXED = 1, PUNCH = 2, ZERO_RANGE = 4 };
+
+struct Desc {
+  uint8_t op;
+  uint8_t flags;
+  uint16_t bufIndex;
+  int32_t fd;
+  uint32_t len;
+  uint32_t id;
+  uint64_t bufOffset;  // FALLOCATE: length
+  uint64_t fileOffset;
+};
+static_assert(sizeof(Desc) == 32, "SQ descriptor is 32 bytes");
+
+// Outside the u32 id space, so it can never collide with a caller's id.
+constexpr uint64_t kCancelTag = 1ull << 32;
+
+// Every error raised here carries errno/code like Node's own fs errors.
+[[noreturn]] void Fail(Napi::Env env, int err, const std::string& what) {
+  Napi::Error e = Napi::Error::New(env, what + ": " + strerror(err));
+  const char* name = strerrorname_np(err);
+  e.Set("errno", Napi::Number::New(env, err));
+  e.Set("code", Napi::String::New(env, name ? name : "EUNKNOWN"));
+  throw e;
+}
+
+struct Bytes {
+  uint8_t* data = nullptr;
+  size_t len = 0;
+  napi_value arrayBuffer = nullptr;  // set only when backed by a detachable ArrayBuffer
+};
+
+Bytes GetBytes(Napi::Env env, Napi::Value v, const char* what) {
+  Bytes b;
+  void* data = nullptr;
+  napi_value ab = nullptr;
+  if (v.IsTypedArray()) {
+    napi_typedarray_type type;
+    size_t n;
+    NAPI_THROW_IF_FAILED(env, napi_get_typedarray_info(env, v, &type, &n, &data, &ab, nullptr), b);
+    b.len = v.As<Napi::TypedArray>().ByteLength();
+  } else if (v.IsDataView()) {
+    NAPI_THROW_IF_FAILED(env, napi_get_dataview_info(env, v, &b.len, &data, &ab, nullptr), b);
+  } else if (v.IsArrayBuffer()) {
+    ab = v;
+    NAPI_THROW_IF_FAILED(env, napi_get_arraybuffer_info(env, v, &data, &b.len), b);
+  } else if (v.IsObject()) {
+    // Node-API (Node 20) cannot open a SharedArrayBuffer directly, but a
+    // Uint8Array over it can; checking .buffer rejects array-likes, which
+    // the constructor would copy instead of view.
+    Napi::Function u8 = env.Global().Get("Uint8Array").As<Napi::Function>();
+    Napi::Value view = u8.New({v});
+    if (!view.As<Napi::Object>().Get("buffer").StrictEquals(v))
+      Fail(env, EINVAL, std::string(what) + " must be a SharedArrayBuffer, ArrayBuffer or view");
+    return GetBytes(env, view, what);
+  } else {
+    Fail(env, EINVAL, std::string(what) + " must be a SharedArrayBuffer, ArrayBuffer or view");
+  }
+  b.data = static_cast<uint8_t*>(data);
+  bool isPlainAb = false;
+  if (ab != nullptr) napi_is_arraybuffer(env, ab, &isPlainAb);  // false for SAB
+  if (isPlainAb) b.arrayBuffer = ab;
+  return b;
+}
+
+uint64_t ArgUint(const Napi::CallbackInfo& info, size_t i, const char* name, uint64_t max) {
+  Napi::Env env = info.Env();
+  if (!info[i].IsNumber()) Fail(env, EINVAL, std::string(name) + " must be a number");
+  double d = info[i].As<Napi::Number>().DoubleValue();
+  if (!(d >= 0 && d <= static_cast<double>(max)) || d != static_cast<double>(static_cast<uint64_t>(d)))
+    Fail(env, EINVAL, std::string(name) + " must be an integer in [0, " + std::to_string(max) + "]");
+  return static_cast<uint64_t>(d);
+}
+
+struct Region {
+  Napi::Reference<Napi::Value> owner;  // keeps the memory alive
+  Napi::Reference<Napi::Value> ab;     // detachable ArrayBuffer, checked before use
+  uint8_t* data;
+  uint64_t len;
+};
+
+// The uv handle outlives the Ring: uv_close completes on a later loop turn,
+// so the handle owns the eventfd. Until then an async cleanup hook makes a
+// terminating worker wait for it, since the addon may be unloaded right after
+// its env is gone and the close callback lives in this library.
+struct PollBox {
+  uv_poll_t handle;
+  int efd;
+  napi_async_cleanup_hook_handle hook;
+};
+
+class Ring : public Napi::ObjectWrap<Ring> {
+ public:
+  static Napi::Function Init(Napi::Env env) {
+    return DefineClass(env, "Ring",
+                       {InstanceMethod<&Ring::AddRegion>("addRegion"),
+                        InstanceMethod<&Ring::RegisterRegions>("registerRegions"),
+                        InstanceMethod<&Ring::Submit>("submit"),
+                        InstanceMethod<&Ring::Wait>("wait"),
+                        InstanceMethod<&Ring::CloseJs>("close"),
+                        InstanceAccessor<&Ring::Inflight>("inflight"),
+                        InstanceAccessor<&Ring::MaxInflight>("maxInflight")});
+  }
+
+  explicit Ring(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Ring>(info) {
+    Napi::Env env = info.Env();
+    unsigned entries = static_cast<unsigned>(ArgUint(info, 0, "entries", 32768));
+    if (entries == 0) Fail(env, EINVAL, "entries must be >= 1");
+    Bytes sq = GetBytes(env, info[1], "sq");
+    Bytes cq = GetBytes(env, info[2], "cq");
+    sqCap_ = sq.len / sizeof(Desc);
+    cqCap_ = static_cast<uint32_t>(std::min<size_t>(cq.len / 8, UINT32_MAX));
+    if (sqCap_ == 0 || cqCap_ == 0) Fail(env, EINVAL, "sq needs >= 32 bytes and cq >= 8 bytes");
+    if (sq.arrayBuffer || cq.arrayBuffer) Fail(env, EINVAL, "sq and cq must be SharedArrayBuffer-backed");
+    bool async = info.Length() > 3 && !info[3].IsUndefined();
+    if (async && !info[3].IsFunction()) Fail(env, EINVAL, "onComplete must be a function");
+    sq_ = sq.data;
+    cq_ = cq.data;
+    sqRef_ = Napi::Persistent(info[1]);
+    cqRef_ = Napi::Persistent(info[2]);
+
+    // A CQ of 4x entries lets the caller keep that many ops in flight without
+    // the kernel ring overflowing; submit() enforces it (see maxInflight).
+    io_uring_params p{};
+    p.flags = IORING_SETUP_CQSIZE | IORING_SETUP_CLAMP | IORING_SETUP_SUBMIT_ALL;
+    p.cq_entries = entries * 4;
+    int r = io_uring_queue_init_params(entries, &ring_, &p);
+    if (r == -EINVAL) {  // pre-5.18 kernel: no SUBMIT_ALL
+      p = io_uring_params{};
+      p.flags = IORING_SETUP_CQSIZE | IORING_SETUP_CLAMP;
+      p.cq_entries = entries * 4;
+      r = io_uring_queue_init_params(entries, &ring_, &p);
+    }
+    if (r < 0) Fail(env, -r, "io_uring_queue_init");
+    maxInflight_ = p.cq_entries;
+    open_ = true;
+    if (!async) return;
+
+    cb_ = Napi::Persistent(info[3].As<Napi::Function>());
+    // No resource object: it would be a strong reference back to this wrapper.
+    asyncCtx_.reset(new Napi::AsyncContext(env, "strata:ring"));
+    int efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (efd < 0) { int e = errno; Teardown(true); Fail(env, e, "eventfd"); }
+    if ((r = io_uring_register_eventfd(&ring_, efd)) < 0) {
+      close(efd);
+      Teardown(true);
+      Fail(env, -r, "io_uring_register_eventfd");
+    }
+    uv_loop_t* loop = nullptr;
+    NAPI_THROW_IF_FAILED_VOID(env, napi_get_uv_event_loop(env, &loop));
+    poll_ = new PollBox{{}, efd, nullptr};
+    if ((r = uv_poll_init(loop, &poll_->handle, efd)) < 0) {
+      close(efd);
+      delete poll_;  // never registered with the loop
+      poll_ = nullptr;
+      Teardown(true);
+      Fail(env, -r, "uv_poll_init");
+    }
+    poll_->handle.data = this;
+    if ((r = uv_poll_start(&poll_->handle, UV_READABLE, OnPoll)) < 0) {
+      Teardown(true);  // uv_closes the handle and its eventfd
+      Fail(env, -r, "uv_poll_start");
+    }
+    uv_unref(reinterpret_cast<uv_handle_t*>(&poll_->handle));  // idle rings never hold the loop
+    napi_add_async_cleanup_hook(env, OnEnvCleanup, poll_, &poll_->hook);
+  }
+
+  ~Ring() override { Teardown(true); }
+
+ private:
+  Napi::Value AddRegion(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    CheckOpen(env);
+    Bytes b = GetBytes(env, info[0], "buf");
+    uint64_t off = ArgUint(info, 1, "byteOffset", b.len);
+    uint64_t len = ArgUint(info, 2, "byteLength", b.len - off);
+    if (regions_.size() > 0xFFFF) Fail(env, ENOSPC, "bufIndex is a u16: too many regions");
+    Region r{Napi::Persistent(info[0]), {}, b.data + off, len};
+    if (b.arrayBuffer) r.ab = Napi::Persistent(Napi::Value(env, b.arrayBuffer));
+    regions_.push_back(std::move(r));
+    return Napi::Number::New(env, static_cast<double>(regions_.size() - 1));
+  }
+
+  Napi::Value RegisterRegions(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    CheckOpen(env);
+    // Swapping the table under in-flight fixed ops is unsafe on older kernels.
+    if (inflight_ > 0) return Napi::Number::New(env, -EBUSY);
+    if (registered_ > 0) {
+      io_uring_unregister_buffers(&ring_);
+      registered_ = 0;
+    }
+    if (regions_.empty()) return Napi::Number::New(env, 0);
+    std::vector<iovec> iov;
+    for (Region& r : regions_) {
+      // Empty regions become sparse slots: the kernel rejects a zero-length iovec with a base.
+      iov.push_back(r.len ? iovec{r.data, r.len} : iovec{nullptr, 0});
+    }
+    int r = io_uring_register_buffers(&ring_, iov.data(), static_cast<unsigned>(iov.size()));
+    if (r == 0) registered_ = regions_.size();
+    return Napi::Number::New(env, r);
+  }
+
+  Napi::Value Submit(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    CheckOpen(env);
+    uint64_t start = ArgUint(info, 0, "start", (1ull << 53));
+    uint64_t count = ArgUint(info, 1, "count", sqCap_);
+    if (inflight_ + count > maxInflight_)
+      Fail(env, EBUSY, "submit would exceed maxInflight (" + std::to_string(maxInflight_) + "); reap first");
+    RefreshDetached(env);
+    bool faked = false;
+    for (uint64_t i = 0; i < count; i++) {
+      Desc d;
+      memcpy(&d, sq_ + ((start + i) % sqCap_) * sizeof(Desc), sizeof d);
+      uint8_t* addr = nullptr;
+      int err = Check(d, &addr);
+      inflight_++;
+      Pin();
+      if (err) {
+        // Rejected ops still complete, through the same CQ path, so callers
+        // need no second error channel.
+        fake_.emplace_back(d.id, -err);
+        faked = true;
+        continue;
+      }
+      Prep(GetSqe(env), d, addr);
+    }
+    if (faked) Kick();
+    Flush(env);
+    return Napi::Number::New(env, static_cast<double>(count));
+  }
+
+  Napi::Value Wait(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    CheckOpen(env);
+    uint64_t want = ArgUint(info, 0, "minComplete", UINT32_MAX);
+    // Never wait for more than can arrive or than fits in cq.
+    want = std::min<uint64_t>({want, inflight_, cqCap_});
+    while (want > fake_.size() + io_uring_cq_ready(&ring_)) {
+      // submit_and_wait also pushes SQEs left queued by a failed submit.
+      int r = io_uring_submit_and_wait(&ring_, static_cast<unsigned>(want - fake_.size()));
+      if (r < 0 && r != -EINTR) Fail(env, -r, "io_uring_submit_and_wait");
+    }
+    return Napi::Number::New(env, Reap(cqCap_));
+  }
+
+  Napi::Value CloseJs(const Napi::CallbackInfo& info) {
+    Teardown(false);
+    return info.Env().Undefined();
+  }
+
+  Napi::Value Inflight(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), static_cast<double>(inflight_));
+  }
+
+  Napi::Value MaxInflight(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), maxInflight_);
+  }
+
+  void CheckOpen(Napi::Env env) {
+    if (!open_) Fail(env, EBADF, "ring is closed");
+  }
+
+  // A detached ArrayBuffer's memory may be gone or moved (e.g. non-shared
+  // wasm memory after grow): turn its region into one that fails every op.
+  void RefreshDetached(Napi::Env env) {
+    for (Region& r : regions_) {
+      if (r.ab.IsEmpty() || r.len == 0) continue;
+      bool detached = false;
+      napi_is_detached_arraybuffer(env, r.ab.Value(), &detached);
+      if (detached) r.len = 0;
+    }
+  }
+
+  // Returns a positive errno for descriptors that must not reach the kernel.
+  int Check(const Desc& d, uint8_t** addr) {
+    if (d.fileOffset > INT64_MAX) return EINVAL;  // -1 would mean "file position"
+    switch (d.op) {
+      case READ:
+      case WRITE: {
+        if (d.bufIndex >= regions_.size()) return EFAULT;
+        const Region& r = regions_[d.bufIndex];
+        if (d.bufOffset > r.len || d.len > r.len - d.bufOffset) return EFAULT;
+        *addr = r.data + d.bufOffset;
+        return 0;
+      }
+      case FALLOCATE:
+        return d.bufOffset > INT64_MAX ? EINVAL : 0;
+      case FSYNC:
+      case FDATASYNC:
+      case NOP:
+        return 0;
+      default:
+        return EINVAL;
+    }
+  }
+
+  void Prep(io_uring_sqe* sqe, const Desc& d, uint8_t* addr) {
+    bool fixed = (d.flags & FIXED) && d.bufIndex < registered_;
+    switch (d.op) {
+      case READ:
+        if (fixed) io_uring_prep_read_fixed(sqe, d.fd, addr, d.len, d.fileOffset, d.bufIndex);
+        else io_uring_prep_read(sqe, d.fd, addr, d.len, d.fileOffset);
+        break;
+      case WRITE:
+        if (fixed) io_uring_prep_write_fixed(sqe, d.fd, addr, d.len, d.fileOffset, d.bufIndex);
+        else io_uring_prep_write(sqe, d.fd, addr, d.len, d.fileOffset);
+        break;
+      case FSYNC:
+      case FDATASYNC:
+        io_uring_prep_fsync(sqe, d.fd, d.op == FDATASYNC ? IORING_FSYNC_DATASYNC : 0);
+        break;
+      case FALLOCATE: {
+        int mode = (d.flags & PUNCH)        ? FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+                   : (d.flags & ZERO_RANGE) ? FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
+                                            : 0;
+        io_uring_prep_fallocate(sqe, d.fd, mode, static_cast<off_t>(d.fileOffset),
+                                static_cast<off_t>(d.bufOffset));
+        break;
+      }
+      default:
+        io_uring_prep_nop(sqe);
+    }
+    io_uring_sqe_set_data64(sqe, d.id);
+  }
+
+  io_uring_sqe* GetSqe(Napi::Env env) {
+    io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
+    if (sqe) return sqe;
+    Flush(env);  // SQ full: hand the queued batch to the kernel, which empties it
+    return io_uring_get_sqe(&ring_);
+  }
+
+  // Without SQPOLL the kernel consumes SQEs inside io_uring_enter, so a
+  // successful submit always drains the SQ.
+  void Flush(Napi::Env env) {
+    while (io_uring_sq_ready(&ring_) > 0) {
+      int r = io_uring_submit(&ring_);
+      if (r == -EINTR) continue;
+      // Unsubmitted SQEs stay queued and go out with the next submit/wait.
+      if (r < 0) Fail(env, -r, "io_uring_submit");
+      if (r == 0) Fail(env, EAGAIN, "io_uring_submit consumed nothing");
+    }
+  }
+
+  // Copies up to max completions (rejected ops first) into cq[0..n).
+  uint32_t Reap(uint32_t max) {
+    uint32_t n = 0;
+    auto put = [&](uint32_t id, int32_t res) {
+      uint8_t* e = cq_ + 8 * static_cast<size_t>(n++);
+      memcpy(e, &id, 4);
+      memcpy(e + 4, &res, 4);
+    };
+    while (n < max && !fake_.empty()) {
+      put(fake_.front().first, fake_.front().second);
+      fake_.pop_front();
+    }
+    unsigned head, seen = 0;
+    io_uring_cqe* cqe;
+    io_uring_for_each_cqe(&ring_, head, cqe) {
+      if (n >= max) break;
+      put(static_cast<uint32_t>(cqe->user_data), cqe->res);
+      seen++;
+    }
+    io_uring_cq_advance(&ring_, seen);
+    inflight_ -= n;
+    Pin();
+    return n;
+  }
+
+  // While ops are in flight: keep the loop alive (async) and keep the JS
+  // object from being collected, since the kernel still writes to regions.
+  void Pin() {
+    bool busy = inflight_ > 0;
+    if (busy == pinned_) return;
+    pinned_ = busy;
+    if (busy) Ref(); else Unref();
+    if (poll_) {
+      uv_handle_t* h = reinterpret_cast<uv_handle_t*>(&poll_->handle);
+      if (busy) uv_ref(h); else uv_unref(h);
+    }
+  }
+
+  void Kick() {
+    if (!poll_) return;
+    uint64_t one = 1;
+    (void)!write(poll_->efd, &one, sizeof one);
+  }
+
+  static void OnPoll(uv_poll_t* h, int /*status*/, int /*events*/) {
+    Ring* self = static_cast<Ring*>(h->data);
+    if (self) self->Dispatch();
+  }
+
+  void Dispatch() {
+    uint64_t count;
+    (void)!read(poll_->efd, &count, sizeof count);  // re-arm; CQ state is the truth
+    Napi::Env env = Env();
+    Napi::HandleScope scope(env);
+    // A local handle keeps the wrapper (and this) alive across the callback,
+    // even once Pin() has dropped the strong reference.
+    Napi::Object self = Value();
+    while (open_) {
+      uint32_t n = Reap(cqCap_);
+      if (n == 0) break;
+      try {
+        // MakeCallback runs microtasks/nextTicks afterwards, like any I/O callback.
+        cb_.MakeCallback(self, {Napi::Number::New(env, n)}, *asyncCtx_);
+      } catch (const Napi::Error& e) {
+        if (open_ && (!fake_.empty() || io_uring_cq_ready(&ring_))) Kick();  // deliver the rest later
+        napi_fatal_exception(env, e.Value());
+        return;
+      }
+    }
+  }
+
+  // Env teardown with the ring still open: close it; OnClosed lets the env go on.
+  static void OnEnvCleanup(napi_async_cleanup_hook_handle, void* arg) {
+    Ring* self = static_cast<Ring*>(static_cast<PollBox*>(arg)->handle.data);
+    if (self) self->Teardown(true);
+  }
+
+  static void OnClosed(uv_handle_t* h) {
+    PollBox* box = reinterpret_cast<PollBox*>(h);
+    close(box->efd);
+    if (box->hook) napi_remove_async_cleanup_hook(box->hook);
+    delete box;
+  }
+
+  // Closing with ops in flight: cancel what can be cancelled and wait for the
+  // rest, so the kernel never writes into regions after we release them.
+  void Drain() {
+    uint64_t pending = inflight_ - fake_.size();
+    if (pending == 0) return;
+    io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
+    if (sqe) {
+      io_uring_prep_cancel64(sqe, 0, IORING_ASYNC_CANCEL_ANY);
+      io_uring_sqe_set_data64(sqe, kCancelTag);
+      pending++;
+    }
+    while (pending > 0) {
+      io_uring_cqe* cqe;
+      int r = io_uring_submit_and_wait(&ring_, 1);
+      if (r == -EINTR) continue;
+      if (r < 0) break;
+      unsigned head, seen = 0;
+      io_uring_for_each_cqe(&ring_, head, cqe) seen++;
+      io_uring_cq_advance(&ring_, seen);
+      pending -= std::min<uint64_t>(seen, pending);
+    }
+  }
+
+  // finalizing: called from the destructor or env cleanup, where the
+  // wrapper's own reference must not be touched.
+  void Teardown(bool finalizing) {
+    if (!open_ && !poll_) return;
+    if (open_) Drain();
+    if (poll_) {
+      poll_->handle.data = nullptr;
+      uv_close(reinterpret_cast<uv_handle_t*>(&poll_->handle), OnClosed);
+      poll_ = nullptr;
+    }
+    // Ring teardown also drops the registered buffers and eventfd.
+    if (open_) io_uring_queue_exit(&ring_);
+    open_ = false;
+    inflight_ = 0;
+    fake_.clear();
+    registered_ = 0;
+    if (pinned_ && !finalizing) Unref();
+    pinned_ = false;
+    if (!finalizing) {
+      regions_.clear();
+      sqRef_.Reset();
+      cqRef_.Reset();
+      cb_.Reset();
+    }
+  }
+
+  io_uring ring_{};
+  bool open_ = false;
+  bool pinned_ = false;
+  PollBox* poll_ = nullptr;
+  uint8_t* sq_ = nullptr;
+  uint8_t* cq_ = nullptr;
+  uint64_t sqCap_ = 0;
+  uint32_t cqCap_ = 0;
+  uint32_t maxInflight_ = 0;
+  uint64_t inflight_ = 0;
+  size_t registered_ = 0;
+  std::vector<Region> regions_;
+  std::deque<std::pair<uint32_t, int32_t>> fake_;
+  Napi::Reference<Napi::Value> sqRef_, cqRef_;
+  Napi::FunctionReference cb_;
+  std::unique_ptr<Napi::AsyncContext> asyncCtx_;
+};
+
+Napi::Value Info(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object out = Napi::Object::New(env);
+#if defined(IO_URING_VERSION_MAJOR)
+  out.Set("liburing", std::to_string(IO_URING_VERSION_MAJOR) + "." + std::to_string(IO_URING_VERSION_MINOR));
+#elif defined(STRATA_LIBURING_VERSION)  // liburing < 2.4 has no version macros; binding.gyp asks pkg-config
+  out.Set("liburing", STRATA_LIBURING_VERSION);
+#else
+  out.Set("liburing", "unknown");
+#endif
+  static const std::pair<int, const char*> kOps[] = {
+      {IORING_OP_READ_FIXED, "READ_FIXED"}, {IORING_OP_WRITE_FIXED, "WRITE_FIXED"},
+      {IORING_OP_READ, "READ"},             {IORING_OP_WRITE, "WRITE"},
+      {IORING_OP_FSYNC, "FSYNC"},           {IORING_OP_FALLOCATE, "FALLOCATE"},
+      {IORING_OP_URING_CMD, "URING_CMD"}};
+  Napi::Array ops = Napi::Array::New(env);
+  if (io_uring_probe* p = io_uring_get_probe()) {
+    for (const auto& op : kOps)
+      if (io_uring_opcode_supported(p, op.first)) ops.Set(ops.Length(), op.second);
+    io_uring_free_probe(p);
+  }
+  out.Set("probeOps", ops);
+  return out;
+}
+
+Napi::Value PageSize(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), static_cast<double>(sysconf(_SC_PAGESIZE)));
+}
+
+Napi::Object InitModule(Napi::Env env, Napi::Object exports) {
+  exports.Set("Ring", Ring::Init(env));
+  exports.Set("info", Napi::Function::New(env, Info, "info"));
+  exports.Set("pageSize", Napi::Function::New(env, PageSize, "pageSize"));
+  return exports;
+}
+
+}  // namespace
+
+NODE_API_MODULE(strata_native, InitModule)

@@ -1,0 +1,71 @@
+// The shared machinery every engine part uses: one shared WASM memory (state
+// tables, mappings, I/O arena), one io_uring ring over the arena, one piscina
+// pool of WASM workers over the same memory, and the object store.
+import * as path from 'path';
+import * as fs from 'fs';
+import { Piscina } from 'piscina';
+import { SharedHeap } from './wasm';
+import { IoArena } from './arena';
+import { Uring } from './uring';
+import type { ObjectStore } from './store/types';
+import type { Task } from '../workers/codec-worker';
+
+export interface CoreOptions {
+  store: ObjectStore;
+  /** Local directory for template frame caches and device overlays. */
+  cacheDir: string;
+  /** Codec/hash worker threads (default: number of CPUs). */
+  workers?: number;
+  /** Bytes of registered I/O buffer memory (default 64 MiB). */
+  arenaBytes?: number;
+  ringEntries?: number;
+}
+
+export class Core {
+  readonly heap: SharedHeap;
+  readonly arena: IoArena;
+  readonly uring: Uring;
+  readonly pool: Piscina;
+  readonly store: ObjectStore;
+  readonly cacheDir: string;
+  private scratch: number;
+  private scratchLen = 1 << 20;
+
+  constructor(opts: CoreOptions) {
+    this.store = opts.store;
+    this.cacheDir = opts.cacheDir;
+    fs.mkdirSync(path.join(this.cacheDir, 'layers'), { recursive: true });
+    fs.mkdirSync(path.join(this.cacheDir, 'devices'), { recursive: true });
+    const arenaBytes = opts.arenaBytes ?? 64 * 1024 * 1024;
+    // Reserve the low 64 KiB, then the arena at a fixed place so its
+    // registration stays valid when the heap above it grows.
+    this.heap = new SharedHeap({ reserveBytes: 65536 + arenaBytes, initialBytes: 65536 + arenaBytes + (16 << 20) });
+    this.arena = new IoArena(65536, arenaBytes);
+    this.uring = new Uring(this.heap.memory, { offset: 65536, length: arenaBytes }, opts.ringEntries ?? 256);
+    const threads = Math.max(1, opts.workers ?? require('os').availableParallelism?.() ?? 2);
+    this.pool = new Piscina({
+      filename: path.join(__dirname, '..', 'workers', 'boot.js'),
+      workerData: { memory: this.heap.memory },
+      minThreads: threads, maxThreads: threads, idleTimeout: 60_000,
+    });
+    this.scratch = this.heap.alloc(this.scratchLen);
+  }
+
+  run<T>(task: Task): Promise<T> { return this.pool.run(task) as Promise<T>; }
+
+  /** xxh64 (seed 0) of bytes that live outside the shared memory. */
+  checksum(b: Uint8Array): bigint {
+    if (b.length > this.scratchLen) {
+      this.heap.free(this.scratch);
+      this.scratchLen = Math.ceil(b.length / 4096) * 4096;
+      this.scratch = this.heap.alloc(this.scratchLen);
+    }
+    this.heap.u8.set(b, this.scratch);
+    return BigInt.asUintN(64, this.heap.wasm.xxh64(this.scratch, b.length, 0n));
+  }
+
+  async close(): Promise<void> {
+    await this.pool.destroy();
+    this.uring.close();
+  }
+}

@@ -1,0 +1,464 @@
+// A writable device over a layer chain. Reads resolve, block by block, through
+//   current overlay → frozen overlay (only while a snapshot uploads) → base
+// where an overlay is a sparse local file plus one state byte per block in
+// shared memory (ABSENT / DIRTY / ZERO) and the base is the layer mapping
+// served from the per-layer frame caches. All data moves through io_uring on
+// the registered I/O arena.
+import * as fs from 'fs';
+import * as path from 'path';
+import { randomBytes } from 'crypto';
+import type { Core } from './core';
+import type { LayerRegistry } from './layers';
+import type { LayerCache } from './layer-cache';
+import { BLOCK_SIZE, Codec, type LayerHeader, ZERO_LAYER } from './format';
+import { MappingTable } from './mapping';
+import { RangeLock } from './range-lock';
+import { S } from './wasm';
+import { einval, StrataError } from './errors';
+import { writeLayer, type BlockRun, type Progress, type WriteLayerStats } from './layer-writer';
+
+const BS = BLOCK_SIZE;
+const SECTOR = 512;
+/** Largest piece of a request that holds arena memory at once. */
+const CHUNK_BLOCKS = 256;
+
+/** Something readers pin so it is not torn down under them (H14). */
+class Pinned {
+  refs = 0;
+  retired = false;
+  constructor(private readonly teardown: () => void) {}
+  pin(): void { this.refs++; }
+  unpin(): void { if (--this.refs === 0 && this.retired) this.teardown(); }
+  retire(): void { this.retired = true; if (this.refs === 0) this.teardown(); }
+}
+
+interface Overlay { gen: number; file: string; fd: number; table: number; pin: Pinned }
+interface Base { header: LayerHeader; map: MappingTable; caches: Map<number, LayerCache>; pin: Pinned }
+interface View { cur: Overlay; frozen: Overlay | null; base: Base }
+
+export interface DeviceOptions {
+  /** Device id (used for its overlay file names); random when omitted. */
+  id?: string;
+  /** Codec for snapshots (default: the base layer's codec). */
+  codec?: Codec;
+}
+
+export interface SnapshotOptions { codec?: Codec; level?: number; onProgress?: (p: Progress) => void }
+export interface SnapshotResult { id: string; header: LayerHeader; stats: WriteLayerStats; frozenMs: number }
+
+export interface Extent2 { offset: number; length: number; zero: boolean }
+
+export class Device {
+  readonly id: string;
+  readonly size: number;
+  readonly blocks: number;
+  private cur: Overlay;
+  private frozen: Overlay | null = null;
+  private base: Base;
+  private readonly locks = new RangeLock();
+  private snapshotQueue: Promise<unknown> = Promise.resolve();
+  private gen = 0;
+  private closed = false;
+  private readonly dir: string;
+  stats = { reads: 0, writes: 0, readBytes: 0, writeBytes: 0, trims: 0, flushes: 0, snapshots: 0 };
+
+  private constructor(private readonly core: Core, private readonly registry: LayerRegistry,
+    base: Base, private readonly opts: DeviceOptions) {
+    this.id = opts.id ?? randomBytes(8).toString('hex');
+    if (!/^[A-Za-z0-9_-]{1,64}$/.test(this.id)) throw einval(`invalid device id ${JSON.stringify(this.id)}`);
+    this.size = base.header.virtualSize;
+    this.blocks = this.size / BS;
+    this.base = base;
+    this.dir = path.join(core.cacheDir, 'devices');
+    this.cur = this.newOverlay();
+  }
+
+  static async open(core: Core, registry: LayerRegistry, layerId: string, opts: DeviceOptions = {}): Promise<Device> {
+    const base = await resolveBase(core, registry, await registry.header(layerId));
+    return new Device(core, registry, base, opts);
+  }
+
+  /** The layer this device's unchanged blocks come from. */
+  get layerId(): string { return this.base.header.chain[0]; }
+
+  // ------------------------------------------------------------- requests
+
+  async read(offset: number, length: number): Promise<Buffer> {
+    const out = Buffer.allocUnsafe(length);
+    await this.readInto(offset, out);
+    return out;
+  }
+
+  /** Reads into `dest` (a copy: later writes never change it, H1). */
+  async readInto(offset: number, dest: Uint8Array): Promise<void> {
+    const length = dest.length;
+    this.check(offset, length, 'read');
+    if (length === 0) return;
+    this.stats.reads++; this.stats.readBytes += length;
+    const b0 = Math.floor(offset / BS), b1 = Math.ceil((offset + length) / BS);
+    const unlock = await this.locks.acquire(b0, b1, false);
+    const view = this.pinView();
+    try {
+      for (let c0 = b0; c0 < b1; c0 += CHUNK_BLOCKS) {
+        const c1 = Math.min(b1, c0 + CHUNK_BLOCKS);
+        const ptr = await this.core.arena.acquire((c1 - c0) * BS);
+        try {
+          await this.readBlocks(view, c0, c1, ptr);
+          const from = Math.max(offset, c0 * BS), to = Math.min(offset + length, c1 * BS);
+          dest.set(this.core.heap.u8.subarray(ptr + from - c0 * BS, ptr + to - c0 * BS), from - offset);
+        } finally { this.core.arena.release(ptr); }
+      }
+    } finally { this.unpinView(view); unlock(); }
+  }
+
+  async write(offset: number, data: Uint8Array, opts: { fua?: boolean } = {}): Promise<void> {
+    this.check(offset, data.length, 'write');
+    if (data.length === 0) return;
+    this.stats.writes++; this.stats.writeBytes += data.length;
+    const b0 = Math.floor(offset / BS), b1 = Math.ceil((offset + data.length) / BS);
+    const unlock = await this.locks.acquire(b0, b1, true);
+    try {
+      await this.writeLocked(offset, data.length, data);
+      if (opts.fua) await this.syncFiles();
+    } finally { unlock(); }
+  }
+
+  /** Zeroes a range; whole blocks become ZERO (no data), partial ones are rewritten. */
+  async writeZeroes(offset: number, length: number, opts: { fua?: boolean } = {}): Promise<void> {
+    this.check(offset, length, 'write zeroes');
+    if (length === 0) return;
+    this.stats.trims++;
+    const b0 = Math.floor(offset / BS), b1 = Math.ceil((offset + length) / BS);
+    const unlock = await this.locks.acquire(b0, b1, true);
+    try {
+      const f0 = Math.ceil(offset / BS), f1 = Math.floor((offset + length) / BS);
+      if (f0 >= f1) { await this.writeLocked(offset, length, null); return; }
+      if (offset < f0 * BS) await this.writeLocked(offset, f0 * BS - offset, null);
+      if (f1 * BS < offset + length) await this.writeLocked(f1 * BS, offset + length - f1 * BS, null);
+      const ov = this.cur;
+      // Free the overlay's space, then publish ZERO: readers of these blocks
+      // are excluded by the lock, so the order is not observable.
+      await this.core.uring.punch(ov.fd, f0 * BS, (f1 - f0) * BS);
+      this.core.heap.wasm.stateFill(ov.table, f0, f1 - f0, S.ZERO);
+      if (opts.fua) await this.syncFiles();
+    } finally { unlock(); }
+  }
+
+  /** Trim: strata guarantees trimmed ranges read back as zeros. */
+  trim(offset: number, length: number): Promise<void> { return this.writeZeroes(offset, length); }
+
+  /** Makes every completed write durable in the local overlay. */
+  async flush(): Promise<void> {
+    this.ensureOpen();
+    this.stats.flushes++;
+    await this.syncFiles();
+  }
+
+  /**
+   * Ranges of [offset, offset+length) that read as zeros without data
+   * (overlay ZERO or a zero extent with nothing written over it), for NBD
+   * block status. Adjacent ranges with the same answer are merged.
+   */
+  zeroMap(offset: number, length: number): Extent2[] {
+    this.check(offset, length, 'block status');
+    const w = this.core.heap.wasm;
+    const out: Extent2[] = [];
+    const push = (o: number, l: number, zero: boolean) => {
+      const last = out[out.length - 1];
+      if (last && last.zero === zero && last.offset + last.length === o) last.length += l;
+      else out.push({ offset: o, length: l, zero });
+    };
+    const b0 = Math.floor(offset / BS), b1 = Math.ceil((offset + length) / BS);
+    const { cur, frozen, base } = this;
+    for (let b = b0; b < b1;) {
+      const e = w.runEnd(cur.table, b, b1);
+      const st = w.stateGet(cur.table, b);
+      if (st !== S.ABSENT) push(b * BS, (e - b) * BS, st === S.ZERO);
+      else {
+        for (let fb = b; fb < e;) {
+          const fe = frozen ? w.runEnd(frozen.table, fb, e) : e;
+          const fst = frozen ? w.stateGet(frozen.table, fb) : S.ABSENT;
+          if (fst !== S.ABSENT) push(fb * BS, (fe - fb) * BS, fst === S.ZERO);
+          else {
+            let pos = fb * BS;
+            for (let i = base.map.find(pos); pos < fe * BS; i++) {
+              const x = base.map.extents[i];
+              const take = Math.min(fe * BS, x.dev + x.len) - pos;
+              push(pos, take, x.layer === ZERO_LAYER);
+              pos += take;
+            }
+          }
+          fb = fe;
+        }
+      }
+      b = e;
+    }
+    // Clip to the request.
+    if (out.length) {
+      const first = out[0];
+      const cut = offset - first.offset; first.offset += cut; first.length -= cut;
+      const last = out[out.length - 1];
+      last.length = offset + length - last.offset;
+    }
+    return out;
+  }
+
+  /** Warms the template cache for a range (NBD CACHE). */
+  async prefetch(offset: number, length: number): Promise<void> {
+    this.check(offset, length, 'prefetch');
+    const base = this.base;
+    let pos = offset - (offset % BS);
+    const end = Math.ceil((offset + length) / BS) * BS;
+    const jobs: Promise<void>[] = [];
+    for (let i = base.map.find(pos); pos < end && i >= 0 && i < base.map.extents.length; i++) {
+      const x = base.map.extents[i];
+      const take = Math.min(end, x.dev + x.len) - pos;
+      if (x.layer !== ZERO_LAYER) jobs.push(base.caches.get(x.layer)!.ensure(x.data + pos - x.dev, take));
+      pos += take;
+    }
+    await Promise.all(jobs);
+  }
+
+  // ------------------------------------------------------------ snapshots
+
+  /**
+   * Turns everything written so far into a new layer and rebases the device
+   * onto it. The device keeps serving during the upload: the snapshot point
+   * is the instant the overlay is frozen (under a device-wide write lock held
+   * only for that swap), so no later write leaks in and no earlier one is lost.
+   */
+  snapshot(opts: SnapshotOptions = {}): Promise<SnapshotResult> {
+    const run = this.snapshotQueue.then(() => this.snapshotNow(opts));
+    this.snapshotQueue = run.catch(() => {});
+    return run;
+  }
+
+  private async snapshotNow(opts: SnapshotOptions): Promise<SnapshotResult> {
+    this.ensureOpen();
+    const t0 = performance.now();
+    const unlock = await this.locks.acquire(0, this.blocks, true);
+    const frozen = this.cur;
+    try {
+      this.cur = this.newOverlay();
+      this.frozen = frozen;
+    } finally { unlock(); }
+    const frozenMs = performance.now() - t0;
+    try {
+      const { dataRuns, zeroRuns } = this.changedRuns(frozen);
+      const parent = this.base.header;
+      const { header, stats } = await writeLayer(this.core, this.registry, {
+        virtualSize: this.size, parent, codec: opts.codec ?? this.opts.codec ?? parent.codec, level: opts.level,
+        fd: frozen.fd, dataRuns, zeroRuns, seed: true, onProgress: opts.onProgress,
+      });
+      // Rebase: the new layer holds exactly base + frozen, and its frames are
+      // already in the local cache, so reads switch without fetching.
+      const newBase = await resolveBase(this.core, this.registry, header);
+      const oldBase = this.base;
+      this.base = newBase;
+      this.frozen = null;
+      frozen.pin.retire();
+      oldBase.pin.retire();
+      this.stats.snapshots++;
+      return { id: header.chain[0], header, stats, frozenMs };
+    } catch (e) {
+      await this.foldBack(frozen);
+      throw e;
+    }
+  }
+
+  /** Runs of DIRTY and ZERO blocks in an overlay. */
+  private changedRuns(ov: Overlay): { dataRuns: BlockRun[]; zeroRuns: Array<{ devBlock: number; count: number }> } {
+    const w = this.core.heap.wasm;
+    const dataRuns: BlockRun[] = [], zeroRuns: Array<{ devBlock: number; count: number }> = [];
+    for (let b = 0; b < this.blocks;) {
+      const e = w.runEnd(ov.table, b, this.blocks);
+      const st = w.stateGet(ov.table, b);
+      if (st === S.DIRTY) dataRuns.push({ devBlock: b, count: e - b, fileBlock: b });
+      else if (st === S.ZERO) zeroRuns.push({ devBlock: b, count: e - b });
+      b = e;
+    }
+    return { dataRuns, zeroRuns };
+  }
+
+  /** A failed snapshot puts the frozen changes back under the newer ones: nothing is lost. */
+  private async foldBack(frozen: Overlay): Promise<void> {
+    const unlock = await this.locks.acquire(0, this.blocks, true);
+    try {
+      const w = this.core.heap.wasm;
+      const cur = this.cur;
+      for (let b = 0; b < this.blocks;) {
+        const e = w.runEnd(frozen.table, b, this.blocks);
+        const st = w.stateGet(frozen.table, b);
+        if (st !== S.ABSENT) {
+          for (let x = b; x < e;) {
+            const xe = w.runEnd(cur.table, x, e);
+            if (w.stateGet(cur.table, x) === S.ABSENT) {
+              if (st === S.DIRTY) await this.copyBlocks(frozen.fd, cur.fd, x, xe);
+              w.stateFill(cur.table, x, xe - x, st);
+            }
+            x = xe;
+          }
+        }
+        b = e;
+      }
+      this.frozen = null;
+      frozen.pin.retire();
+    } finally { unlock(); }
+  }
+
+  private async copyBlocks(from: number, to: number, b0: number, b1: number): Promise<void> {
+    for (let c = b0; c < b1; c += CHUNK_BLOCKS) {
+      const n = Math.min(CHUNK_BLOCKS, b1 - c);
+      const ptr = await this.core.arena.acquire(n * BS);
+      try {
+        await this.core.uring.readFull(from, c * BS, n * BS, ptr);
+        await this.core.uring.writeFull(to, c * BS, n * BS, ptr);
+      } finally { this.core.arena.release(ptr); }
+    }
+  }
+
+  // --------------------------------------------------------------- close
+
+  /** Waits for in-flight requests, then drops the overlay (its changes are gone unless snapshotted). */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    await this.snapshotQueue;
+    const unlock = await this.locks.acquire(0, this.blocks, true);
+    this.closed = true;
+    unlock();
+    this.cur.pin.retire();
+    this.frozen?.pin.retire();
+    this.base.pin.retire();
+  }
+
+  // ------------------------------------------------------------ internals
+
+  private check(offset: number, length: number, what: string): void {
+    this.ensureOpen();
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) {
+      throw einval(`${what}: bad offset/length ${offset}+${length}`);
+    }
+    if (offset % SECTOR || length % SECTOR) throw einval(`${what}: ${offset}+${length} is not ${SECTOR}-byte aligned`);
+    if (offset + length > this.size) {
+      throw new StrataError(what === 'write' || what === 'write zeroes' ? 'ENOSPC' : 'EINVAL',
+        `${what}: ${offset}+${length} is beyond the device size ${this.size}`);
+    }
+  }
+
+  private ensureOpen(): void {
+    if (this.closed) throw new StrataError('ESHUTDOWN', `device ${this.id} is closed`);
+  }
+
+  /**
+   * Writes `len` bytes at `offset` (data, or zeros when null) with the range
+   * already locked. Partial blocks at either end are read first (RMW).
+   */
+  private async writeLocked(offset: number, len: number, data: Uint8Array | null): Promise<void> {
+    const b0 = Math.floor(offset / BS), b1 = Math.ceil((offset + len) / BS);
+    const ov = this.cur;
+    const w = this.core.heap.wasm;
+    for (let c0 = b0; c0 < b1; c0 += CHUNK_BLOCKS) {
+      const c1 = Math.min(b1, c0 + CHUNK_BLOCKS);
+      const ptr = await this.core.arena.acquire((c1 - c0) * BS);
+      try {
+        const from = Math.max(offset, c0 * BS), to = Math.min(offset + len, c1 * BS);
+        if (from > c0 * BS || to < c1 * BS) {
+          const view = this.pinView();
+          try {
+            const jobs: Promise<void>[] = [];
+            if (from > c0 * BS) jobs.push(this.readBlocks(view, c0, c0 + 1, ptr));
+            if (to < c1 * BS && (c1 - 1 > c0 || from === c0 * BS)) jobs.push(this.readBlocks(view, c1 - 1, c1, ptr + (c1 - 1 - c0) * BS));
+            await Promise.all(jobs);
+          } finally { this.unpinView(view); }
+        }
+        const u8 = this.core.heap.u8;
+        if (data) u8.set(data.subarray(from - offset, to - offset), ptr + from - c0 * BS);
+        else u8.fill(0, ptr + from - c0 * BS, ptr + to - c0 * BS);
+        await this.core.uring.writeFull(ov.fd, c0 * BS, (c1 - c0) * BS, ptr);
+        // Publish only after the bytes are in the file: a failed write leaves
+        // the old state (the caller gets the error, nothing is half-applied).
+        w.stateFill(ov.table, c0, c1 - c0, S.DIRTY);
+      } finally { this.core.arena.release(ptr); }
+    }
+  }
+
+  /** Fills [ptr, ...) with blocks [b0, b1) as the view sees them. */
+  private readBlocks(view: View, b0: number, b1: number, ptr: number): Promise<void> {
+    const w = this.core.heap.wasm;
+    const jobs: Promise<void>[] = [];
+    const at = (b: number) => ptr + (b - b0) * BS;
+    const zero = (s: number, e: number) => this.core.heap.u8.fill(0, at(s), at(e));
+    const file = (fd: number, s: number, e: number) => jobs.push(this.readFile(fd, s * BS, (e - s) * BS, at(s)));
+    for (let b = b0; b < b1;) {
+      const e = w.runEnd(view.cur.table, b, b1);
+      const st = w.stateGet(view.cur.table, b);
+      if (st === S.DIRTY) file(view.cur.fd, b, e);
+      else if (st === S.ZERO) zero(b, e);
+      else if (view.frozen) {
+        const fz = view.frozen;
+        for (let x = b; x < e;) {
+          const xe = w.runEnd(fz.table, x, e);
+          const fst = w.stateGet(fz.table, x);
+          if (fst === S.DIRTY) file(fz.fd, x, xe);
+          else if (fst === S.ZERO) zero(x, xe);
+          else this.readBase(view.base, x, xe, at(x), jobs);
+          x = xe;
+        }
+      } else this.readBase(view.base, b, e, at(b), jobs);
+      b = e;
+    }
+    return Promise.all(jobs).then(() => undefined);
+  }
+
+  private readBase(base: Base, b0: number, b1: number, ptr: number, jobs: Promise<void>[]): void {
+    let pos = b0 * BS;
+    const end = b1 * BS;
+    for (let i = base.map.find(pos); pos < end; i++) {
+      const x = base.map.extents[i];
+      const take = Math.min(end, x.dev + x.len) - pos;
+      const dst = ptr + pos - b0 * BS;
+      if (x.layer === ZERO_LAYER) this.core.heap.u8.fill(0, dst, dst + take);
+      else jobs.push(base.caches.get(x.layer)!.read(x.data + pos - x.dev, take, dst));
+      pos += take;
+    }
+  }
+
+  private async readFile(fd: number, off: number, len: number, ptr: number): Promise<void> {
+    const got = await this.core.uring.readFull(fd, off, len, ptr);
+    if (got < len) this.core.heap.u8.fill(0, ptr + got, ptr + len);
+  }
+
+  private async syncFiles(): Promise<void> {
+    const jobs = [this.core.uring.fsync(this.cur.fd)];
+    if (this.frozen) jobs.push(this.core.uring.fsync(this.frozen.fd));
+    await Promise.all(jobs);
+  }
+
+  private pinView(): View {
+    const v: View = { cur: this.cur, frozen: this.frozen, base: this.base };
+    v.cur.pin.pin(); v.frozen?.pin.pin(); v.base.pin.pin();
+    return v;
+  }
+
+  private unpinView(v: View): void {
+    v.cur.pin.unpin(); v.frozen?.pin.unpin(); v.base.pin.unpin();
+  }
+
+  private newOverlay(): Overlay {
+    const gen = this.gen++;
+    const file = path.join(this.dir, `${this.id}.${gen}.overlay`);
+    const fd = fs.openSync(file, 'w+', 0o600);
+    fs.ftruncateSync(fd, this.size);
+    const heap = this.core.heap;
+    const table = heap.alloc(this.blocks);
+    heap.wasm.stateFill(table, 0, this.blocks, S.ABSENT);
+    const pin = new Pinned(() => { fs.closeSync(fd); fs.rmSync(file, { force: true }); heap.free(table); });
+    return { gen, file, fd, table, pin };
+  }
+}
+
+async function resolveBase(core: Core, registry: LayerRegistry, header: LayerHeader): Promise<Base> {
+  const caches = await registry.referenced(header);
+  const map = new MappingTable(core.heap, header.extents);
+  return { header, map, caches, pin: new Pinned(() => map.free()) };
+}

@@ -1,0 +1,164 @@
+// The engine: layers in an object store, devices over them, import/export.
+// Everything an embedding orchestrator needs goes through this class.
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+import { createHash } from 'crypto';
+import { Core } from './core';
+import { LayerRegistry } from './layers';
+import { Device, type DeviceOptions } from './device';
+import { BLOCK_SIZE, Codec, ID_RE, type LayerHeader, ZERO_LAYER } from './format';
+import { writeLayer, type Progress, type WriteLayerStats } from './layer-writer';
+import { FsObjectStore } from './store/fs';
+import type { ObjectStore } from './store/types';
+import { einval, StrataError } from './errors';
+
+export interface EngineOptions {
+  /** An object store, or a directory for the local filesystem store. */
+  store: ObjectStore | string;
+  /** Local cache directory (template frames, overlays). Default: a private temp dir removed on close. */
+  cacheDir?: string;
+  workers?: number;
+  arenaBytes?: number;
+}
+
+export interface ImportOptions { codec?: Codec; level?: number; onProgress?: (p: Progress) => void }
+export interface ImportResult { id: string; header: LayerHeader; stats: WriteLayerStats; bytes: number }
+
+export class Engine {
+  private devices = new Set<Device>();
+  private constructor(readonly core: Core, readonly layers: LayerRegistry, private readonly ownCacheDir: string | null,
+    private readonly lockFile: string) {}
+
+  static async open(opts: EngineOptions): Promise<Engine> {
+    const store = typeof opts.store === 'string' ? new FsObjectStore(opts.store) : opts.store;
+    const own = opts.cacheDir ? null : fs.mkdtempSync(path.join(os.tmpdir(), 'strata-cache-'));
+    const cacheDir = opts.cacheDir ?? own!;
+    fs.mkdirSync(cacheDir, { recursive: true });
+    // Cache files are trusted only by the process that wrote them: refuse to
+    // share a cache directory with a live engine.
+    const lockFile = path.join(cacheDir, 'engine.lock');
+    try {
+      const fd = fs.openSync(lockFile, 'wx');
+      fs.writeSync(fd, String(process.pid));
+      fs.closeSync(fd);
+    } catch {
+      const pid = Number(fs.readFileSync(lockFile, 'utf8'));
+      if (pid && pid !== process.pid && isAlive(pid)) throw new StrataError('EBUSY', `cache directory ${cacheDir} is in use by process ${pid}`);
+      fs.writeFileSync(lockFile, String(process.pid));
+    }
+    const core = new Core({ store, cacheDir, workers: opts.workers, arenaBytes: opts.arenaBytes });
+    return new Engine(core, new LayerRegistry(core), own, lockFile);
+  }
+
+  get store(): ObjectStore { return this.core.store; }
+
+  /** Imports a raw disk image (size a multiple of 4 KiB) as a new base layer. */
+  async importImage(imagePath: string, opts: ImportOptions = {}): Promise<ImportResult> {
+    let fd: number;
+    try { fd = fs.openSync(imagePath, 'r'); } catch (e) { throw new StrataError('ENOENT', `cannot open image ${imagePath}: ${(e as Error).message}`); }
+    try {
+      const st = fs.fstatSync(fd);
+      const size = st.isBlockDevice() ? blockDeviceSize(imagePath) : st.size;
+      if (size === 0 || size % BLOCK_SIZE) throw einval(`image ${imagePath} is ${size} bytes: a raw image must be a non-zero multiple of ${BLOCK_SIZE} bytes`);
+      const blocks = size / BLOCK_SIZE;
+      const { header, stats } = await writeLayer(this.core, this.layers, {
+        virtualSize: size, codec: opts.codec ?? Codec.Zstd, level: opts.level ?? 3, fd,
+        dataRuns: [{ devBlock: 0, count: blocks, fileBlock: 0 }], zeroRuns: [], onProgress: opts.onProgress,
+      });
+      return { id: header.chain[0], header, stats, bytes: size };
+    } finally { fs.closeSync(fd); }
+  }
+
+  /** Writes the full raw image of a layer (zero extents become holes); returns its sha256. */
+  async exportLayer(id: string, outPath: string, opts: { onProgress?: (p: Progress) => void } = {}): Promise<{ bytes: number; sha256: string }> {
+    const header = await this.layers.header(id);
+    const dev = await this.openDevice(id);
+    const fd = fs.openSync(outPath, 'w', 0o644);
+    const hash = createHash('sha256');
+    try {
+      fs.ftruncateSync(fd, header.virtualSize);
+      const CH = 4 * 1024 * 1024;
+      const zero = Buffer.alloc(CH);
+      let done = 0;
+      // Read ahead a few chunks; write and hash strictly in order.
+      const pending: Array<Promise<Buffer | null>> = [];
+      const chunkAt = (off: number) => {
+        const len = Math.min(CH, header.virtualSize - off);
+        return allZeroExtent(header, off, len) ? Promise.resolve(null) : dev.read(off, len);
+      };
+      let next = 0;
+      while (next < header.virtualSize && pending.length < 4) { pending.push(chunkAt(next)); next += CH; }
+      while (pending.length) {
+        const buf = await pending.shift()!;
+        const len = Math.min(CH, header.virtualSize - done);
+        if (next < header.virtualSize) { pending.push(chunkAt(next)); next += CH; }
+        if (buf) { writeAll(fd, buf, done); hash.update(buf); } else hash.update(zero.subarray(0, len));
+        done += len;
+        opts.onProgress?.({ phase: 'pack', done: done / BLOCK_SIZE, total: header.virtualSize / BLOCK_SIZE });
+      }
+      fs.fsyncSync(fd);
+    } finally {
+      fs.closeSync(fd);
+      await dev.close();
+      this.devices.delete(dev);
+    }
+    return { bytes: header.virtualSize, sha256: hash.digest('hex') };
+  }
+
+  inspect(id: string): Promise<LayerHeader> { return this.layers.header(id); }
+
+  /** Ids of complete layers (those whose header exists). */
+  async listLayers(): Promise<string[]> {
+    const objs = await this.store.list('layers/');
+    return objs.map((o) => o.key.split('/')).filter((p) => p.length === 3 && p[2] === 'header' && ID_RE.test(p[1])).map((p) => p[1]);
+  }
+
+  async openDevice(layerId: string, opts: DeviceOptions = {}): Promise<Device> {
+    const d = await Device.open(this.core, this.layers, layerId, opts);
+    this.devices.add(d);
+    return d;
+  }
+
+  async closeDevice(d: Device): Promise<void> {
+    await d.close();
+    this.devices.delete(d);
+  }
+
+  stats() { return { cache: this.layers.stats(), uring: { ...this.core.uring.stats }, arenaUsed: this.core.arena.used }; }
+
+  async close(): Promise<void> {
+    for (const d of [...this.devices]) await this.closeDevice(d);
+    this.layers.closeAll();
+    await this.core.close();
+    fs.rmSync(this.lockFile, { force: true });
+    if (this.ownCacheDir) fs.rmSync(this.ownCacheDir, { recursive: true, force: true });
+  }
+}
+
+function allZeroExtent(h: LayerHeader, off: number, len: number): boolean {
+  for (const e of h.extents) {
+    if (e.dev + e.len <= off) continue;
+    if (e.dev >= off + len) break;
+    if (e.layer !== ZERO_LAYER) return false;
+  }
+  return true;
+}
+
+function writeAll(fd: number, b: Buffer, pos: number): void {
+  let done = 0;
+  while (done < b.length) done += fs.writeSync(fd, b, done, b.length - done, pos + done);
+}
+
+function isAlive(pid: number): boolean {
+  try { process.kill(pid, 0); return true; } catch (e) { return (e as NodeJS.ErrnoException).code === 'EPERM'; }
+}
+
+function blockDeviceSize(p: string): number {
+  const fd = fs.openSync(p, 'r');
+  try {
+    // lseek(SEEK_END) is not exposed; read the size from sysfs instead.
+    const name = path.basename(fs.realpathSync(p));
+    return Number(fs.readFileSync(`/sys/class/block/${name}/size`, 'utf8')) * 512;
+  } finally { fs.closeSync(fd); }
+}

@@ -1,0 +1,8 @@
+// strata's public API: a thin facade over the engine.
+export { Engine, type EngineOptions, type ImportOptions, type ImportResult } from './engine';
+export { Device, type DeviceOptions, type SnapshotOptions, type SnapshotResult } from './device';
+export { Codec, parseCodec, type LayerHeader, type Extent, type Frame } from './format';
+export { StrataError } from './errors';
+export { FsObjectStore } from './store/fs';
+export type { ObjectStore, ObjectInfo } from './store/types';
+export type { Progress } from './layer-writer';

@@ -1,0 +1,133 @@
+// Local cache of one layer's uncompressed data: a sparse file the size of the
+// layer's data plus one state byte per frame in shared memory (ABSENT →
+// FETCHING → CACHED). Shared by every device whose chain uses the layer.
+// Frames are fetched on first touch, once (single flight), and only marked
+// CACHED after the checksum verified and the bytes reached the file (H11,
+// H12): a failed or corrupt fetch is neither cached nor served.
+import * as fs from 'fs';
+import * as path from 'path';
+import type { Core } from './core';
+import { keys, type LayerHeader } from './format';
+import { S } from './wasm';
+import { ebadmsg, eio, StrataError } from './errors';
+
+export class LayerCache {
+  readonly id: string;
+  readonly fd: number;
+  readonly file: string;
+  private readonly states: number; // heap offset, one byte per frame
+  private readonly framesPtr: number;
+  private inflight = new Map<number, Promise<void>>();
+  stats = { fetches: 0, fetchBytes: 0, fetchErrors: 0, hits: 0 };
+
+  /** `seeded`: the writer of this new layer already filled the cache file. */
+  constructor(private readonly core: Core, readonly header: LayerHeader, seeded = false) {
+    this.id = header.chain[0];
+    this.file = path.join(core.cacheDir, 'layers', `${this.id}.cache`);
+    // States live only in memory, so stale bytes from an earlier process
+    // must not be trusted: start from an empty sparse file.
+    this.fd = fs.openSync(this.file, seeded ? 'r+' : 'w+', 0o600);
+    fs.ftruncateSync(this.fd, header.dataSize);
+    const n = Math.max(1, header.frames.length);
+    this.states = core.heap.alloc(n);
+    core.heap.wasm.stateFill(this.states, 0, n, seeded ? S.CACHED : S.ABSENT);
+    this.framesPtr = core.heap.alloc(n * 32);
+    const v = new DataView(core.heap.buffer, this.framesPtr, n * 32);
+    header.frames.forEach((f, i) => {
+      v.setBigUint64(i * 32, BigInt(f.u), true);
+      v.setBigUint64(i * 32 + 8, BigInt(f.c), true);
+      v.setUint32(i * 32 + 16, f.uSize, true);
+      v.setUint32(i * 32 + 20, f.cSize, true);
+      v.setBigUint64(i * 32 + 24, f.checksum, true);
+    });
+  }
+
+  frameOf(dataOff: number): number {
+    return this.core.heap.wasm.findFrame(this.framesPtr, this.header.frames.length, BigInt(dataOff));
+  }
+
+  isCached(i: number): boolean { return this.core.heap.wasm.stateGet(this.states, i) === S.CACHED; }
+
+  /** Makes [dataOff, dataOff+len) present in the cache file, fetching missing frames. */
+  async ensure(dataOff: number, len: number): Promise<void> {
+    if (dataOff < 0 || dataOff + len > this.header.dataSize) {
+      throw ebadmsg(`layer ${this.id}: data range ${dataOff}+${len} beyond ${this.header.dataSize}`);
+    }
+    const first = this.frameOf(dataOff);
+    const last = this.frameOf(dataOff + len - 1);
+    if (first < 0 || last < 0) throw ebadmsg(`layer ${this.id}: no frame holds ${dataOff}+${len}`);
+    let waits: Promise<void>[] | undefined;
+    for (let i = first; i <= last; i++) {
+      const w = this.ensureFrame(i);
+      if (w) (waits ??= []).push(w);
+    }
+    // Wait on every frame the range touches, not just the first (H11).
+    if (waits) await Promise.all(waits);
+  }
+
+  /** undefined when the frame is already cached, else the shared fetch. */
+  private ensureFrame(i: number): Promise<void> | undefined {
+    const w = this.core.heap.wasm;
+    const st = w.stateGet(this.states, i);
+    if (st === S.CACHED) { this.stats.hits++; return undefined; }
+    const running = this.inflight.get(i);
+    if (running) return running;
+    if (w.stateCas(this.states, i, S.ABSENT, S.FETCHING) !== S.ABSENT) {
+      if (w.stateGet(this.states, i) === S.CACHED) return undefined;
+    }
+    const p = this.fetch(i).then(
+      () => {
+        // Publish CACHED before dropping the single-flight entry (H11).
+        w.stateSet(this.states, i, S.CACHED);
+        this.inflight.delete(i);
+      },
+      (e) => {
+        w.stateSet(this.states, i, S.ABSENT);
+        this.inflight.delete(i);
+        this.stats.fetchErrors++;
+        throw e instanceof StrataError ? e : eio(`layer ${this.id} frame ${i}: ${(e as Error).message}`, e);
+      });
+    this.inflight.set(i, p);
+    return p;
+  }
+
+  private async fetch(i: number): Promise<void> {
+    const f = this.header.frames[i];
+    const c = this.core;
+    const bytes = await c.store.get(keys.data(this.id), { offset: f.c, length: f.cSize });
+    if (bytes.length !== f.cSize) throw ebadmsg(`layer ${this.id} frame ${i}: got ${bytes.length} of ${f.cSize} bytes`);
+    const cPtr = c.heap.alloc(f.cSize);
+    const out = await c.arena.acquire(f.uSize);
+    try {
+      c.heap.u8.set(bytes, cPtr);
+      await c.run({ op: 'unframe', codec: this.header.codec, cPtr, cSize: f.cSize, checksum: f.checksum.toString(16), outPtr: out, uSize: f.uSize });
+      await c.uring.writeFull(this.fd, f.u, f.uSize, out);
+    } finally {
+      c.heap.free(cPtr);
+      c.arena.release(out);
+    }
+    this.stats.fetches++;
+    this.stats.fetchBytes += f.cSize;
+  }
+
+  /** Installs a frame whose verified bytes are already at `ptr` (snapshot seeding). */
+  async seed(i: number, ptr: number): Promise<void> {
+    const f = this.header.frames[i];
+    await this.core.uring.writeFull(this.fd, f.u, f.uSize, ptr);
+    this.core.heap.wasm.stateSet(this.states, i, S.CACHED);
+  }
+
+  /** Reads cached data into ptr; the range must have been ensure()d. */
+  async read(dataOff: number, len: number, ptr: number): Promise<void> {
+    await this.ensure(dataOff, len);
+    const got = await this.core.uring.readFull(this.fd, dataOff, len, ptr);
+    if (got < len) this.core.heap.u8.fill(0, ptr + got, ptr + len);
+  }
+
+  close(): void {
+    fs.closeSync(this.fd);
+    this.core.heap.free(this.states);
+    this.core.heap.free(this.framesPtr);
+    fs.rmSync(this.file, { force: true });
+  }
+}

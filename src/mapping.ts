@@ -1,0 +1,85 @@
+// Mapping algebra over layer extents: overlaying a child's changes onto its
+// parent's mapping, and normalizing (done in WASM, see assembly normalize()).
+import type { Extent } from './format';
+import { ZERO_LAYER } from './format';
+import type { SharedHeap } from './wasm';
+
+/** The parent's extents as seen from a child: every layer index moves up by one. */
+export function shiftForChild(parent: Extent[]): Extent[] {
+  return parent.map((e) => ({ ...e, layer: e.layer === ZERO_LAYER ? ZERO_LAYER : e.layer + 1 }));
+}
+
+/**
+ * Lays `changes` (sorted, non-overlapping, block aligned) over `base` (sorted,
+ * covering the device). Parts of base extents that a change hides are cut,
+ * with their data offsets advanced so they keep pointing at the same bytes.
+ */
+export function overlay(base: Extent[], changes: Extent[]): Extent[] {
+  const out: Extent[] = [];
+  let ci = 0;
+  for (const b of base) {
+    let pos = b.dev;
+    const end = b.dev + b.len;
+    while (pos < end) {
+      while (ci < changes.length && changes[ci].dev + changes[ci].len <= pos) ci++;
+      const c = changes[ci];
+      if (!c || c.dev >= end) { out.push(cut(b, pos, end)); break; }
+      if (c.dev > pos) { out.push(cut(b, pos, c.dev)); pos = c.dev; continue; }
+      // c covers pos: emit the part of c inside this base extent once.
+      const cEnd = Math.min(c.dev + c.len, end);
+      out.push(cut(c, pos, cEnd));
+      pos = cEnd;
+    }
+  }
+  return out;
+}
+
+function cut(e: Extent, from: number, to: number): Extent {
+  return { dev: from, len: to - from, layer: e.layer, data: e.layer === ZERO_LAYER ? 0 : e.data + (from - e.dev) };
+}
+
+/** Merges neighbours (only storage-contiguous runs, H13) using the WASM normalizer. */
+export function normalize(heap: SharedHeap, ext: Extent[]): Extent[] {
+  if (ext.length === 0) return ext;
+  const ptr = heap.alloc(ext.length * 32);
+  try {
+    const v = new DataView(heap.buffer, ptr, ext.length * 32);
+    ext.forEach((e, i) => {
+      v.setBigUint64(i * 32, BigInt(e.dev), true);
+      v.setBigUint64(i * 32 + 8, BigInt(e.len), true);
+      v.setUint32(i * 32 + 16, e.layer, true);
+      v.setBigUint64(i * 32 + 24, BigInt(e.data), true);
+    });
+    const n = heap.wasm.normalize(ptr, ext.length);
+    const out: Extent[] = [];
+    for (let i = 0; i < n; i++) {
+      out.push({
+        dev: Number(v.getBigUint64(i * 32, true)), len: Number(v.getBigUint64(i * 32 + 8, true)),
+        layer: v.getUint32(i * 32 + 16, true), data: Number(v.getBigUint64(i * 32 + 24, true)),
+      });
+    }
+    return out;
+  } finally { heap.free(ptr); }
+}
+
+/** Extents copied into shared memory for WASM binary search during reads. */
+export class MappingTable {
+  readonly ptr: number;
+  constructor(private readonly heap: SharedHeap, readonly extents: Extent[]) {
+    this.ptr = heap.alloc(Math.max(1, extents.length) * 32);
+    const v = new DataView(heap.buffer, this.ptr, Math.max(1, extents.length) * 32);
+    extents.forEach((e, i) => {
+      v.setBigUint64(i * 32, BigInt(e.dev), true);
+      v.setBigUint64(i * 32 + 8, BigInt(e.len), true);
+      v.setUint32(i * 32 + 16, e.layer, true);
+      v.setBigUint64(i * 32 + 24, BigInt(e.data), true);
+    });
+  }
+
+  /** Index of the extent holding device byte `off`. */
+  find(off: number): number {
+    return this.heap.wasm.findExtent(this.ptr, this.extents.length, BigInt(off));
+  }
+
+  free(): void { this.heap.free(this.ptr); }
+}

@@ -1,0 +1,98 @@
+// Loads build/strata.wasm over one shared WebAssembly.Memory. Every thread
+// that needs the state machine or hashing instantiates the module over the
+// same memory (the module holds no static data), so state written by one is
+// seen by all. The host owns the layout: see RangeAllocator.
+import * as fs from 'fs';
+import * as path from 'path';
+import { RangeAllocator } from './alloc';
+
+export interface WasmExports {
+  ABSENT: WebAssembly.Global; FETCHING: WebAssembly.Global; CACHED: WebAssembly.Global;
+  DIRTY: WebAssembly.Global; ZERO: WebAssembly.Global; CLEAN: WebAssembly.Global;
+  stateGet(table: number, i: number): number;
+  stateSet(table: number, i: number, v: number): void;
+  stateCas(table: number, i: number, expect: number, desired: number): number;
+  stateFill(table: number, start: number, count: number, v: number): void;
+  runEnd(table: number, start: number, end: number): number;
+  countState(table: number, start: number, end: number, v: number): number;
+  isZero(ptr: number, len: number): number;
+  xxh64(ptr: number, len: number, seed: bigint): bigint;
+  hashBlocks(ptr: number, n: number, blockSize: number, seed: bigint, outHash: number, outZero: number): number;
+  equalBytes(a: number, b: number, len: number): number;
+  findExtent(ext: number, count: number, off: bigint): number;
+  normalize(ext: number, count: number): number;
+  validateExtents(ext: number, count: number, size: bigint, layers: number): number;
+  findFrame(frames: number, count: number, off: bigint): number;
+}
+
+/** Block states, mirrored from assembly/index.ts. */
+export const S = { ABSENT: 0, FETCHING: 1, CACHED: 2, DIRTY: 3, ZERO: 4, CLEAN: 5 } as const;
+export const ZERO_LAYER = 0xffffffff;
+
+export const PAGE = 65536;
+const WASM_PATH = path.join(__dirname, '..', 'build', 'strata.wasm');
+let compiled: WebAssembly.Module | undefined;
+
+export function wasmModule(): WebAssembly.Module {
+  if (!compiled) {
+    if (!fs.existsSync(WASM_PATH)) throw new Error(`${WASM_PATH} is missing: run \`npm run setup\` to build it`);
+    compiled = new WebAssembly.Module(fs.readFileSync(WASM_PATH));
+  }
+  return compiled;
+}
+
+export function instantiate(memory: WebAssembly.Memory): WasmExports {
+  const inst = new WebAssembly.Instance(wasmModule(), { env: { memory } });
+  return inst.exports as unknown as WasmExports;
+}
+
+/**
+ * One shared memory plus its allocator and a view cache. `u8` is refreshed
+ * after growth (a shared memory's buffer object is replaced when it grows).
+ */
+export class SharedHeap {
+  readonly memory: WebAssembly.Memory;
+  readonly wasm: WasmExports;
+  readonly heap: RangeAllocator;
+  private view: Uint8Array;
+
+  constructor(opts: { reserveBytes: number; initialBytes?: number; maxBytes?: number }) {
+    const reserve = roundUp(opts.reserveBytes, PAGE);
+    const initial = Math.max(reserve + PAGE * 16, roundUp(opts.initialBytes ?? 0, PAGE));
+    const max = opts.maxBytes ?? 4 * 1024 * 1024 * 1024 - PAGE;
+    this.memory = new WebAssembly.Memory({ initial: initial / PAGE, maximum: Math.floor(max / PAGE), shared: true });
+    this.wasm = instantiate(this.memory);
+    this.view = new Uint8Array(this.memory.buffer);
+    this.heap = new RangeAllocator(reserve, initial - reserve, 4096, (needEnd) => this.grow(needEnd));
+  }
+
+  /** Bytes of the memory; valid until the next growth. */
+  get u8(): Uint8Array {
+    if (this.view.byteLength !== this.memory.buffer.byteLength) this.view = new Uint8Array(this.memory.buffer);
+    return this.view;
+  }
+
+  get buffer(): SharedArrayBuffer { return this.memory.buffer as unknown as SharedArrayBuffer; }
+
+  /** A Buffer aliasing [off, off+len) of the shared memory (no copy). */
+  slice(off: number, len: number): Buffer { return Buffer.from(this.memory.buffer, off, len); }
+
+  alloc(bytes: number): number {
+    const off = this.heap.alloc(bytes);
+    if (off < 0) throw new Error(`shared heap exhausted allocating ${bytes} bytes`);
+    return off;
+  }
+
+  free(off: number): void { this.heap.release(off); }
+
+  private grow(needEnd: number): boolean {
+    const cur = this.memory.buffer.byteLength;
+    // Grow by at least 25% to keep the number of grow calls logarithmic.
+    const want = roundUp(Math.max(needEnd, cur + cur / 4), PAGE);
+    try { this.memory.grow((want - cur) / PAGE); } catch { return false; }
+    this.heap.extend(this.memory.buffer.byteLength - this.heap.base);
+    return true;
+  }
+}
+
+export function roundUp(n: number, a: number): number { return Math.ceil(n / a) * a; }
