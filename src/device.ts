@@ -1,5 +1,6 @@
 // A writable device over a layer chain. Reads resolve, block by block, through
-//   current overlay → frozen overlay (only while a snapshot uploads) → base
+//   current overlay → frozen overlays (newest first; only while snapshots
+//   upload) → base
 // where an overlay is a sparse local file plus one state byte per block in
 // shared memory (ABSENT / DIRTY / ZERO) and the base is the layer mapping
 // served from the per-layer frame caches. All data moves through io_uring on
@@ -34,7 +35,7 @@ class Pinned {
 
 interface Overlay { gen: number; file: string; fd: number; table: number; pin: Pinned }
 interface Base { header: LayerHeader; map: MappingTable; caches: Map<number, LayerCache>; pin: Pinned }
-interface View { cur: Overlay; frozen: Overlay | null; base: Base }
+interface View { cur: Overlay; frozen: Overlay[]; base: Base }
 
 export interface DeviceOptions {
   /** Device id (used for its overlay file names); random when omitted. */
@@ -53,10 +54,11 @@ export class Device {
   readonly size: number;
   readonly blocks: number;
   private cur: Overlay;
-  private frozen: Overlay | null = null;
+  /** Overlays frozen by snapshots still uploading, oldest first. */
+  private frozen: Overlay[] = [];
   private base: Base;
   private readonly locks = new RangeLock();
-  private snapshotQueue: Promise<unknown> = Promise.resolve();
+  private lastSnapshot: Promise<unknown> = Promise.resolve();
   private gen = 0;
   private closed = false;
   private readonly dir: string;
@@ -170,27 +172,31 @@ export class Device {
     };
     const b0 = Math.floor(offset / BS), b1 = Math.ceil((offset + length) / BS);
     const { cur, frozen, base } = this;
+    const level = (lv: number, b: number, e: number): void => {
+      if (lv < 0) {
+        let pos = b * BS;
+        for (let i = base.map.find(pos); pos < e * BS; i++) {
+          const x = base.map.extents[i];
+          const take = Math.min(e * BS, x.dev + x.len) - pos;
+          push(pos, take, x.layer === ZERO_LAYER);
+          pos += take;
+        }
+        return;
+      }
+      const t = frozen[lv].table;
+      for (let x = b; x < e;) {
+        const xe = w.runEnd(t, x, e);
+        const st = w.stateGet(t, x);
+        if (st !== S.ABSENT) push(x * BS, (xe - x) * BS, st === S.ZERO);
+        else level(lv - 1, x, xe);
+        x = xe;
+      }
+    };
     for (let b = b0; b < b1;) {
       const e = w.runEnd(cur.table, b, b1);
       const st = w.stateGet(cur.table, b);
       if (st !== S.ABSENT) push(b * BS, (e - b) * BS, st === S.ZERO);
-      else {
-        for (let fb = b; fb < e;) {
-          const fe = frozen ? w.runEnd(frozen.table, fb, e) : e;
-          const fst = frozen ? w.stateGet(frozen.table, fb) : S.ABSENT;
-          if (fst !== S.ABSENT) push(fb * BS, (fe - fb) * BS, fst === S.ZERO);
-          else {
-            let pos = fb * BS;
-            for (let i = base.map.find(pos); pos < fe * BS; i++) {
-              const x = base.map.extents[i];
-              const take = Math.min(fe * BS, x.dev + x.len) - pos;
-              push(pos, take, x.layer === ZERO_LAYER);
-              pos += take;
-            }
-          }
-          fb = fe;
-        }
-      }
+      else level(frozen.length - 1, b, e);
       b = e;
     }
     // Clip to the request.
@@ -223,45 +229,57 @@ export class Device {
 
   /**
    * Turns everything written so far into a new layer and rebases the device
-   * onto it. The device keeps serving during the upload: the snapshot point
-   * is the instant the overlay is frozen (under a device-wide write lock held
-   * only for that swap), so no later write leaks in and no earlier one is lost.
+   * onto it. The snapshot point is the call: the device-wide lock is queued
+   * right here, so requests issued before the call are in the snapshot and
+   * requests issued after it are not. The lock is held only to swap in a
+   * fresh overlay; the upload runs while the device keeps serving, reading
+   * through the frozen overlay. Snapshots taken while an earlier one uploads
+   * freeze at once too and upload in order, each on top of the previous.
    */
   snapshot(opts: SnapshotOptions = {}): Promise<SnapshotResult> {
-    const run = this.snapshotQueue.then(() => this.snapshotNow(opts));
-    this.snapshotQueue = run.catch(() => {});
+    this.ensureOpen();
+    const t0 = performance.now();
+    const lock = this.locks.acquire(0, this.blocks, true);
+    const prev = this.lastSnapshot;
+    const run = (async () => {
+      const unlock = await lock;
+      const ov = this.cur;
+      try {
+        this.cur = this.newOverlay();
+        this.frozen.push(ov);
+      } finally { unlock(); }
+      const frozenMs = performance.now() - t0;
+      await prev.catch(() => {});
+      if (!this.frozen.includes(ov)) {
+        throw new StrataError('EIO', 'an earlier snapshot of this device failed; its changes and these are kept in the device');
+      }
+      return this.upload(ov, opts, frozenMs);
+    })();
+    this.lastSnapshot = run.catch(() => {});
     return run;
   }
 
-  private async snapshotNow(opts: SnapshotOptions): Promise<SnapshotResult> {
-    this.ensureOpen();
-    const t0 = performance.now();
-    const unlock = await this.locks.acquire(0, this.blocks, true);
-    const frozen = this.cur;
+  private async upload(ov: Overlay, opts: SnapshotOptions, frozenMs: number): Promise<SnapshotResult> {
     try {
-      this.cur = this.newOverlay();
-      this.frozen = frozen;
-    } finally { unlock(); }
-    const frozenMs = performance.now() - t0;
-    try {
-      const { dataRuns, zeroRuns } = this.changedRuns(frozen);
+      const { dataRuns, zeroRuns } = this.changedRuns(ov);
       const parent = this.base.header;
       const { header, stats } = await writeLayer(this.core, this.registry, {
         virtualSize: this.size, parent, codec: opts.codec ?? this.opts.codec ?? parent.codec, level: opts.level,
-        fd: frozen.fd, dataRuns, zeroRuns, seed: true, onProgress: opts.onProgress,
+        fd: ov.fd, dataRuns, zeroRuns, seed: true, onProgress: opts.onProgress,
       });
-      // Rebase: the new layer holds exactly base + frozen, and its frames are
-      // already in the local cache, so reads switch without fetching.
+      // Rebase: the new layer holds exactly base + this overlay, and its
+      // frames are already in the local cache, so reads switch without
+      // fetching. Readers that started earlier keep their pinned view (H14).
       const newBase = await resolveBase(this.core, this.registry, header);
       const oldBase = this.base;
       this.base = newBase;
-      this.frozen = null;
-      frozen.pin.retire();
+      this.frozen.splice(this.frozen.indexOf(ov), 1);
+      ov.pin.retire();
       oldBase.pin.retire();
       this.stats.snapshots++;
       return { id: header.chain[0], header, stats, frozenMs };
     } catch (e) {
-      await this.foldBack(frozen);
+      await this.foldBack();
       throw e;
     }
   }
@@ -280,29 +298,35 @@ export class Device {
     return { dataRuns, zeroRuns };
   }
 
-  /** A failed snapshot puts the frozen changes back under the newer ones: nothing is lost. */
-  private async foldBack(frozen: Overlay): Promise<void> {
+  /**
+   * A failed snapshot puts every frozen overlay's changes back under the
+   * newer ones (newest first, filling only blocks nothing newer wrote): no
+   * write is lost. Later snapshots that froze in the meantime then fail too.
+   */
+  private async foldBack(): Promise<void> {
     const unlock = await this.locks.acquire(0, this.blocks, true);
     try {
       const w = this.core.heap.wasm;
       const cur = this.cur;
-      for (let b = 0; b < this.blocks;) {
-        const e = w.runEnd(frozen.table, b, this.blocks);
-        const st = w.stateGet(frozen.table, b);
-        if (st !== S.ABSENT) {
-          for (let x = b; x < e;) {
-            const xe = w.runEnd(cur.table, x, e);
-            if (w.stateGet(cur.table, x) === S.ABSENT) {
-              if (st === S.DIRTY) await this.copyBlocks(frozen.fd, cur.fd, x, xe);
-              w.stateFill(cur.table, x, xe - x, st);
+      for (let lv = this.frozen.length - 1; lv >= 0; lv--) {
+        const fz = this.frozen[lv];
+        for (let b = 0; b < this.blocks;) {
+          const e = w.runEnd(fz.table, b, this.blocks);
+          const st = w.stateGet(fz.table, b);
+          if (st !== S.ABSENT) {
+            for (let x = b; x < e;) {
+              const xe = w.runEnd(cur.table, x, e);
+              if (w.stateGet(cur.table, x) === S.ABSENT) {
+                if (st === S.DIRTY) await this.copyBlocks(fz.fd, cur.fd, x, xe);
+                w.stateFill(cur.table, x, xe - x, st);
+              }
+              x = xe;
             }
-            x = xe;
           }
+          b = e;
         }
-        b = e;
       }
-      this.frozen = null;
-      frozen.pin.retire();
+      for (const fz of this.frozen.splice(0)) fz.pin.retire();
     } finally { unlock(); }
   }
 
@@ -322,12 +346,12 @@ export class Device {
   /** Waits for in-flight requests, then drops the overlay (its changes are gone unless snapshotted). */
   async close(): Promise<void> {
     if (this.closed) return;
-    await this.snapshotQueue;
+    await this.lastSnapshot;
     const unlock = await this.locks.acquire(0, this.blocks, true);
     this.closed = true;
     unlock();
     this.cur.pin.retire();
-    this.frozen?.pin.retire();
+    for (const fz of this.frozen.splice(0)) fz.pin.retire();
     this.base.pin.retire();
   }
 
@@ -384,30 +408,29 @@ export class Device {
 
   /** Fills [ptr, ...) with blocks [b0, b1) as the view sees them. */
   private readBlocks(view: View, b0: number, b1: number, ptr: number): Promise<void> {
-    const w = this.core.heap.wasm;
     const jobs: Promise<void>[] = [];
-    const at = (b: number) => ptr + (b - b0) * BS;
-    const zero = (s: number, e: number) => this.core.heap.u8.fill(0, at(s), at(e));
-    const file = (fd: number, s: number, e: number) => jobs.push(this.readFile(fd, s * BS, (e - s) * BS, at(s)));
-    for (let b = b0; b < b1;) {
-      const e = w.runEnd(view.cur.table, b, b1);
-      const st = w.stateGet(view.cur.table, b);
-      if (st === S.DIRTY) file(view.cur.fd, b, e);
-      else if (st === S.ZERO) zero(b, e);
-      else if (view.frozen) {
-        const fz = view.frozen;
-        for (let x = b; x < e;) {
-          const xe = w.runEnd(fz.table, x, e);
-          const fst = w.stateGet(fz.table, x);
-          if (fst === S.DIRTY) file(fz.fd, x, xe);
-          else if (fst === S.ZERO) zero(x, xe);
-          else this.readBase(view.base, x, xe, at(x), jobs);
-          x = xe;
-        }
-      } else this.readBase(view.base, b, e, at(b), jobs);
-      b = e;
+    this.readLevel(view, view.frozen.length, b0, b1, b0, ptr, jobs);
+    return jobs.length === 1 ? jobs[0] : Promise.all(jobs).then(() => undefined);
+  }
+
+  /**
+   * Level n (= frozen.length) is the current overlay, n-1..0 the frozen
+   * ones, -1 the base. Each level serves its DIRTY/ZERO runs and passes the
+   * ABSENT runs down.
+   */
+  private readLevel(view: View, lv: number, b: number, e: number, b0: number, ptr: number, jobs: Promise<void>[]): void {
+    const at = (x: number) => ptr + (x - b0) * BS;
+    if (lv < 0) { this.readBase(view.base, b, e, at(b), jobs); return; }
+    const ov = lv === view.frozen.length ? view.cur : view.frozen[lv];
+    const w = this.core.heap.wasm;
+    for (let x = b; x < e;) {
+      const xe = w.runEnd(ov.table, x, e);
+      const st = w.stateGet(ov.table, x);
+      if (st === S.DIRTY) jobs.push(this.readFile(ov.fd, x * BS, (xe - x) * BS, at(x)));
+      else if (st === S.ZERO) this.core.heap.u8.fill(0, at(x), at(xe));
+      else this.readLevel(view, lv - 1, x, xe, b0, ptr, jobs);
+      x = xe;
     }
-    return Promise.all(jobs).then(() => undefined);
   }
 
   private readBase(base: Base, b0: number, b1: number, ptr: number, jobs: Promise<void>[]): void {
@@ -429,19 +452,18 @@ export class Device {
   }
 
   private async syncFiles(): Promise<void> {
-    const jobs = [this.core.uring.fsync(this.cur.fd)];
-    if (this.frozen) jobs.push(this.core.uring.fsync(this.frozen.fd));
+    const jobs = [this.cur, ...this.frozen].map((o) => this.core.uring.fsync(o.fd));
     await Promise.all(jobs);
   }
 
   private pinView(): View {
-    const v: View = { cur: this.cur, frozen: this.frozen, base: this.base };
-    v.cur.pin.pin(); v.frozen?.pin.pin(); v.base.pin.pin();
+    const v: View = { cur: this.cur, frozen: this.frozen.slice(), base: this.base };
+    v.cur.pin.pin(); for (const f of v.frozen) f.pin.pin(); v.base.pin.pin();
     return v;
   }
 
   private unpinView(v: View): void {
-    v.cur.pin.unpin(); v.frozen?.pin.unpin(); v.base.pin.unpin();
+    v.cur.pin.unpin(); for (const f of v.frozen) f.pin.unpin(); v.base.pin.unpin();
   }
 
   private newOverlay(): Overlay {
