@@ -100,7 +100,8 @@ export class LayerCache {
     const out = await c.arena.acquire(f.uSize);
     try {
       c.heap.u8.set(bytes, cPtr);
-      await c.run({ op: 'unframe', codec: this.header.codec, cPtr, cSize: f.cSize, checksum: f.checksum.toString(16), outPtr: out, uSize: f.uSize });
+      const r = await c.run<{ ok: boolean; code?: string; message?: string }>({ op: 'unframe', codec: this.header.codec, cPtr, cSize: f.cSize, checksum: f.checksum.toString(16), outPtr: out, uSize: f.uSize });
+      if (!r.ok) throw new StrataError(r.code === 'EBADMSG' ? 'EBADMSG' : 'EIO', `layer ${this.id} frame ${i}: ${r.message}`);
       await c.uring.writeFull(this.fd, f.u, f.uSize, out);
     } finally {
       c.heap.free(cPtr);

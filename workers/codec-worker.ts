@@ -65,13 +65,22 @@ function pack(t: PackTask): { cSize: number; checksum: string; uSize: number } {
   return { cSize: out.length, checksum, uSize: len };
 }
 
-/** Verifies a fetched frame's checksum, then decompresses it into outPtr. */
-function unframe(t: UnframeTask): number {
-  const sum = BigInt.asUintN(64, wasm.xxh64(t.cPtr, t.cSize, 0n)).toString(16);
-  if (sum !== t.checksum) throw ebadmsg(`frame checksum mismatch (stored ${t.checksum}, computed ${sum})`);
-  const out = decompress(t.codec, view(t.cPtr, t.cSize), t.uSize);
-  new Uint8Array(memory.buffer).set(out, t.outPtr);
-  return out.length;
+/**
+ * Verifies a fetched frame's checksum, then decompresses it into outPtr.
+ * Integrity failures come back as a value: thrown errors lose their errno
+ * code crossing the thread boundary.
+ */
+function unframe(t: UnframeTask): { ok: true; size: number } | { ok: false; code: string; message: string } {
+  try {
+    const sum = BigInt.asUintN(64, wasm.xxh64(t.cPtr, t.cSize, 0n)).toString(16);
+    if (sum !== t.checksum) throw ebadmsg(`frame checksum mismatch (stored ${t.checksum}, computed ${sum})`);
+    const out = decompress(t.codec, view(t.cPtr, t.cSize), t.uSize);
+    new Uint8Array(memory.buffer).set(out, t.outPtr);
+    return { ok: true, size: out.length };
+  } catch (e) {
+    const err = e as { code?: string; message: string };
+    return { ok: false, code: err.code ?? 'EIO', message: err.message };
+  }
 }
 
 export default function run(t: Task): unknown {
