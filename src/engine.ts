@@ -25,6 +25,8 @@ export interface EngineOptions {
 export interface ImportOptions { codec?: Codec; level?: number; onProgress?: (p: Progress) => void }
 export interface ImportResult { id: string; header: LayerHeader; stats: WriteLayerStats; bytes: number }
 
+const heldLocks = new Set<string>();
+
 export class Engine {
   private devices = new Set<Device>();
   private constructor(readonly core: Core, readonly layers: LayerRegistry, private readonly ownCacheDir: string | null,
@@ -38,6 +40,7 @@ export class Engine {
     // Cache files are trusted only by the process that wrote them: refuse to
     // share a cache directory with a live engine.
     const lockFile = path.join(cacheDir, 'engine.lock');
+    if (heldLocks.has(path.resolve(lockFile))) throw new StrataError('EBUSY', `cache directory ${cacheDir} is in use by another engine in this process`);
     try {
       const fd = fs.openSync(lockFile, 'wx');
       fs.writeSync(fd, String(process.pid));
@@ -47,6 +50,7 @@ export class Engine {
       if (pid && pid !== process.pid && isAlive(pid)) throw new StrataError('EBUSY', `cache directory ${cacheDir} is in use by process ${pid}`);
       fs.writeFileSync(lockFile, String(process.pid));
     }
+    heldLocks.add(path.resolve(lockFile));
     const core = new Core({ store, cacheDir, workers: opts.workers, arenaBytes: opts.arenaBytes });
     return new Engine(core, new LayerRegistry(core), own, lockFile);
   }
@@ -132,6 +136,7 @@ export class Engine {
     this.layers.closeAll();
     await this.core.close();
     fs.rmSync(this.lockFile, { force: true });
+    heldLocks.delete(path.resolve(this.lockFile));
     if (this.ownCacheDir) fs.rmSync(this.ownCacheDir, { recursive: true, force: true });
   }
 }

@@ -1,0 +1,163 @@
+// Device API contract and bad input: typed errors with errno, nothing served
+// from corrupt objects, nothing overwritten.
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import * as fs from 'fs';
+import { Engine, Codec, StrataError } from '../src/index';
+import { keys, MAX_HEADER } from '../src/format';
+import { makeImage, tmpdir } from './helpers/util';
+
+const dir = tmpdir('engine');
+const BLOCKS = 1024;
+const img = makeImage(BLOCKS, 3);
+fs.writeFileSync(`${dir}/img`, img);
+let engine: Engine;
+let base: string;
+
+test.before(async () => {
+  engine = await Engine.open({ store: `${dir}/store` });
+  base = (await engine.importImage(`${dir}/img`, { codec: Codec.Lz4 })).id;
+});
+test.after(async () => { await engine.close(); fs.rmSync(dir, { recursive: true, force: true }); });
+
+async function errOf(p: Promise<unknown> | (() => unknown)): Promise<StrataError | undefined> {
+  try { await (typeof p === 'function' ? p() : p); } catch (e) { return e as StrataError; }
+  return undefined;
+}
+
+test('misaligned and out-of-range requests fail with typed errors carrying errno', async () => {
+  const dev = await engine.openDevice(base);
+  const size = BLOCKS * 4096;
+  const cases: Array<[Promise<unknown> | (() => unknown), string]> = [
+    [() => dev.read(100, 512), 'EINVAL'],
+    [() => dev.read(0, 1000), 'EINVAL'],
+    [() => dev.read(size - 512, 1024), 'EINVAL'],
+    [() => dev.write(size, Buffer.alloc(512)), 'ENOSPC'],
+    [() => dev.write(-512, Buffer.alloc(512)), 'EINVAL'],
+    [() => dev.writeZeroes(size - 4096, 8192), 'ENOSPC'],
+    [() => dev.trim(3, 512), 'EINVAL'],
+  ];
+  for (const [f, code] of cases) {
+    const e = await errOf(f);
+    assert.instance(e, StrataError);
+    assert.is(e!.code, code);
+    assert.is(e!.errno, (require('os').constants.errno as Record<string, number>)[code]);
+  }
+  assert.is((await dev.read(0, 0)).length, 0);
+  await engine.closeDevice(dev);
+  assert.is((await errOf(() => dev.read(0, 512)))?.code, 'ESHUTDOWN');
+});
+
+test('512-byte granularity: sector writes and reads at any sector', async () => {
+  const dev = await engine.openDevice(base);
+  const model = Buffer.from(img);
+  for (const off of [512, 4096 - 512, 4096 * 5 + 1536, BLOCKS * 4096 - 512]) {
+    const d = Buffer.alloc(512, off % 251);
+    await dev.write(off, d);
+    d.copy(model, off);
+  }
+  assert.ok((await dev.read(0, BLOCKS * 4096)).equals(model));
+  await engine.closeDevice(dev);
+});
+
+test('zeroMap reports zero extents and trimmed ranges truthfully', async () => {
+  const dev = await engine.openDevice(base);
+  const h = await engine.inspect(base);
+  const size = BLOCKS * 4096;
+  await dev.writeZeroes(8192, 3 * 4096);
+  await dev.write(0, Buffer.alloc(4096, 1));
+  const map = dev.zeroMap(0, size);
+  assert.is(map.reduce((a, e) => a + e.length, 0), size);
+  for (let b = 0; b < BLOCKS; b++) {
+    const ent = map.find((e) => e.offset <= b * 4096 && b * 4096 < e.offset + e.length)!;
+    const ext = h.extents.find((e) => e.dev <= b * 4096 && b * 4096 < e.dev + e.len)!;
+    const expectZero = b === 0 ? false : (b >= 2 && b < 5) ? true : ext.layer === 0xffffffff;
+    assert.is(ent.zero, expectZero, `block ${b}`);
+  }
+  // Zero-reported ranges really read as zeros.
+  for (const e of map.filter((x) => x.zero)) assert.ok((await dev.read(e.offset, e.length)).every((x) => x === 0));
+  const part = dev.zeroMap(8192 + 512, 1024);
+  assert.equal(part, [{ offset: 8192 + 512, length: 1024, zero: true }]);
+  await engine.closeDevice(dev);
+});
+
+test('zero blocks cost no fetch; dedup stores repeated blocks once', async () => {
+  const h = await engine.inspect(base);
+  const zeroBlocks = h.extents.filter((e) => e.layer === 0xffffffff).reduce((a, e) => a + e.len, 0) / 4096;
+  const distinct = new Set<string>();
+  let nonZero = 0;
+  for (let b = 0; b < BLOCKS; b++) {
+    const blk = img.subarray(b * 4096, b * 4096 + 4096);
+    if (blk.every((x) => x === 0)) continue;
+    nonZero++;
+    distinct.add(blk.toString('base64'));
+  }
+  assert.is(zeroBlocks, BLOCKS - nonZero);
+  assert.is(h.dataSize / 4096, distinct.size, 'each distinct block stored once');
+  assert.ok(distinct.size < nonZero, 'the image has duplicates to dedup');
+  // A snapshot that rewrites blocks with content the parent already stores stores nothing new.
+  const dev = await engine.openDevice(base);
+  let b0 = 0;
+  while (img.subarray(b0 * 4096, b0 * 4096 + 4096).every((x) => x === 0)) b0++;
+  await dev.write(900 * 4096, img.subarray(b0 * 4096, b0 * 4096 + 4096));
+  const s = await dev.snapshot();
+  assert.is(s.stats.storedBlocks, 0);
+  assert.is(s.stats.dedupBlocks, 1);
+  await engine.closeDevice(dev);
+});
+
+test('bad layer objects: wrong magic, truncated, corrupted, oversized, missing → clear errors, nothing served', async () => {
+  const hdr = `${dir}/store/${keys.header(base)}`;
+  const orig = fs.readFileSync(hdr);
+  const attempt = async (bytes: Buffer | null) => {
+    const e2 = await Engine.open({ store: `${dir}/store` });
+    try {
+      if (bytes) fs.writeFileSync(hdr, bytes); else fs.rmSync(hdr);
+      return await errOf(e2.openDevice(base));
+    } finally { fs.writeFileSync(hdr, orig); await e2.close(); }
+  };
+  const magic = Buffer.from(orig); magic.write('NOTSTRAT', 0);
+  assert.is((await attempt(magic))?.code, 'EBADMSG');
+  assert.match((await attempt(magic))!.message, /wrong magic/);
+  assert.is((await attempt(orig.subarray(0, orig.length - 1)))?.code, 'EBADMSG');
+  const flip = Buffer.from(orig); flip[90] ^= 1;
+  assert.is((await attempt(flip))?.code, 'EBADMSG');
+  const huge = Buffer.alloc(MAX_HEADER + 4096); orig.copy(huge);
+  assert.match((await attempt(huge))!.message, /over the/);
+  assert.is((await attempt(null))?.code, 'ENOENT');
+  assert.is((await errOf(engine.openDevice('../../etc')))?.code, 'EINVAL');
+  // The original is untouched and still works.
+  const dev = await engine.openDevice(base);
+  assert.ok((await dev.read(0, 4096 * 8)).equals(img.subarray(0, 4096 * 8)));
+  await engine.closeDevice(dev);
+});
+
+test('a truncated data object fails reads of the missing frames with EBADMSG', async () => {
+  const dataFile = `${dir}/store/${keys.data(base)}`;
+  const orig = fs.readFileSync(dataFile);
+  const e2 = await Engine.open({ store: `${dir}/store` });
+  try {
+    fs.writeFileSync(dataFile, orig.subarray(0, 10));
+    const dev = await e2.openDevice(base);
+    const h = await e2.inspect(base);
+    const ext = h.extents.find((x) => x.layer === 0)!;
+    assert.is((await errOf(dev.read(ext.dev, 4096)))?.code, 'EBADMSG');
+  } finally { fs.writeFileSync(dataFile, orig); await e2.close(); }
+});
+
+test('import rejects images that are not whole blocks, and missing files', async () => {
+  fs.writeFileSync(`${dir}/odd`, Buffer.alloc(4096 + 512));
+  assert.is((await errOf(engine.importImage(`${dir}/odd`)))?.code, 'EINVAL');
+  assert.is((await errOf(engine.importImage(`${dir}/nope`)))?.code, 'ENOENT');
+});
+
+test('a second engine cannot share a live cache directory', async () => {
+  const cache = `${dir}/cache`;
+  const a = await Engine.open({ store: `${dir}/store`, cacheDir: cache });
+  try {
+    const e = await errOf(Engine.open({ store: `${dir}/store`, cacheDir: cache }));
+    assert.is(e?.code, 'EBUSY');
+  } finally { await a.close(); }
+});
+
+test.run();
