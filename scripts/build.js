@@ -39,7 +39,7 @@ function build({ log = () => {}, force = false } = {}) {
   if (force || mtime(addon) < src) {
     log('building native addon (node-gyp, liburing)');
     // configure+build, not rebuild: rebuild wipes build/, where the WASM lives too.
-    const args = [nodeGyp(), 'configure', 'build'];
+    const args = [nodeGyp(), 'configure', 'build', '--loglevel=warn'];
     if (fs.existsSync('/usr/include/node/node_api.h')) args.push('--nodedir=/usr');
     execFileSync(process.execPath, args, { cwd: root, stdio: ['ignore', quietGyp() ? 'ignore' : 'inherit', 'inherit'] });
   }
