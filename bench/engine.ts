@@ -104,12 +104,17 @@ function seqCursor(size: number, len: number): () => number {
 
 // ------------------------------------------------------------ the table
 
-interface Row { test: string; m?: Partial<Measure>; vs?: number | string; notes?: string }
+interface Row { test: string; m?: Partial<Measure>; vs?: number | string; notes?: string; sec?: number }
 const rows: Row[] = [];
+let curSection = 0;
+/** Things that looked wrong while benchmarking (printed after the table). */
+const surprises: string[] = [];
+const surprise = (m: string) => { surprises.push(m); log(`SURPRISE: ${m}`); };
 const fmt = (x: number | undefined, d = 0) => (x === undefined || !Number.isFinite(x) ? '' : x >= 100000 ? Math.round(x).toLocaleString('en-US') : x.toFixed(d));
 const fmtVs = (v: number | string | undefined) => (v === undefined ? '' : typeof v === 'string' ? v : `${v.toFixed(2)}x`);
 
 function addRow(r: Row): void {
+  r.sec = curSection;
   rows.push(r);
   const m = r.m ?? {};
   log(`=> ${r.test}: ${m.iops ? `${fmt(m.iops)} IOPS ` : ''}${m.mbs ? `${fmt(m.mbs, 1)} MB/s ` : ''}${m.p50 ? `p50 ${fmt(m.p50)}µs p99 ${fmt(m.p99)}µs ` : ''}${fmtVs(r.vs)} ${r.notes ?? ''}`);
@@ -118,14 +123,16 @@ function addRow(r: Row): void {
 function table(): string {
   const head = '| test | IOPS | MB/s | p50 µs | p99 µs | vs baseline | notes |';
   const lines = [head, '|---|---:|---:|---:|---:|---:|---|'];
-  for (const r of rows) {
+  // Sections run in dependency order (import before devices) but print by number.
+  const sorted = rows.map((r, i) => ({ r, i })).sort((a, b) => (a.r.sec! - b.r.sec!) || (a.i - b.i)).map((x) => x.r);
+  for (const r of sorted) {
     if (!r.m && r.vs === undefined && !r.notes) { lines.push(`| **${r.test}** | | | | | | |`); continue; }
     const m = r.m ?? {};
     lines.push(`| ${r.test} | ${fmt(m.iops)} | ${fmt(m.mbs, 1)} | ${fmt(m.p50)} | ${fmt(m.p99)} | ${fmtVs(r.vs)} | ${r.notes ?? ''} |`);
   }
   return lines.join('\n');
 }
-const section = (title: string) => rows.push({ test: title });
+function section(n: number, title: string): void { curSection = n; rows.push({ test: `${n}. ${title}`, sec: n }); }
 
 // ------------------------------------------------------------ helpers
 
@@ -140,6 +147,20 @@ function syncDisks(): void {
 function writeAllSync(fd: number, b: Uint8Array, pos: number): void {
   let done = 0;
   while (done < b.length) done += fs.writeSync(fd, b, done, b.length - done, pos + done);
+}
+
+/** A file of `size` random-ish bytes written sequentially in `writeSize` pieces (this decides its page-cache folio sizes). */
+function fillFile(file: string, size: number, writeSize: number): void {
+  const fd = fs.openSync(file, 'w');
+  const chunk = Buffer.allocUnsafe(4 * MiB);
+  randomFillSync(chunk);
+  try {
+    for (let off = 0; off < size; off += writeSize) {
+      const len = Math.min(writeSize, size - off);
+      const at = off % chunk.length;
+      writeAllSync(fd, chunk.subarray(at, at + len), off);
+    }
+  } finally { fs.closeSync(fd); }
 }
 
 function walkFiles(root: string, budget: number, out: Array<{ src: string; size: number }>): number {
@@ -370,6 +391,29 @@ function readPool(image: string, bytes: number): Buffer {
   return got === 0 || got === bytes ? out : out.subarray(0, got);
 }
 
+/** Sanity check (not a test): the device returns what was written at sampled offsets. */
+async function checkSamples(dev: Device, samples: Map<number, Buffer>, what: string): Promise<void> {
+  let bad = 0;
+  for (const [off, want] of samples) if (!(await dev.read(off, want.length)).equals(want)) bad++;
+  if (bad) surprise(`${what}: ${bad} of ${samples.size} sampled blocks read back wrong`);
+  else log(`check ${what}: ${samples.size} sampled blocks ok`);
+}
+
+/** Samples `n` blocks of an image file, for checkSamples. */
+function imageSamples(image: string, n: number): Map<number, Buffer> {
+  const fd = fs.openSync(image, 'r');
+  const out = new Map<number, Buffer>();
+  try {
+    const blocks = fs.fstatSync(fd).size / BS;
+    for (let i = 0; i < n; i++) {
+      const b = randBlock(blocks), buf = Buffer.alloc(BS);
+      fs.readSync(fd, buf, 0, BS, b * BS);
+      out.set(b * BS, buf);
+    }
+  } finally { fs.closeSync(fd); }
+  return out;
+}
+
 // ------------------------------------------------------------ main
 
 async function main(): Promise<void> {
@@ -386,18 +430,12 @@ async function main(): Promise<void> {
 
     // ---- 1. baselines on a plain buffered file
     const baseFile = path.join(work, 'baseline.raw');
-    {
-      log(`writing ${SIZE / MiB} MiB baseline file`);
-      const fd = fs.openSync(baseFile, 'w');
-      const chunk = Buffer.allocUnsafe(4 * MiB);
-      randomFillSync(chunk);
-      for (let off = 0; off < SIZE; off += chunk.length) writeAllSync(fd, chunk.subarray(0, Math.min(chunk.length, SIZE - off)), off);
-      fs.closeSync(fd);
-    }
+    log(`writing ${SIZE / MiB} MiB baseline file (4 KiB writes)`);
+    fillFile(baseFile, SIZE, 4 * KiB);
     syncDisks();
     const base = new Map<string, Measure>();
     const reg = sharedRegion(8 * MiB);
-    section(`1. baseline: io_uring on a ${SIZE / MiB} MiB page-cache file`);
+    section(1, `baseline: io_uring on a ${SIZE / MiB} MiB page-cache file`);
     {
       const ring = new Uring(reg.memory, { offset: reg.offset, length: reg.length }, 256);
       if (!ring.fixed) log('uring.ts: buffer registration failed (non-fixed READ/WRITE)');
@@ -424,6 +462,19 @@ async function main(): Promise<void> {
           base.set('image read', m);
           addRow({ test: 'uring.ts image seq read 1M QD8', m, vs: '1.00 (ref)', notes: 'reference for import' });
         } finally { fs.closeSync(ifd); }
+        // The page cache remembers how a file was first written: a file
+        // written in big chunks sits in large folios, and a 4 KiB write then
+        // dirties (and later writes back) a whole folio.
+        const bigFile = path.join(work, 'baseline-big.raw');
+        log(`baseline uring.ts ${SHAPES[1].name} on a file written in 4 MiB writes`);
+        fillFile(bigFile, SIZE, 4 * MiB);
+        syncDisks();
+        const bfd = fs.openSync(bigFile, 'r+');
+        try {
+          const m = await uringShape(ring, reg, bfd, SIZE, SHAPES[1]);
+          addRow({ test: `uring.ts ${SHAPES[1].name}, file first written in 4 MiB writes`, m, vs: m.iops / base.get(SHAPES[1].name)!.iops,
+            notes: 'large page-cache folios: each 4K write dirties a whole folio' });
+        } finally { fs.closeSync(bfd); fs.rmSync(bigFile, { force: true }); }
       } finally { fs.closeSync(fd); ring.close(); }
     }
     fs.rmSync(baseFile, { force: true });
@@ -431,7 +482,7 @@ async function main(): Promise<void> {
     // ---- 4. import (zstd, lz4)
     const storeDir = path.join(work, 'store');
     syncDisks();
-    section(`4. import of a ${SIZE / MiB} MiB image (${img.kind})`);
+    section(4, `import of a ${SIZE / MiB} MiB image (${img.kind})`);
     const engA = await Engine.open({ store: storeDir, cacheDir: path.join(work, 'cacheA') });
     engines.push(engA);
     const layers: Record<string, LayerHeader> = {};
@@ -454,7 +505,7 @@ async function main(): Promise<void> {
     }
 
     // ---- 2. warm device
-    section('2. strata device (in-process, warm template cache)');
+    section(2, 'strata device (in-process, warm template cache)');
     const h = layers.zstd;
     const dev = await engA.openDevice(h.chain[0]);
     syncDisks();
@@ -468,6 +519,8 @@ async function main(): Promise<void> {
       addRow({ test: 'prefetch all frames (cold → warm)', m: { mbs: h.dataSize / 1e6 / sec }, vs: (h.dataSize / 1e6 / sec) / base.get('seq read 128K QD8')!.mbs,
         notes: `${sec.toFixed(2)} s; ${fetched} frame fetches; MB/s of decompressed data` });
     }
+    const imgSamples = imageSamples(img.file, 512);
+    await checkSamples(dev, imgSamples, 'warm device vs image');
     const dblocks = dataBlocks(h);
     const zeroShare = 1 - dblocks.length / (h.virtualSize / BS);
     const [rr, rw, sr, sw] = SHAPES;
@@ -512,31 +565,41 @@ async function main(): Promise<void> {
     await engA.closeDevice(dev);
 
     // ---- 5. snapshot of dirty data
-    section(`5. snapshot of ${SNAP / MiB} MiB of dirty data`);
+    section(5, `snapshot of ${SNAP / MiB} MiB of dirty data`);
+    let snapLayer = '';
+    const SAMPLE_EVERY = 1009;
+    const snapSamples = new Map<number, Buffer>();
     {
       const sdev = await engA.openDevice(h.chain[0]);
       const pool = readPool(img.file, 64 * MiB);
       const fill = mixedFiller(pool);
       syncDisks();
       log(`writing ${SNAP / MiB} MiB of mixed data (1 MiB sequential writes, QD4)`);
-      const bufs = Array.from({ length: 4 }, () => Buffer.alloc(MiB));
-      const cur = seqCursor(SNAP, MiB);
+      // Data is generated in untimed batches; only the writes are timed.
+      const BATCH = Math.min(SNAP, 32 * MiB);
+      const batch = Buffer.alloc(BATCH);
       const lat = new Latencies();
-      let ops = 0;
-      const t = performance.now();
-      await Promise.all(bufs.map(async (b) => {
-        while (ops < SNAP / MiB) {
-          const off = cur();
-          ops++;
-          fill(b, off / BS);
-          const s = performance.now();
-          await sdev.write(off, b);
-          lat.push(performance.now() - s);
-        }
-      }));
-      const wm = summarize(ops, ops * MiB, (performance.now() - t) / 1000, lat);
+      let ops = 0, writeMs = 0;
+      for (let b0 = 0; b0 < SNAP; b0 += BATCH) {
+        const len = Math.min(BATCH, SNAP - b0);
+        fill(batch.subarray(0, len), b0 / BS);
+        for (let o = 0; o < len; o += SAMPLE_EVERY * BS) snapSamples.set(b0 + o, Buffer.from(batch.subarray(o, o + BS)));
+        let next = 0;
+        const t = performance.now();
+        await Promise.all(Array.from({ length: 4 }, async () => {
+          while (next < len) {
+            const o = next; next += MiB;
+            const s = performance.now();
+            await sdev.write(b0 + o, batch.subarray(o, Math.min(len, o + MiB)));
+            lat.push(performance.now() - s);
+            ops++;
+          }
+        }));
+        writeMs += performance.now() - t;
+      }
+      const wm = summarize(ops, SNAP, writeMs / 1000, lat);
       addRow({ test: 'device seq write 1M QD4 (fill)', m: wm, vs: wm.mbs / base.get('seq write 128K QD8')!.mbs,
-        notes: '15% zero, 25% random, 50% unique image-like, 10% copies of base blocks; includes generating the data' });
+        notes: 'mixed data: 15% zero, 25% random, 50% unique image-like, 10% copies of base blocks' });
       syncDisks();
       log('device.snapshot()');
       let lastPhase = '';
@@ -550,13 +613,15 @@ async function main(): Promise<void> {
         notes: `${sec.toFixed(2)} s; frozen ${r.frozenMs.toFixed(2)} ms; ratio ${st.compressedBytes ? ((st.storedBlocks * BS) / st.compressedBytes).toFixed(2) : '—'} ` +
           `(${(st.storedBlocks * BS / MiB).toFixed(0)} MiB stored → ${(st.compressedBytes / MiB).toFixed(0)} MiB); ${st.zeroBlocks} zero, ${st.dedupBlocks} dedup blocks`,
       });
+      snapLayer = r.id;
+      await checkSamples(sdev, snapSamples, 'snapshot device after rebase');
       await engA.closeDevice(sdev);
     }
     await engA.close();
     engines.splice(engines.indexOf(engA), 1);
 
     // ---- 3. cold reads on a fresh engine
-    section('3. cold reads: fresh engine and cache dir over the same store');
+    section(3, 'cold reads: fresh engine and cache dir over the same store');
     for (const name of ['zstd', 'lz4'] as const) {
       syncDisks();
       const engB = await Engine.open({ store: storeDir, cacheDir: path.join(work, `cacheB-${name}`) });
@@ -568,9 +633,15 @@ async function main(): Promise<void> {
       log(`cold ${rr.name} on the ${name} layer (${COLD_OPS} reads)`);
       const m = await closedLoop(32, 3600, BS, (slot) => cdev.readInto(db.length ? db[randBlock(db.length)] * BS : 0, buf[slot]), COLD_OPS);
       const cs = engB.stats().cache;
+      await checkSamples(cdev, imgSamples, `cold ${name} device vs image`);
+      if (name === 'zstd' && snapLayer) {
+        const sd = await engB.openDevice(snapLayer);
+        await checkSamples(sd, snapSamples, 'snapshot layer on a fresh engine');
+        await engB.closeDevice(sd);
+      }
       addRow({ test: `cold ${rr.name} (${name} layer)`, m, vs: m.iops / base.get(rr.name)!.iops,
         notes: `${m.ops} reads in ${m.seconds.toFixed(2)} s; ${cs.fetches}/${lh.frames.length} frames fetched (${(cs.fetchBytes / MiB).toFixed(0)} MiB compressed), ` +
-          `${((cs.fetches * 2) / m.seconds).toFixed(0)} MiB/s of frames` });
+          `${((cs.fetches * lh.dataSize) / Math.max(1, lh.frames.length) / 1e6 / m.seconds).toFixed(0)} MB/s of frames decompressed` });
       await engB.close();
       engines.splice(engines.indexOf(engB), 1);
     }
@@ -580,6 +651,7 @@ async function main(): Promise<void> {
     process.stdout.write(`\nstrata engine benchmark, ${date}, ${os.availableParallelism()} CPUs, ${os.cpus()[0]?.model ?? '?'}, Node ${process.version}, kernel ${os.release()}\n`);
     process.stdout.write(`device/image ${SIZE / MiB} MiB (${img.kind}), ${SECONDS} s per I/O test, files in ${os.tmpdir()} (page cache); MB = 10^6 bytes\n\n`);
     process.stdout.write(table() + '\n');
+    if (surprises.length) process.stdout.write(`\nSurprises:\n${surprises.map((x) => `- ${x}`).join('\n')}\n`);
 
     // ---- 6. codecs
     if (CODEC_FRAMES > 0) {

@@ -125,8 +125,12 @@ export class Device {
     } finally { unlock(); }
   }
 
-  /** Zeroes a range; whole blocks become ZERO (no data), partial ones are rewritten. */
-  async writeZeroes(offset: number, length: number, opts: { fua?: boolean } = {}): Promise<void> {
+  /**
+   * Zeroes a range; whole blocks become ZERO (no data), partial ones are
+   * rewritten. `noHole` writes real zero blocks instead (allocated, so block
+   * status does not report a hole).
+   */
+  async writeZeroes(offset: number, length: number, opts: { fua?: boolean; noHole?: boolean } = {}): Promise<void> {
     this.check(offset, length, 'write zeroes');
     if (length === 0) return;
     this.stats.trims++;
@@ -134,7 +138,11 @@ export class Device {
     const unlock = await this.locks.acquire(b0, b1, true);
     try {
       const f0 = Math.ceil(offset / BS), f1 = Math.floor((offset + length) / BS);
-      if (f0 >= f1) { await this.writeLocked(offset, length, null); return; }
+      if (f0 >= f1 || opts.noHole) {
+        await this.writeLocked(offset, length, null);
+        if (opts.fua) await this.syncFiles();
+        return;
+      }
       if (offset < f0 * BS) await this.writeLocked(offset, f0 * BS - offset, null);
       if (f1 * BS < offset + length) await this.writeLocked(f1 * BS, offset + length - f1 * BS, null);
       const ov = this.cur;

@@ -1,0 +1,395 @@
+// One NBD client connection: fixed-newstyle handshake, then transmission.
+// Requests run concurrently and are answered as they finish (any order).
+// A WRITE's payload is read completely before the export is called, so no
+// lock is ever held while waiting on the socket (H3); replies are queued on
+// the socket, never behind a lock (H4). Memory per connection is bounded: at
+// most `maxInflight` requests / `maxInflightBytes` bytes in progress and
+// `maxQueuedReplyBytes` of unsent replies, beyond which the connection stops
+// reading from its socket until it catches up.
+import type { Socket } from 'net';
+import { ByteQueue } from './byte-queue';
+import {
+  BASE_ALLOCATION, chunkHeader, CLIENT_FLAG, CMD, CMD_FLAG, ERR, errorChunk, IHAVEOPT, INFO, infoBlockSize,
+  infoExport, infoString, nbdError, OPT, optReply, parseRequest, REP, REPLY_FLAG_DONE, REPLY_TYPE, Request,
+  REQUEST_LEN, serverGreeting, simpleReply, STATE, TFLAG,
+} from './protocol';
+import type { ExportResolver, NbdExport } from './export';
+
+export interface ConnectionOptions {
+  exports: ExportResolver;
+  minBlock?: number;
+  preferredBlock?: number;
+  maxPayload?: number;
+  maxInflight?: number;
+  maxInflightBytes?: number;
+  maxQueuedReplyBytes?: number;
+  log?: (msg: string) => void;
+}
+
+const MAX_OPTION_LEN = 64 * 1024;
+const KNOWN_CMD_FLAGS = 0x3f;
+const META_CONTEXT_ID = 1;
+
+export class NbdConnection {
+  private q = new ByteQueue();
+  private exp: NbdExport | null = null;
+  private structured = false;
+  private metaContext = false;
+  private inflight = 0;
+  private inflightBytes = 0;
+  private pendingWrite: Request | null = null;
+  private paused = false;
+  private disconnecting = false;
+  private corked = false;
+  closed = false;
+  readonly minBlock: number;
+  readonly preferredBlock: number;
+  readonly maxPayload: number;
+  private readonly maxInflight: number;
+  private readonly maxInflightBytes: number;
+  private readonly maxQueued: number;
+  private readonly log: (m: string) => void;
+  private drained: Array<() => void> = [];
+  stats = { requests: 0, errors: 0 };
+
+  constructor(private readonly socket: Socket, private readonly opts: ConnectionOptions) {
+    this.minBlock = opts.minBlock ?? 512;
+    this.preferredBlock = opts.preferredBlock ?? 4096;
+    this.maxPayload = opts.maxPayload ?? 32 * 1024 * 1024;
+    this.maxInflight = opts.maxInflight ?? 128;
+    this.maxInflightBytes = opts.maxInflightBytes ?? 64 * 1024 * 1024;
+    this.maxQueued = opts.maxQueuedReplyBytes ?? 64 * 1024 * 1024;
+    this.log = opts.log ?? (() => {});
+    socket.setNoDelay?.(true);
+    socket.on('data', (b: Buffer) => { this.q.push(b); if (this.exp) this.pump(); });
+    socket.on('error', () => {});
+    socket.on('close', () => this.onClose());
+    socket.on('drain', () => { if (this.paused) this.maybeResume(); });
+  }
+
+  /** Runs the handshake; transmission then proceeds from socket events. */
+  async start(): Promise<void> {
+    try {
+      this.socket.write(serverGreeting());
+      await this.handshake();
+    } catch (e) {
+      if (!this.closed) this.log(`nbd: handshake ended: ${(e as Error).message}`);
+      this.socket.destroy();
+    }
+  }
+
+  /** Stop taking requests, finish the ones in flight, then close. */
+  async shutdown(): Promise<void> {
+    this.disconnecting = true;
+    this.socket.pause();
+    if (!this.exp) { this.socket.destroy(); return; }
+    await this.idle();
+    this.socket.end();
+  }
+
+  private idle(): Promise<void> {
+    if (this.inflight === 0) return Promise.resolve();
+    return new Promise((r) => this.drained.push(r));
+  }
+
+  private onClose(): void {
+    this.closed = true;
+    this.q.end(new Error('connection closed'));
+  }
+
+  // ------------------------------------------------------------ handshake
+
+  private async handshake(): Promise<void> {
+    const q = this.q;
+    await q.want(4);
+    const cflags = q.take(4).readUInt32BE(0);
+    if (cflags & ~(CLIENT_FLAG.FIXED_NEWSTYLE | CLIENT_FLAG.NO_ZEROES)) throw new Error(`unknown client flags 0x${cflags.toString(16)}`);
+    const noZeroes = (cflags & CLIENT_FLAG.NO_ZEROES) !== 0;
+    for (;;) {
+      await q.want(16);
+      const h = q.take(16);
+      if (h.readBigUInt64BE(0) !== IHAVEOPT) throw new Error('bad option magic');
+      const opt = h.readUInt32BE(8), len = h.readUInt32BE(12);
+      // Checked before buffering: a huge length would otherwise make us hold
+      // it all in memory. Such a client is dropped.
+      if (len > MAX_OPTION_LEN) throw new Error(`option ${opt} of ${len} bytes is too long`);
+      await q.want(len);
+      const data = q.take(len);
+      const reply = (type: number, d?: Buffer) => this.socket.write(optReply(opt, type, d));
+      switch (opt) {
+        case OPT.EXPORT_NAME: {
+          const exp = this.opts.exports.get(data.toString('utf8'));
+          if (!exp) throw new Error(`unknown export ${JSON.stringify(data.toString('utf8'))}`);
+          const b = Buffer.alloc(noZeroes ? 10 : 134);
+          b.writeBigUInt64BE(BigInt(exp.size), 0);
+          b.writeUInt16BE(this.transmissionFlags(exp), 8);
+          this.socket.write(b);
+          this.enter(exp);
+          return;
+        }
+        case OPT.ABORT:
+          reply(REP.ACK);
+          this.socket.end();
+          return;
+        case OPT.LIST:
+          if (len !== 0) { reply(REP.ERR_INVALID); break; }
+          for (const e of this.opts.exports.list()) {
+            const name = Buffer.from(e.name, 'utf8');
+            const d = Buffer.alloc(4 + name.length);
+            d.writeUInt32BE(name.length, 0);
+            name.copy(d, 4);
+            reply(REP.SERVER, d);
+          }
+          reply(REP.ACK);
+          break;
+        case OPT.STRUCTURED_REPLY:
+          if (len !== 0) { reply(REP.ERR_INVALID); break; }
+          this.structured = true;
+          reply(REP.ACK);
+          break;
+        case OPT.INFO:
+        case OPT.GO: {
+          const parsed = parseInfoRequest(data);
+          if (!parsed) { reply(REP.ERR_INVALID); break; }
+          const exp = this.opts.exports.get(parsed.name);
+          if (!exp) { reply(REP.ERR_UNKNOWN, Buffer.from(`no export named ${parsed.name}`)); break; }
+          reply(REP.INFO, infoExport(exp.size, this.transmissionFlags(exp)));
+          // Always advertised: strata enforces 512-byte granularity, and a
+          // client that ignores it gets clean EINVAL errors, not corruption.
+          reply(REP.INFO, infoBlockSize(this.minBlock, this.preferredBlock, this.maxPayload));
+          if (parsed.infos.includes(INFO.NAME)) reply(REP.INFO, infoString(INFO.NAME, parsed.name));
+          if (parsed.infos.includes(INFO.DESCRIPTION) && exp.description) reply(REP.INFO, infoString(INFO.DESCRIPTION, exp.description));
+          reply(REP.ACK);
+          if (opt === OPT.GO) { this.enter(exp); return; }
+          break;
+        }
+        case OPT.LIST_META_CONTEXT:
+        case OPT.SET_META_CONTEXT: {
+          if (!this.structured) { reply(REP.ERR_INVALID, Buffer.from('structured replies first')); break; }
+          const parsed = parseMetaRequest(data);
+          if (!parsed) { reply(REP.ERR_INVALID); break; }
+          if (!this.opts.exports.get(parsed.name)) { reply(REP.ERR_UNKNOWN); break; }
+          const matches = opt === OPT.LIST_META_CONTEXT && parsed.queries.length === 0
+            ? true : parsed.queries.some((q) => q === BASE_ALLOCATION || q === 'base:');
+          if (opt === OPT.SET_META_CONTEXT) this.metaContext = parsed.queries.includes(BASE_ALLOCATION);
+          if (matches && (opt === OPT.LIST_META_CONTEXT || this.metaContext)) {
+            const name = Buffer.from(BASE_ALLOCATION);
+            const d = Buffer.alloc(4 + name.length);
+            d.writeUInt32BE(META_CONTEXT_ID, 0);
+            name.copy(d, 4);
+            reply(REP.META_CONTEXT, d);
+          }
+          reply(REP.ACK);
+          break;
+        }
+        default:
+          // Unknown (or unsupported: STARTTLS, EXTENDED_HEADERS) options are
+          // answered without losing framing.
+          reply(REP.ERR_UNSUP);
+      }
+    }
+  }
+
+  private transmissionFlags(exp: NbdExport): number {
+    let f = TFLAG.HAS_FLAGS | TFLAG.SEND_FLUSH | TFLAG.SEND_FUA | TFLAG.SEND_TRIM | TFLAG.SEND_WRITE_ZEROES |
+      TFLAG.SEND_FAST_ZERO | TFLAG.CAN_MULTI_CONN | TFLAG.SEND_CACHE;
+    if (this.structured) f |= TFLAG.SEND_DF;
+    if (exp.readOnly) f |= TFLAG.READ_ONLY;
+    return f;
+  }
+
+  private enter(exp: NbdExport): void {
+    this.exp = exp;
+    this.pump();
+  }
+
+  // --------------------------------------------------------- transmission
+
+  private pump(): void {
+    const q = this.q;
+    while (!this.paused && !this.disconnecting && !this.closed) {
+      if (this.pendingWrite) {
+        if (q.length < this.pendingWrite.length) return;
+        const req = this.pendingWrite;
+        this.pendingWrite = null;
+        this.dispatch(req, q.take(req.length));
+        continue;
+      }
+      if (q.length < REQUEST_LEN) return;
+      const req = parseRequest(q.take(REQUEST_LEN));
+      if (!req) { this.log('nbd: bad request magic, closing connection'); this.socket.destroy(); return; }
+      // Copy the cookie: the header buffer may be a slice of a reused chunk.
+      req.cookie = Buffer.from(req.cookie);
+      if (req.type === CMD.WRITE) {
+        // A write's payload length is checked before anything is buffered
+        // for it; one above the maximum cannot be skipped safely: drop.
+        if (req.length > this.maxPayload) {
+          this.log(`nbd: write of ${req.length} bytes exceeds the ${this.maxPayload}-byte maximum, closing connection`);
+          this.socket.destroy();
+          return;
+        }
+        this.pendingWrite = req;
+        continue;
+      }
+      if (req.type === CMD.DISC) { this.disconnecting = true; void this.shutdown(); return; }
+      this.dispatch(req, null);
+    }
+  }
+
+  private dispatch(req: Request, payload: Buffer | null): void {
+    this.inflight++;
+    const cost = payload ? payload.length : req.type === CMD.READ ? Math.min(req.length, this.maxPayload) : 0;
+    this.inflightBytes += cost;
+    this.stats.requests++;
+    if (this.inflight >= this.maxInflight || this.inflightBytes >= this.maxInflightBytes) this.pause();
+    this.handle(req, payload).catch((e) => this.replyError(req, e)).finally(() => {
+      this.inflight--;
+      this.inflightBytes -= cost;
+      if (this.paused) this.maybeResume();
+      if (this.inflight === 0) for (const r of this.drained.splice(0)) r();
+    });
+  }
+
+  private async handle(req: Request, payload: Buffer | null): Promise<void> {
+    const exp = this.exp!;
+    const { type, flags, offset, length } = req;
+    if (flags & ~KNOWN_CMD_FLAGS) return this.fail(req, ERR.EINVAL, 'unknown command flags');
+    const fua = (flags & CMD_FLAG.FUA) !== 0;
+    const rangeOk = (limitErr: number) => {
+      if (offset % this.minBlock || length % this.minBlock) { this.fail(req, ERR.EINVAL, 'misaligned request'); return false; }
+      if (offset + length > exp.size) { this.fail(req, limitErr, 'request beyond the end of the export'); return false; }
+      return true;
+    };
+    switch (type) {
+      case CMD.READ: {
+        if (length > this.maxPayload) return this.fail(req, ERR.EINVAL, 'read longer than the maximum payload');
+        if (!rangeOk(ERR.EINVAL)) return;
+        const data = length ? await exp.read(offset, length) : Buffer.alloc(0);
+        if (this.structured) {
+          const h = chunkHeader(REPLY_FLAG_DONE, REPLY_TYPE.OFFSET_DATA, req.cookie, 8 + data.length);
+          const off = Buffer.allocUnsafe(8);
+          off.writeBigUInt64BE(BigInt(offset), 0);
+          this.send(h, off, data);
+        } else this.send(simpleReply(0, req.cookie), data);
+        return;
+      }
+      case CMD.WRITE:
+        if (exp.readOnly) return this.fail(req, ERR.EPERM, 'read-only export');
+        if (!rangeOk(ERR.ENOSPC)) return;
+        if (length) await exp.write(offset, payload!, fua);
+        return this.ok(req);
+      case CMD.FLUSH:
+        await exp.flush();
+        return this.ok(req);
+      case CMD.TRIM:
+        if (exp.readOnly) return this.fail(req, ERR.EPERM, 'read-only export');
+        if (!rangeOk(ERR.ENOSPC)) return;
+        if (length) await exp.trim(offset, length, fua);
+        return this.ok(req);
+      case CMD.WRITE_ZEROES:
+        if (exp.readOnly) return this.fail(req, ERR.EPERM, 'read-only export');
+        if (!rangeOk(ERR.ENOSPC)) return;
+        if (length) await exp.writeZeroes(offset, length, { fua, noHole: (flags & CMD_FLAG.NO_HOLE) !== 0, fast: (flags & CMD_FLAG.FAST_ZERO) !== 0 });
+        return this.ok(req);
+      case CMD.CACHE:
+        if (!rangeOk(ERR.EINVAL)) return;
+        if (length) await exp.cache(offset, length);
+        return this.ok(req);
+      case CMD.BLOCK_STATUS: {
+        if (!this.structured || !this.metaContext) return this.fail(req, ERR.EINVAL, 'no metadata context negotiated');
+        if (length === 0 || offset >= exp.size) return this.fail(req, ERR.EINVAL, 'bad block status range');
+        const end = Math.min(exp.size, offset + length);
+        const lo = offset - (offset % this.minBlock), hi = Math.ceil(end / this.minBlock) * this.minBlock;
+        let ranges = exp.zeroMap(lo, hi - lo);
+        if (flags & CMD_FLAG.REQ_ONE) ranges = ranges.slice(0, 1);
+        const descs: number[] = [];
+        for (const r of ranges) {
+          // Descriptor lengths are 32-bit: split long runs.
+          for (let done = 0; done < r.length;) {
+            const n = Math.min(r.length - done, 0xfffff000);
+            descs.push(n, r.zero ? STATE.HOLE | STATE.ZERO : 0);
+            done += n;
+          }
+        }
+        // The first descriptor starts at the requested offset.
+        descs[0] -= offset - lo;
+        const body = Buffer.allocUnsafe(4 + descs.length * 4);
+        body.writeUInt32BE(META_CONTEXT_ID, 0);
+        descs.forEach((v, i) => body.writeUInt32BE(v, 4 + i * 4));
+        this.send(chunkHeader(REPLY_FLAG_DONE, REPLY_TYPE.BLOCK_STATUS, req.cookie, body.length), body);
+        return;
+      }
+      default:
+        return this.fail(req, ERR.EINVAL, `unknown command ${type}`);
+    }
+  }
+
+  private ok(req: Request): void { this.send(simpleReply(0, req.cookie)); }
+
+  private fail(req: Request, error: number, message: string): void {
+    this.stats.errors++;
+    if (this.structured && (req.type === CMD.READ || req.type === CMD.BLOCK_STATUS)) this.send(errorChunk(req.cookie, error, message));
+    else this.send(simpleReply(error, req.cookie));
+  }
+
+  private replyError(req: Request, e: unknown): void {
+    const err = e as { errno?: number; message?: string };
+    this.fail(req, nbdError(err.errno), err.message ?? 'error');
+  }
+
+  /** Queues reply buffers; they go out together at the end of this tick. */
+  private send(...bufs: Buffer[]): void {
+    if (this.closed || this.socket.destroyed) return;
+    if (!this.corked) {
+      this.corked = true;
+      this.socket.cork();
+      process.nextTick(() => { this.corked = false; if (!this.socket.destroyed) this.socket.uncork(); });
+    }
+    for (const b of bufs) if (b.length) this.socket.write(b);
+    if (this.socket.writableLength > this.maxQueued) this.pause();
+  }
+
+  private pause(): void {
+    if (this.paused) return;
+    this.paused = true;
+    this.socket.pause();
+  }
+
+  private maybeResume(): void {
+    if (this.inflight < this.maxInflight / 2 && this.inflightBytes < this.maxInflightBytes / 2 &&
+      this.socket.writableLength <= this.maxQueued / 2) {
+      this.paused = false;
+      if (!this.disconnecting) { this.socket.resume(); this.pump(); }
+    }
+  }
+}
+
+function parseInfoRequest(d: Buffer): { name: string; infos: number[] } | null {
+  if (d.length < 6) return null;
+  const nameLen = d.readUInt32BE(0);
+  if (4 + nameLen + 2 > d.length) return null;
+  const name = d.toString('utf8', 4, 4 + nameLen);
+  const n = d.readUInt16BE(4 + nameLen);
+  if (d.length !== 4 + nameLen + 2 + n * 2) return null;
+  const infos: number[] = [];
+  for (let i = 0; i < n; i++) infos.push(d.readUInt16BE(6 + nameLen + i * 2));
+  return { name, infos };
+}
+
+function parseMetaRequest(d: Buffer): { name: string; queries: string[] } | null {
+  if (d.length < 8) return null;
+  const nameLen = d.readUInt32BE(0);
+  if (4 + nameLen + 4 > d.length) return null;
+  const name = d.toString('utf8', 4, 4 + nameLen);
+  const nq = d.readUInt32BE(4 + nameLen);
+  let at = 8 + nameLen;
+  const queries: string[] = [];
+  for (let i = 0; i < nq; i++) {
+    if (at + 4 > d.length) return null;
+    const l = d.readUInt32BE(at);
+    if (at + 4 + l > d.length) return null;
+    queries.push(d.toString('utf8', at + 4, at + 4 + l));
+    at += 4 + l;
+  }
+  return at === d.length ? { name, queries } : null;
+}

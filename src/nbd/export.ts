@@ -1,0 +1,32 @@
+// What the NBD server serves: anything with this shape. The protocol code
+// depends only on this interface, never on the engine.
+
+export interface ZeroRange { offset: number; length: number; zero: boolean }
+
+export interface NbdExport {
+  readonly size: number;
+  readonly readOnly?: boolean;
+  readonly description?: string;
+  read(offset: number, length: number): Promise<Buffer>;
+  write(offset: number, data: Buffer, fua: boolean): Promise<void>;
+  flush(): Promise<void>;
+  trim(offset: number, length: number, fua: boolean): Promise<void>;
+  writeZeroes(offset: number, length: number, opts: { fua: boolean; noHole: boolean; fast: boolean }): Promise<void>;
+  cache(offset: number, length: number): Promise<void>;
+  /** Which parts of the range read as zeros without stored data. */
+  zeroMap(offset: number, length: number): ZeroRange[];
+}
+
+/** Resolves export names for a server. */
+export interface ExportResolver {
+  get(name: string): NbdExport | undefined;
+  list(): Array<{ name: string; description?: string }>;
+}
+
+export class ExportMap implements ExportResolver {
+  private m = new Map<string, NbdExport>();
+  set(name: string, e: NbdExport): void { this.m.set(name, e); }
+  delete(name: string): boolean { return this.m.delete(name); }
+  get(name: string): NbdExport | undefined { return this.m.get(name); }
+  list() { return [...this.m.entries()].map(([name, e]) => ({ name, description: e.description })); }
+}
