@@ -40,6 +40,7 @@ const NATIVE_ROWS = process.env.STRATA_BENCH_NO_NATIVE !== '1';
 const SYNC = process.env.STRATA_BENCH_SYNC !== '0';
 
 const T0 = performance.now();
+const LOAD0 = os.loadavg()[0];
 const log = (m: string) => process.stderr.write(`[bench ${((performance.now() - T0) / 1000).toFixed(1).padStart(5)}s] ${m}\n`);
 
 // ------------------------------------------------------------ measurement
@@ -114,7 +115,7 @@ const fmt = (x: number | undefined, d = 0) => (x === undefined || !Number.isFini
 const fmtVs = (v: number | string | undefined) => (v === undefined ? '' : typeof v === 'string' ? v : `${v.toFixed(2)}x`);
 
 function addRow(r: Row): void {
-  r.sec = curSection;
+  r.sec ??= curSection;
   rows.push(r);
   const m = r.m ?? {};
   log(`=> ${r.test}: ${m.iops ? `${fmt(m.iops)} IOPS ` : ''}${m.mbs ? `${fmt(m.mbs, 1)} MB/s ` : ''}${m.p50 ? `p50 ${fmt(m.p50)}µs p99 ${fmt(m.p99)}µs ` : ''}${fmtVs(r.vs)} ${r.notes ?? ''}`);
@@ -282,6 +283,7 @@ const SHAPES: Shape[] = [
 
 /** Through src/uring.ts, the promise API the engine itself uses. */
 async function uringShape(ring: Uring, reg: { offset: number }, fd: number, size: number, s: Shape): Promise<Measure> {
+  syncDisks();
   const blocks = size / s.len;
   const next = s.seq ? seqCursor(size, s.len) : () => randBlock(blocks) * s.len;
   return timed(s.qd, s.len, (slot) => {
@@ -292,6 +294,7 @@ async function uringShape(ring: Uring, reg: { offset: number }, fd: number, size
 
 /** The addon driven directly: synchronous submit/wait loop, no promises. */
 function nativeShape(fd: number, size: number, s: Shape, reg: { memory: WebAssembly.Memory; offset: number; length: number }, seconds: number): Measure {
+  syncDisks();
   const native = loadNative();
   const CAP = 256;
   const sqBuf = new SharedArrayBuffer(CAP * SQ_ENTRY), cqBuf = new SharedArrayBuffer(CAP * CQ_ENTRY);
@@ -338,9 +341,38 @@ function nativeShape(fd: number, size: number, s: Shape, reg: { memory: WebAssem
   } finally { ring.close(); }
 }
 
+/**
+ * Writes into a new sparse file: every write is the first touch of its pages,
+ * which allocates page cache (and on a VM with free page reporting faults
+ * guest memory back in). The reference for the device's first writes into its
+ * sparse overlay; run right before the device test it is compared with, so
+ * both see the same memory conditions.
+ */
+async function sparseBaseline(ring: Uring, reg: { offset: number }, dir: string, label: string, size: number, len: number, qd: number, seq: boolean): Promise<Measure & { remove(): void }> {
+  // The file is kept until the device test has run: deleting it first would
+  // hand the device test a pool of just-freed (still host-backed) pages.
+  const file = path.join(dir, `baseline-sparse-${len}.raw`);
+  log(`baseline uring.ts ${label} into a new sparse file`);
+  fs.closeSync(fs.openSync(file, 'w'));
+  fs.truncateSync(file, size);
+  syncDisks();
+  const fd = fs.openSync(file, 'r+');
+  try {
+    const blocks = size / len;
+    let next = 0;
+    // Sequential: exactly one pass (like the snapshot fill); random: timed.
+    const m = seq
+      ? await closedLoop(qd, 3600, len, (slot) => { const o = next; next += len; return ring.writeFull(fd, o, len, reg.offset + slot * len); }, blocks)
+      : await closedLoop(qd, SECONDS, len, (slot) => ring.writeFull(fd, randBlock(blocks) * len, len, reg.offset + slot * len));
+    addRow({ test: `uring.ts ${label}, new sparse file`, m, vs: '1.00 (ref)', notes: 'first touch of every page; measured right before the device row it is the reference for', sec: 1 });
+    return { ...m, remove: () => fs.rmSync(file, { force: true }) };
+  } finally { fs.closeSync(fd); }
+}
+
 // ------------------------------------------------------------ strata device
 
 async function deviceShape(dev: Device, s: Shape, pick?: () => number): Promise<Measure> {
+  syncDisks();
   const bufs = Array.from({ length: s.qd }, () => { const b = Buffer.allocUnsafe(s.len); randomFillSync(b); return b; });
   const blocks = dev.size / s.len;
   const next = pick ?? (s.seq ? seqCursor(dev.size, s.len) : () => randBlock(blocks) * s.len);
@@ -419,6 +451,7 @@ function imageSamples(image: string, n: number): Map<number, Buffer> {
 async function main(): Promise<void> {
   const work = fs.mkdtempSync(path.join(os.tmpdir(), 'strata-bench-'));
   const engines: Engine[] = [];
+  const closers: Array<() => void> = [];
   const cleanup = () => fs.rmSync(work, { recursive: true, force: true });
   process.once('SIGINT', () => { cleanup(); process.exit(130); });
   try {
@@ -428,56 +461,59 @@ async function main(): Promise<void> {
     const img = makeImage(work, SIZE, CONTENT);
     log(`image: ${img.kind}`);
 
-    // ---- 1. baselines on a plain buffered file
-    const baseFile = path.join(work, 'baseline.raw');
-    log(`writing ${SIZE / MiB} MiB baseline file (4 KiB writes)`);
-    fillFile(baseFile, SIZE, 4 * KiB);
-    syncDisks();
+    // ---- 1. baselines on plain buffered files with the same page-cache
+    // history as the device's files: reads come from a file written 2 MiB at
+    // a time (the layer cache is filled a frame at a time), writes go to a new
+    // sparse file, random first and then sequential (the overlay's history).
+    const readFile = path.join(work, 'baseline-read.raw');
+    log(`writing ${SIZE / MiB} MiB baseline file (2 MiB writes)`);
+    fillFile(readFile, SIZE, 2 * MiB);
     const base = new Map<string, Measure>();
     const reg = sharedRegion(8 * MiB);
-    section(1, `baseline: io_uring on a ${SIZE / MiB} MiB page-cache file`);
-    {
-      const ring = new Uring(reg.memory, { offset: reg.offset, length: reg.length }, 256);
-      if (!ring.fixed) log('uring.ts: buffer registration failed (non-fixed READ/WRITE)');
-      const fd = fs.openSync(baseFile, 'r+');
+    section(1, `baseline: io_uring on ${SIZE / MiB} MiB page-cache files`);
+    const ring = new Uring(reg.memory, { offset: reg.offset, length: reg.length }, 256);
+    closers.push(() => ring.close());
+    if (!ring.fixed) log('uring.ts: buffer registration failed (non-fixed READ/WRITE)');
+    for (const kind of NATIVE_ROWS ? ['uring.ts', 'native loop'] : ['uring.ts']) {
+      const rfd = fs.openSync(readFile, 'r');
+      const writeFile = path.join(work, 'baseline-write.raw');
+      fs.closeSync(fs.openSync(writeFile, 'w'));
+      fs.truncateSync(writeFile, SIZE);
+      const wfd = fs.openSync(writeFile, 'r+');
       try {
         for (const s of SHAPES) {
-          log(`baseline uring.ts ${s.name}`);
-          const m = await uringShape(ring, reg, fd, SIZE, s);
-          base.set(s.name, m);
-          addRow({ test: `uring.ts ${s.name}`, m, vs: '1.00 (ref)' });
+          log(`baseline ${kind} ${s.name}`);
+          const fd = s.write ? wfd : rfd;
+          const m = kind === 'uring.ts' ? await uringShape(ring, reg, fd, SIZE, s) : nativeShape(fd, SIZE, s, reg, SECONDS);
+          if (kind === 'uring.ts') base.set(s.name, m);
+          addRow({ test: `${kind} ${s.name}`, m, vs: kind === 'uring.ts' ? '1.00 (ref)' : m.iops / base.get(s.name)!.iops,
+            notes: kind !== 'uring.ts' || !s.write ? '' : s.seq ? 'same file, after the rand-write test' : 'new sparse file: first touch of most pages' });
         }
-        if (NATIVE_ROWS) {
-          for (const s of SHAPES) {
-            log(`baseline native loop ${s.name}`);
-            const m = nativeShape(fd, SIZE, s, reg, SECONDS);
-            addRow({ test: `native loop ${s.name}`, m, vs: m.iops / base.get(s.name)!.iops });
-          }
-        }
-        log('baseline image seq read 1M QD8');
-        const ifd = fs.openSync(img.file, 'r');
-        try {
-          const cur = seqCursor(SIZE, MiB);
-          const m = await timed(8, MiB, (slot) => ring.readFull(ifd, cur(), MiB, reg.offset + slot * MiB));
-          base.set('image read', m);
-          addRow({ test: 'uring.ts image seq read 1M QD8', m, vs: '1.00 (ref)', notes: 'reference for import' });
-        } finally { fs.closeSync(ifd); }
-        // The page cache remembers how a file was first written: a file
-        // written in big chunks sits in large folios, and a 4 KiB write then
-        // dirties (and later writes back) a whole folio.
-        const bigFile = path.join(work, 'baseline-big.raw');
-        log(`baseline uring.ts ${SHAPES[1].name} on a file written in 4 MiB writes`);
-        fillFile(bigFile, SIZE, 4 * MiB);
-        syncDisks();
-        const bfd = fs.openSync(bigFile, 'r+');
-        try {
-          const m = await uringShape(ring, reg, bfd, SIZE, SHAPES[1]);
-          addRow({ test: `uring.ts ${SHAPES[1].name}, file first written in 4 MiB writes`, m, vs: m.iops / base.get(SHAPES[1].name)!.iops,
-            notes: 'large page-cache folios: each 4K write dirties a whole folio' });
-        } finally { fs.closeSync(bfd); fs.rmSync(bigFile, { force: true }); }
-      } finally { fs.closeSync(fd); ring.close(); }
+      } finally { fs.closeSync(rfd); fs.closeSync(wfd); fs.rmSync(writeFile, { force: true }); }
     }
-    fs.rmSync(baseFile, { force: true });
+    {
+      log('baseline image seq read 1M QD8');
+      const ifd = fs.openSync(img.file, 'r');
+      try {
+        const cur = seqCursor(SIZE, MiB);
+        const m = await timed(8, MiB, (slot) => ring.readFull(ifd, cur(), MiB, reg.offset + slot * MiB));
+        base.set('image read', m);
+        addRow({ test: 'uring.ts image seq read 1M QD8', m, vs: '1.00 (ref)', notes: 'reference for import' });
+      } finally { fs.closeSync(ifd); }
+    }
+    {
+      // The page cache remembers how a file was first written: a file written
+      // in big pieces sits in large folios, and a 4 KiB write then dirties
+      // (and later writes back) a whole folio.
+      log(`baseline uring.ts ${SHAPES[1].name} overwriting the read file`);
+      const fd = fs.openSync(readFile, 'r+');
+      try {
+        const m = await uringShape(ring, reg, fd, SIZE, SHAPES[1]);
+        addRow({ test: `uring.ts ${SHAPES[1].name}, overwriting the 2 MiB-written file`, m, vs: m.iops / base.get(SHAPES[1].name)!.iops,
+          notes: 'large page-cache folios: each 4K write dirties a whole folio' });
+      } finally { fs.closeSync(fd); }
+    }
+    fs.rmSync(readFile, { force: true });
 
     // ---- 4. import (zstd, lz4)
     const storeDir = path.join(work, 'store');
@@ -545,7 +581,7 @@ async function main(): Promise<void> {
     {
       log(`device ${rw.name}`);
       const m = await deviceShape(dev, rw);
-      addRow({ test: `device ${rw.name}`, m, vs: vs(rw, m), notes: 'first writes allocate the sparse overlay file' });
+      addRow({ test: `device ${rw.name}`, m, vs: vs(rw, m), notes: 'first writes fill the sparse overlay\'s holes' });
     }
     let covered = 0;
     {
@@ -573,6 +609,7 @@ async function main(): Promise<void> {
       const sdev = await engA.openDevice(h.chain[0]);
       const pool = readPool(img.file, 64 * MiB);
       const fill = mixedFiller(pool);
+      const ref = await sparseBaseline(ring, reg, work, 'seq write 1M QD4', SNAP, MiB, 4, true);
       syncDisks();
       log(`writing ${SNAP / MiB} MiB of mixed data (1 MiB sequential writes, QD4)`);
       // Data is generated in untimed batches; only the writes are timed.
@@ -598,7 +635,8 @@ async function main(): Promise<void> {
         writeMs += performance.now() - t;
       }
       const wm = summarize(ops, SNAP, writeMs / 1000, lat);
-      addRow({ test: 'device seq write 1M QD4 (fill)', m: wm, vs: wm.mbs / base.get('seq write 128K QD8')!.mbs,
+      ref.remove();
+      addRow({ test: 'device seq write 1M QD4 (fill)', m: wm, vs: wm.mbs / ref.mbs,
         notes: 'mixed data: 15% zero, 25% random, 50% unique image-like, 10% copies of base blocks' });
       syncDisks();
       log('device.snapshot()');
@@ -649,7 +687,8 @@ async function main(): Promise<void> {
     // ---- print
     const date = new Date().toISOString().slice(0, 10);
     process.stdout.write(`\nstrata engine benchmark, ${date}, ${os.availableParallelism()} CPUs, ${os.cpus()[0]?.model ?? '?'}, Node ${process.version}, kernel ${os.release()}\n`);
-    process.stdout.write(`device/image ${SIZE / MiB} MiB (${img.kind}), ${SECONDS} s per I/O test, files in ${os.tmpdir()} (page cache); MB = 10^6 bytes\n\n`);
+    process.stdout.write(`device/image ${SIZE / MiB} MiB (${img.kind}), ${SECONDS} s per I/O test, files in ${os.tmpdir()} (page cache); MB = 10^6 bytes; ` +
+      `load average at start ${LOAD0.toFixed(2)}, total ${((performance.now() - T0) / 1000).toFixed(0)} s\n\n`);
     process.stdout.write(table() + '\n');
     if (surprises.length) process.stdout.write(`\nSurprises:\n${surprises.map((x) => `- ${x}`).join('\n')}\n`);
 
@@ -662,6 +701,7 @@ async function main(): Promise<void> {
     }
   } finally {
     for (const e of engines) await e.close().catch(() => {});
+    for (const c of closers) c();
     cleanup();
     log('done');
   }

@@ -11,15 +11,25 @@ const root = path.join(__dirname, '..');
 const quiet = process.argv.includes('--quiet');
 const log = (m) => { if (!quiet) process.stderr.write(`[setup] ${m}\n`); };
 
-// System packages the core needs: a header file proves each is installed.
+// System packages the core needs: a file proves each is installed.
 const REQUIRED = [{ pkg: 'liburing-dev', file: '/usr/include/liburing.h' }];
+// Real NBD peers and clients for the interop tests and benchmarks (--test).
+const TEST_TOOLS = [
+  { pkg: 'fio', file: '/usr/bin/fio' },
+  { pkg: 'libnbd-bin', file: '/usr/bin/nbdinfo' },
+  { pkg: 'nbdkit', file: '/usr/bin/nbdkit' },
+  { pkg: 'qemu-utils', file: '/usr/bin/qemu-img' },
+  { pkg: 'e2fsprogs', file: '/sbin/mkfs.ext4' },
+];
 
-function aptInstall(pkgs) {
-  if (pkgs.length === 0) return;
+function aptInstall(pkgs, optional = false) {
+  if (pkgs.length === 0) return true;
   const isRoot = typeof process.getuid === 'function' && process.getuid() === 0;
   if (!isRoot) {
     console.error(`strata setup: missing system package(s): ${pkgs.join(', ')}.\n` +
-      `Install them with: sudo apt-get install -y ${pkgs.join(' ')}`);
+      `Install them with: sudo apt-get install -y ${pkgs.join(' ')}` +
+      (optional ? '\n(tests that need them will be reported as skipped)' : ''));
+    if (optional) return false;
     process.exit(3);
   }
   log(`installing ${pkgs.join(' ')} with apt-get`);
@@ -30,12 +40,17 @@ function aptInstall(pkgs) {
       { stdio: ['ignore', 'ignore', 'inherit'], env });
   } catch (e) {
     console.error(`strata setup: apt-get could not install ${pkgs.join(', ')}: ${e.message}`);
+    if (optional) return false;
     process.exit(3);
   }
+  return true;
 }
 
+const missing = (list) => list.filter((r) => !fs.existsSync(r.file) && !fs.existsSync(r.file.replace('/sbin/', '/usr/sbin/'))).map((r) => r.pkg);
+
 function main() {
-  aptInstall(REQUIRED.filter((r) => !fs.existsSync(r.file)).map((r) => r.pkg));
+  aptInstall(missing(REQUIRED));
+  if (process.argv.includes('--test')) aptInstall(missing(TEST_TOOLS), true);
   if (!fs.existsSync(path.join(root, 'node_modules', '.package-lock.json'))) {
     log('installing npm dependencies');
     const hasLock = fs.existsSync(path.join(root, 'package-lock.json'));

@@ -16,14 +16,21 @@ export interface CoreOptions {
   cacheDir: string;
   /** Codec/hash worker threads (default: number of CPUs). */
   workers?: number;
-  /** Bytes of registered I/O buffer memory (default 64 MiB). */
+  /** Bytes of registered I/O buffer memory (default 64 MiB, a quarter of it for fetches). */
   arenaBytes?: number;
   ringEntries?: number;
 }
 
 export class Core {
   readonly heap: SharedHeap;
+  /** Buffers for requests (device reads and writes). */
   readonly arena: IoArena;
+  /**
+   * Buffers for frame fetches and snapshot packing. Separate from `arena`
+   * because requests wait on fetches: sharing one pool could deadlock when
+   * requests hold all of it.
+   */
+  readonly bulk: IoArena;
   readonly uring: Uring;
   readonly pool: Piscina;
   readonly store: ObjectStore;
@@ -40,7 +47,9 @@ export class Core {
     // Reserve the low 64 KiB, then the arena at a fixed place so its
     // registration stays valid when the heap above it grows.
     this.heap = new SharedHeap({ reserveBytes: 65536 + arenaBytes, initialBytes: 65536 + arenaBytes + (16 << 20) });
-    this.arena = new IoArena(65536, arenaBytes);
+    const bulkBytes = Math.max(8 << 20, Math.floor(arenaBytes / 4));
+    this.arena = new IoArena(65536, arenaBytes - bulkBytes);
+    this.bulk = new IoArena(65536 + arenaBytes - bulkBytes, bulkBytes);
     this.uring = new Uring(this.heap.memory, { offset: 65536, length: arenaBytes }, opts.ringEntries ?? 256);
     const threads = Math.max(1, opts.workers ?? require('os').availableParallelism?.() ?? 2);
     this.pool = new Piscina({

@@ -97,7 +97,7 @@ export class LayerCache {
     const bytes = await c.store.get(keys.data(this.id), { offset: f.c, length: f.cSize });
     if (bytes.length !== f.cSize) throw ebadmsg(`layer ${this.id} frame ${i}: got ${bytes.length} of ${f.cSize} bytes`);
     const cPtr = c.heap.alloc(f.cSize);
-    const out = await c.arena.acquire(f.uSize);
+    const out = await c.bulk.acquire(f.uSize);
     try {
       c.heap.u8.set(bytes, cPtr);
       const r = await c.run<{ ok: boolean; code?: string; message?: string }>({ op: 'unframe', codec: this.header.codec, cPtr, cSize: f.cSize, checksum: f.checksum.toString(16), outPtr: out, uSize: f.uSize });
@@ -105,7 +105,7 @@ export class LayerCache {
       await c.uring.writeFull(this.fd, f.u, f.uSize, out);
     } finally {
       c.heap.free(cPtr);
-      c.arena.release(out);
+      c.bulk.release(out);
     }
     this.stats.fetches++;
     this.stats.fetchBytes += f.cSize;

@@ -137,7 +137,7 @@ export async function writeLayer(core: Core, registry: LayerRegistry, input: Wri
     const start = (gi: number) => (async () => {
       const g = frameGroups[gi];
       const n = g.length;
-      const ptr = await core.arena.acquire(n * BS);
+      const ptr = await core.bulk.acquire(n * BS);
       const cPtr = core.heap.alloc(cCap);
       try {
         const r = await core.run<{ cSize: number; checksum: string; uSize: number }>({
@@ -145,7 +145,7 @@ export async function writeLayer(core: Core, registry: LayerRegistry, input: Wri
         const bytes = Buffer.from(core.heap.u8.subarray(cPtr, cPtr + r.cSize));
         if (seedFd >= 0) await core.uring.writeFull(seedFd, gi * FRAME_MAX, r.uSize, ptr);
         return { bytes, checksum: BigInt('0x' + r.checksum), uSize: r.uSize };
-      } finally { core.arena.release(ptr); core.heap.free(cPtr); }
+      } finally { core.bulk.release(ptr); core.heap.free(cPtr); }
     })();
     while (next < frameGroups.length && window.length < workers * 2) window.push(start(next++));
     while (window.length) {

@@ -52,11 +52,20 @@ export class NbdServer {
     return srv;
   }
 
-  /** Stops listening, lets in-flight requests finish, then closes every connection. */
-  async close(): Promise<void> {
-    await Promise.all(this.servers.map((s) => new Promise<void>((r) => s.close(() => r()))));
+  /**
+   * Stops listening, lets in-flight requests finish (up to `graceMs`), then
+   * closes every connection.
+   */
+  async close(graceMs = 10_000): Promise<void> {
+    const closing = Promise.all(this.servers.map((s) => new Promise<void>((r) => s.close(() => r()))));
     this.servers = [];
-    await Promise.all([...this.conns].map((c) => c.shutdown()));
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([
+      Promise.all([...this.conns].map((c) => c.shutdown())),
+      new Promise<void>((r) => { timer = setTimeout(r, graceMs); }),
+    ]);
+    clearTimeout(timer);
     for (const s of this.sockets) s.destroy();
+    await closing;
   }
 }

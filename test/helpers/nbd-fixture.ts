@@ -1,0 +1,43 @@
+// An engine with an imported image, devices exported over NBD on a unix socket.
+import * as fs from 'fs';
+import { Engine, Codec, Device } from '../../src/index';
+import { NbdServer } from '../../src/nbd/server';
+import { ExportMap } from '../../src/nbd/export';
+import { deviceExport } from '../../src/nbd-export';
+import { makeImage, tmpdir } from './util';
+
+export interface Fixture {
+  dir: string; engine: Engine; server: NbdServer; exports: ExportMap; sock: string;
+  base: string; img: Buffer; devices: Map<string, Device>;
+  addDevice(name: string, layer?: string): Promise<Device>;
+  uri(name: string): string;
+  close(): Promise<void>;
+}
+
+export async function nbdFixture(tag: string, blocks = 4096): Promise<Fixture> {
+  const dir = tmpdir(tag);
+  const img = makeImage(blocks, 11);
+  fs.writeFileSync(`${dir}/img`, img);
+  const engine = await Engine.open({ store: `${dir}/store` });
+  const base = (await engine.importImage(`${dir}/img`, { codec: Codec.Zstd })).id;
+  const exports = new ExportMap();
+  const server = new NbdServer({ exports });
+  const sock = await server.listenUnix(`${dir}/nbd.sock`);
+  const devices = new Map<string, Device>();
+  const f: Fixture = {
+    dir, engine, server, exports, sock, base, img, devices,
+    async addDevice(name, layer = base) {
+      const d = await engine.openDevice(layer);
+      devices.set(name, d);
+      exports.set(name, deviceExport(d));
+      return d;
+    },
+    uri: (name) => `nbd+unix:///${name}?socket=${sock}`,
+    async close() {
+      await server.close();
+      await engine.close();
+      fs.rmSync(dir, { recursive: true, force: true });
+    },
+  };
+  return f;
+}

@@ -1,0 +1,212 @@
+// NBD protocol conformance and bad input against a live server, with a raw
+// client that can misbehave on purpose.
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import { RawClient } from './helpers/nbd-client';
+import { nbdFixture, Fixture } from './helpers/nbd-fixture';
+import { CMD, CMD_FLAG, ERR, INFO, OPT, REP, TFLAG } from '../src/nbd/protocol';
+import { rng } from './helpers/util';
+
+let f: Fixture;
+test.before(async () => { f = await nbdFixture('nbdproto'); await f.addDevice('d0'); await f.addDevice('d1'); });
+test.after(async () => { await f.close(); });
+
+test('handshake: GO advertises size, flags and block sizes; LIST names the exports', async () => {
+  const c = await RawClient.open(f.sock, 'd0');
+  assert.is(c.size, f.img.length);
+  for (const fl of [TFLAG.HAS_FLAGS, TFLAG.SEND_FLUSH, TFLAG.SEND_FUA, TFLAG.SEND_TRIM, TFLAG.SEND_WRITE_ZEROES, TFLAG.SEND_FAST_ZERO, TFLAG.CAN_MULTI_CONN, TFLAG.SEND_CACHE]) {
+    assert.ok(c.flags & fl, `flag ${fl}`);
+  }
+  assert.equal(c.blockInfo, [512, 4096, 32 * 1024 * 1024]);
+  c.close();
+  const l = await RawClient.connect(f.sock);
+  await l.greeting();
+  l.sendOption(OPT.LIST);
+  const reps = await l.optReplies();
+  const names = reps.filter((r) => r.type === REP.SERVER).map((r) => r.data.toString('utf8', 4));
+  assert.equal(names.sort(), ['d0', 'd1']);
+  l.close();
+});
+
+test('unknown options get ERR_UNSUP without losing framing; unknown export ERR_UNKNOWN; ABORT acks', async () => {
+  const c = await RawClient.connect(f.sock);
+  await c.greeting();
+  c.sendOption(99, Buffer.from('some option data'));
+  assert.is((await c.optReply()).type, REP.ERR_UNSUP);
+  c.sendOption(OPT.STARTTLS);
+  assert.is((await c.optReply()).type, REP.ERR_UNSUP);
+  c.sendOption(OPT.INFO, RawClient.infoRequest('nope'));
+  assert.is((await c.optReply()).type, REP.ERR_UNKNOWN);
+  c.sendOption(OPT.INFO, Buffer.from([0, 0, 0, 9, 1])); // truncated request
+  assert.is((await c.optReply()).type, REP.ERR_INVALID);
+  c.sendOption(OPT.SET_META_CONTEXT, RawClient.metaRequest('d0', ['base:allocation']));
+  assert.is((await c.optReply()).type, REP.ERR_INVALID, 'meta context needs structured replies');
+  c.sendOption(OPT.INFO, RawClient.infoRequest('d0', [INFO.NAME, INFO.DESCRIPTION]));
+  const reps = await c.optReplies();
+  assert.is(reps[reps.length - 1].type, REP.ACK);
+  assert.ok(reps.some((r) => r.type === REP.INFO && r.data.readUInt16BE(0) === INFO.DESCRIPTION));
+  c.sendOption(OPT.ABORT);
+  assert.is((await c.optReply()).type, REP.ACK);
+  assert.ok(await c.closedWithin(1000));
+});
+
+test('EXPORT_NAME works (with and without NO_ZEROES); unknown client flags or an unknown export close', async () => {
+  for (const flags of [1, 3]) {
+    const c = await RawClient.connect(f.sock);
+    await c.greeting(flags);
+    c.sendOption(OPT.EXPORT_NAME, Buffer.from('d0'));
+    await c.want(flags === 3 ? 10 : 134);
+    const b = c.q.take(flags === 3 ? 10 : 134);
+    assert.is(Number(b.readBigUInt64BE(0)), f.img.length);
+    assert.not.ok(await c.closedWithin(50));
+    c.close();
+  }
+  const bad = await RawClient.connect(f.sock);
+  await bad.greeting(0x80);
+  assert.ok(await bad.closedWithin(1000));
+  const un = await RawClient.connect(f.sock);
+  await un.greeting();
+  un.sendOption(OPT.EXPORT_NAME, Buffer.from('missing'));
+  assert.ok(await un.closedWithin(1000));
+});
+
+test('pipelined requests are all answered (any order), data matches the image', async () => {
+  const c = await RawClient.open(f.sock, 'd0');
+  const reqs = [];
+  for (let i = 0; i < 200; i++) reqs.push(c.read((i * 13 % 4000) * 4096, 4096 * (1 + i % 4)));
+  const reps = await Promise.all(reqs);
+  reps.forEach((r, i) => {
+    assert.is(r.error, 0);
+    const off = (i * 13 % 4000) * 4096;
+    assert.ok(r.data.equals(f.img.subarray(off, off + 4096 * (1 + i % 4))));
+  });
+  c.close();
+});
+
+test('bad requests get the right errors and the connection keeps working', async () => {
+  const c = await RawClient.open(f.sock, 'd0');
+  const size = f.img.length;
+  assert.is((await c.read(size, 4096)).error, ERR.EINVAL, 'read past the end');
+  assert.is((await c.write(size - 512, Buffer.alloc(1024))).error, ERR.ENOSPC, 'write past the end');
+  assert.is((await c.read(100, 512)).error, ERR.EINVAL, 'misaligned read');
+  assert.is((await c.write(512, Buffer.alloc(100))).error, ERR.EINVAL, 'misaligned write');
+  assert.is((await c.request(CMD.READ, 0, 64 * 1024 * 1024)).error, ERR.EINVAL, 'read above max payload');
+  assert.is((await c.request(42, 0, 0)).error, ERR.EINVAL, 'unknown command');
+  assert.is((await c.request(CMD.READ, 0, 4096, { flags: 1 << 9 })).error, ERR.EINVAL, 'unknown flag');
+  assert.is((await c.request(CMD.BLOCK_STATUS, 0, 4096)).error, ERR.EINVAL, 'block status without context');
+  assert.is((await c.request(CMD.WRITE_ZEROES, 512, 1024, { flags: CMD_FLAG.FAST_ZERO })).error, ERR.ENOTSUP, 'slow fast-zero');
+  // Still alive and correct.
+  const r = await c.read(4096, 4096);
+  assert.is(r.error, 0);
+  assert.ok(r.data.equals(f.img.subarray(4096, 8192)));
+  c.close();
+});
+
+test('write/flush/trim/zero/cache round trip; FUA; multi-conn: a flush on one connection after writes on another', async () => {
+  const a = await RawClient.open(f.sock, 'd1'), b = await RawClient.open(f.sock, 'd1');
+  const d = Buffer.alloc(8192, 0x5c);
+  assert.is((await a.write(40960, d)).error, 0);
+  assert.is((await a.write(49152, d, CMD_FLAG.FUA)).error, 0);
+  assert.is((await b.request(CMD.FLUSH, 0, 0)).error, 0);
+  assert.ok((await b.read(40960, 8192)).data.equals(d), 'visible on the other connection');
+  assert.is((await b.request(CMD.TRIM, 40960, 4096)).error, 0);
+  assert.ok((await a.read(40960, 4096)).data.every((x) => x === 0));
+  assert.is((await a.request(CMD.WRITE_ZEROES, 45056, 4096, { flags: CMD_FLAG.NO_HOLE })).error, 0);
+  assert.ok((await b.read(45056, 4096)).data.every((x) => x === 0));
+  assert.is((await a.request(CMD.CACHE, 0, 1 << 20)).error, 0);
+  a.close(); b.close();
+});
+
+test('structured replies and base:allocation block status tell holes truthfully', async () => {
+  const c = await RawClient.open(f.sock, 'd0', { structured: true, meta: true });
+  const r = await c.read(0, 16384);
+  assert.is(r.error, 0);
+  assert.is(r.chunks[0].type, 1);
+  assert.ok(r.data.equals(f.img.subarray(0, 16384)));
+  const e = await c.read(f.img.length, 512);
+  assert.is(e.error, ERR.EINVAL, 'errors arrive as error chunks');
+  const bs = await c.request(CMD.BLOCK_STATUS, 0, 64 * 4096);
+  assert.is(bs.error, 0);
+  const p = bs.chunks[0].payload;
+  assert.is(p.readUInt32BE(0), 1, 'context id');
+  let pos = 0;
+  for (let i = 4; i < p.length; i += 8) {
+    const len = p.readUInt32BE(i), flags = p.readUInt32BE(i + 4);
+    const zero = f.img.subarray(pos, pos + len).every((x) => x === 0);
+    if (flags & 2) assert.ok(zero, `range ${pos}+${len} reported zero`);
+    pos += len;
+  }
+  assert.is(pos, 64 * 4096);
+  const one = await c.request(CMD.BLOCK_STATUS, 0, 64 * 4096, { flags: CMD_FLAG.REQ_ONE });
+  assert.is(one.chunks[0].payload.length, 12, 'REQ_ONE gives one descriptor');
+  c.close();
+});
+
+test('wrong magic, oversized write and vanished clients close only that connection; acknowledged writes survive', async () => {
+  const good = await RawClient.open(f.sock, 'd1');
+  assert.is((await good.write(0, Buffer.alloc(4096, 0x31))).error, 0);
+  const m = await RawClient.open(f.sock, 'd1');
+  m.socket.write(RawClient.header(CMD.READ, 0, 4096, 1n, 0, 0x12345678));
+  assert.ok(await m.closedWithin(1000), 'bad magic closes');
+  const big = await RawClient.open(f.sock, 'd1');
+  big.socket.write(RawClient.header(CMD.WRITE, 0, 0x7fffffff, 1n)); // no payload follows
+  assert.ok(await big.closedWithin(1000), 'oversized write closes before any payload is read');
+  const v = await RawClient.open(f.sock, 'd1');
+  v.socket.write(RawClient.header(CMD.WRITE, 400 * 4096, 65536, 9n));
+  v.socket.write(Buffer.alloc(1000)); // truncated payload, then gone
+  v.socket.destroy();
+  const t = await RawClient.open(f.sock, 'd1');
+  t.socket.write(RawClient.header(CMD.READ, 0, 4096, 5n).subarray(0, 10)); // truncated header
+  t.socket.end();
+  await new Promise((r) => setTimeout(r, 50));
+  const r = await good.read(0, 4096);
+  assert.ok(r.data.every((x) => x === 0x31), 'acknowledged write intact, connection alive');
+  assert.ok((await good.read(400 * 4096, 65536)).data.equals(f.img.subarray(400 * 4096, 400 * 4096 + 65536)), 'the truncated write was not applied');
+  good.close();
+});
+
+test('fuzz: 10,000 random and mutated messages; the server survives and keeps serving correctly', async () => {
+  const seed = Number(process.env.STRATA_SEED ?? Math.floor(Math.random() * 2 ** 31));
+  const r = rng(seed);
+  const int = (n: number) => Math.floor(r() * n);
+  await f.addDevice('fz');
+  let sent = 0;
+  while (sent < 10_000) {
+    const c = r() < 0.3 ? await RawClient.connect(f.sock) : await RawClient.open(f.sock, 'fz');
+    const handshake = !c.size;
+    if (handshake) await c.greeting(r() < 0.9 ? 3 : int(2 ** 32));
+    const burst = 50 + int(200);
+    for (let i = 0; i < burst && !c.closed; i++, sent++) {
+      let msg: Buffer;
+      if (handshake) {
+        const opt = Buffer.alloc(16 + int(40));
+        opt.writeBigUInt64BE(r() < 0.9 ? 0x49484156454f5054n : BigInt(int(2 ** 31)), 0);
+        opt.writeUInt32BE(int(14), 8);
+        opt.writeUInt32BE(r() < 0.8 ? opt.length - 16 : int(2 ** 32), 12);
+        for (let k = 16; k < opt.length; k++) opt[k] = int(256);
+        msg = opt;
+      } else {
+        const type = r() < 0.8 ? int(8) : int(65536);
+        const len = r() < 0.7 ? 512 * int(16) : int(2 ** 32);
+        const off = r() < 0.7 ? 512 * int(f.img.length / 512) : int(2 ** 53);
+        msg = RawClient.header(type === CMD.DISC ? CMD.READ : type, off, len, BigInt(int(2 ** 48)), r() < 0.8 ? 0 : int(65536));
+        if (type === CMD.WRITE && len <= 8192) msg = Buffer.concat([msg, Buffer.alloc(len, int(256))]);
+        if (r() < 0.1) msg[int(msg.length)] ^= 1 << int(8); // mutation
+        if (r() < 0.05) msg = msg.subarray(0, int(msg.length)); // truncation
+      }
+      if (r() < 0.02) { msg = Buffer.alloc(int(64)); for (let k = 0; k < msg.length; k++) msg[k] = int(256); }
+      c.socket.write(msg);
+    }
+    await new Promise((res) => setTimeout(res, 2));
+    c.close();
+  }
+  // The server is alive, other exports are untouched and correct.
+  const c = await RawClient.open(f.sock, 'd0');
+  const rr = await c.read(0, 65536);
+  assert.is(rr.error, 0, `seed ${seed}`);
+  assert.ok(rr.data.equals(f.img.subarray(0, 65536)), `seed ${seed}`);
+  c.close();
+  console.log(`  fuzz: ${sent} messages, seed ${seed}`);
+});
+
+test.run();
