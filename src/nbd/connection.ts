@@ -118,7 +118,7 @@ export class NbdConnection {
       const reply = (type: number, d?: Buffer) => this.socket.write(optReply(opt, type, d));
       switch (opt) {
         case OPT.EXPORT_NAME: {
-          const exp = this.opts.exports.get(data.toString('utf8'));
+          const exp = await this.resolve(data.toString('utf8'));
           if (!exp) throw new Error(`unknown export ${JSON.stringify(data.toString('utf8'))}`);
           const b = Buffer.alloc(noZeroes ? 10 : 134);
           b.writeBigUInt64BE(BigInt(exp.size), 0);
@@ -151,7 +151,7 @@ export class NbdConnection {
         case OPT.GO: {
           const parsed = parseInfoRequest(data);
           if (!parsed) { reply(REP.ERR_INVALID); break; }
-          const exp = this.opts.exports.get(parsed.name);
+          const exp = await this.resolve(parsed.name);
           if (!exp) { reply(REP.ERR_UNKNOWN, Buffer.from(`no export named ${parsed.name}`)); break; }
           reply(REP.INFO, infoExport(exp.size, this.transmissionFlags(exp)));
           // Always advertised: strata enforces 512-byte granularity, and a
@@ -168,7 +168,7 @@ export class NbdConnection {
           if (!this.structured) { reply(REP.ERR_INVALID, Buffer.from('structured replies first')); break; }
           const parsed = parseMetaRequest(data);
           if (!parsed) { reply(REP.ERR_INVALID); break; }
-          if (!this.opts.exports.get(parsed.name)) { reply(REP.ERR_UNKNOWN); break; }
+          if (!(await this.resolve(parsed.name))) { reply(REP.ERR_UNKNOWN); break; }
           const matches = opt === OPT.LIST_META_CONTEXT && parsed.queries.length === 0
             ? true : parsed.queries.some((q) => q === BASE_ALLOCATION || q === 'base:');
           if (opt === OPT.SET_META_CONTEXT) this.metaContext = parsed.queries.includes(BASE_ALLOCATION);
@@ -187,6 +187,13 @@ export class NbdConnection {
           // answered without losing framing.
           reply(REP.ERR_UNSUP);
       }
+    }
+  }
+
+  private async resolve(name: string): Promise<NbdExport | undefined> {
+    try { return await this.opts.exports.get(name); } catch (e) {
+      this.log(`nbd: export ${JSON.stringify(name)}: ${(e as Error).message}`);
+      return undefined;
     }
   }
 

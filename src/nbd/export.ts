@@ -17,9 +17,9 @@ export interface NbdExport {
   zeroMap(offset: number, length: number): ZeroRange[];
 }
 
-/** Resolves export names for a server. */
+/** Resolves export names for a server (possibly opening something). */
 export interface ExportResolver {
-  get(name: string): NbdExport | undefined;
+  get(name: string): NbdExport | undefined | Promise<NbdExport | undefined>;
   list(): Array<{ name: string; description?: string }>;
 }
 
