@@ -45,7 +45,29 @@ const log = (m: string) => process.stderr.write(`[bench ${((performance.now() - 
 
 // ------------------------------------------------------------ measurement
 
-interface Measure { ops: number; bytes: number; seconds: number; iops: number; mbs: number; p50: number; p99: number }
+interface Measure { ops: number; bytes: number; seconds: number; iops: number; mbs: number; p50: number; p99: number; otherCpu?: number }
+
+/**
+ * CPU the rest of the machine used while a test ran, in CPUs (0..ncpu): all
+ * busy time in /proc/stat minus this process's own (all its threads, which
+ * includes its io_uring workers). Kernel writeback threads count as "other".
+ * The machine may be shared; rows run under contention are flagged.
+ */
+function cpuMeter(): () => number {
+  const busy = () => {
+    try {
+      const f = fs.readFileSync('/proc/stat', 'utf8').split('\n')[0].trim().split(/\s+/).slice(1).map(Number);
+      return (f[0] + f[1] + f[2] + f[5] + f[6] + f[7]) / 100; // user nice system irq softirq steal, seconds (USER_HZ 100)
+    } catch { return NaN; }
+  };
+  const b0 = busy(), c0 = process.cpuUsage(), t0 = performance.now();
+  return () => {
+    const c = process.cpuUsage(c0);
+    const own = (c.user + c.system) / 1e6;
+    const sec = (performance.now() - t0) / 1000;
+    return Math.max(0, (busy() - b0 - own) / sec);
+  };
+}
 
 class Latencies {
   private a = new Float64Array(1 << 16);
@@ -74,6 +96,7 @@ async function closedLoop(qd: number, seconds: number, bytesPerOp: number, op: (
   maxOps = Infinity): Promise<Measure> {
   const lat = new Latencies();
   let issued = 0, done = 0;
+  const other = cpuMeter();
   const t0 = performance.now();
   const deadline = t0 + seconds * 1000;
   const worker = async (slot: number) => {
@@ -87,7 +110,7 @@ async function closedLoop(qd: number, seconds: number, bytesPerOp: number, op: (
     }
   };
   await Promise.all(Array.from({ length: qd }, (_, i) => worker(i)));
-  return summarize(done, done * bytesPerOp, (performance.now() - t0) / 1000, lat);
+  return { ...summarize(done, done * bytesPerOp, (performance.now() - t0) / 1000, lat), otherCpu: other() };
 }
 
 /** Runs a short unmeasured warm-up (JIT, caches), then the measured loop. */
@@ -114,8 +137,11 @@ const surprise = (m: string) => { surprises.push(m); log(`SURPRISE: ${m}`); };
 const fmt = (x: number | undefined, d = 0) => (x === undefined || !Number.isFinite(x) ? '' : x >= 100000 ? Math.round(x).toLocaleString('en-US') : x.toFixed(d));
 const fmtVs = (v: number | string | undefined) => (v === undefined ? '' : typeof v === 'string' ? v : `${v.toFixed(2)}x`);
 
+const CONTENDED = 0.25;
 function addRow(r: Row): void {
   r.sec ??= curSection;
+  const oc = r.m?.otherCpu;
+  if (oc !== undefined && oc > CONTENDED) r.notes = `${r.notes ? r.notes + '; ' : ''}⚠ other processes used ${oc.toFixed(1)} CPU`;
   rows.push(r);
   const m = r.m ?? {};
   log(`=> ${r.test}: ${m.iops ? `${fmt(m.iops)} IOPS ` : ''}${m.mbs ? `${fmt(m.mbs, 1)} MB/s ` : ''}${m.p50 ? `p50 ${fmt(m.p50)}µs p99 ${fmt(m.p99)}µs ` : ''}${fmtVs(r.vs)} ${r.notes ?? ''}`);
@@ -336,8 +362,9 @@ function nativeShape(fd: number, size: number, s: Shape, reg: { memory: WebAssem
       return (performance.now() - t0) / 1000;
     };
     if (WARMUP > 0) run(WARMUP, false);
+    const other = cpuMeter();
     const el = run(seconds, true);
-    return summarize(ops, ops * s.len, el, lat);
+    return { ...summarize(ops, ops * s.len, el, lat), otherCpu: other() };
   } finally { ring.close(); }
 }
 

@@ -130,6 +130,8 @@ class Ring : public Napi::ObjectWrap<Ring> {
                         InstanceMethod<&Ring::RegisterRegions>("registerRegions"),
                         InstanceMethod<&Ring::Submit>("submit"),
                         InstanceMethod<&Ring::Wait>("wait"),
+                        InstanceMethod<&Ring::ReapJs>("reap"),
+                        InstanceMethod<&Ring::SubmitReap>("submitReap"),
                         InstanceMethod<&Ring::CloseJs>("close"),
                         InstanceAccessor<&Ring::Inflight>("inflight"),
                         InstanceAccessor<&Ring::MaxInflight>("maxInflight")});
@@ -174,7 +176,10 @@ class Ring : public Napi::ObjectWrap<Ring> {
     asyncCtx_.reset(new Napi::AsyncContext(env, "strata:ring"));
     int efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (efd < 0) { int e = errno; Teardown(true); Fail(env, e, "eventfd"); }
-    if ((r = io_uring_register_eventfd(&ring_, efd)) < 0) {
+    // _async: the eventfd fires only for completions that happen later, not
+    // for ops the kernel finishes inline during submit; those are reaped by
+    // submitReap() or announced by Submit() itself.
+    if ((r = io_uring_register_eventfd_async(&ring_, efd)) < 0) {
       close(efd);
       Teardown(true);
       Fail(env, -r, "io_uring_register_eventfd");
@@ -235,6 +240,20 @@ class Ring : public Napi::ObjectWrap<Ring> {
   }
 
   Napi::Value Submit(const Napi::CallbackInfo& info) {
+    Napi::Value r = SubmitOnly(info);
+    // Inline completions raise no eventfd_async signal: announce them.
+    if (poll_ && io_uring_cq_ready(&ring_)) Kick();
+    return r;
+  }
+
+  // submit() + reap() in one call: returns how many completions are now in
+  // cq[0..n) for the caller to consume (often all of them for cached reads).
+  Napi::Value SubmitReap(const Napi::CallbackInfo& info) {
+    SubmitOnly(info);
+    return Napi::Number::New(info.Env(), Reap(cqCap_));
+  }
+
+  Napi::Value SubmitOnly(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     CheckOpen(env);
     uint64_t start = ArgUint(info, 0, "start", (1ull << 53));
@@ -275,6 +294,15 @@ class Ring : public Napi::ObjectWrap<Ring> {
       int r = io_uring_submit_and_wait(&ring_, static_cast<unsigned>(want - fake_.size()));
       if (r < 0 && r != -EINTR) Fail(env, -r, "io_uring_submit_and_wait");
     }
+    return Napi::Number::New(env, Reap(cqCap_));
+  }
+
+  // Non-blocking: copies whatever has completed into cq[0..n). Called right
+  // after submit, it picks up ops the kernel finished inline (page-cache
+  // hits) without waiting for an eventfd wake-up and a loop turn.
+  Napi::Value ReapJs(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    CheckOpen(env);
     return Napi::Number::New(env, Reap(cqCap_));
   }
 

@@ -28,6 +28,10 @@ export interface NativeRing {
   registerRegions(): number;
   /** Submits sq[start .. start+count) (mod capacity); throws EBUSY past maxInflight. Returns count. */
   submit(start: number, count: number): number;
+  /** submit(), then reap(): returns how many completions are in cq[0..n) for the caller. */
+  submitReap(start: number, count: number): number;
+  /** Non-blocking: copies completed ops into cq[0..n) and returns n. */
+  reap(): number;
   /** Blocks for min(minComplete, inflight) completions, reaps all available into cq[0..n), returns n. */
   wait(minComplete: number): number;
   /** Submitted and not yet reaped. */

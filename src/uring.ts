@@ -131,9 +131,12 @@ export class Uring {
     }
     this.queued.splice(0, n);
     this.head = (this.head + n) % this.cap;
-    this.ring.submit(start, n);
     this.stats.submitted += n;
     this.stats.batches++;
+    // Ops the kernel finished inline (page-cache hits) come back at once,
+    // without an eventfd wake-up and another loop turn.
+    const done = this.ring.submitReap(start, n);
+    if (done) this.onComplete(done);
   }
 
   private onComplete(n: number): void {
