@@ -487,6 +487,7 @@ async function main(): Promise<void> {
     // ---- image
     const img = makeImage(work, SIZE, CONTENT);
     log(`image: ${img.kind}`);
+    const runOther = cpuMeter();
 
     // ---- 1. baselines on plain buffered files with the same page-cache
     // history as the device's files: reads come from a file written 2 MiB at
@@ -552,7 +553,7 @@ async function main(): Promise<void> {
     for (const [name, codec] of [['zstd', Codec.Zstd], ['lz4', Codec.Lz4]] as const) {
       log(`importImage ${name}`);
       let lastPhase = '';
-      const t = performance.now();
+      const t = performance.now(), other = cpuMeter();
       const r = await engA.importImage(img.file, {
         codec, onProgress: (p) => { if (p.phase !== lastPhase) { lastPhase = p.phase; log(`  import ${name}: ${p.phase}`); } },
       });
@@ -561,7 +562,7 @@ async function main(): Promise<void> {
       const st = r.stats;
       const mbs = r.bytes / 1e6 / sec;
       addRow({
-        test: `import ${name}${codec === Codec.Zstd ? ' (level 3)' : ''}`, m: { mbs }, vs: mbs / base.get('image read')!.mbs,
+        test: `import ${name}${codec === Codec.Zstd ? ' (level 3)' : ''}`, m: { mbs, otherCpu: other() }, vs: mbs / base.get('image read')!.mbs,
         notes: `${sec.toFixed(2)} s; ratio ${((st.storedBlocks * BS) / st.compressedBytes).toFixed(2)} (${(st.storedBlocks * BS / MiB).toFixed(0)} MiB stored → ${(st.compressedBytes / MiB).toFixed(0)} MiB); ` +
           `${st.zeroBlocks} zero, ${st.dedupBlocks} dedup, ${st.storedBlocks} stored blocks; ${st.frames} frames`,
       });
@@ -575,11 +576,11 @@ async function main(): Promise<void> {
     {
       log('prefetch whole device (fills the template cache)');
       const f0 = engA.stats().cache.fetches;
-      const t = performance.now();
+      const t = performance.now(), other = cpuMeter();
       await dev.prefetch(0, dev.size);
       const sec = (performance.now() - t) / 1000;
       const fetched = engA.stats().cache.fetches - f0;
-      addRow({ test: 'prefetch all frames (cold → warm)', m: { mbs: h.dataSize / 1e6 / sec }, vs: (h.dataSize / 1e6 / sec) / base.get('seq read 128K QD8')!.mbs,
+      addRow({ test: 'prefetch all frames (cold → warm)', m: { mbs: h.dataSize / 1e6 / sec, otherCpu: other() }, vs: (h.dataSize / 1e6 / sec) / base.get('seq read 128K QD8')!.mbs,
         notes: `${sec.toFixed(2)} s; ${fetched} frame fetches; MB/s of decompressed data` });
     }
     const imgSamples = imageSamples(img.file, 512);
@@ -644,6 +645,7 @@ async function main(): Promise<void> {
       const batch = Buffer.alloc(BATCH);
       const lat = new Latencies();
       let ops = 0, writeMs = 0;
+      const fillOther = cpuMeter();
       for (let b0 = 0; b0 < SNAP; b0 += BATCH) {
         const len = Math.min(BATCH, SNAP - b0);
         fill(batch.subarray(0, len), b0 / BS);
@@ -661,20 +663,20 @@ async function main(): Promise<void> {
         }));
         writeMs += performance.now() - t;
       }
-      const wm = summarize(ops, SNAP, writeMs / 1000, lat);
+      const wm = { ...summarize(ops, SNAP, writeMs / 1000, lat), otherCpu: fillOther() };
       ref.remove();
       addRow({ test: 'device seq write 1M QD4 (fill)', m: wm, vs: wm.mbs / ref.mbs,
         notes: 'mixed data: 15% zero, 25% random, 50% unique image-like, 10% copies of base blocks' });
       syncDisks();
       log('device.snapshot()');
       let lastPhase = '';
-      const t2 = performance.now();
+      const t2 = performance.now(), other = cpuMeter();
       const r = await sdev.snapshot({ onProgress: (p) => { if (p.phase !== lastPhase) { lastPhase = p.phase; log(`  snapshot: ${p.phase}`); } } });
       const sec = (performance.now() - t2) / 1000;
       const st = r.stats;
       const mbs = SNAP / 1e6 / sec;
       addRow({
-        test: `snapshot ${SNAP / MiB} MiB dirty (zstd, default level)`, m: { mbs }, vs: mbs / base.get('seq write 128K QD8')!.mbs,
+        test: `snapshot ${SNAP / MiB} MiB dirty (zstd, default level)`, m: { mbs, otherCpu: other() }, vs: mbs / base.get('seq write 128K QD8')!.mbs,
         notes: `${sec.toFixed(2)} s; frozen ${r.frozenMs.toFixed(2)} ms; ratio ${st.compressedBytes ? ((st.storedBlocks * BS) / st.compressedBytes).toFixed(2) : '—'} ` +
           `(${(st.storedBlocks * BS / MiB).toFixed(0)} MiB stored → ${(st.compressedBytes / MiB).toFixed(0)} MiB); ${st.zeroBlocks} zero, ${st.dedupBlocks} dedup blocks`,
       });
@@ -715,7 +717,7 @@ async function main(): Promise<void> {
     const date = new Date().toISOString().slice(0, 10);
     process.stdout.write(`\nstrata engine benchmark, ${date}, ${os.availableParallelism()} CPUs, ${os.cpus()[0]?.model ?? '?'}, Node ${process.version}, kernel ${os.release()}\n`);
     process.stdout.write(`device/image ${SIZE / MiB} MiB (${img.kind}), ${SECONDS} s per I/O test, files in ${os.tmpdir()} (page cache); MB = 10^6 bytes; ` +
-      `load average at start ${LOAD0.toFixed(2)}, total ${((performance.now() - T0) / 1000).toFixed(0)} s\n\n`);
+      `load average at start ${LOAD0.toFixed(2)}, other processes used ${runOther().toFixed(2)} CPU on average (⚠ marks rows above ${CONTENDED}), total ${((performance.now() - T0) / 1000).toFixed(0)} s\n\n`);
     process.stdout.write(table() + '\n');
     if (surprises.length) process.stdout.write(`\nSurprises:\n${surprises.map((x) => `- ${x}`).join('\n')}\n`);
 

@@ -21,6 +21,16 @@ const TEST_TOOLS = [
   { pkg: 'qemu-utils', file: '/usr/bin/qemu-img' },
   { pkg: 'e2fsprogs', file: '/sbin/mkfs.ext4' },
 ];
+// The kernel VM lane (--vm): QEMU, a static busybox for the initramfs, the
+// nbd userspace client, and what run-in-vm.sh unpacks kernels with.
+const VM_TOOLS = [
+  { pkg: 'qemu-system-x86', file: '/usr/bin/qemu-system-x86_64' },
+  { pkg: 'busybox-static', file: '/bin/busybox' },
+  { pkg: 'nbd-client', file: '/sbin/nbd-client' },
+  { pkg: 'cpio', file: '/bin/cpio' },
+  { pkg: 'xz-utils', file: '/usr/bin/xz' },
+  ...TEST_TOOLS,
+];
 
 function aptInstall(pkgs, optional = false) {
   if (pkgs.length === 0) return true;
@@ -51,6 +61,7 @@ const missing = (list) => list.filter((r) => !fs.existsSync(r.file) && !fs.exist
 function main() {
   aptInstall(missing(REQUIRED));
   if (process.argv.includes('--test')) aptInstall(missing(TEST_TOOLS), true);
+  if (process.argv.includes('--vm')) aptInstall(missing(VM_TOOLS));
   if (!fs.existsSync(path.join(root, 'node_modules', '.package-lock.json'))) {
     log('installing npm dependencies');
     const hasLock = fs.existsSync(path.join(root, 'package-lock.json'));

@@ -47,7 +47,7 @@ export class Core {
     // Reserve the low 64 KiB, then the arena at a fixed place so its
     // registration stays valid when the heap above it grows.
     this.heap = new SharedHeap({ reserveBytes: 65536 + arenaBytes, initialBytes: 65536 + arenaBytes + (16 << 20) });
-    const bulkBytes = Math.max(8 << 20, Math.floor(arenaBytes / 4));
+    const bulkBytes = Math.min(Math.max(8 << 20, Math.floor(arenaBytes / 4)), Math.floor(arenaBytes / 2));
     this.arena = new IoArena(65536, arenaBytes - bulkBytes);
     this.bulk = new IoArena(65536 + arenaBytes - bulkBytes, bulkBytes);
     this.uring = new Uring(this.heap.memory, { offset: 65536, length: arenaBytes }, opts.ringEntries ?? 256);

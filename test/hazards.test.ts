@@ -196,4 +196,21 @@ test('H15: concurrent sub-block writes to one block are serialized (no lost upda
   await engine.closeDevice(dev);
 });
 
+test('requests that hold all request buffers while waiting on fetches cannot deadlock the fetches', async () => {
+  const small = await Engine.open({ store, arenaBytes: 16 << 20 });
+  try {
+    const dev = await small.openDevice(base);
+    store.delayMs = 5;
+    const reads: Promise<Buffer>[] = [];
+    // 48 × 1 MiB in flight against 8 MiB of request buffers, every frame cold.
+    for (let i = 0; i < 48; i++) reads.push(dev.read(((i * 256) % (BLOCKS - 256)) * 4096, 1 << 20));
+    let timer: NodeJS.Timeout | undefined;
+    const all = await Promise.race([Promise.all(reads), new Promise<null>((r) => { timer = setTimeout(() => r(null), 30_000); })]);
+    clearTimeout(timer);
+    store.delayMs = 0;
+    assert.ok(all, 'reads did not finish within 30 s (deadlock)');
+    all!.forEach((b, i) => { const o = ((i * 256) % (BLOCKS - 256)) * 4096; assert.ok(b.equals(img.subarray(o, o + (1 << 20)))); });
+  } finally { store.delayMs = 0; await small.close(); }
+});
+
 test.run();

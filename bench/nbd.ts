@@ -1,0 +1,682 @@
+// strata NBD benchmark: `npm run bench:nbd`.
+//
+// Starts, on one base image and in one run, the strata daemon and the
+// incumbent NBD servers, each on its own unix socket, and drives every one of
+// them with fio's libnbd engine. Prints markdown tables (stdout): the results,
+// strata's ratio to each peer, and the targets; progress goes to stderr.
+// See bench/nbd.md for what each peer is and how the run is kept fair.
+//
+// Peers (STRATA_BENCH_PEERS picks a comma-separated subset, default all):
+//   strata        node src/server.js --data TMP/strata --import base.raw; a fresh device name per cell
+//   nbdkit-file   nbdkit file plugin on a raw copy of the base (no copy-on-write: the ceiling)
+//   nbdkit-cow4k  nbdkit cow filter over the read-only base, cow-block-size=4096 (restarted per cell)
+//   nbdkit-cow64k the same with the filter's default 64 KiB block (restarted per cell)
+//   qemu-threads  qemu-nbd on a qcow2 overlay backed by the base, --aio=threads (overlay recreated per cell)
+//   qemu-uring    the same with --aio=io_uring
+//
+// Knobs (environment):
+//   STRATA_BENCH_SECONDS    seconds per cell (default 5)
+//   STRATA_BENCH_IMAGE_MB   base image size (default 1024)
+//   STRATA_BENCH_CONTENT_MB real files copied into the ext4 image (default 60% of the image)
+//   STRATA_BENCH_IMAGE      use this raw image as the base instead of building one
+//   STRATA_BENCH_TESTS      subset of randread,randwrite,randrw,read,write
+//   STRATA_BENCH_CONNS      connection counts to run (default 1,2)
+//   STRATA_BENCH_TMP        parent of the temporary directory (default os.tmpdir())
+//   STRATA_BENCH_KEEP=1     keep the temporary directory (and the daemon log) at the end
+//   STRATA_BENCH_SYNC=0     do not run `sync` before each cell
+//   STRATA_BENCH_JSON=FILE  also write the raw results as JSON
+//   STRATA_BENCH_CPU_PROF=DIR  run the daemon under `node --cpu-prof --cpu-prof-dir DIR`
+import * as fs from 'fs';
+import * as os from 'os';
+import * as net from 'net';
+import * as path from 'path';
+import { spawn, spawnSync, type ChildProcess } from 'child_process';
+
+const ROOT = path.join(__dirname, '..');
+const MiB = 1024 * 1024;
+const envNum = (k: string, d: number): number => {
+  const v = process.env[k];
+  if (v === undefined || v === '') return d;
+  const n = Number(v);
+  if (!Number.isFinite(n) || n <= 0) throw new Error(`${k}=${v}: expected a positive number`);
+  return n;
+};
+const envList = (k: string): string[] | null => {
+  const v = process.env[k];
+  return v ? v.split(',').map((s) => s.trim()).filter(Boolean) : null;
+};
+
+const SECONDS = envNum('STRATA_BENCH_SECONDS', 5);
+const IMAGE_MB = Math.floor(envNum('STRATA_BENCH_IMAGE_MB', 1024));
+const CONTENT_MB = envNum('STRATA_BENCH_CONTENT_MB', Math.floor(IMAGE_MB * 0.6));
+const CONNS = (envList('STRATA_BENCH_CONNS') ?? ['1', '2']).map(Number);
+const KEEP = process.env.STRATA_BENCH_KEEP === '1';
+const SYNC = process.env.STRATA_BENCH_SYNC !== '0';
+const CPU_PROF = process.env.STRATA_BENCH_CPU_PROF;
+const CLK_TCK = (() => {
+  const r = spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' });
+  const n = Number(String(r.stdout ?? '').trim());
+  return Number.isFinite(n) && n > 0 ? n : 100;
+})();
+
+const T0 = performance.now();
+const log = (m: string): void => {
+  process.stderr.write(`[bench:nbd ${((performance.now() - T0) / 1000).toFixed(1).padStart(6)}s] ${m}\n`);
+};
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+// ------------------------------------------------------------ child processes
+
+/** A child process whose output goes to a log file; killed when the bench exits. */
+class Child {
+  readonly proc: ChildProcess;
+  readonly exited: Promise<void>;
+  exitInfo: string | null = null;
+  private static all = new Set<Child>();
+
+  constructor(readonly name: string, cmd: string, args: string[], readonly logFile: string,
+    opts: { cwd?: string; env?: NodeJS.ProcessEnv } = {}) {
+    const fd = fs.openSync(logFile, 'a');
+    try {
+      this.proc = spawn(cmd, args, { cwd: opts.cwd, env: opts.env ?? process.env, stdio: ['ignore', fd, fd] });
+    } finally { fs.closeSync(fd); }
+    Child.all.add(this);
+    this.exited = new Promise<void>((resolve) => {
+      this.proc.once('error', (e) => { this.exitInfo = `could not start ${cmd}: ${e.message}`; Child.all.delete(this); resolve(); });
+      this.proc.once('exit', (code, sig) => {
+        this.exitInfo ??= sig ? `killed by ${sig}` : `exited with code ${code}`;
+        Child.all.delete(this);
+        resolve();
+      });
+    });
+  }
+
+  get pid(): number | undefined { return this.proc.pid; }
+  get alive(): boolean { return this.exitInfo === null && this.proc.exitCode === null && this.proc.signalCode === null; }
+
+  /** The last lines of the child's log, for error messages. */
+  tail(lines = 12): string {
+    try {
+      const t = fs.readFileSync(this.logFile, 'utf8').trimEnd().split('\n');
+      return t.slice(-lines).map((l) => `    ${l}`).join('\n');
+    } catch { return '    (no log)'; }
+  }
+
+  /** Sends `sig`, waits up to `graceMs`, then SIGKILL. */
+  async stop(sig: NodeJS.Signals = 'SIGTERM', graceMs = 5000): Promise<void> {
+    if (!this.alive) { await this.exited; return; }
+    try { this.proc.kill(sig); } catch { /* gone */ }
+    let timer: NodeJS.Timeout | undefined;
+    const timedOut = await Promise.race([
+      this.exited.then(() => false),
+      new Promise<boolean>((r) => { timer = setTimeout(() => r(true), graceMs); }),
+    ]);
+    clearTimeout(timer);
+    if (timedOut) {
+      log(`${this.name} did not stop within ${graceMs} ms of ${sig}: SIGKILL`);
+      try { this.proc.kill('SIGKILL'); } catch { /* gone */ }
+      await this.exited;
+    }
+  }
+
+  static async stopAll(): Promise<void> { await Promise.all([...Child.all].map((c) => c.stop('SIGTERM', 15000))); }
+  static killAllSync(): void {
+    for (const c of Child.all) { try { c.proc.kill('SIGKILL'); } catch { /* gone */ } }
+  }
+}
+
+/** Waits until an NBD server on `sock` sends its greeting (or the child dies). */
+async function waitNbd(sock: string, child: Child, timeoutMs = 30000): Promise<void> {
+  const deadline = performance.now() + timeoutMs;
+  for (;;) {
+    if (!child.alive) {
+      await child.exited;
+      throw new Error(`${child.name} ${child.exitInfo}:\n${child.tail()}`);
+    }
+    if (fs.existsSync(sock) && await greets(sock)) return;
+    if (performance.now() > deadline) throw new Error(`${child.name} did not answer on ${sock} within ${timeoutMs / 1000} s:\n${child.tail()}`);
+    await sleep(50);
+  }
+}
+
+function greets(sock: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = net.connect(sock);
+    let got = Buffer.alloc(0);
+    const done = (ok: boolean) => { s.destroy(); resolve(ok); };
+    s.setTimeout(2000, () => done(false));
+    s.on('error', () => done(false));
+    let greeted = false;
+    s.on('data', (b: Buffer) => {
+      got = Buffer.concat([got, b]);
+      if (greeted || got.length < 18) return; // NBDMAGIC, IHAVEOPT, u16 flags
+      greeted = true;
+      if (got.subarray(0, 8).toString('latin1') !== 'NBDMAGIC') { done(false); return; }
+      // Leave politely (client flags, then NBD_OPT_ABORT) so servers log no error.
+      const bye = Buffer.alloc(4 + 16);
+      bye.writeUInt32BE(3, 0); // FIXED_NEWSTYLE | NO_ZEROES
+      got.copy(bye, 4, 8, 16); // IHAVEOPT
+      bye.writeUInt32BE(2, 12); // NBD_OPT_ABORT, length 0
+      s.write(bye);
+      setTimeout(() => done(true), 20);
+    });
+  });
+}
+
+// ------------------------------------------------------------ CPU accounting
+
+/** utime+stime of a process (all its threads, including io_uring workers), seconds. */
+function procCpu(pid: number | undefined): number {
+  if (!pid) return NaN;
+  try {
+    const s = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const f = s.slice(s.lastIndexOf(')') + 2).split(' ');
+    // f[0] is field 3 (state): utime is field 14, stime 15.
+    return (Number(f[11]) + Number(f[12])) / CLK_TCK;
+  } catch { return NaN; }
+}
+
+/** CPU of this process's waited-for children (fio and its job processes), seconds. */
+function childrenCpu(): number {
+  try {
+    const s = fs.readFileSync('/proc/self/stat', 'utf8');
+    const f = s.slice(s.lastIndexOf(')') + 2).split(' ');
+    return (Number(f[13]) + Number(f[14])) / CLK_TCK; // cutime, cstime
+  } catch { return NaN; }
+}
+
+/** Busy CPU-seconds of the whole machine. */
+function machineBusy(): number {
+  try {
+    const f = fs.readFileSync('/proc/stat', 'utf8').split('\n')[0].trim().split(/\s+/).slice(1).map(Number);
+    return (f[0] + f[1] + f[2] + f[5] + f[6] + f[7]) / CLK_TCK;
+  } catch { return NaN; }
+}
+
+// ------------------------------------------------------------ the base image
+
+function listFiles(roots: string[], budget: number): Array<{ src: string; size: number }> {
+  const out: Array<{ src: string; size: number }> = [];
+  let total = 0;
+  for (const root of roots) {
+    const stack = [root];
+    while (stack.length && total < budget) {
+      const dir = stack.shift()!;
+      let names: fs.Dirent[];
+      try { names = fs.readdirSync(dir, { withFileTypes: true }); } catch { continue; }
+      names.sort((a, b) => a.name.localeCompare(b.name));
+      for (const d of names) {
+        const p = path.join(dir, d.name);
+        if (d.isDirectory()) { stack.push(p); continue; }
+        if (!d.isFile()) continue; // symlinks, sockets, …
+        let size = 0;
+        try { size = fs.statSync(p).size; } catch { continue; }
+        if (size === 0 || size > 64 * MiB || total + size > budget) continue;
+        out.push({ src: p, size });
+        total += size;
+      }
+    }
+  }
+  return out;
+}
+
+/** A raw ext4 image of IMAGE_MB holding about CONTENT_MB of real files. */
+function buildImage(dir: string): { file: string; what: string } {
+  const given = process.env.STRATA_BENCH_IMAGE;
+  if (given) {
+    const st = fs.statSync(given);
+    if (st.size % 4096) throw new Error(`STRATA_BENCH_IMAGE ${given}: size ${st.size} is not a multiple of 4096`);
+    const file = path.join(dir, 'base.raw');
+    cpSparse(given, file);
+    return { file, what: `${given} (${(st.size / MiB).toFixed(0)} MiB)` };
+  }
+  const src = path.join(dir, 'src');
+  const files = listFiles(['/usr/lib/x86_64-linux-gnu', '/usr/lib', '/usr/share'], CONTENT_MB * MiB);
+  let bytes = 0;
+  for (const f of files) {
+    const dest = path.join(src, f.src);
+    try {
+      fs.mkdirSync(path.dirname(dest), { recursive: true });
+      fs.copyFileSync(f.src, dest);
+      bytes += f.size;
+    } catch { /* unreadable: skip */ }
+  }
+  log(`copied ${files.length} files (${(bytes / MiB).toFixed(0)} MiB) for the image`);
+  const file = path.join(dir, 'base.raw');
+  const r = spawnSync('mkfs.ext4', ['-q', '-F', '-d', src, file, `${IMAGE_MB}M`], { encoding: 'utf8', env: { ...process.env, PATH: `${process.env.PATH}:/usr/sbin:/sbin` } });
+  fs.rmSync(src, { recursive: true, force: true });
+  if (r.status !== 0) throw new Error(`mkfs.ext4 failed: ${r.error?.message ?? r.stderr}`);
+  return { file, what: `${IMAGE_MB} MiB ext4 (mkfs.ext4 -d) holding ${(bytes / MiB).toFixed(0)} MiB of files from /usr/lib` };
+}
+
+function cpSparse(from: string, to: string): void {
+  const r = spawnSync('cp', ['--sparse=always', from, to], { encoding: 'utf8' });
+  if (r.status !== 0) throw new Error(`cp ${from} ${to}: ${r.stderr}`);
+}
+
+function syncDisks(): void {
+  if (!SYNC) return;
+  const t = performance.now();
+  spawnSync('sync', { stdio: 'ignore' });
+  const ms = performance.now() - t;
+  if (ms > 1000) log(`  (sync took ${(ms / 1000).toFixed(1)} s)`);
+}
+
+// ------------------------------------------------------------ peers
+
+interface Peer {
+  key: string;
+  label: string;
+  /** Starts the server (and whatever it needs once). */
+  start(): Promise<void>;
+  /** A URI on a fresh copy-on-write overlay for one cell. */
+  fresh(cell: string): Promise<string>;
+  /** PID to charge server CPU to. */
+  pid(): number | undefined;
+  stop(): Promise<void>;
+  failed?: string;
+}
+
+const uri = (exp: string, sock: string) => `nbd+unix:///${exp}?socket=${sock}`;
+
+class StrataPeer implements Peer {
+  key = 'strata';
+  label = 'strata';
+  private child?: Child;
+  private layer = '';
+  private sock = '';
+  private n = 0;
+  constructor(private readonly dir: string, private readonly base: string) {}
+
+  async start(): Promise<void> {
+    const data = path.join(this.dir, 'strata');
+    this.sock = path.join(data, 'nbd.sock');
+    const logFile = path.join(this.dir, 'strata.log');
+    const nodeArgs = CPU_PROF ? ['--cpu-prof', '--cpu-prof-dir', path.resolve(CPU_PROF)] : [];
+    this.child = new Child('strata daemon', process.execPath, [...nodeArgs, path.join(ROOT, 'src', 'server.js'), '--data', data, '--import', this.base], logFile, { cwd: ROOT });
+    // The daemon listens first, then imports and logs {"msg":"imported","layer":…}.
+    const deadline = performance.now() + 600_000;
+    for (;;) {
+      if (!this.child.alive) {
+        await this.child.exited;
+        throw new Error(`strata daemon ${this.child.exitInfo}:\n${this.child.tail()}`);
+      }
+      let text = '';
+      try { text = fs.readFileSync(logFile, 'utf8'); } catch { /* not yet */ }
+      const line = text.split('\n').find((l) => l.includes('"msg":"imported"'));
+      if (line) {
+        this.layer = String(JSON.parse(line).layer);
+        break;
+      }
+      if (performance.now() > deadline) throw new Error(`strata daemon did not import the image within 600 s:\n${this.child.tail()}`);
+      await sleep(100);
+    }
+    await waitNbd(this.sock, this.child);
+    log(`strata: imported layer ${this.layer}`);
+  }
+
+  async fresh(cell: string): Promise<string> {
+    if (!this.child?.alive) throw new Error(`strata daemon is not running (${this.child?.exitInfo ?? 'never started'}):\n${this.child?.tail() ?? ''}`);
+    // A new device name opens a new private overlay on the same layer; the
+    // layer's template cache is shared, so it stays warm.
+    return uri(`${this.layer}/${cell.replace(/[^A-Za-z0-9_-]/g, '-').slice(0, 56)}-${this.n++}`, this.sock);
+  }
+
+  pid() { return this.child?.pid; }
+  async stop(): Promise<void> { await this.child?.stop(CPU_PROF ? 'SIGINT' : 'SIGTERM', 30000); }
+}
+
+/** nbdkit `file` plugin on a raw copy: no overlay at all. */
+class NbdkitFilePeer implements Peer {
+  key = 'nbdkit-file';
+  label = 'nbdkit file (raw copy)';
+  private child?: Child;
+  private sock = '';
+  constructor(private readonly dir: string, private readonly base: string) {}
+  async start(): Promise<void> {
+    const file = path.join(this.dir, 'file-copy.raw');
+    cpSparse(this.base, file);
+    this.sock = path.join(this.dir, 'nbdkit-file.sock');
+    fs.rmSync(this.sock, { force: true });
+    this.child = new Child('nbdkit file', 'nbdkit', ['--foreground', '--exit-with-parent', '--unix', this.sock, 'file', file],
+      path.join(this.dir, 'nbdkit-file.log'));
+    await waitNbd(this.sock, this.child);
+  }
+  async fresh(): Promise<string> {
+    if (!this.child?.alive) throw new Error(`nbdkit file is not running (${this.child?.exitInfo}):\n${this.child?.tail() ?? ''}`);
+    return uri('', this.sock);
+  }
+  pid() { return this.child?.pid; }
+  async stop(): Promise<void> { await this.child?.stop(); }
+}
+
+/** nbdkit `cow` filter over the read-only base; restarted for a fresh overlay. */
+class NbdkitCowPeer implements Peer {
+  key: string;
+  label: string;
+  private child?: Child;
+  private sock: string;
+  private tmp: string;
+  constructor(private readonly dir: string, private readonly base: string, private readonly block: number) {
+    this.key = `nbdkit-cow${block / 1024}k`;
+    this.label = `nbdkit cow ${block / 1024}k${block === 65536 ? ' (default)' : ''}`;
+    this.sock = path.join(dir, `${this.key}.sock`);
+    this.tmp = path.join(dir, `${this.key}-tmp`);
+  }
+  async start(): Promise<void> {
+    fs.mkdirSync(this.tmp, { recursive: true });
+    fs.rmSync(this.sock, { force: true }); // nbdkit leaves its socket behind
+    // The filter keeps its overlay in a deleted temporary file under $TMPDIR.
+    this.child = new Child(this.key, 'nbdkit', ['--foreground', '--exit-with-parent', '--unix', this.sock,
+      '--filter=cow', 'file', this.base, `cow-block-size=${this.block}`], path.join(this.dir, `${this.key}.log`),
+    { env: { ...process.env, TMPDIR: this.tmp } });
+    await waitNbd(this.sock, this.child);
+  }
+  async fresh(): Promise<string> {
+    await this.stop();
+    await this.start();
+    return uri('', this.sock);
+  }
+  pid() { return this.child?.pid; }
+  async stop(): Promise<void> { await this.child?.stop(); }
+}
+
+/** qemu-nbd on a qcow2 overlay backed by the base; the overlay is recreated per cell. */
+class QemuPeer implements Peer {
+  key: string;
+  label: string;
+  private child?: Child;
+  private sock: string;
+  private overlay: string;
+  constructor(private readonly dir: string, private readonly base: string, private readonly aio: 'threads' | 'io_uring') {
+    this.key = aio === 'threads' ? 'qemu-threads' : 'qemu-uring';
+    this.label = `qemu-nbd qcow2 aio=${aio}`;
+    this.sock = path.join(dir, `${this.key}.sock`);
+    this.overlay = path.join(dir, `${this.key}.qcow2`);
+  }
+  async start(): Promise<void> {
+    fs.rmSync(this.overlay, { force: true });
+    fs.rmSync(this.sock, { force: true });
+    const r = spawnSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', this.base, '-F', 'raw', this.overlay], { encoding: 'utf8' });
+    if (r.status !== 0) throw new Error(`qemu-img create failed: ${r.error?.message ?? r.stderr}`);
+    // -t: keep serving after a client disconnects; -e 2: two connections at once.
+    this.child = new Child(this.key, 'qemu-nbd', ['-k', this.sock, '-t', '-e', '2', '-f', 'qcow2',
+      '--cache=writeback', `--aio=${this.aio}`, this.overlay], path.join(this.dir, `${this.key}.log`));
+    await waitNbd(this.sock, this.child);
+  }
+  async fresh(): Promise<string> {
+    await this.stop();
+    await this.start();
+    return uri('', this.sock);
+  }
+  pid() { return this.child?.pid; }
+  async stop(): Promise<void> { await this.child?.stop(); fs.rmSync(this.overlay, { force: true }); }
+}
+
+// ------------------------------------------------------------ fio
+
+interface Test { key: string; label: string; rw: string; bs: string; qd: number; mix?: number; small: boolean; cachedRead: boolean }
+const ALL_TESTS: Test[] = [
+  { key: 'randread', label: '4k randread', rw: 'randread', bs: '4k', qd: 32, small: true, cachedRead: true },
+  { key: 'randwrite', label: '4k randwrite', rw: 'randwrite', bs: '4k', qd: 32, small: true, cachedRead: false },
+  { key: 'randrw', label: '4k randrw 70/30', rw: 'randrw', mix: 70, bs: '4k', qd: 32, small: true, cachedRead: false },
+  { key: 'read', label: '128k seq read', rw: 'read', bs: '128k', qd: 8, small: false, cachedRead: true },
+  { key: 'write', label: '128k seq write', rw: 'write', bs: '128k', qd: 8, small: false, cachedRead: false },
+];
+
+interface FioResult { ios: number; iops: number; mbs: number; p50: number; p99: number }
+
+interface Cell {
+  peer: string; test: string; conns: number;
+  r?: FioResult;
+  /** Server CPU per I/O, µs. */
+  cpuUs?: number;
+  /** Average CPUs used by the server, by fio, and by everything else on the machine. */
+  serverCpus?: number; fioCpus?: number; otherCpus?: number;
+  error?: string;
+}
+
+async function runFio(args: string[], timeoutMs: number, logFile: string): Promise<FioResult> {
+  fs.writeFileSync(logFile, '');
+  const child = new Child('fio', 'fio', ['--output-format=json', ...args], logFile);
+  let timer: NodeJS.Timeout | undefined;
+  const timedOut = await Promise.race([
+    child.exited.then(() => false),
+    new Promise<boolean>((r) => { timer = setTimeout(() => r(true), timeoutMs); }),
+  ]);
+  clearTimeout(timer);
+  if (timedOut) { await child.stop('SIGKILL'); throw new Error(`fio did not finish within ${timeoutMs / 1000} s`); }
+  const out = fs.readFileSync(logFile, 'utf8');
+  // libnbd's engine prints "fio: connected to NBD server" before the JSON.
+  const at = out.search(/^\{/m);
+  let json: any;
+  try { json = JSON.parse(out.slice(at)); } catch {
+    throw new Error(`fio ${child.exitInfo}, no JSON result:\n${out.split('\n').slice(-12).map((l) => `    ${l}`).join('\n')}`);
+  }
+  if (child.proc.exitCode !== 0) throw new Error(`fio ${child.exitInfo}:\n${out.slice(0, at).trim().split('\n').slice(-8).map((l) => `    ${l}`).join('\n')}`);
+  const job = json.jobs?.[0];
+  if (!job) throw new Error('fio: no job in the JSON output');
+  if (job.error) throw new Error(`fio job error ${job.error}: ${out.slice(0, at).trim().split('\n').slice(-4).join(' / ')}`);
+  // --unified_rw_reporting=mixed: reads and writes in one "mixed" section.
+  const m = job.mixed ?? job.read;
+  const pct = m.clat_ns?.percentile ?? {};
+  return {
+    ios: m.total_ios, iops: m.iops, mbs: m.bw_bytes / 1e6,
+    p50: Number(pct['50.000000']) / 1000, p99: Number(pct['99.000000']) / 1000,
+  };
+}
+
+function fioArgs(t: Test, u: string, conns: number, seconds: number | null): string[] {
+  const a = [`--name=${t.key}`, '--ioengine=nbd', `--uri=${u}`, `--rw=${t.rw}`, `--bs=${t.bs}`, `--iodepth=${t.qd}`,
+    `--numjobs=${conns}`, '--group_reporting', '--unified_rw_reporting=mixed', '--norandommap', '--randrepeat=1'];
+  if (t.mix !== undefined) a.push(`--rwmixread=${t.mix}`);
+  if (seconds !== null) a.push('--time_based', `--runtime=${seconds}`);
+  return a;
+}
+
+// ------------------------------------------------------------ formatting
+
+const fmtInt = (x: number | undefined) => (x === undefined || !Number.isFinite(x) ? '–' : Math.round(x).toLocaleString('en-US'));
+const fmtF = (x: number | undefined, d = 1) => (x === undefined || !Number.isFinite(x) ? '–' : x.toFixed(d));
+const fmtX = (x: number | undefined) => (x === undefined || !Number.isFinite(x) ? '–' : `${x.toFixed(2)}×`);
+
+// ------------------------------------------------------------ main
+
+async function main(): Promise<void> {
+  const parent = process.env.STRATA_BENCH_TMP ?? os.tmpdir();
+  const dir = fs.mkdtempSync(path.join(parent, 'strata-nbd-'));
+  // Unix socket paths are limited to 107 bytes.
+  if (path.join(dir, 'strata', 'nbd.sock').length > 100) throw new Error(`temporary directory ${dir} is too long for unix socket paths; set STRATA_BENCH_TMP`);
+  let cleaned = false;
+  const cleanupSync = () => {
+    Child.killAllSync();
+    if (!KEEP && !cleaned) { cleaned = true; fs.rmSync(dir, { recursive: true, force: true }); }
+  };
+  process.on('exit', cleanupSync);
+  let interrupted = false;
+  const onSignal = (sig: NodeJS.Signals) => {
+    if (interrupted) { cleanupSync(); process.exit(130); }
+    interrupted = true;
+    log(`${sig}: stopping the servers and removing ${dir}${KEEP ? ' (kept: STRATA_BENCH_KEEP=1)' : ''}`);
+    void Child.stopAll().finally(() => { cleanupSync(); process.exit(sig === 'SIGINT' ? 130 : 143); });
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+
+  const need = ['fio', 'nbdkit', 'qemu-nbd', 'qemu-img'];
+  for (const t of need) {
+    const r = spawnSync(t, ['--version'], { encoding: 'utf8' });
+    if (r.error) log(`warning: ${t} not found (${r.error.message}); peers that need it will be skipped. Install: apt-get install -y fio nbdkit libnbd-bin qemu-utils`);
+  }
+  if (spawnSync('fio', ['--enghelp=nbd'], { encoding: 'utf8' }).status !== 0) {
+    throw new Error('this fio has no libnbd `nbd` ioengine (Debian\'s fio has it; install fio from apt)');
+  }
+  const version = (cmd: string, args: string[]) => {
+    const r = spawnSync(cmd, args, { encoding: 'utf8' });
+    return r.status === 0 ? String(r.stdout).split('\n')[0].trim() : 'absent';
+  };
+  const info = {
+    date: new Date().toISOString().slice(0, 10), cpus: os.cpus().length, kernel: os.release(), node: process.version,
+    fio: version('fio', ['--version']), nbdkit: version('nbdkit', ['--version']), qemu: version('qemu-nbd', ['--version']),
+    seconds: SECONDS, load0: os.loadavg()[0],
+  };
+  log(`temporary directory ${dir}; ${SECONDS} s per cell; ${info.cpus} CPUs; load ${info.load0.toFixed(2)}`);
+
+  const img = buildImage(dir);
+  const base = img.file;
+  log(`base image: ${img.what}`);
+  // Warm the page cache for the base (every peer reads it or a copy of it).
+  spawnSync('cat', [base], { stdio: ['ignore', 'ignore', 'ignore'], maxBuffer: 0 });
+
+  const want = envList('STRATA_BENCH_PEERS');
+  const all: Peer[] = [
+    new StrataPeer(dir, base),
+    new NbdkitFilePeer(dir, base),
+    new NbdkitCowPeer(dir, base, 4096),
+    new NbdkitCowPeer(dir, base, 65536),
+    new QemuPeer(dir, base, 'threads'),
+    new QemuPeer(dir, base, 'io_uring'),
+  ];
+  if (want) for (const w of want) if (!all.some((p) => p.key === w)) throw new Error(`STRATA_BENCH_PEERS: unknown peer ${w} (known: ${all.map((p) => p.key).join(', ')})`);
+  const peers = all.filter((p) => !want || want.includes(p.key));
+  const wantTests = envList('STRATA_BENCH_TESTS');
+  const tests = ALL_TESTS.filter((t) => !wantTests || wantTests.includes(t.key));
+  if (tests.length === 0) throw new Error(`STRATA_BENCH_TESTS matches none of ${ALL_TESTS.map((t) => t.key).join(',')}`);
+
+  // Start and warm every peer: a sequential read of the whole export (the
+  // template cache / page cache), then a short 4k mix (JIT, thread pools).
+  const fioLog = path.join(dir, 'fio.out');
+  for (const p of peers) {
+    const t = performance.now();
+    try {
+      await p.start();
+      const u = await p.fresh('warm');
+      await runFio(fioArgs({ ...ALL_TESTS[3], key: 'warm-seq', bs: '1M' }, u, 1, null), 600_000, fioLog);
+      await runFio(fioArgs({ ...ALL_TESTS[2], key: 'warm-mix' }, u, 1, Math.min(2, SECONDS)), 120_000, fioLog);
+      log(`${p.label}: started and warmed in ${((performance.now() - t) / 1000).toFixed(1)} s`);
+    } catch (e) {
+      p.failed = (e as Error).message;
+      log(`SKIPPING ${p.label}: ${p.failed}`);
+      await p.stop().catch(() => {});
+    }
+  }
+  const live = () => peers.filter((p) => !p.failed);
+  if (!live().some((p) => p.key === 'strata')) log('strata did not start: the table has no strata rows and no ratios');
+
+  const cells: Cell[] = [];
+  let order = 0;
+  for (const t of tests) {
+    for (const conns of CONNS) {
+      // Rotate the peer order from cell to cell so none always goes first.
+      const ps = live();
+      const rot = ps.map((_, i) => ps[(i + order) % ps.length]);
+      order++;
+      for (const p of rot) {
+        if (p.failed) continue;
+        const cell: Cell = { peer: p.key, test: t.key, conns };
+        cells.push(cell);
+        try {
+          syncDisks();
+          const u = await p.fresh(`${t.key}-${conns}`);
+          const pid = p.pid();
+          const s0 = procCpu(pid), c0 = childrenCpu(), m0 = machineBusy(), w0 = performance.now();
+          const r = await runFio(fioArgs(t, u, conns, SECONDS), (SECONDS + 120) * 1000, fioLog);
+          const s1 = procCpu(pid), c1 = childrenCpu(), m1 = machineBusy(), wall = (performance.now() - w0) / 1000;
+          cell.r = r;
+          cell.cpuUs = ((s1 - s0) / r.ios) * 1e6;
+          cell.serverCpus = (s1 - s0) / wall;
+          cell.fioCpus = (c1 - c0) / wall;
+          cell.otherCpus = Math.max(0, (m1 - m0) / wall - cell.serverCpus - cell.fioCpus);
+          log(`${t.label} nj=${conns} ${p.label.padEnd(26)} ${fmtInt(r.iops).padStart(8)} IOPS ${fmtF(r.mbs).padStart(7)} MB/s p50 ${fmtInt(r.p50)} p99 ${fmtInt(r.p99)} µs, server ${fmtF(cell.cpuUs)} µs/IO (${fmtF(cell.serverCpus, 2)} CPU), fio ${fmtF(cell.fioCpus, 2)} CPU, other ${fmtF(cell.otherCpus, 2)} CPU`);
+        } catch (e) {
+          cell.error = (e as Error).message;
+          log(`${t.label} nj=${conns} ${p.label}: FAILED: ${cell.error}`);
+          // A daemon that died takes the rest of its cells with it.
+          if (p.key === 'strata' || p.key === 'nbdkit-file') {
+            const u = await p.fresh('probe').then(() => true, () => false);
+            if (!u) { p.failed = cell.error; log(`SKIPPING ${p.label} from now on`); }
+          }
+        }
+      }
+    }
+  }
+  info.load0 = Number(info.load0.toFixed(2));
+  const load1 = os.loadavg()[0];
+
+  await Promise.all(peers.map((p) => p.stop().catch(() => {})));
+
+  // ------------------------------------------------------------ report
+  const label = (k: string) => peers.find((p) => p.key === k)?.label ?? k;
+  const test = (k: string) => ALL_TESTS.find((t) => t.key === k)!;
+  const get = (peer: string, t: string, c: number) => cells.find((x) => x.peer === peer && x.test === t && x.conns === c && x.r);
+  const out: string[] = [];
+  out.push(`### NBD results (${info.date}, ${info.cpus} CPUs, ${SECONDS} s per cell)`, '');
+  out.push(`Base: ${img.what}. fio ${info.fio.replace(/^fio-/, '')} libnbd engine over unix sockets, 4k at iodepth 32 and 128k at iodepth 8 per connection; conns = fio numjobs (one NBD connection each). ${info.nbdkit}, ${info.qemu.replace(/ \(.*\)/, '')}, Node ${info.node}, kernel ${info.kernel}. Load average ${info.load0} at start, ${load1.toFixed(2)} at end.`, '');
+  out.push('| peer | test | conns | IOPS | MB/s | p50 µs | p99 µs | server CPU µs/IO | notes |');
+  out.push('|---|---|---:|---:|---:|---:|---:|---:|---|');
+  for (const t of tests) {
+    for (const conns of CONNS) {
+      for (const p of peers) {
+        const c = cells.find((x) => x.peer === p.key && x.test === t.key && x.conns === conns);
+        if (!c) continue;
+        if (!c.r) { out.push(`| ${p.label} | ${t.label} | ${conns} | – | – | – | – | – | failed: ${String(c.error).split('\n')[0].slice(0, 100)} |`); continue; }
+        const notes: string[] = [];
+        if ((c.otherCpus ?? 0) > 0.3) notes.push(`other load ${fmtF(c.otherCpus, 1)} CPU`);
+        const name = p.key === 'strata' ? `**${p.label}**` : p.label;
+        out.push(`| ${name} | ${t.label} | ${conns} | ${fmtInt(c.r.iops)} | ${fmtF(c.r.mbs, 0)} | ${fmtInt(c.r.p50)} | ${fmtInt(c.r.p99)} | ${fmtF(c.cpuUs)} | ${notes.join('; ')} |`);
+      }
+    }
+  }
+  for (const p of peers) if (p.failed && !cells.some((c) => c.peer === p.key)) out.push('', `${p.label} was skipped: ${p.failed.split('\n')[0]}`);
+
+  const others = peers.filter((p) => p.key !== 'strata');
+  if (peers.some((p) => p.key === 'strata') && others.length) {
+    out.push('', '#### strata ÷ peer, IOPS (> 1: strata faster)', '');
+    out.push(`| test | conns | ${others.map((p) => p.label).join(' | ')} |`);
+    out.push(`|---|---:|${others.map(() => '---:').join('|')}|`);
+    for (const t of tests) for (const conns of CONNS) {
+      const s = get('strata', t.key, conns);
+      out.push(`| ${t.label} | ${conns} | ${others.map((p) => { const o = get(p.key, t.key, conns); return s && o ? fmtX(s.r!.iops / o.r!.iops) : '–'; }).join(' | ')} |`);
+    }
+    out.push('', '#### peer ÷ strata, server CPU per I/O (> 1: strata uses less CPU per I/O)', '');
+    out.push(`| test | conns | ${others.map((p) => p.label).join(' | ')} |`);
+    out.push(`|---|---:|${others.map(() => '---:').join('|')}|`);
+    for (const t of tests) for (const conns of CONNS) {
+      const s = get('strata', t.key, conns);
+      out.push(`| ${t.label} | ${conns} | ${others.map((p) => { const o = get(p.key, t.key, conns); return s && o ? fmtX(o.cpuUs! / s.cpuUs!) : '–'; }).join(' | ')} |`);
+    }
+
+    // Targets.
+    out.push('', '#### Targets', '');
+    out.push('| target | test | conns | strata | peer | ratio | met |');
+    out.push('|---|---|---:|---:|---:|---:|---|');
+    let met = 0, missed = 0, unknown = 0;
+    const check = (name: string, t: Test, conns: number, peerKeys: string[], need: number) => {
+      const s = get('strata', t.key, conns);
+      const os_ = peerKeys.map((k) => get(k, t.key, conns)).filter((x): x is Cell => !!x);
+      if (!s || os_.length === 0) { unknown++; out.push(`| ${name} | ${t.label} | ${conns} | ${s ? fmtInt(s.r!.iops) : '–'} | – | – | not measured |`); return; }
+      const best = os_.reduce((a, b) => (b.r!.iops > a.r!.iops ? b : a));
+      const ratio = s.r!.iops / best.r!.iops;
+      const ok = ratio >= need;
+      if (ok) met++; else missed++;
+      out.push(`| ${name} | ${t.label} | ${conns} | ${fmtInt(s.r!.iops)} | ${fmtInt(best.r!.iops)}${os_.length > 1 ? ` (${label(best.peer)})` : ''} | ${fmtX(ratio)} | ${ok ? 'yes' : '**no**'} |`);
+    };
+    for (const t of tests.filter((x) => x.small)) for (const conns of CONNS) check('≥ 1.2× nbdkit cow 4k', t, conns, ['nbdkit-cow4k'], 1.2);
+    for (const t of tests.filter((x) => x.small)) for (const conns of CONNS) check('≥ 1.2× qemu-nbd (best aio)', t, conns, ['qemu-threads', 'qemu-uring'], 1.2);
+    for (const t of tests.filter((x) => x.cachedRead)) for (const conns of CONNS) check('≥ 0.9× nbdkit file (cached reads)', t, conns, ['nbdkit-file'], 0.9);
+    out.push('', `Targets: ${met} met, ${missed} not met${unknown ? `, ${unknown} not measured` : ''}.`);
+  }
+  process.stdout.write(out.join('\n') + '\n');
+
+  if (process.env.STRATA_BENCH_JSON) {
+    fs.writeFileSync(process.env.STRATA_BENCH_JSON, JSON.stringify({ info, image: img.what, peers: peers.map((p) => ({ key: p.key, label: p.label, failed: p.failed })), cells }, null, 2));
+    log(`raw results: ${process.env.STRATA_BENCH_JSON}`);
+  }
+  if (KEEP) log(`kept ${dir}`);
+  log(`done in ${((performance.now() - T0) / 1000 / 60).toFixed(1)} min`);
+}
+
+main().then(() => process.exit(0), (e) => {
+  log(`error: ${(e as Error).stack ?? e}`);
+  process.exit(1);
+});
