@@ -1,9 +1,12 @@
 // strata engine benchmark: `npm run bench:engine`.
 //
 // Prints one markdown table (stdout) comparing strata's in-process device,
-// import and snapshot paths with raw io_uring on a plain page-cache file;
-// progress goes to stderr. It is a benchmark, not a test: nothing passes or
-// fails. See bench/README.md for what each row means.
+// import and snapshot paths with raw io_uring on plain page-cache files, then
+// the codec table (bench/codecs.ts); progress goes to stderr. It is a
+// benchmark, not a test: nothing passes or fails. See bench/README.md for what
+// each row means. Rows measured while other processes kept the CPUs busy are
+// flagged with ⚠, and anything that looked wrong (a sampled block reading back
+// wrong, io_uring completions left unreaped) is listed under "Surprises".
 //
 // Knobs (environment):
 //   STRATA_BENCH_SIZE_MB      image / device / baseline file size (default 1024)
@@ -41,7 +44,11 @@ const SYNC = process.env.STRATA_BENCH_SYNC !== '0';
 
 const T0 = performance.now();
 const LOAD0 = os.loadavg()[0];
-const log = (m: string) => process.stderr.write(`[bench ${((performance.now() - T0) / 1000).toFixed(1).padStart(5)}s] ${m}\n`);
+let lastStep = '';
+const log = (m: string) => {
+  if (!m.startsWith('=>') && !m.startsWith('SURPRISE')) lastStep = m;
+  process.stderr.write(`[bench ${((performance.now() - T0) / 1000).toFixed(1).padStart(5)}s] ${m}\n`);
+};
 
 // ------------------------------------------------------------ measurement
 
@@ -124,6 +131,50 @@ const randBlock = (blocks: number) => Math.floor(Math.random() * blocks);
 function seqCursor(size: number, len: number): () => number {
   let next = 0;
   return () => { const o = next; next += len; if (next + len > size) next = 0; return o; };
+}
+
+// ------------------------------------------------------------ stall watchdog
+
+/**
+ * Completions that sit in a ring's CQ while nobody reaps them (a lost eventfd
+ * wake-up) would hang a closed-loop benchmark forever: every worker waits and
+ * nothing else submits. Once a second, compare each io_uring fd's CQ head and
+ * tail (/proc/self/fdinfo); if CQEs stay unreaped for STALL_S seconds, record
+ * it and submit one cheap op (fdatasync) on every ring we know, whose
+ * completion wakes the loop and reaps the stuck ones too.
+ */
+const STALL_S = 3;
+const kickers: Array<{ name: string; ring: () => Uring | null; fd: number }> = [];
+function startWatchdog(): () => void {
+  const seen = new Map<string, { head: number; still: number }>();
+  const iv = setInterval(() => {
+    let fds: string[];
+    try { fds = fs.readdirSync('/proc/self/fd'); } catch { return; }
+    for (const f of fds) {
+      let link = '';
+      try { link = fs.readlinkSync(`/proc/self/fd/${f}`); } catch { continue; }
+      if (link !== 'anon_inode:[io_uring]') continue;
+      let info = '';
+      try { info = fs.readFileSync(`/proc/self/fdinfo/${f}`, 'utf8'); } catch { continue; }
+      // Only strata's rings (they register the I/O region); libuv keeps rings
+      // of its own whose CQEs it reaps on its own schedule.
+      if (!/UserBufs:\s*[1-9]/.test(info)) continue;
+      const head = Number(/CqHead:\s*(\d+)/.exec(info)?.[1]), tail = Number(/CqTail:\s*(\d+)/.exec(info)?.[1]);
+      const st = seen.get(f) ?? { head: -1, still: 0 };
+      st.still = tail > head && head === st.head ? st.still + 1 : 0;
+      st.head = head;
+      seen.set(f, st);
+      if (st.still === STALL_S) {
+        const rings = kickers.map((k) => ({ k, r: k.ring() })).filter((x) => x.r)
+          .map(({ k, r }) => `${k.name}: ${r!.inflight} in flight, ${r!.stats.completed}/${r!.stats.submitted} completed`).join('; ');
+        surprise(`io_uring fd ${f}: ${tail - head} completions left unreaped for ${STALL_S} s (CqHead ${head}, CqTail ${tail}) during "${lastStep}" ` +
+          `[${rings}]; kicked every ring with one fdatasync`);
+        for (const { ring, fd } of kickers) ring()?.fsync(fd).catch(() => {});
+      }
+    }
+  }, 1000);
+  iv.unref();
+  return () => clearInterval(iv);
 }
 
 // ------------------------------------------------------------ the table
@@ -369,11 +420,11 @@ function nativeShape(fd: number, size: number, s: Shape, reg: { memory: WebAssem
 }
 
 /**
- * Writes into a new sparse file: every write is the first touch of its pages,
- * which allocates page cache (and on a VM with free page reporting faults
- * guest memory back in). The reference for the device's first writes into its
- * sparse overlay; run right before the device test it is compared with, so
- * both see the same memory conditions.
+ * One pass of writes into a new sparse file: every write is the first touch
+ * of its pages, which allocates page cache (and on a VM with free page
+ * reporting faults guest memory back in). The reference for the snapshot
+ * fill, which writes a new overlay the same way; it runs right before the
+ * fill so both see similar memory conditions.
  */
 async function sparseBaseline(ring: Uring, reg: { offset: number }, dir: string, label: string, size: number, len: number, qd: number, seq: boolean): Promise<Measure & { remove(): void }> {
   // The file is kept until the device test has run: deleting it first would
@@ -391,7 +442,7 @@ async function sparseBaseline(ring: Uring, reg: { offset: number }, dir: string,
     const m = seq
       ? await closedLoop(qd, 3600, len, (slot) => { const o = next; next += len; return ring.writeFull(fd, o, len, reg.offset + slot * len); }, blocks)
       : await closedLoop(qd, SECONDS, len, (slot) => ring.writeFull(fd, randBlock(blocks) * len, len, reg.offset + slot * len));
-    addRow({ test: `uring.ts ${label}, new sparse file`, m, vs: '1.00 (ref)', notes: 'first touch of every page; measured right before the device row it is the reference for', sec: 1 });
+    addRow({ test: `uring.ts ${label}, new sparse file`, m, vs: '1.00 (ref)', notes: 'first touch of every page; measured right before the snapshot fill', sec: 1 });
     return { ...m, remove: () => fs.rmSync(file, { force: true }) };
   } finally { fs.closeSync(fd); }
 }
@@ -480,7 +531,8 @@ async function main(): Promise<void> {
   const engines: Engine[] = [];
   const closers: Array<() => void> = [];
   const cleanup = () => fs.rmSync(work, { recursive: true, force: true });
-  process.once('SIGINT', () => { cleanup(); process.exit(130); });
+  for (const sig of ['SIGINT', 'SIGTERM'] as const) process.once(sig, () => { cleanup(); process.exit(130); });
+  const stopWatchdog = startWatchdog();
   try {
     log(`size ${SIZE / MiB} MiB, ${SECONDS} s per I/O test, snapshot ${SNAP / MiB} MiB, ${os.availableParallelism()} CPUs, work dir ${work}`);
 
@@ -501,6 +553,11 @@ async function main(): Promise<void> {
     section(1, `baseline: io_uring on ${SIZE / MiB} MiB page-cache files`);
     const ring = new Uring(reg.memory, { offset: reg.offset, length: reg.length }, 256);
     closers.push(() => ring.close());
+    const kickFd = fs.openSync(img.file, 'r');
+    closers.push(() => fs.closeSync(kickFd));
+    let baselineOpen = true;
+    closers.unshift(() => { baselineOpen = false; });
+    kickers.push({ name: 'baseline ring', ring: () => (baselineOpen ? ring : null), fd: kickFd });
     if (!ring.fixed) log('uring.ts: buffer registration failed (non-fixed READ/WRITE)');
     for (const kind of NATIVE_ROWS ? ['uring.ts', 'native loop'] : ['uring.ts']) {
       const rfd = fs.openSync(readFile, 'r');
@@ -549,6 +606,7 @@ async function main(): Promise<void> {
     section(4, `import of a ${SIZE / MiB} MiB image (${img.kind})`);
     const engA = await Engine.open({ store: storeDir, cacheDir: path.join(work, 'cacheA') });
     engines.push(engA);
+    kickers.push({ name: 'engine A ring', ring: () => (engines.includes(engA) ? engA.core.uring : null), fd: kickFd });
     const layers: Record<string, LayerHeader> = {};
     for (const [name, codec] of [['zstd', Codec.Zstd], ['lz4', Codec.Lz4]] as const) {
       log(`importImage ${name}`);
@@ -693,6 +751,7 @@ async function main(): Promise<void> {
       syncDisks();
       const engB = await Engine.open({ store: storeDir, cacheDir: path.join(work, `cacheB-${name}`) });
       engines.push(engB);
+      kickers.push({ name: `engine B (${name}) ring`, ring: () => (engines.includes(engB) ? engB.core.uring : null), fd: kickFd });
       const lh = await engB.inspect(layers[name].chain[0]);
       const cdev = await engB.openDevice(lh.chain[0]);
       const db = dataBlocks(lh);
@@ -730,7 +789,8 @@ async function main(): Promise<void> {
     }
   } finally {
     for (const e of engines) await e.close().catch(() => {});
-    for (const c of closers) c();
+    for (const c of closers) { try { c(); } catch { /* already closed */ } }
+    stopWatchdog();
     cleanup();
     log('done');
   }

@@ -176,10 +176,11 @@ class Ring : public Napi::ObjectWrap<Ring> {
     asyncCtx_.reset(new Napi::AsyncContext(env, "strata:ring"));
     int efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (efd < 0) { int e = errno; Teardown(true); Fail(env, e, "eventfd"); }
-    // _async: the eventfd fires only for completions that happen later, not
-    // for ops the kernel finishes inline during submit; those are reaped by
-    // submitReap() or announced by Submit() itself.
-    if ((r = io_uring_register_eventfd_async(&ring_, efd)) < 0) {
+    // Not register_eventfd_async: on some kernels (6.12) it stays silent for
+    // completions posted through task_work (io-wq fsync), which then hang.
+    // Inline completions also signal; submitReap() consumes them first and
+    // the poll callback simply finds nothing left.
+    if ((r = io_uring_register_eventfd(&ring_, efd)) < 0) {
       close(efd);
       Teardown(true);
       Fail(env, -r, "io_uring_register_eventfd");
@@ -240,10 +241,7 @@ class Ring : public Napi::ObjectWrap<Ring> {
   }
 
   Napi::Value Submit(const Napi::CallbackInfo& info) {
-    Napi::Value r = SubmitOnly(info);
-    // Inline completions raise no eventfd_async signal: announce them.
-    if (poll_ && io_uring_cq_ready(&ring_)) Kick();
-    return r;
+    return SubmitOnly(info);
   }
 
   // submit() + reap() in one call: returns how many completions are now in

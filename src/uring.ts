@@ -24,7 +24,7 @@ export class Uring {
   private closed = false;
   readonly maxInflight: number;
   readonly fixed: boolean;
-  stats = { submitted: 0, completed: 0, batches: 0 };
+  stats = { submitted: 0, completed: 0, batches: 0, watchdogReaps: 0 };
 
   /** `region` is [offset, length) of `memory` that all buffers come from. */
   constructor(memory: WebAssembly.Memory, region: { offset: number; length: number }, entries = 256) {
@@ -137,6 +137,27 @@ export class Uring {
     // without an eventfd wake-up and another loop turn.
     const done = this.ring.submitReap(start, n);
     if (done) this.onComplete(done);
+    this.armWatchdog();
+  }
+
+  /**
+   * Safety net for the eventfd wake-up: under some kernel/libuv pairs (seen
+   * with Debian 6.12 and 7.3 guests, where libuv drives epoll through its own
+   * io_uring) the eventfd registered with our ring never wakes the loop,
+   * although the completions are posted. While anything is in flight, a
+   * coarse timer peeks at the completion queue (no syscall).
+   */
+  private watchdog: NodeJS.Timeout | null = null;
+  private armWatchdog(): void {
+    if (this.watchdog || this.pending.size === 0 || this.closed) return;
+    this.watchdog = setTimeout(() => {
+      this.watchdog = null;
+      if (this.closed) return;
+      const n = this.ring.reap();
+      if (n) { this.stats.watchdogReaps++; this.onComplete(n); }
+      this.armWatchdog();
+    }, 2);
+    this.watchdog.unref();
   }
 
   private onComplete(n: number): void {

@@ -6,7 +6,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 node scripts/bootstrap.js --vm || exit $?
 kernels=${STRATA_VM_KERNELS:-"6.12 7.3"}
-tests=(test/vm/nbd-kernel.ts)
+tests=(test/vm/uring-wakeup.ts test/vm/nbd-kernel.ts)
 pass=0; fail=0
 for k in $kernels; do
   for t in "${tests[@]}"; do

@@ -27,6 +27,7 @@ export interface ConnectionOptions {
 }
 
 const MAX_OPTION_LEN = 64 * 1024;
+const TRACE = !!process.env.STRATA_NBD_TRACE;
 const KNOWN_CMD_FLAGS = 0x3f;
 const META_CONTEXT_ID = 1;
 
@@ -244,6 +245,7 @@ export class NbdConnection {
   }
 
   private dispatch(req: Request, payload: Buffer | null): void {
+    if (TRACE) this.log(`nbd: request type=${req.type} flags=${req.flags} offset=${req.offset} length=${req.length}`);
     this.inflight++;
     const cost = payload ? payload.length : req.type === CMD.READ ? Math.min(req.length, this.maxPayload) : 0;
     this.inflightBytes += cost;

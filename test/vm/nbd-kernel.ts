@@ -33,7 +33,7 @@ async function detach(dev: string): Promise<void> { await sh('nbd-client', ['-d'
   fs.truncateSync(`${dir}/empty.img`, size);
   const engine = await Engine.open({ store: `${dir}/store`, workers: 1, arenaBytes: 32 << 20 });
   const exports = new ExportMap();
-  const server = new NbdServer({ exports });
+  const server = new NbdServer({ exports, log: (m) => console.log(m) });
   const sock = await server.listenUnix(`${dir}/nbd.sock`);
   try {
     const base = await engine.importImage(`${dir}/empty.img`);
@@ -41,7 +41,9 @@ async function detach(dev: string): Promise<void> { await sh('nbd-client', ['-d'
     exports.set('a', deviceExport(a));
     await attach(sock, 'a', '/dev/nbd0');
     check(fs.readFileSync('/sys/block/nbd0/size', 'utf8').trim() === String(size / 512), 'nbd0 attached with the export size');
+    console.log('mkfs.ext4');
     await sh('mkfs.ext4', ['-q', '-F', '/dev/nbd0']);
+    console.log('mount');
     fs.mkdirSync('/mnt/a', { recursive: true });
     await sh('mount', ['/dev/nbd0', '/mnt/a']);
     const files = new Map<string, string>();
