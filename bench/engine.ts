@@ -144,6 +144,8 @@ function seqCursor(size: number, len: number): () => number {
  * completion wakes the loop and reaps the stuck ones too.
  */
 const STALL_S = 3;
+/** Completions src/uring.ts's own timer had to reap (its eventfd wake-up did not come). */
+const watchdogReaps = { baseline: 0, engines: 0 };
 const kickers: Array<{ name: string; ring: () => Uring | null; fd: number }> = [];
 function startWatchdog(): () => void {
   const seen = new Map<string, { head: number; still: number }>();
@@ -552,7 +554,7 @@ async function main(): Promise<void> {
     const reg = sharedRegion(8 * MiB);
     section(1, `baseline: io_uring on ${SIZE / MiB} MiB page-cache files`);
     const ring = new Uring(reg.memory, { offset: reg.offset, length: reg.length }, 256);
-    closers.push(() => ring.close());
+    closers.push(() => { watchdogReaps.baseline += ring.stats.watchdogReaps ?? 0; ring.close(); });
     const kickFd = fs.openSync(img.file, 'r');
     closers.push(() => fs.closeSync(kickFd));
     let baselineOpen = true;
@@ -742,6 +744,7 @@ async function main(): Promise<void> {
       await checkSamples(sdev, snapSamples, 'snapshot device after rebase');
       await engA.closeDevice(sdev);
     }
+    watchdogReaps.engines += engA.core.uring.stats.watchdogReaps ?? 0;
     await engA.close();
     engines.splice(engines.indexOf(engA), 1);
 
@@ -768,6 +771,7 @@ async function main(): Promise<void> {
       addRow({ test: `cold ${rr.name} (${name} layer)`, m, vs: m.iops / base.get(rr.name)!.iops,
         notes: `${m.ops} reads in ${m.seconds.toFixed(2)} s; ${cs.fetches}/${lh.frames.length} frames fetched (${(cs.fetchBytes / MiB).toFixed(0)} MiB compressed), ` +
           `${((cs.fetches * lh.dataSize) / Math.max(1, lh.frames.length) / 1e6 / m.seconds).toFixed(0)} MB/s of frames decompressed` });
+      watchdogReaps.engines += engB.core.uring.stats.watchdogReaps ?? 0;
       await engB.close();
       engines.splice(engines.indexOf(engB), 1);
     }
@@ -779,6 +783,8 @@ async function main(): Promise<void> {
       `load average at start ${LOAD0.toFixed(2)}, other processes used ${runOther().toFixed(2)} CPU on average (⚠ marks rows above ${CONTENDED}), total ${((performance.now() - T0) / 1000).toFixed(0)} s\n\n`);
     process.stdout.write(table() + '\n');
     if (surprises.length) process.stdout.write(`\nSurprises:\n${surprises.map((x) => `- ${x}`).join('\n')}\n`);
+    const baseReaps = watchdogReaps.baseline + (ring.stats.watchdogReaps ?? 0);
+    process.stdout.write(`\nuring.ts timer reaps (completions the eventfd did not announce): baseline ring ${baseReaps}, engine rings ${watchdogReaps.engines}\n`);
 
     // ---- 6. codecs
     if (CODEC_FRAMES > 0) {

@@ -26,6 +26,7 @@
 //   STRATA_BENCH_SYNC=0     do not run `sync` before each cell
 //   STRATA_BENCH_JSON=FILE  also write the raw results as JSON
 //   STRATA_BENCH_CPU_PROF=DIR  run the daemon under `node --cpu-prof --cpu-prof-dir DIR`
+//   STRATA_BENCH_RETRIES    re-runs of a cell during which other processes used > 0.3 CPU (default 2)
 import * as fs from 'fs';
 import * as os from 'os';
 import * as net from 'net';
@@ -53,6 +54,9 @@ const CONNS = (envList('STRATA_BENCH_CONNS') ?? ['1', '2']).map(Number);
 const KEEP = process.env.STRATA_BENCH_KEEP === '1';
 const SYNC = process.env.STRATA_BENCH_SYNC !== '0';
 const CPU_PROF = process.env.STRATA_BENCH_CPU_PROF;
+const RETRIES = (() => { const v = Number(process.env.STRATA_BENCH_RETRIES ?? 2); return Number.isInteger(v) && v >= 0 ? v : 2; })();
+/** CPUs used by other processes during a cell above which it counts as disturbed. */
+const CONTENDED = 0.3;
 const CLK_TCK = (() => {
   const r = spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' });
   const n = Number(String(r.stdout ?? '').trim());
@@ -254,6 +258,24 @@ function cpSparse(from: string, to: string): void {
   if (r.status !== 0) throw new Error(`cp ${from} ${to}: ${r.stderr}`);
 }
 
+/** The strata commit measured, with a note when the work tree differs from it. */
+function gitState(): string {
+  const rev = spawnSync('git', ['rev-parse', '--short', 'HEAD'], { cwd: ROOT, encoding: 'utf8' });
+  if (rev.status !== 0) return 'unknown';
+  const dirty = spawnSync('git', ['status', '--porcelain', '--untracked-files=no', '--', 'src', 'native', 'workers', 'assembly'], { cwd: ROOT, encoding: 'utf8' });
+  return `${String(rev.stdout).trim()}${String(dirty.stdout ?? '').trim() ? ' + uncommitted changes in src/native/workers/assembly' : ''}`;
+}
+
+/** Waits (up to `maxSeconds`) until the machine is nearly idle for a second. */
+async function waitQuiet(maxSeconds: number): Promise<void> {
+  const end = performance.now() + maxSeconds * 1000;
+  while (performance.now() < end) {
+    const b0 = machineBusy();
+    await sleep(1000);
+    if (machineBusy() - b0 < 0.2) return;
+  }
+}
+
 function syncDisks(): void {
   if (!SYNC) return;
   const t = performance.now();
@@ -378,7 +400,8 @@ class NbdkitCowPeer implements Peer {
     return uri('', this.sock);
   }
   pid() { return this.child?.pid; }
-  async stop(): Promise<void> { await this.child?.stop(); }
+  // Exiting frees the whole temporary overlay, which can take seconds after a write test.
+  async stop(): Promise<void> { await this.child?.stop('SIGTERM', 30000); }
 }
 
 /** qemu-nbd on a qcow2 overlay backed by the base; the overlay is recreated per cell. */
@@ -410,7 +433,7 @@ class QemuPeer implements Peer {
     return uri('', this.sock);
   }
   pid() { return this.child?.pid; }
-  async stop(): Promise<void> { await this.child?.stop(); fs.rmSync(this.overlay, { force: true }); }
+  async stop(): Promise<void> { await this.child?.stop('SIGTERM', 30000); fs.rmSync(this.overlay, { force: true }); }
 }
 
 // ------------------------------------------------------------ fio
@@ -428,6 +451,8 @@ interface FioResult { ios: number; iops: number; mbs: number; p50: number; p99: 
 
 interface Cell {
   peer: string; test: string; conns: number;
+  /** How many times the cell ran (re-run when the machine was busy). */
+  attempts: number;
   r?: FioResult;
   /** Server CPU per I/O, µs. */
   cpuUs?: number;
@@ -518,7 +543,7 @@ async function main(): Promise<void> {
   const info = {
     date: new Date().toISOString().slice(0, 10), cpus: os.cpus().length, kernel: os.release(), node: process.version,
     fio: version('fio', ['--version']), nbdkit: version('nbdkit', ['--version']), qemu: version('qemu-nbd', ['--version']),
-    seconds: SECONDS, load0: os.loadavg()[0],
+    seconds: SECONDS, load0: os.loadavg()[0], commit: gitState(),
   };
   log(`temporary directory ${dir}; ${SECONDS} s per cell; ${info.cpus} CPUs; load ${info.load0.toFixed(2)}`);
 
@@ -565,6 +590,9 @@ async function main(): Promise<void> {
 
   const cells: Cell[] = [];
   let order = 0;
+  // Re-runs are capped for the whole run (half the number of cells) so a
+  // machine that never gets quiet does not stretch the run without end.
+  let retriesLeft = Math.ceil((tests.length * CONNS.length * live().length) / 2);
   for (const t of tests) {
     for (const conns of CONNS) {
       // Rotate the peer order from cell to cell so none always goes first.
@@ -573,28 +601,42 @@ async function main(): Promise<void> {
       order++;
       for (const p of rot) {
         if (p.failed) continue;
-        const cell: Cell = { peer: p.key, test: t.key, conns };
+        const cell: Cell = { peer: p.key, test: t.key, conns, attempts: 0 };
         cells.push(cell);
-        try {
-          syncDisks();
-          const u = await p.fresh(`${t.key}-${conns}`);
-          const pid = p.pid();
-          const s0 = procCpu(pid), c0 = childrenCpu(), m0 = machineBusy(), w0 = performance.now();
-          const r = await runFio(fioArgs(t, u, conns, SECONDS), (SECONDS + 120) * 1000, fioLog);
-          const s1 = procCpu(pid), c1 = childrenCpu(), m1 = machineBusy(), wall = (performance.now() - w0) / 1000;
-          cell.r = r;
-          cell.cpuUs = ((s1 - s0) / r.ios) * 1e6;
-          cell.serverCpus = (s1 - s0) / wall;
-          cell.fioCpus = (c1 - c0) / wall;
-          cell.otherCpus = Math.max(0, (m1 - m0) / wall - cell.serverCpus - cell.fioCpus);
-          log(`${t.label} nj=${conns} ${p.label.padEnd(26)} ${fmtInt(r.iops).padStart(8)} IOPS ${fmtF(r.mbs).padStart(7)} MB/s p50 ${fmtInt(r.p50)} p99 ${fmtInt(r.p99)} µs, server ${fmtF(cell.cpuUs)} µs/IO (${fmtF(cell.serverCpus, 2)} CPU), fio ${fmtF(cell.fioCpus, 2)} CPU, other ${fmtF(cell.otherCpus, 2)} CPU`);
-        } catch (e) {
-          cell.error = (e as Error).message;
-          log(`${t.label} nj=${conns} ${p.label}: FAILED: ${cell.error}`);
-          // A daemon that died takes the rest of its cells with it.
-          if (p.key === 'strata' || p.key === 'nbdkit-file') {
-            const u = await p.fresh('probe').then(() => true, () => false);
-            if (!u) { p.failed = cell.error; log(`SKIPPING ${p.label} from now on`); }
+        // A cell that ran while something else on the machine used CPU is run
+        // again (after waiting for a quiet moment); the least disturbed run is kept.
+        for (let attempt = 0; attempt <= RETRIES; attempt++) {
+          if (attempt > 0) {
+            if (retriesLeft <= 0) { log(`  ${p.label}: the machine was busy during the cell, but the re-run budget is spent`); break; }
+            retriesLeft--;
+            log(`  ${p.label}: other processes used ${fmtF(cell.otherCpus, 2)} CPU during the cell; waiting for a quiet machine and running it again`);
+            await waitQuiet(20);
+          }
+          cell.attempts = attempt + 1;
+          try {
+            syncDisks();
+            const u = await p.fresh(`${t.key}-${conns}`);
+            const pid = p.pid();
+            const s0 = procCpu(pid), c0 = childrenCpu(), m0 = machineBusy(), w0 = performance.now();
+            const r = await runFio(fioArgs(t, u, conns, SECONDS), (SECONDS + 120) * 1000, fioLog);
+            const s1 = procCpu(pid), c1 = childrenCpu(), m1 = machineBusy(), wall = (performance.now() - w0) / 1000;
+            const serverCpus = (s1 - s0) / wall, fioCpus = (c1 - c0) / wall;
+            const otherCpus = Math.max(0, (m1 - m0) / wall - serverCpus - fioCpus);
+            log(`${t.label} nj=${conns} ${p.label.padEnd(26)} ${fmtInt(r.iops).padStart(8)} IOPS ${fmtF(r.mbs).padStart(7)} MB/s p50 ${fmtInt(r.p50)} p99 ${fmtInt(r.p99)} µs, server ${fmtF(((s1 - s0) / r.ios) * 1e6)} µs/IO (${fmtF(serverCpus, 2)} CPU), fio ${fmtF(fioCpus, 2)} CPU, other ${fmtF(otherCpus, 2)} CPU`);
+            if (!cell.r || otherCpus < cell.otherCpus!) {
+              Object.assign(cell, { r, cpuUs: ((s1 - s0) / r.ios) * 1e6, serverCpus, fioCpus, otherCpus, error: undefined });
+            }
+            if (otherCpus <= CONTENDED) break;
+          } catch (e) {
+            const msg = (e as Error).message;
+            log(`${t.label} nj=${conns} ${p.label}: FAILED: ${msg}`);
+            if (!cell.r) cell.error = msg;
+            // A daemon that died takes the rest of its cells with it.
+            if (p.key === 'strata' || p.key === 'nbdkit-file') {
+              const alive = await p.fresh('probe').then(() => true, () => false);
+              if (!alive) { p.failed = msg; log(`SKIPPING ${p.label} from now on`); }
+            }
+            break;
           }
         }
       }
@@ -611,7 +653,7 @@ async function main(): Promise<void> {
   const get = (peer: string, t: string, c: number) => cells.find((x) => x.peer === peer && x.test === t && x.conns === c && x.r);
   const out: string[] = [];
   out.push(`### NBD results (${info.date}, ${info.cpus} CPUs, ${SECONDS} s per cell)`, '');
-  out.push(`Base: ${img.what}. fio ${info.fio.replace(/^fio-/, '')} libnbd engine over unix sockets, 4k at iodepth 32 and 128k at iodepth 8 per connection; conns = fio numjobs (one NBD connection each). ${info.nbdkit}, ${info.qemu.replace(/ \(.*\)/, '')}, Node ${info.node}, kernel ${info.kernel}. Load average ${info.load0} at start, ${load1.toFixed(2)} at end.`, '');
+  out.push(`Base: ${img.what}. fio ${info.fio.replace(/^fio-/, '')} libnbd engine over unix sockets, 4k at iodepth 32 and 128k at iodepth 8 per connection; conns = fio numjobs (one NBD connection each). ${info.nbdkit}, ${info.qemu.replace(/ \(.*\)/, '')}, Node ${info.node}, kernel ${info.kernel}, strata ${info.commit}. Load average ${info.load0} at start, ${load1.toFixed(2)} at end.`, '');
   out.push('| peer | test | conns | IOPS | MB/s | p50 µs | p99 µs | server CPU µs/IO | notes |');
   out.push('|---|---|---:|---:|---:|---:|---:|---:|---|');
   for (const t of tests) {
@@ -621,7 +663,8 @@ async function main(): Promise<void> {
         if (!c) continue;
         if (!c.r) { out.push(`| ${p.label} | ${t.label} | ${conns} | – | – | – | – | – | failed: ${String(c.error).split('\n')[0].slice(0, 100)} |`); continue; }
         const notes: string[] = [];
-        if ((c.otherCpus ?? 0) > 0.3) notes.push(`other load ${fmtF(c.otherCpus, 1)} CPU`);
+        if ((c.otherCpus ?? 0) > CONTENDED) notes.push(`⚠ other processes used ${fmtF(c.otherCpus, 1)} CPU`);
+        if (c.attempts > 1) notes.push(`best of ${c.attempts} runs`);
         const name = p.key === 'strata' ? `**${p.label}**` : p.label;
         out.push(`| ${name} | ${t.label} | ${conns} | ${fmtInt(c.r.iops)} | ${fmtF(c.r.mbs, 0)} | ${fmtInt(c.r.p50)} | ${fmtInt(c.r.p99)} | ${fmtF(c.cpuUs)} | ${notes.join('; ')} |`);
       }
@@ -650,7 +693,7 @@ async function main(): Promise<void> {
     out.push('', '#### Targets', '');
     out.push('| target | test | conns | strata | peer | ratio | met |');
     out.push('|---|---|---:|---:|---:|---:|---|');
-    let met = 0, missed = 0, unknown = 0;
+    let met = 0, missed = 0, unknown = 0, shaky = 0;
     const check = (name: string, t: Test, conns: number, peerKeys: string[], need: number) => {
       const s = get('strata', t.key, conns);
       const os_ = peerKeys.map((k) => get(k, t.key, conns)).filter((x): x is Cell => !!x);
@@ -659,12 +702,14 @@ async function main(): Promise<void> {
       const ratio = s.r!.iops / best.r!.iops;
       const ok = ratio >= need;
       if (ok) met++; else missed++;
-      out.push(`| ${name} | ${t.label} | ${conns} | ${fmtInt(s.r!.iops)} | ${fmtInt(best.r!.iops)}${os_.length > 1 ? ` (${label(best.peer)})` : ''} | ${fmtX(ratio)} | ${ok ? 'yes' : '**no**'} |`);
+      const disturbed = [s, best].some((c) => (c.otherCpus ?? 0) > CONTENDED);
+      if (disturbed) shaky++;
+      out.push(`| ${name} | ${t.label} | ${conns} | ${fmtInt(s.r!.iops)} | ${fmtInt(best.r!.iops)}${os_.length > 1 ? ` (${label(best.peer)})` : ''} | ${fmtX(ratio)} | ${ok ? 'yes' : '**no**'}${disturbed ? ' ⚠ (machine busy)' : ''} |`);
     };
     for (const t of tests.filter((x) => x.small)) for (const conns of CONNS) check('≥ 1.2× nbdkit cow 4k', t, conns, ['nbdkit-cow4k'], 1.2);
     for (const t of tests.filter((x) => x.small)) for (const conns of CONNS) check('≥ 1.2× qemu-nbd (best aio)', t, conns, ['qemu-threads', 'qemu-uring'], 1.2);
     for (const t of tests.filter((x) => x.cachedRead)) for (const conns of CONNS) check('≥ 0.9× nbdkit file (cached reads)', t, conns, ['nbdkit-file'], 0.9);
-    out.push('', `Targets: ${met} met, ${missed} not met${unknown ? `, ${unknown} not measured` : ''}.`);
+    out.push('', `Targets: ${met} met, ${missed} not met${unknown ? `, ${unknown} not measured` : ''}${shaky ? ` (${shaky} measured while other processes used > ${CONTENDED} CPU: ⚠)` : ''}.`);
   }
   process.stdout.write(out.join('\n') + '\n');
 

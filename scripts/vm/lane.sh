@@ -11,7 +11,7 @@ pass=0; fail=0
 for k in $kernels; do
   for t in "${tests[@]}"; do
     echo "=== $t on kernel $k"
-    if scripts/vm/run-in-vm.sh --kernel "$k" --modules nbd --mem 2048 --timeout 1200 --timing \
+    if scripts/vm/run-in-vm.sh --kernel "$k" --modules nbd,ext4,crc32c_generic,crc32c_intel --mem 2048 --timeout 1200 --timing \
         -- node -r tsx/cjs "$t"; then
       pass=$((pass + 1))
     else

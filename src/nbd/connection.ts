@@ -252,6 +252,7 @@ export class NbdConnection {
     this.stats.requests++;
     if (this.inflight >= this.maxInflight || this.inflightBytes >= this.maxInflightBytes) this.pause();
     this.handle(req, payload).catch((e) => this.replyError(req, e)).finally(() => {
+      if (TRACE) this.log(`nbd: done type=${req.type} offset=${req.offset}`);
       this.inflight--;
       this.inflightBytes -= cost;
       if (this.paused) this.maybeResume();
