@@ -68,6 +68,8 @@ const log = (m: string): void => {
   process.stderr.write(`[bench:nbd ${((performance.now() - T0) / 1000).toFixed(1).padStart(6)}s] ${m}\n`);
 };
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+/** Set on SIGINT/SIGTERM: nothing new is started after it. */
+let interrupted = false;
 
 // ------------------------------------------------------------ child processes
 
@@ -80,6 +82,7 @@ class Child {
 
   constructor(readonly name: string, cmd: string, args: string[], readonly logFile: string,
     opts: { cwd?: string; env?: NodeJS.ProcessEnv } = {}) {
+    if (interrupted) throw new Error('interrupted');
     const fd = fs.openSync(logFile, 'a');
     try {
       this.proc = spawn(cmd, args, { cwd: opts.cwd, env: opts.env ?? process.env, stdio: ['ignore', fd, fd] });
@@ -518,7 +521,6 @@ async function main(): Promise<void> {
     if (!KEEP && !cleaned) { cleaned = true; fs.rmSync(dir, { recursive: true, force: true }); }
   };
   process.on('exit', cleanupSync);
-  let interrupted = false;
   const onSignal = (sig: NodeJS.Signals) => {
     if (interrupted) { cleanupSync(); process.exit(130); }
     interrupted = true;
@@ -572,6 +574,7 @@ async function main(): Promise<void> {
   // template cache / page cache), then a short 4k mix (JIT, thread pools).
   const fioLog = path.join(dir, 'fio.out');
   for (const p of peers) {
+    if (interrupted) break;
     const t = performance.now();
     try {
       await p.start();
@@ -600,6 +603,7 @@ async function main(): Promise<void> {
       const rot = ps.map((_, i) => ps[(i + order) % ps.length]);
       order++;
       for (const p of rot) {
+        if (interrupted) await new Promise<never>(() => {}); // the signal handler exits
         if (p.failed) continue;
         const cell: Cell = { peer: p.key, test: t.key, conns, attempts: 0 };
         cells.push(cell);
