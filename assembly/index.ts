@@ -58,6 +58,14 @@ export function countState(table: usize, start: u32, end: u32, v: u8): u32 {
   return n;
 }
 
+/**
+ * memset 0 as one bulk-memory instruction: on shared memory it runs several
+ * times faster than TypedArray.fill from JavaScript.
+ */
+export function zeroFill(ptr: usize, len: usize): void {
+  memory.fill(ptr, 0, len);
+}
+
 // ---------------------------------------------------------------- zero test
 export function isZero(ptr: usize, len: usize): bool {
   let i: usize = 0;

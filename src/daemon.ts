@@ -75,12 +75,19 @@ export async function main(argv: string[]): Promise<void> {
 
   let stopping = false;
   const stop = async (sig: string) => {
-    if (stopping) return;
+    if (stopping) {
+      // A second signal means "now": do not wait for stuck I/O.
+      log('warn', 'second signal: exiting without finishing shutdown', { signal: sig });
+      process.exit(1);
+    }
     stopping = true;
     log('info', 'stopping', { signal: sig });
+    const within = <T>(p: Promise<T>, ms: number, what: string) => Promise.race([p, new Promise<void>((r) => setTimeout(() => {
+      log('warn', `${what} did not finish within ${ms} ms`); r();
+    }, ms).unref())]);
     await server.close();
-    for (const { dev } of devices.values()) await dev.flush().catch(() => {});
-    await engine.close();
+    await within(Promise.all([...devices.values()].map(({ dev }) => dev.flush().catch((e) => log('warn', 'flush failed', { error: String(e) })))), 30_000, 'flushing devices');
+    await within(engine.close(), 30_000, 'closing the engine');
     log('info', 'stopped');
     process.exit(0);
   };

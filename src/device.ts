@@ -405,7 +405,7 @@ export class Device {
         }
         const u8 = this.core.heap.u8;
         if (data) u8.set(data.subarray(from - offset, to - offset), ptr + from - c0 * BS);
-        else u8.fill(0, ptr + from - c0 * BS, ptr + to - c0 * BS);
+        else this.core.heap.wasm.zeroFill(ptr + from - c0 * BS, to - from);
         await this.core.uring.writeFull(ov.fd, c0 * BS, (c1 - c0) * BS, ptr);
         // Publish only after the bytes are in the file: a failed write leaves
         // the old state (the caller gets the error, nothing is half-applied).
@@ -435,7 +435,7 @@ export class Device {
       const xe = w.runEnd(ov.table, x, e);
       const st = w.stateGet(ov.table, x);
       if (st === S.DIRTY) jobs.push(this.readFile(ov.fd, x * BS, (xe - x) * BS, at(x)));
-      else if (st === S.ZERO) this.core.heap.u8.fill(0, at(x), at(xe));
+      else if (st === S.ZERO) this.core.heap.wasm.zeroFill(at(x), at(xe) - at(x));
       else this.readLevel(view, lv - 1, x, xe, b0, ptr, jobs);
       x = xe;
     }
@@ -448,7 +448,7 @@ export class Device {
       const x = base.map.extents[i];
       const take = Math.min(end, x.dev + x.len) - pos;
       const dst = ptr + pos - b0 * BS;
-      if (x.layer === ZERO_LAYER) this.core.heap.u8.fill(0, dst, dst + take);
+      if (x.layer === ZERO_LAYER) this.core.heap.wasm.zeroFill(dst, take);
       else jobs.push(base.caches.get(x.layer)!.read(x.data + pos - x.dev, take, dst));
       pos += take;
     }
@@ -456,7 +456,7 @@ export class Device {
 
   private async readFile(fd: number, off: number, len: number, ptr: number): Promise<void> {
     const got = await this.core.uring.readFull(fd, off, len, ptr);
-    if (got < len) this.core.heap.u8.fill(0, ptr + got, ptr + len);
+    if (got < len) this.core.heap.wasm.zeroFill(ptr + got, len - got);
   }
 
   private async syncFiles(): Promise<void> {

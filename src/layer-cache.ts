@@ -122,7 +122,7 @@ export class LayerCache {
   async read(dataOff: number, len: number, ptr: number): Promise<void> {
     await this.ensure(dataOff, len);
     const got = await this.core.uring.readFull(this.fd, dataOff, len, ptr);
-    if (got < len) this.core.heap.u8.fill(0, ptr + got, ptr + len);
+    if (got < len) this.core.heap.wasm.zeroFill(ptr + got, len - got);
   }
 
   close(): void {

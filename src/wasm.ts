@@ -16,6 +16,7 @@ export interface WasmExports {
   runEnd(table: number, start: number, end: number): number;
   countState(table: number, start: number, end: number, v: number): number;
   isZero(ptr: number, len: number): number;
+  zeroFill(ptr: number, len: number): void;
   xxh64(ptr: number, len: number, seed: bigint): bigint;
   hashBlocks(ptr: number, n: number, blockSize: number, seed: bigint, outHash: number, outZero: number): number;
   equalBytes(a: number, b: number, len: number): number;
