@@ -94,17 +94,21 @@ export class LayerCache {
   private async fetch(i: number): Promise<void> {
     const f = this.header.frames[i];
     const c = this.core;
-    const bytes = await c.store.get(keys.data(this.id), { offset: f.c, length: f.cSize });
-    if (bytes.length !== f.cSize) throw ebadmsg(`layer ${this.id} frame ${i}: got ${bytes.length} of ${f.cSize} bytes`);
-    const cPtr = c.heap.alloc(f.cSize);
+    // The output buffer is taken first: the bounded bulk arena is what limits
+    // how many fetches run at once (and so how much compressed data sits in
+    // memory), however many frames a caller asks for (a whole-disk CACHE).
     const out = await c.bulk.acquire(f.uSize);
+    let cPtr = -1;
     try {
+      const bytes = await c.store.get(keys.data(this.id), { offset: f.c, length: f.cSize });
+      if (bytes.length !== f.cSize) throw ebadmsg(`layer ${this.id} frame ${i}: got ${bytes.length} of ${f.cSize} bytes`);
+      cPtr = c.heap.alloc(f.cSize);
       c.heap.u8.set(bytes, cPtr);
       const r = await c.run<{ ok: boolean; code?: string; message?: string }>({ op: 'unframe', codec: this.header.codec, cPtr, cSize: f.cSize, checksum: f.checksum.toString(16), outPtr: out, uSize: f.uSize });
       if (!r.ok) throw new StrataError(r.code === 'EBADMSG' ? 'EBADMSG' : 'EIO', `layer ${this.id} frame ${i}: ${r.message}`);
       await c.uring.writeFull(this.fd, f.u, f.uSize, out);
     } finally {
-      c.heap.free(cPtr);
+      if (cPtr >= 0) c.heap.free(cPtr);
       c.bulk.release(out);
     }
     this.stats.fetches++;
