@@ -37,9 +37,10 @@ if (!mkfs) {
     // Real content: a slice of this machine's libraries and docs, plus a duplicate tree.
     const src = path.join(dir, 'src');
     fs.mkdirSync(src);
-    let budget = Math.min(300, SIZE_MB / 4) * 1024 * 1024;
+    const total = Math.min(300, SIZE_MB / 4) * 1024 * 1024;
     for (const from of ['/usr/lib/x86_64-linux-gnu', '/usr/share/doc', '/usr/bin']) {
-      if (!fs.existsSync(from) || budget <= 0) continue;
+      if (!fs.existsSync(from)) continue;
+      let budget = total / 3; // a share per source, so every one contributes
       for (const name of fs.readdirSync(from)) {
         const p = path.join(from, name);
         let st: fs.Stats;
@@ -50,7 +51,10 @@ if (!mkfs) {
         budget -= st.size;
       }
     }
-    fs.cpSync(path.join(src, 'bin'), path.join(src, 'bin-copy'), { recursive: true });
+    // A duplicate tree, so import has whole files to deduplicate.
+    const first = fs.readdirSync(src)[0];
+    assert.ok(first, 'no source files were copied');
+    fs.cpSync(path.join(src, first), path.join(src, `${first}-copy`), { recursive: true });
     const img = path.join(dir, 'rootfs.ext4');
     execFileSync(mkfs!, ['-q', '-F', '-d', src, img, `${SIZE_MB}M`], { stdio: 'inherit' });
     fs.rmSync(src, { recursive: true, force: true });
