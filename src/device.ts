@@ -113,6 +113,35 @@ export class Device {
     } finally { this.unpinView(view); unlock(); }
   }
 
+  /**
+   * Reads into a buffer of its own in the registered arena and hands out a
+   * view of it, saving the copy and allocation of read(). The bytes are
+   * private to the caller (no later write changes them, H1) until release(),
+   * which must be called exactly once. Only for lengths up to 1 MiB.
+   */
+  async readView(offset: number, length: number): Promise<{ data: Buffer; release(): void }> {
+    this.check(offset, length, 'read');
+    if (length === 0 || length > CHUNK_BLOCKS * BS) throw einval(`readView of ${length} bytes (1 byte .. 1 MiB)`);
+    this.stats.reads++; this.stats.readBytes += length;
+    const b0 = Math.floor(offset / BS), b1 = Math.ceil((offset + length) / BS);
+    const unlock = await this.locks.acquire(b0, b1, false);
+    const view = this.pinView();
+    const arena = this.core.arena;
+    let ptr = -1;
+    try {
+      ptr = await arena.acquire((b1 - b0) * BS);
+      await this.readBlocks(view, b0, b1, ptr);
+    } catch (e) {
+      if (ptr >= 0) arena.release(ptr);
+      throw e;
+    } finally { this.unpinView(view); unlock(); }
+    let released = false;
+    return {
+      data: this.core.heap.slice(ptr + offset - b0 * BS, length),
+      release: () => { if (!released) { released = true; arena.release(ptr); } },
+    };
+  }
+
   async write(offset: number, data: Uint8Array, opts: { fua?: boolean } = {}): Promise<void> {
     this.check(offset, data.length, 'write');
     if (data.length === 0) return;

@@ -8,6 +8,7 @@ export function deviceExport(dev: Device, description?: string): NbdExport {
     get size() { return dev.size; },
     description: description ?? `strata device ${dev.id} on layer ${dev.layerId}`,
     read: (o, l) => dev.read(o, l),
+    readView: (o, l) => dev.readView(o, l),
     write: (o, d, fua) => dev.write(o, d, { fua }),
     flush: () => dev.flush(),
     trim: (o, l) => dev.trim(o, l),

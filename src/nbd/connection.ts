@@ -28,6 +28,8 @@ export interface ConnectionOptions {
 
 const MAX_OPTION_LEN = 64 * 1024;
 const TRACE = !!process.env.STRATA_NBD_TRACE;
+const VIEW_MAX = 1024 * 1024; // reads up to this size are sent from the I/O buffer
+const VIEW_BUDGET = 8 * 1024 * 1024; // arena bytes one connection may hold in unsent replies
 const KNOWN_CMD_FLAGS = 0x3f;
 const META_CONTEXT_ID = 1;
 
@@ -51,6 +53,8 @@ export class NbdConnection {
   private readonly maxQueued: number;
   private readonly log: (m: string) => void;
   private drained: Array<() => void> = [];
+  private views = new Set<() => void>();
+  private viewBytes = 0;
   stats = { requests: 0, errors: 0 };
 
   constructor(private readonly socket: Socket, private readonly opts: ConnectionOptions) {
@@ -95,6 +99,9 @@ export class NbdConnection {
 
   private onClose(): void {
     this.closed = true;
+    // Writes still queued on a dead socket may never call back: give their
+    // I/O buffers back now (release is idempotent).
+    for (const r of [...this.views]) r();
     this.q.end(new Error('connection closed'));
   }
 
@@ -274,13 +281,27 @@ export class NbdConnection {
       case CMD.READ: {
         if (length > this.maxPayload) return this.fail(req, ERR.EINVAL, 'read longer than the maximum payload');
         if (!rangeOk(ERR.EINVAL)) return;
-        const data = length ? await exp.read(offset, length) : Buffer.alloc(0);
+        // Small reads go out straight from the I/O buffer they were read into
+        // (no copy); the buffer returns to the arena once the socket has taken
+        // it. Bounded per connection, so a client that stops reading cannot
+        // pin the arena other connections need.
+        let data: Buffer, release: (() => void) | undefined;
+        if (length && exp.readView && length <= VIEW_MAX && this.viewBytes + length <= VIEW_BUDGET) {
+          this.viewBytes += length; // reserved before the await: the budget holds under concurrency
+          let v: { data: Buffer; release(): void };
+          try { v = await exp.readView(offset, length); } catch (e) { this.viewBytes -= length; throw e; }
+          data = v.data;
+          release = () => { this.viewBytes -= length; this.views.delete(release!); v.release(); };
+          this.views.add(release);
+          if (this.closed) { release(); return; }
+        } else data = length ? await exp.read(offset, length) : Buffer.alloc(0);
+        const head = this.structured ? chunkHeader(REPLY_FLAG_DONE, REPLY_TYPE.OFFSET_DATA, req.cookie, 8 + data.length) : simpleReply(0, req.cookie);
         if (this.structured) {
-          const h = chunkHeader(REPLY_FLAG_DONE, REPLY_TYPE.OFFSET_DATA, req.cookie, 8 + data.length);
           const off = Buffer.allocUnsafe(8);
           off.writeBigUInt64BE(BigInt(offset), 0);
-          this.send(h, off, data);
-        } else this.send(simpleReply(0, req.cookie), data);
+          this.send(head, off);
+        } else this.send(head);
+        this.sendData(data, release);
         return;
       }
       case CMD.WRITE:
@@ -345,6 +366,16 @@ export class NbdConnection {
   private replyError(req: Request, e: unknown): void {
     const err = e as { errno?: number; message?: string };
     this.fail(req, nbdError(err.errno), err.message ?? 'error');
+  }
+
+  /** Queues a reply payload; `done` runs once the socket no longer needs it. */
+  private sendData(data: Buffer, done?: () => void): void {
+    if (this.closed || this.socket.destroyed) { done?.(); return; }
+    if (data.length === 0) { done?.(); return; }
+    this.send();
+    if (done) this.socket.write(data, () => done());
+    else this.socket.write(data);
+    if (this.socket.writableLength > this.maxQueued) this.pause();
   }
 
   /** Queues reply buffers; they go out together at the end of this tick. */

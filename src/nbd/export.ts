@@ -8,6 +8,8 @@ export interface NbdExport {
   readonly readOnly?: boolean;
   readonly description?: string;
   read(offset: number, length: number): Promise<Buffer>;
+  /** Optional copy-free read: the data stays valid until release(). */
+  readView?(offset: number, length: number): Promise<{ data: Buffer; release(): void }>;
   write(offset: number, data: Buffer, fua: boolean): Promise<void>;
   flush(): Promise<void>;
   trim(offset: number, length: number, fua: boolean): Promise<void>;
