@@ -28,7 +28,11 @@ export interface ConnectionOptions {
 
 const MAX_OPTION_LEN = 64 * 1024;
 const TRACE = !!process.env.STRATA_NBD_TRACE;
-const VIEW_MAX = 1024 * 1024; // reads up to this size are sent from the I/O buffer
+// Reads of VIEW_MIN..VIEW_MAX bytes are sent from their I/O buffer. Below
+// 32 KiB a write callback per reply costs more than the copy it saves
+// (measured: 4 KiB random reads 54k vs 51k IOPS; 128 KiB reads +20-25%).
+const VIEW_MIN = 32 * 1024;
+const VIEW_MAX = 1024 * 1024;
 const VIEW_BUDGET = 8 * 1024 * 1024; // arena bytes one connection may hold in unsent replies
 const KNOWN_CMD_FLAGS = 0x3f;
 const META_CONTEXT_ID = 1;
@@ -281,12 +285,12 @@ export class NbdConnection {
       case CMD.READ: {
         if (length > this.maxPayload) return this.fail(req, ERR.EINVAL, 'read longer than the maximum payload');
         if (!rangeOk(ERR.EINVAL)) return;
-        // Small reads go out straight from the I/O buffer they were read into
+        // Larger reads go out straight from the I/O buffer they were read into
         // (no copy); the buffer returns to the arena once the socket has taken
         // it. Bounded per connection, so a client that stops reading cannot
         // pin the arena other connections need.
         let data: Buffer, release: (() => void) | undefined;
-        if (length && exp.readView && length <= VIEW_MAX && this.viewBytes + length <= VIEW_BUDGET) {
+        if (length >= VIEW_MIN && exp.readView && length <= VIEW_MAX && this.viewBytes + length <= VIEW_BUDGET) {
           this.viewBytes += length; // reserved before the await: the budget holds under concurrency
           let v: { data: Buffer; release(): void };
           try { v = await exp.readView(offset, length); } catch (e) { this.viewBytes -= length; throw e; }
