@@ -134,6 +134,7 @@ class Ring : public Napi::ObjectWrap<Ring> {
                         InstanceMethod<&Ring::SubmitReap>("submitReap"),
                         InstanceMethod<&Ring::CloseJs>("close"),
                         InstanceAccessor<&Ring::Inflight>("inflight"),
+                        InstanceAccessor<&Ring::Ready>("ready"),
                         InstanceAccessor<&Ring::MaxInflight>("maxInflight")});
   }
 
@@ -176,8 +177,16 @@ class Ring : public Napi::ObjectWrap<Ring> {
     asyncCtx_.reset(new Napi::AsyncContext(env, "strata:ring"));
     int efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (efd < 0) { int e = errno; Teardown(true); Fail(env, e, "eventfd"); }
-    // Not register_eventfd_async: on some kernels (6.12) it stays silent for
-    // completions posted through task_work (io-wq fsync), which then hang.
+    // The wake-up path: the kernel signals this eventfd after posting CQEs,
+    // libuv watches it (uv_poll, level-triggered epoll) and OnPoll reaps.
+    // It delivers every completion on 6.18 and in QEMU guests on Debian
+    // 6.12.117 and 7.3.4, with Node 20's default libuv (which keeps io_uring
+    // off unless UV_USE_IO_URING=1) and with UV_USE_IO_URING=1 (epoll_ctl
+    // through libuv's own ring). The one stall reproduced in those guests was
+    // the VM test deadlocking itself (see src/uring.ts, armWatchdog).
+    // Plain, not register_eventfd_async: _async signals only when the CQE is
+    // posted from an io-wq worker, so completions posted through task_work in
+    // the submitting thread would never wake us.
     // Inline completions also signal; submitReap() consumes them first and
     // the poll callback simply finds nothing left.
     if ((r = io_uring_register_eventfd(&ring_, efd)) < 0) {
@@ -311,6 +320,13 @@ class Ring : public Napi::ObjectWrap<Ring> {
 
   Napi::Value Inflight(const Napi::CallbackInfo& info) {
     return Napi::Number::New(info.Env(), static_cast<double>(inflight_));
+  }
+
+  // Completions waiting to be reaped (rejected ops included). Reads the CQ
+  // ring's head and tail in shared memory: no syscall, nothing consumed.
+  Napi::Value Ready(const Napi::CallbackInfo& info) {
+    double n = open_ ? static_cast<double>(fake_.size() + io_uring_cq_ready(&ring_)) : 0;
+    return Napi::Number::New(info.Env(), n);
   }
 
   Napi::Value MaxInflight(const Napi::CallbackInfo& info) {

@@ -36,6 +36,8 @@ export interface NativeRing {
   wait(minComplete: number): number;
   /** Submitted and not yet reaped. */
   readonly inflight: number;
+  /** Completions waiting to be reaped (no syscall, nothing consumed); 0 once closed. */
+  readonly ready: number;
   /** CQ ring size (4 × entries, clamped by the kernel): the in-flight limit submit() enforces. */
   readonly maxInflight: number;
   /** Idempotent; cancels or waits out in-flight ops (their completions are dropped). */

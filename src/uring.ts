@@ -24,7 +24,12 @@ export class Uring {
   private closed = false;
   readonly maxInflight: number;
   readonly fixed: boolean;
-  stats = { submitted: 0, completed: 0, batches: 0, watchdogReaps: 0 };
+  /**
+   * `wakeups`: batches delivered by the eventfd wake-up (the ring's
+   * onComplete); `watchdogReaps`: batches only the last-resort watchdog
+   * delivered (see armWatchdog; stays 0 while the wake-up works).
+   */
+  stats = { submitted: 0, completed: 0, batches: 0, wakeups: 0, watchdogReaps: 0 };
 
   /** `region` is [offset, length) of `memory` that all buffers come from. */
   constructor(memory: WebAssembly.Memory, region: { offset: number; length: number }, entries = 256) {
@@ -35,7 +40,7 @@ export class Uring {
     const cqBuf = new SharedArrayBuffer(this.cap * 2 * CQ_ENTRY);
     this.sq = new DataView(sqBuf);
     this.cq = new DataView(cqBuf);
-    this.ring = new native.Ring(entries, sqBuf, cqBuf, (n: number) => this.onComplete(n));
+    this.ring = new native.Ring(entries, sqBuf, cqBuf, (n: number) => { this.stats.wakeups++; this.onComplete(n); });
     this.ring.addRegion(memory.buffer as unknown as SharedArrayBuffer, region.offset, region.length);
     // Registration can fail for non-root users with a small RLIMIT_MEMLOCK;
     // the addon then falls back to plain READ/WRITE on the same memory.
@@ -90,6 +95,7 @@ export class Uring {
   close(): void {
     if (this.closed) return;
     this.closed = true;
+    if (this.watchdog) { clearTimeout(this.watchdog); this.watchdog = null; }
     this.ring.close();
     for (const p of this.pending.values()) p.reject(fromNegErrno(-108, 'io_uring closed'));
     this.pending.clear();
@@ -141,23 +147,57 @@ export class Uring {
   }
 
   /**
-   * Safety net for the eventfd wake-up: under some kernel/libuv pairs (seen
-   * with Debian 6.12 and 7.3 guests, where libuv drives epoll through its own
-   * io_uring) the eventfd registered with our ring never wakes the loop,
-   * although the completions are posted. While anything is in flight, a
-   * coarse timer peeks at the completion queue (no syscall).
+   * Last resort behind the eventfd wake-up, which is what delivers async
+   * completions (the ring's onComplete). It reaps only completions that sat
+   * in the CQ through a whole tick while none were delivered, i.e. only if
+   * that wake-up were really lost, and says so once (process warning).
+   *
+   * It used to peek every 2 ms and reap whatever it found. In QEMU guests
+   * (Debian 6.12/7.3) I/O and JS are slow enough that the timer was often
+   * due by the time a completion's eventfd was readable, and libuv runs due
+   * timers before it polls: the timer took completions the eventfd had
+   * announced, and its reap count suggested a broken wake-up where there was
+   * none (with it disabled, every completion arrived through the eventfd).
+   * The only stall reproduced in those guests was test/vm/nbd-kernel.ts
+   * writing to the NBD-mounted filesystem with synchronous fs calls from the
+   * process serving the device, a deadlock with the main thread blocked
+   * (fixed in 471256e). The suspected cause, libuv driving epoll through its
+   * own io_uring, does not apply to Node 20's libuv by default: Node ships
+   * its io_uring disabled (UV_USE_IO_URING=1 turns it on), and with it on
+   * the eventfd path works as well. test/vm/uring-wakeup.ts checks that this
+   * watchdog stays idle in those guests.
    */
   private watchdog: NodeJS.Timeout | null = null;
+  /** stats.completed when the last tick found completions waiting, else -1. */
+  private wdMark = -1;
+  private wdWarned = false;
   private armWatchdog(): void {
     if (this.watchdog || this.pending.size === 0 || this.closed) return;
-    this.watchdog = setTimeout(() => {
-      this.watchdog = null;
-      if (this.closed) return;
-      const n = this.ring.reap();
-      if (n) { this.stats.watchdogReaps++; this.onComplete(n); }
-      this.armWatchdog();
-    }, 2);
+    this.watchdog = setTimeout(() => this.watchdogTick(), WATCHDOG_TICK_MS);
     this.watchdog.unref();
+  }
+
+  private watchdogTick(): void {
+    this.watchdog = null;
+    if (this.closed) return;
+    if (this.ring.ready === 0) {
+      this.wdMark = -1;
+    } else if (this.wdMark !== this.stats.completed) {
+      this.wdMark = this.stats.completed; // first sighting: the wake-up has a tick to deliver them
+    } else {
+      this.wdMark = -1;
+      const n = this.ring.reap();
+      if (n) {
+        this.stats.watchdogReaps++;
+        if (!this.wdWarned) {
+          this.wdWarned = true;
+          process.emitWarning(`io_uring completions sat unreaped for ${WATCHDOG_TICK_MS} ms: the eventfd wake-up ` +
+            'did not deliver them and the watchdog did (expect added latency)', { code: 'STRATA_URING_WATCHDOG' });
+        }
+        this.onComplete(n);
+      }
+    }
+    this.armWatchdog();
   }
 
   private onComplete(n: number): void {
@@ -175,6 +215,9 @@ export class Uring {
     if (this.queued.length) this.flush();
   }
 }
+
+/** Watchdog period; it reaps completions left waiting through a whole tick. */
+const WATCHDOG_TICK_MS = 20;
 
 function setU64(v: DataView, at: number, x: number): void {
   v.setUint32(at, x >>> 0, true);

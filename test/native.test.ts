@@ -8,6 +8,7 @@ import {
   CQ_ENTRY, Desc, FLAG_FIXED, FLAG_PUNCH, NATIVE_PATH, NativeError, NativeRing, OP, SQ_ENTRY,
   loadNative, writeDesc,
 } from '../src/native';
+import { Uring } from '../src/uring';
 
 const native = loadNative();
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'strata-native-'));
@@ -241,6 +242,44 @@ test('async rejected descriptors are delivered through onComplete too', async ()
   });
   assert.is(res, -14);
   h.ring.close();
+});
+
+test('ready counts completions waiting to be reaped, rejected ones included, without consuming them', () => {
+  const h = harness();
+  assert.is(h.ring.ready, 0);
+  for (let i = 0; i < 3; i++) writeDesc(h.sqView, i, SQ_CAP, { ...base, id: 80 + i });
+  writeDesc(h.sqView, 3, SQ_CAP, { ...base, op: OP.READ, fd: 0, len: 10, id: 83, bufOffset: 1 << 21 }); // -EFAULT
+  h.ring.submit(0, 4);
+  // NOPs complete inside io_uring_enter; the rejected one never reaches the kernel.
+  assert.is(h.ring.ready, 4);
+  assert.is(h.ring.ready, 4, 'reading ready consumed nothing');
+  assert.is(h.ring.inflight, 4);
+  assert.is(h.ring.reap(), 4);
+  assert.is(h.ring.ready, 0);
+  assert.is(h.ring.inflight, 0);
+  h.ring.submit(0, 1);
+  h.ring.close();
+  assert.is(h.ring.ready, 0, 'a closed ring has nothing to reap');
+});
+
+test('Uring: async completions arrive through the eventfd wake-up, not the watchdog', async () => {
+  const u = new Uring(mem, { offset: REGION_B, length: 1 << 20 }, 16);
+  const fd = openTmp('uring-wakeup.bin');
+  try {
+    for (let i = 0; i < 20; i++) {
+      assert.is(await u.write(fd, i * 4096, 4096, REGION_B), 4096);
+      assert.is(await u.fsync(fd), 0); // always io-wq: needs the wake-up
+      assert.is(await u.read(fd, i * 4096, 4096, REGION_B + 4096), 4096);
+    }
+    const all = await Promise.all(Array.from({ length: 32 }, (_, i) => (i & 1 ? u.fsync(fd) : u.read(fd, (i % 20) * 4096, 4096, REGION_B + i * 4096))));
+    assert.equal(all, Array.from({ length: 32 }, (_, i) => (i & 1 ? 0 : 4096)));
+    assert.ok(u.stats.wakeups >= 20, `wakeups ${u.stats.wakeups}`);
+    assert.is(u.stats.watchdogReaps, 0);
+    assert.is(u.stats.completed, u.stats.submitted);
+  } finally {
+    u.close();
+    fs.closeSync(fd);
+  }
 });
 
 // Runs plain JS in a fresh node and requires it to exit on its own.
