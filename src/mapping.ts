@@ -43,13 +43,7 @@ export function normalize(heap: SharedHeap, ext: Extent[]): Extent[] {
   if (ext.length === 0) return ext;
   const ptr = heap.alloc(ext.length * 32);
   try {
-    const v = new DataView(heap.buffer, ptr, ext.length * 32);
-    ext.forEach((e, i) => {
-      v.setBigUint64(i * 32, BigInt(e.dev), true);
-      v.setBigUint64(i * 32 + 8, BigInt(e.len), true);
-      v.setUint32(i * 32 + 16, e.layer, true);
-      v.setBigUint64(i * 32 + 24, BigInt(e.data), true);
-    });
+    const v = storeExtents(heap, ptr, ext);
     const n = heap.wasm.normalize(ptr, ext.length);
     const out: Extent[] = [];
     for (let i = 0; i < n; i++) {
@@ -62,18 +56,24 @@ export function normalize(heap: SharedHeap, ext: Extent[]): Extent[] {
   } finally { heap.free(ptr); }
 }
 
+/** Writes extents as 32-byte records (see docs/format.md) at ptr. */
+function storeExtents(heap: SharedHeap, ptr: number, ext: Extent[]): DataView {
+  const v = new DataView(heap.buffer, ptr, Math.max(1, ext.length) * 32);
+  ext.forEach((e, i) => {
+    v.setBigUint64(i * 32, BigInt(e.dev), true);
+    v.setBigUint64(i * 32 + 8, BigInt(e.len), true);
+    v.setUint32(i * 32 + 16, e.layer, true);
+    v.setBigUint64(i * 32 + 24, BigInt(e.data), true);
+  });
+  return v;
+}
+
 /** Extents copied into shared memory for WASM binary search during reads. */
 export class MappingTable {
   readonly ptr: number;
   constructor(private readonly heap: SharedHeap, readonly extents: Extent[]) {
     this.ptr = heap.alloc(Math.max(1, extents.length) * 32);
-    const v = new DataView(heap.buffer, this.ptr, Math.max(1, extents.length) * 32);
-    extents.forEach((e, i) => {
-      v.setBigUint64(i * 32, BigInt(e.dev), true);
-      v.setBigUint64(i * 32 + 8, BigInt(e.len), true);
-      v.setUint32(i * 32 + 16, e.layer, true);
-      v.setBigUint64(i * 32 + 24, BigInt(e.data), true);
-    });
+    storeExtents(heap, this.ptr, extents);
   }
 
   /** Index of the extent holding device byte `off`. */
