@@ -11,7 +11,7 @@ import { randomBytes } from 'crypto';
 import type { Core } from './core';
 import type { LayerRegistry } from './layers';
 import type { LayerCache } from './layer-cache';
-import { BLOCK_SIZE, Codec, type LayerHeader, ZERO_LAYER } from './format';
+import { BLOCK_SIZE, Codec, type Extent, type LayerHeader, ZERO_LAYER } from './format';
 import { MappingTable } from './mapping';
 import { RangeLock } from './range-lock';
 import { S } from './wasm';
@@ -200,7 +200,6 @@ export class Device {
    */
   zeroMap(offset: number, length: number): Extent2[] {
     this.check(offset, length, 'block status');
-    const w = this.core.heap.wasm;
     const out: Extent2[] = [];
     const push = (o: number, l: number, zero: boolean) => {
       const last = out[out.length - 1];
@@ -208,34 +207,10 @@ export class Device {
       else out.push({ offset: o, length: l, zero });
     };
     const b0 = Math.floor(offset / BS), b1 = Math.ceil((offset + length) / BS);
-    const { cur, frozen, base } = this;
-    const level = (lv: number, b: number, e: number): void => {
-      if (lv < 0) {
-        let pos = b * BS;
-        for (let i = base.map.find(pos); pos < e * BS; i++) {
-          const x = base.map.extents[i];
-          const take = Math.min(e * BS, x.dev + x.len) - pos;
-          push(pos, take, x.layer === ZERO_LAYER);
-          pos += take;
-        }
-        return;
-      }
-      const t = frozen[lv].table;
-      for (let x = b; x < e;) {
-        const xe = w.runEnd(t, x, e);
-        const st = w.stateGet(t, x);
-        if (st !== S.ABSENT) push(x * BS, (xe - x) * BS, st === S.ZERO);
-        else level(lv - 1, x, xe);
-        x = xe;
-      }
-    };
-    for (let b = b0; b < b1;) {
-      const e = w.runEnd(cur.table, b, b1);
-      const st = w.stateGet(cur.table, b);
-      if (st !== S.ABSENT) push(b * BS, (e - b) * BS, st === S.ZERO);
-      else level(frozen.length - 1, b, e);
-      b = e;
-    }
+    const view: View = { cur: this.cur, frozen: this.frozen, base: this.base };
+    this.walk(view, b0, b1,
+      (_ov, st, x, xe) => push(x * BS, (xe - x) * BS, st === S.ZERO),
+      (x, xe) => forExtents(view.base, x * BS, xe * BS, (e, pos, take) => push(pos, take, e.layer === ZERO_LAYER)));
     // Clip to the request.
     if (out.length) {
       const first = out[0];
@@ -250,15 +225,10 @@ export class Device {
   async prefetch(offset: number, length: number): Promise<void> {
     this.check(offset, length, 'prefetch');
     const base = this.base;
-    let pos = offset - (offset % BS);
-    const end = Math.ceil((offset + length) / BS) * BS;
     const jobs: Promise<void>[] = [];
-    for (let i = base.map.find(pos); pos < end && i >= 0 && i < base.map.extents.length; i++) {
-      const x = base.map.extents[i];
-      const take = Math.min(end, x.dev + x.len) - pos;
+    forExtents(base, offset - (offset % BS), Math.ceil((offset + length) / BS) * BS, (x, pos, take) => {
       if (x.layer !== ZERO_LAYER) jobs.push(base.caches.get(x.layer)!.ensure(x.data + pos - x.dev, take));
-      pos += take;
-    }
+    });
     await Promise.all(jobs);
   }
 
@@ -446,40 +416,39 @@ export class Device {
   /** Fills [ptr, ...) with blocks [b0, b1) as the view sees them. */
   private readBlocks(view: View, b0: number, b1: number, ptr: number): Promise<void> {
     const jobs: Promise<void>[] = [];
-    this.readLevel(view, view.frozen.length, b0, b1, b0, ptr, jobs);
+    const w = this.core.heap.wasm;
+    const at = (x: number) => ptr + (x - b0) * BS;
+    this.walk(view, b0, b1,
+      (ov, st, x, xe) => {
+        if (st === S.DIRTY) jobs.push(this.readFile(ov.fd, x * BS, (xe - x) * BS, at(x)));
+        else w.zeroFill(at(x), (xe - x) * BS);
+      },
+      (x, xe) => forExtents(view.base, x * BS, xe * BS, (e, pos, take) => {
+        const dst = ptr + pos - b0 * BS;
+        if (e.layer === ZERO_LAYER) w.zeroFill(dst, take);
+        else jobs.push(view.base.caches.get(e.layer)!.read(e.data + pos - e.dev, take, dst));
+      }));
     return jobs.length === 1 ? jobs[0] : Promise.all(jobs).then(() => undefined);
   }
 
   /**
-   * Level n (= frozen.length) is the current overlay, n-1..0 the frozen
-   * ones, -1 the base. Each level serves its DIRTY/ZERO runs and passes the
-   * ABSENT runs down.
+   * Resolves blocks [b, e) through the view's levels: the current overlay,
+   * then frozen overlays newest first. Runs an overlay holds (DIRTY or ZERO)
+   * go to `onOverlay`; runs no overlay holds go to `onBase`. The one place
+   * that knows the lookup order: reads and block status both use it.
    */
-  private readLevel(view: View, lv: number, b: number, e: number, b0: number, ptr: number, jobs: Promise<void>[]): void {
-    const at = (x: number) => ptr + (x - b0) * BS;
-    if (lv < 0) { this.readBase(view.base, b, e, at(b), jobs); return; }
+  private walk(view: View, b: number, e: number,
+    onOverlay: (ov: Overlay, state: number, x: number, xe: number) => void,
+    onBase: (x: number, xe: number) => void, lv = view.frozen.length): void {
+    if (lv < 0) { onBase(b, e); return; }
     const ov = lv === view.frozen.length ? view.cur : view.frozen[lv];
     const w = this.core.heap.wasm;
     for (let x = b; x < e;) {
       const xe = w.runEnd(ov.table, x, e);
       const st = w.stateGet(ov.table, x);
-      if (st === S.DIRTY) jobs.push(this.readFile(ov.fd, x * BS, (xe - x) * BS, at(x)));
-      else if (st === S.ZERO) this.core.heap.wasm.zeroFill(at(x), at(xe) - at(x));
-      else this.readLevel(view, lv - 1, x, xe, b0, ptr, jobs);
+      if (st === S.DIRTY || st === S.ZERO) onOverlay(ov, st, x, xe);
+      else this.walk(view, x, xe, onOverlay, onBase, lv - 1);
       x = xe;
-    }
-  }
-
-  private readBase(base: Base, b0: number, b1: number, ptr: number, jobs: Promise<void>[]): void {
-    let pos = b0 * BS;
-    const end = b1 * BS;
-    for (let i = base.map.find(pos); pos < end; i++) {
-      const x = base.map.extents[i];
-      const take = Math.min(end, x.dev + x.len) - pos;
-      const dst = ptr + pos - b0 * BS;
-      if (x.layer === ZERO_LAYER) this.core.heap.wasm.zeroFill(dst, take);
-      else jobs.push(base.caches.get(x.layer)!.read(x.data + pos - x.dev, take, dst));
-      pos += take;
     }
   }
 
@@ -513,6 +482,16 @@ export class Device {
     heap.wasm.stateFill(table, 0, this.blocks, S.ABSENT);
     const pin = new Pinned(() => { fs.closeSync(fd); fs.rmSync(file, { force: true }); heap.free(table); });
     return { gen, file, fd, table, pin };
+  }
+}
+
+/** Calls fn for each piece of [pos, end) with the base extent that maps it. */
+function forExtents(base: Base, pos: number, end: number, fn: (e: Extent, pos: number, take: number) => void): void {
+  const ext = base.map.extents;
+  for (let i = base.map.find(pos); pos < end && i >= 0 && i < ext.length; i++) {
+    const take = Math.min(end, ext[i].dev + ext[i].len) - pos;
+    fn(ext[i], pos, take);
+    pos += take;
   }
 }
 
