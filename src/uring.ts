@@ -5,11 +5,12 @@
 // into one registered region of the shared WASM memory (READ_FIXED /
 // WRITE_FIXED), so the kernel moves bytes straight into memory the WASM state
 // machine and the workers can see.
-import { loadNative, NativeRing, OP, FLAG_FIXED, FLAG_PUNCH, FLAG_ZERO_RANGE, SQ_ENTRY, CQ_ENTRY } from './native';
+import { loadNative, NativeRing, OP, FLAG_FIXED, FLAG_PUNCH, FLAG_ZERO_RANGE, SQ_ENTRY, CQ_ENTRY, writeDesc, type Desc } from './native';
 import { fromNegErrno } from './errors';
 
 interface Pending { resolve(n: number): void; reject(e: Error): void; what: string }
-interface Op { op: number; flags: number; fd: number; len: number; bufOffset: number; fileOffset: number; p: Pending }
+/** A queued request: the descriptor fields (id set at submit) plus its promise. */
+interface Op extends Desc { p: Pending }
 
 export class Uring {
   private ring: NativeRing;
@@ -104,7 +105,7 @@ export class Uring {
   private push(op: number, flags: number, fd: number, len: number, bufOffset: number, fileOffset: number, what: string): Promise<number> {
     if (this.closed) return Promise.reject(fromNegErrno(-108, `${what} on a closed ring`));
     return new Promise<number>((resolve, reject) => {
-      this.queued.push({ op, flags, fd, len, bufOffset, fileOffset, p: { resolve, reject, what } });
+      this.queued.push({ op, flags, bufIndex: 0, fd, len, id: 0, bufOffset, fileOffset, p: { resolve, reject, what } });
       if (!this.flushScheduled) {
         this.flushScheduled = true;
         // Collect everything issued in this turn and submit it in one call.
@@ -123,16 +124,8 @@ export class Uring {
       const o = this.queued[i];
       const id = this.nextId;
       this.nextId = this.nextId >= 0x7fffffff ? 1 : this.nextId + 1;
-      const at = ((this.head + i) % this.cap) * SQ_ENTRY;
-      const v = this.sq;
-      v.setUint8(at, o.op);
-      v.setUint8(at + 1, o.flags);
-      v.setUint16(at + 2, 0, true);
-      v.setInt32(at + 4, o.fd, true);
-      v.setUint32(at + 8, o.len, true);
-      v.setUint32(at + 12, id, true);
-      setU64(v, at + 16, o.bufOffset);
-      setU64(v, at + 24, o.fileOffset);
+      o.id = id;
+      writeDesc(this.sq, this.head + i, this.cap, o);
       this.pending.set(id, o.p);
     }
     this.queued.splice(0, n);
@@ -219,7 +212,3 @@ export class Uring {
 /** Watchdog period; it reaps completions left waiting through a whole tick. */
 const WATCHDOG_TICK_MS = 20;
 
-function setU64(v: DataView, at: number, x: number): void {
-  v.setUint32(at, x >>> 0, true);
-  v.setUint32(at + 4, Math.floor(x / 0x100000000), true);
-}
