@@ -409,25 +409,31 @@ export class NbdConnection {
   }
 }
 
-function parseInfoRequest(d: Buffer): { name: string; infos: number[] } | null {
-  if (d.length < 6) return null;
+/** An export name (u32 length + bytes) at the start of option data; null if it does not fit. */
+function readName(d: Buffer, trailer: number): { name: string; at: number } | null {
+  if (d.length < 4) return null;
   const nameLen = d.readUInt32BE(0);
-  if (4 + nameLen + 2 > d.length) return null;
-  const name = d.toString('utf8', 4, 4 + nameLen);
-  const n = d.readUInt16BE(4 + nameLen);
-  if (d.length !== 4 + nameLen + 2 + n * 2) return null;
-  const infos: number[] = [];
-  for (let i = 0; i < n; i++) infos.push(d.readUInt16BE(6 + nameLen + i * 2));
-  return { name, infos };
+  if (4 + nameLen + trailer > d.length) return null;
+  return { name: d.toString('utf8', 4, 4 + nameLen), at: 4 + nameLen };
 }
 
+/** INFO/GO data: name, u16 count, count × u16 info types. */
+function parseInfoRequest(d: Buffer): { name: string; infos: number[] } | null {
+  const r = readName(d, 2);
+  if (!r) return null;
+  const n = d.readUInt16BE(r.at);
+  if (d.length !== r.at + 2 + n * 2) return null;
+  const infos: number[] = [];
+  for (let i = 0; i < n; i++) infos.push(d.readUInt16BE(r.at + 2 + i * 2));
+  return { name: r.name, infos };
+}
+
+/** LIST/SET_META_CONTEXT data: name, u32 count, count × (u32 length + query). */
 function parseMetaRequest(d: Buffer): { name: string; queries: string[] } | null {
-  if (d.length < 8) return null;
-  const nameLen = d.readUInt32BE(0);
-  if (4 + nameLen + 4 > d.length) return null;
-  const name = d.toString('utf8', 4, 4 + nameLen);
-  const nq = d.readUInt32BE(4 + nameLen);
-  let at = 8 + nameLen;
+  const r = readName(d, 4);
+  if (!r) return null;
+  const nq = d.readUInt32BE(r.at);
+  let at = r.at + 4;
   const queries: string[] = [];
   for (let i = 0; i < nq; i++) {
     if (at + 4 > d.length) return null;
@@ -436,5 +442,5 @@ function parseMetaRequest(d: Buffer): { name: string; queries: string[] } | null
     queries.push(d.toString('utf8', at + 4, at + 4 + l));
     at += 4 + l;
   }
-  return at === d.length ? { name, queries } : null;
+  return at === d.length ? { name: r.name, queries } : null;
 }
