@@ -376,13 +376,29 @@ class NbdkitFilePeer implements Peer {
 }
 
 /** nbdkit `cow` filter over the read-only base; restarted for a fresh overlay. */
-class NbdkitCowPeer implements Peer {
+/** A peer whose overlay is thrown away by restarting it: every cell starts fresh. */
+abstract class RestartedPeer implements Peer {
+  abstract key: string;
+  abstract label: string;
+  protected abstract sock: string;
+  abstract start(): Promise<void>;
+  abstract stop(): Promise<void>;
+  abstract pid(): number | undefined;
+  async fresh(): Promise<string> {
+    await this.stop();
+    await this.start();
+    return uri('', this.sock);
+  }
+}
+
+class NbdkitCowPeer extends RestartedPeer {
   key: string;
   label: string;
   private child?: Child;
-  private sock: string;
+  protected sock: string;
   private tmp: string;
   constructor(private readonly dir: string, private readonly base: string, private readonly block: number) {
+    super();
     this.key = `nbdkit-cow${block / 1024}k`;
     this.label = `nbdkit cow ${block / 1024}k${block === 65536 ? ' (default)' : ''}`;
     this.sock = path.join(dir, `${this.key}.sock`);
@@ -397,24 +413,20 @@ class NbdkitCowPeer implements Peer {
     { env: { ...process.env, TMPDIR: this.tmp } });
     await waitNbd(this.sock, this.child);
   }
-  async fresh(): Promise<string> {
-    await this.stop();
-    await this.start();
-    return uri('', this.sock);
-  }
   pid() { return this.child?.pid; }
   // Exiting frees the whole temporary overlay, which can take seconds after a write test.
   async stop(): Promise<void> { await this.child?.stop('SIGTERM', 30000); }
 }
 
 /** qemu-nbd on a qcow2 overlay backed by the base; the overlay is recreated per cell. */
-class QemuPeer implements Peer {
+class QemuPeer extends RestartedPeer {
   key: string;
   label: string;
   private child?: Child;
-  private sock: string;
+  protected sock: string;
   private overlay: string;
   constructor(private readonly dir: string, private readonly base: string, private readonly aio: 'threads' | 'io_uring') {
+    super();
     this.key = aio === 'threads' ? 'qemu-threads' : 'qemu-uring';
     this.label = `qemu-nbd qcow2 aio=${aio}`;
     this.sock = path.join(dir, `${this.key}.sock`);
@@ -429,11 +441,6 @@ class QemuPeer implements Peer {
     this.child = new Child(this.key, 'qemu-nbd', ['-k', this.sock, '-t', '-e', '2', '-f', 'qcow2',
       '--cache=writeback', `--aio=${this.aio}`, this.overlay], path.join(this.dir, `${this.key}.log`));
     await waitNbd(this.sock, this.child);
-  }
-  async fresh(): Promise<string> {
-    await this.stop();
-    await this.start();
-    return uri('', this.sock);
   }
   pid() { return this.child?.pid; }
   async stop(): Promise<void> { await this.child?.stop('SIGTERM', 30000); fs.rmSync(this.overlay, { force: true }); }
