@@ -144,7 +144,7 @@ function seqCursor(size: number, len: number): () => number {
  * completion wakes the loop and reaps the stuck ones too.
  */
 const STALL_S = 3;
-/** Times src/uring.ts's 2 ms timer found completions before an eventfd callback did (a lost wake-up costs this, not a hang). */
+/** Batches src/uring.ts's last-resort watchdog delivered because no eventfd wake-up did (should stay 0). */
 const watchdogReaps = { baseline: 0, engines: 0 };
 const kickers: Array<{ name: string; ring: () => Uring | null; fd: number }> = [];
 function startWatchdog(): () => void {
@@ -784,7 +784,7 @@ async function main(): Promise<void> {
     process.stdout.write(table() + '\n');
     if (surprises.length) process.stdout.write(`\nSurprises:\n${surprises.map((x) => `- ${x}`).join('\n')}\n`);
     const baseReaps = watchdogReaps.baseline + (ring.stats.watchdogReaps ?? 0);
-    process.stdout.write(`\nuring.ts 2 ms timer reaps (completions found by the timer before any eventfd callback; a lost wake-up shows up here instead of as a hang): ` +
+    process.stdout.write(`\nuring.ts watchdog reaps (batches no eventfd wake-up delivered; should be 0): ` +
       `baseline ring ${baseReaps}, engine rings ${watchdogReaps.engines}\n`);
 
     // ---- 6. codecs
