@@ -93,24 +93,17 @@ export class Device {
 
   /** Reads into `dest` (a copy: later writes never change it, H1). */
   async readInto(offset: number, dest: Uint8Array): Promise<void> {
-    const length = dest.length;
-    this.check(offset, length, 'read');
-    if (length === 0) return;
-    this.stats.reads++; this.stats.readBytes += length;
-    const b0 = Math.floor(offset / BS), b1 = Math.ceil((offset + length) / BS);
-    const unlock = await this.locks.acquire(b0, b1, false);
-    const view = this.pinView();
-    try {
+    this.check(offset, dest.length, 'read');
+    if (dest.length === 0) return;
+    await this.readLocked(offset, dest.length, async (view, b0, b1) => {
       for (let c0 = b0; c0 < b1; c0 += CHUNK_BLOCKS) {
         const c1 = Math.min(b1, c0 + CHUNK_BLOCKS);
-        const ptr = await this.core.arena.acquire((c1 - c0) * BS);
-        try {
-          await this.readBlocks(view, c0, c1, ptr);
-          const from = Math.max(offset, c0 * BS), to = Math.min(offset + length, c1 * BS);
-          dest.set(this.core.heap.u8.subarray(ptr + from - c0 * BS, ptr + to - c0 * BS), from - offset);
-        } finally { this.core.arena.release(ptr); }
+        const ptr = await this.readChunk(view, c0, c1);
+        const from = Math.max(offset, c0 * BS), to = Math.min(offset + dest.length, c1 * BS);
+        dest.set(this.core.heap.u8.subarray(ptr + from - c0 * BS, ptr + to - c0 * BS), from - offset);
+        this.core.arena.release(ptr);
       }
-    } finally { this.unpinView(view); unlock(); }
+    });
   }
 
   /**
@@ -122,24 +115,29 @@ export class Device {
   async readView(offset: number, length: number): Promise<{ data: Buffer; release(): void }> {
     this.check(offset, length, 'read');
     if (length === 0 || length > CHUNK_BLOCKS * BS) throw einval(`readView of ${length} bytes (1 byte .. 1 MiB)`);
-    this.stats.reads++; this.stats.readBytes += length;
-    const b0 = Math.floor(offset / BS), b1 = Math.ceil((offset + length) / BS);
-    const unlock = await this.locks.acquire(b0, b1, false);
-    const view = this.pinView();
+    const { ptr, b0 } = await this.readLocked(offset, length, async (view, b0, b1) => ({ ptr: await this.readChunk(view, b0, b1), b0 }));
     const arena = this.core.arena;
-    let ptr = -1;
-    try {
-      ptr = await arena.acquire((b1 - b0) * BS);
-      await this.readBlocks(view, b0, b1, ptr);
-    } catch (e) {
-      if (ptr >= 0) arena.release(ptr);
-      throw e;
-    } finally { this.unpinView(view); unlock(); }
     let released = false;
     return {
       data: this.core.heap.slice(ptr + offset - b0 * BS, length),
       release: () => { if (!released) { released = true; arena.release(ptr); } },
     };
+  }
+
+  /** Runs fn with blocks [b0, b1) read-locked and the current view pinned. */
+  private async readLocked<T>(offset: number, length: number, fn: (view: View, b0: number, b1: number) => Promise<T>): Promise<T> {
+    this.stats.reads++; this.stats.readBytes += length;
+    const b0 = Math.floor(offset / BS), b1 = Math.ceil((offset + length) / BS);
+    const unlock = await this.locks.acquire(b0, b1, false);
+    const view = this.pinView();
+    try { return await fn(view, b0, b1); } finally { this.unpinView(view); unlock(); }
+  }
+
+  /** Blocks [c0, c1) read into a fresh arena buffer (the caller releases it). */
+  private async readChunk(view: View, c0: number, c1: number): Promise<number> {
+    const ptr = await this.core.arena.acquire((c1 - c0) * BS);
+    try { await this.readBlocks(view, c0, c1, ptr); } catch (e) { this.core.arena.release(ptr); throw e; }
+    return ptr;
   }
 
   async write(offset: number, data: Uint8Array, opts: { fua?: boolean } = {}): Promise<void> {
