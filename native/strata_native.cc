@@ -24,11 +24,19 @@
 #include <utility>
 #include <vector>
 
+#include "modules.h"
+#include "napi_util.h"
+
 #if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "descriptors are little-endian and copied as host structs"
 #endif
 
 namespace {
+
+using strata::ArgUint;
+using strata::Bytes;
+using strata::Fail;
+using strata::GetBytes;
 
 enum Op : uint8_t { READ = 1, WRITE = 2, FSYNC = 3, FDATASYNC = 4, FALLOCATE = 5, NOP = 6 };
 enum Flag : uint8_t { FIXED = 1, PUNCH = 2, ZERO_RANGE = 4 };
@@ -47,63 +55,6 @@ static_assert(sizeof(Desc) == 32, "SQ descriptor is 32 bytes");
 
 // Outside the u32 id space, so it can never collide with a caller's id.
 constexpr uint64_t kCancelTag = 1ull << 32;
-
-// Every error raised here carries errno/code like Node's own fs errors.
-[[noreturn]] void Fail(Napi::Env env, int err, const std::string& what) {
-  Napi::Error e = Napi::Error::New(env, what + ": " + strerror(err));
-  const char* name = strerrorname_np(err);
-  e.Set("errno", Napi::Number::New(env, err));
-  e.Set("code", Napi::String::New(env, name ? name : "EUNKNOWN"));
-  throw e;
-}
-
-struct Bytes {
-  uint8_t* data = nullptr;
-  size_t len = 0;
-  napi_value arrayBuffer = nullptr;  // set only when backed by a detachable ArrayBuffer
-};
-
-Bytes GetBytes(Napi::Env env, Napi::Value v, const char* what) {
-  Bytes b;
-  void* data = nullptr;
-  napi_value ab = nullptr;
-  if (v.IsTypedArray()) {
-    napi_typedarray_type type;
-    size_t n;
-    NAPI_THROW_IF_FAILED(env, napi_get_typedarray_info(env, v, &type, &n, &data, &ab, nullptr), b);
-    b.len = v.As<Napi::TypedArray>().ByteLength();
-  } else if (v.IsDataView()) {
-    NAPI_THROW_IF_FAILED(env, napi_get_dataview_info(env, v, &b.len, &data, &ab, nullptr), b);
-  } else if (v.IsArrayBuffer()) {
-    ab = v;
-    NAPI_THROW_IF_FAILED(env, napi_get_arraybuffer_info(env, v, &data, &b.len), b);
-  } else if (v.IsObject()) {
-    // Node-API (Node 20) cannot open a SharedArrayBuffer directly, but a
-    // Uint8Array over it can; checking .buffer rejects array-likes, which
-    // the constructor would copy instead of view.
-    Napi::Function u8 = env.Global().Get("Uint8Array").As<Napi::Function>();
-    Napi::Value view = u8.New({v});
-    if (!view.As<Napi::Object>().Get("buffer").StrictEquals(v))
-      Fail(env, EINVAL, std::string(what) + " must be a SharedArrayBuffer, ArrayBuffer or view");
-    return GetBytes(env, view, what);
-  } else {
-    Fail(env, EINVAL, std::string(what) + " must be a SharedArrayBuffer, ArrayBuffer or view");
-  }
-  b.data = static_cast<uint8_t*>(data);
-  bool isPlainAb = false;
-  if (ab != nullptr) napi_is_arraybuffer(env, ab, &isPlainAb);  // false for SAB
-  if (isPlainAb) b.arrayBuffer = ab;
-  return b;
-}
-
-uint64_t ArgUint(const Napi::CallbackInfo& info, size_t i, const char* name, uint64_t max) {
-  Napi::Env env = info.Env();
-  if (!info[i].IsNumber()) Fail(env, EINVAL, std::string(name) + " must be a number");
-  double d = info[i].As<Napi::Number>().DoubleValue();
-  if (!(d >= 0 && d <= static_cast<double>(max)) || d != static_cast<double>(static_cast<uint64_t>(d)))
-    Fail(env, EINVAL, std::string(name) + " must be an integer in [0, " + std::to_string(max) + "]");
-  return static_cast<uint64_t>(d);
-}
 
 struct Region {
   Napi::Reference<Napi::Value> owner;  // keeps the memory alive
@@ -603,6 +554,8 @@ Napi::Object InitModule(Napi::Env env, Napi::Object exports) {
   exports.Set("Ring", Ring::Init(env));
   exports.Set("info", Napi::Function::New(env, Info, "info"));
   exports.Set("pageSize", Napi::Function::New(env, PageSize, "pageSize"));
+  strata::InitDeviceTarget(env, exports);
+  strata::InitNbdWire(env, exports);
   return exports;
 }
 

@@ -17,6 +17,8 @@ import { RangeLock } from './range-lock';
 import { S } from './wasm';
 import { einval, StrataError } from './errors';
 import { writeLayer, type BlockRun, type Progress, type WriteLayerStats } from './layer-writer';
+import { NativePlane } from './native-plane';
+import type { NativeDeviceView, NativeTarget } from './native';
 
 const BS = BLOCK_SIZE;
 const SECTOR = 512;
@@ -62,6 +64,8 @@ export class Device {
   private gen = 0;
   private closed = false;
   private readonly dir: string;
+  /** Set once a native frontend serves this device (see native-plane.ts). */
+  private plane: NativePlane | null = null;
   stats = { reads: 0, writes: 0, readBytes: 0, writeBytes: 0, trims: 0, flushes: 0, snapshots: 0 };
 
   private constructor(private readonly core: Core, private readonly registry: LayerRegistry,
@@ -130,7 +134,7 @@ export class Device {
     const b0 = Math.floor(offset / BS), b1 = Math.ceil((offset + length) / BS);
     const unlock = await this.locks.acquire(b0, b1, false);
     const view = this.pinView();
-    try { return await fn(view, b0, b1); } finally { this.unpinView(view); unlock(); }
+    try { return await this.gated(false, () => fn(view, b0, b1)); } finally { this.unpinView(view); unlock(); }
   }
 
   /** Blocks [c0, c1) read into a fresh arena buffer (the caller releases it). */
@@ -147,7 +151,7 @@ export class Device {
     const b0 = Math.floor(offset / BS), b1 = Math.ceil((offset + data.length) / BS);
     const unlock = await this.locks.acquire(b0, b1, true);
     try {
-      await this.writeLocked(offset, data.length, data);
+      await this.gated(true, () => this.writeLocked(offset, data.length, data));
       if (opts.fua) await this.syncFiles();
     } finally { unlock(); }
   }
@@ -164,6 +168,12 @@ export class Device {
     const b0 = Math.floor(offset / BS), b1 = Math.ceil((offset + length) / BS);
     const unlock = await this.locks.acquire(b0, b1, true);
     try {
+      await this.gated(true, () => this.zeroLocked(offset, length, opts));
+    } finally { unlock(); }
+  }
+
+  private async zeroLocked(offset: number, length: number, opts: { fua?: boolean; noHole?: boolean }): Promise<void> {
+    {
       const f0 = Math.ceil(offset / BS), f1 = Math.floor((offset + length) / BS);
       if (f0 >= f1 || opts.noHole) {
         await this.writeLocked(offset, length, null);
@@ -178,7 +188,7 @@ export class Device {
       await this.core.uring.punch(ov.fd, f0 * BS, (f1 - f0) * BS);
       this.core.heap.wasm.stateFill(ov.table, f0, f1 - f0, S.ZERO);
       if (opts.fua) await this.syncFiles();
-    } finally { unlock(); }
+    }
   }
 
   /** Trim: strata guarantees trimmed ranges read back as zeros. */
@@ -250,8 +260,11 @@ export class Device {
       const unlock = await lock;
       const ov = this.cur;
       try {
-        this.cur = this.newOverlay();
-        this.frozen.push(ov);
+        await this.gated(true, () => {
+          this.cur = this.newOverlay();
+          this.frozen.push(ov);
+          this.publish();
+        });
       } finally { unlock(); }
       const frozenMs = performance.now() - t0;
       await prev.catch(() => {});
@@ -277,8 +290,11 @@ export class Device {
       // fetching. Readers that started earlier keep their pinned view (H14).
       const newBase = await resolveBase(this.core, this.registry, header);
       const oldBase = this.base;
-      this.base = newBase;
-      this.frozen.splice(this.frozen.indexOf(ov), 1);
+      await this.gated(true, () => {
+        this.base = newBase;
+        this.frozen.splice(this.frozen.indexOf(ov), 1);
+        this.publish();
+      });
       ov.pin.retire();
       oldBase.pin.retire();
       this.stats.snapshots++;
@@ -311,6 +327,12 @@ export class Device {
   private async foldBack(): Promise<void> {
     const unlock = await this.locks.acquire(0, this.blocks, true);
     try {
+      await this.gated(true, () => this.foldBackLocked());
+    } finally { unlock(); }
+  }
+
+  private async foldBackLocked(): Promise<void> {
+    {
       const w = this.core.heap.wasm;
       const cur = this.cur;
       for (let lv = this.frozen.length - 1; lv >= 0; lv--) {
@@ -332,7 +354,8 @@ export class Device {
         }
       }
       for (const fz of this.frozen.splice(0)) fz.pin.retire();
-    } finally { unlock(); }
+      this.publish();
+    }
   }
 
   private async copyBlocks(from: number, to: number, b0: number, b1: number): Promise<void> {
@@ -354,10 +377,49 @@ export class Device {
     await this.lastSnapshot;
     const unlock = await this.locks.acquire(0, this.blocks, true);
     this.closed = true;
+    await this.plane?.closeGate();
     unlock();
     this.cur.pin.retire();
     for (const fz of this.frozen.splice(0)) fz.pin.retire();
     this.base.pin.retire();
+  }
+
+  // -------------------------------------------------------- native plane
+
+  /**
+   * The device as a native block target: native frontends then serve reads
+   * and writes of blocks whose place is known without entering JS, and hand
+   * everything else back to this device (see native-plane.ts).
+   */
+  nativeTarget(): NativeTarget {
+    this.ensureOpen();
+    if (!this.plane) {
+      const plane = new NativePlane(this.core.heap, this.size, BS);
+      this.plane = plane;
+      void plane.gated(true, () => this.publish());
+    }
+    return this.plane.target;
+  }
+
+  /** Native fast-path counters (zeros while no native frontend is attached). */
+  nativeStats() {
+    return this.plane?.target.stats() ?? { fastReads: 0, fastWrites: 0, slowPlans: 0, readBytes: 0, writeBytes: 0 };
+  }
+
+  private gated<T>(writer: boolean, fn: () => T | Promise<T>): Promise<T> {
+    if (this.plane) return this.plane.gated(writer, fn);
+    try { return Promise.resolve(fn()); } catch (e) { return Promise.reject(e); }
+  }
+
+  /** Tells native planners the current view; only inside gated(true, ...). */
+  private publish(): void {
+    if (!this.plane) return;
+    const base = this.base;
+    const layers: NativeDeviceView['layers'] = base.header.chain.map((_, i) => base.caches.get(i)?.nativeView() ?? null);
+    this.plane.publish({
+      curFd: this.cur.fd, curTable: this.cur.table, frozen: this.frozen.length,
+      ext: base.map.ptr, nExt: base.map.extents.length, layers,
+    });
   }
 
   // ------------------------------------------------------------ internals

@@ -129,6 +129,11 @@ export class LayerCache {
     if (got < len) this.core.heap.wasm.zeroFill(ptr + got, len - got);
   }
 
+  /** Where native planners find this cache (see native/device_target.h). */
+  nativeView(): { fd: number; states: number; frames: number; nframes: number } {
+    return { fd: this.fd, states: this.states, frames: this.framesPtr, nframes: this.header.frames.length };
+  }
+
   close(): void {
     fs.closeSync(this.fd);
     this.core.heap.free(this.states);

@@ -59,10 +59,54 @@ export interface NativeInfo {
   probeOps: string[];
 }
 
+/** What a device view tells native planners (see native/device_target.h). */
+export interface NativeDeviceView {
+  curFd: number;
+  curTable: number;
+  frozen: number;
+  ext: number;
+  nExt: number;
+  /** By chain index; null for layers the mapping never references. */
+  layers: Array<{ fd: number; states: number; frames: number; nframes: number } | null>;
+}
+
+/** A block target native frontends plan requests against (native/target.h). */
+export interface NativeTarget { readonly handle: unknown }
+
+export interface NativeDeviceTarget extends NativeTarget {
+  /** Enters the gate; true when no conflicting native request is in flight any more. */
+  enter(writer: boolean): boolean;
+  drained(writer: boolean): boolean;
+  exit(writer: boolean): void;
+  /** Only with the gate held as a writer; null stops all native planning. */
+  setView(v: NativeDeviceView | null): void;
+  stats(): { fastReads: number; fastWrites: number; slowPlans: number; readBytes: number; writeBytes: number };
+}
+
+/** One slow-path request handed from a native NBD connection to JS. */
+export interface WireRequest { type: number; flags: number; cookie: Buffer; offset: number; length: number; payload: Buffer | null }
+
+export interface NativeNbdWire {
+  take(): WireRequest[];
+  /** Queues complete replies (whole, never interleaved) and retires slow requests. */
+  reply(bytes: Buffer | null, doneCount: number, doneBytes: number): void;
+  shutdown(): void;
+  destroy(): void;
+  stats(): { fast: number; slow: number };
+}
+
+export interface NbdWireOptions {
+  structured: boolean; readOnly: boolean; size: number; minBlock: number; maxPayload: number;
+  maxInflight: number; maxInflightBytes: number; maxQueuedReplyBytes: number;
+}
+
 export interface NativeAddon {
   Ring: NativeRingConstructor;
   info(): NativeInfo;
   pageSize(): number;
+  DeviceTarget: new (heap: SharedArrayBuffer, size: number, blockSize: number) => NativeDeviceTarget;
+  NbdWire: new (fd: number, target: NativeTarget | null, opts: NbdWireOptions, initial: Buffer,
+    onEvent: (kind: 'requests' | 'closed', message: string) => void) => NativeNbdWire;
 }
 
 /** Shape of every error the addon throws. */

@@ -14,6 +14,7 @@ import {
   REQUEST_LEN, serverGreeting, simpleReply, STATE, TFLAG,
 } from './protocol';
 import type { ExportResolver, NbdExport } from './export';
+import { loadNative, type NativeNbdWire } from '../native';
 
 export interface ConnectionOptions {
   exports: ExportResolver;
@@ -24,6 +25,11 @@ export interface ConnectionOptions {
   maxInflightBytes?: number;
   maxQueuedReplyBytes?: number;
   log?: (msg: string) => void;
+  /**
+   * Serve the transmission phase on a native thread when the export has a
+   * native target (default: on, unless STRATA_NBD_NATIVE=0).
+   */
+  native?: boolean;
 }
 
 const MAX_OPTION_LEN = 64 * 1024;
@@ -60,6 +66,17 @@ export class NbdConnection {
   private views = new Set<() => void>();
   private viewBytes = 0;
   stats = { requests: 0, errors: 0 };
+  /** Called once when the connection is gone (socket or native wire). */
+  onClosed: () => void = () => {};
+  // Native transmission (see native/nbd_wire.cc): the wire owns the socket;
+  // this object answers the slow-path requests it hands over.
+  private wire: NativeNbdWire | null = null;
+  private handingOff = false;
+  private wireOut: Buffer[] = [];
+  private wireDone = 0;
+  private wireDoneBytes = 0;
+  private wireFlushQueued = false;
+  private wireClosed: Promise<void> | null = null;
 
   constructor(private readonly socket: Socket, private readonly opts: ConnectionOptions) {
     this.minBlock = opts.minBlock ?? 512;
@@ -70,9 +87,9 @@ export class NbdConnection {
     this.maxQueued = opts.maxQueuedReplyBytes ?? 64 * 1024 * 1024;
     this.log = opts.log ?? (() => {});
     socket.setNoDelay?.(true);
-    socket.on('data', (b: Buffer) => { this.q.push(b); if (this.exp) this.pump(); });
+    socket.on('data', (b: Buffer) => { this.q.push(b); if (this.exp && !this.handingOff) this.pump(); });
     socket.on('error', () => {});
-    socket.on('close', () => this.onClose());
+    socket.on('close', () => { if (!this.handingOff) this.onClose(); });
     socket.on('drain', () => { if (this.paused) this.maybeResume(); });
   }
 
@@ -90,6 +107,7 @@ export class NbdConnection {
   /** Stop taking requests, finish the ones in flight, then close. */
   async shutdown(): Promise<void> {
     this.disconnecting = true;
+    if (this.wire) { this.wire.shutdown(); await this.wireClosed; return; }
     this.socket.pause();
     if (!this.exp) { this.socket.destroy(); return; }
     await this.idle();
@@ -101,8 +119,16 @@ export class NbdConnection {
     return new Promise((r) => this.drained.push(r));
   }
 
+  /** Closes at once; replies not yet sent are dropped. */
+  destroy(): void {
+    if (this.wire) this.wire.destroy();
+    else this.socket.destroy();
+  }
+
   private onClose(): void {
+    if (this.closed) return;
     this.closed = true;
+    this.onClosed();
     // Writes still queued on a dead socket may never call back: give their
     // I/O buffers back now (release is idempotent).
     for (const r of [...this.views]) r();
@@ -219,7 +245,73 @@ export class NbdConnection {
 
   private enter(exp: NbdExport): void {
     this.exp = exp;
+    if (exp.nativeTarget && (this.opts.native ?? process.env.STRATA_NBD_NATIVE !== '0')) {
+      this.handingOff = true;
+      this.goNative(exp).catch((e) => {
+        this.log(`nbd: native transmission unavailable, serving from JS: ${(e as Error).message}`);
+        this.handingOff = false;
+        if (this.socket.destroyed) { this.onClose(); return; }
+        this.socket.resume();
+        this.pump();
+      });
+      return;
+    }
     this.pump();
+  }
+
+  /**
+   * Hands the socket to a native transmission thread. The negotiation
+   * replies must be on the wire first, and bytes the client already sent
+   * (pipelined requests) go along with it.
+   */
+  private async goNative(exp: NbdExport): Promise<void> {
+    this.socket.pause();
+    await new Promise<void>((resolve) => this.socket.write(Buffer.alloc(0), () => resolve()));
+    if (this.socket.destroyed) throw new Error('socket closed during hand-off');
+    while (this.socket.read() !== null) { /* the 'data' listener queues it */ }
+    const fd = (this.socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
+    if (typeof fd !== 'number' || fd < 0) throw new Error('socket has no file descriptor');
+    const target = exp.nativeTarget!();
+    const initial = this.q.take(this.q.length);
+    let resolveClosed!: () => void;
+    this.wireClosed = new Promise((r) => { resolveClosed = r; });
+    this.wire = new (loadNative().NbdWire)(fd, target, {
+      structured: this.structured, readOnly: !!exp.readOnly, size: exp.size, minBlock: this.minBlock,
+      maxPayload: this.maxPayload, maxInflight: this.maxInflight, maxInflightBytes: this.maxInflightBytes,
+      maxQueuedReplyBytes: this.maxQueued,
+    }, Buffer.from(initial), (kind, message) => {
+      if (kind === 'requests') { this.onWireRequests(); return; }
+      if (message !== 'disconnected' && message !== 'client went away') this.log(`nbd: connection closed: ${message}`);
+      this.wire = null;
+      this.onClose();
+      for (const r of this.drained.splice(0)) r();
+      resolveClosed();
+    });
+    // The wire has its own descriptor; the JS socket lets go of its one.
+    this.socket.destroy();
+  }
+
+  private onWireRequests(): void {
+    const wire = this.wire;
+    if (!wire) return;
+    for (const r of wire.take()) {
+      if (r.type === CMD.WRITE) this.dispatch(r, r.payload);
+      else this.dispatch(r, null);
+    }
+  }
+
+  /** Slow-path replies go to the wire whole, batched per tick. */
+  private wireFlush(): void {
+    if (this.wireFlushQueued) return;
+    this.wireFlushQueued = true;
+    process.nextTick(() => {
+      this.wireFlushQueued = false;
+      const bufs = this.wireOut;
+      this.wireOut = [];
+      const n = this.wireDone, bytes = this.wireDoneBytes;
+      this.wireDone = this.wireDoneBytes = 0;
+      this.wire?.reply(bufs.length ? Buffer.concat(bufs) : null, n, bytes);
+    });
   }
 
   // --------------------------------------------------------- transmission
@@ -266,6 +358,7 @@ export class NbdConnection {
       if (TRACE) this.log(`nbd: done type=${req.type} offset=${req.offset}`);
       this.inflight--;
       this.inflightBytes -= cost;
+      if (this.wire) { this.wireDone++; this.wireDoneBytes += cost; this.wireFlush(); }
       if (this.paused) this.maybeResume();
       if (this.inflight === 0) for (const r of this.drained.splice(0)) r();
     });
@@ -290,7 +383,7 @@ export class NbdConnection {
         // it. Bounded per connection, so a client that stops reading cannot
         // pin the arena other connections need.
         let data: Buffer, release: (() => void) | undefined;
-        if (length >= VIEW_MIN && exp.readView && length <= VIEW_MAX && this.viewBytes + length <= VIEW_BUDGET) {
+        if (length >= VIEW_MIN && exp.readView && !this.wire && length <= VIEW_MAX && this.viewBytes + length <= VIEW_BUDGET) {
           this.viewBytes += length; // reserved before the await: the budget holds under concurrency
           let v: { data: Buffer; release(): void };
           try { v = await exp.readView(offset, length); } catch (e) { this.viewBytes -= length; throw e; }
@@ -374,6 +467,7 @@ export class NbdConnection {
 
   /** Queues a reply payload; `done` runs once the socket no longer needs it. */
   private sendData(data: Buffer, done?: () => void): void {
+    if (this.wire) { this.send(data); done?.(); return; }
     if (this.closed || this.socket.destroyed) { done?.(); return; }
     if (data.length === 0) { done?.(); return; }
     this.send();
@@ -384,6 +478,13 @@ export class NbdConnection {
 
   /** Queues reply buffers; they go out together at the end of this tick. */
   private send(...bufs: Buffer[]): void {
+    if (this.wire) {
+      // Copied by the wire at the end of the tick; every part of one reply is
+      // queued in the same tick, so it goes out whole.
+      for (const b of bufs) if (b.length) this.wireOut.push(b);
+      this.wireFlush();
+      return;
+    }
     if (this.closed || this.socket.destroyed) return;
     if (!this.corked) {
       this.corked = true;
@@ -395,12 +496,13 @@ export class NbdConnection {
   }
 
   private pause(): void {
-    if (this.paused) return;
+    if (this.paused || this.wire) return; // the wire applies its own limits
     this.paused = true;
     this.socket.pause();
   }
 
   private maybeResume(): void {
+    if (this.wire) return;
     if (this.inflight < this.maxInflight / 2 && this.inflightBytes < this.maxInflightBytes / 2 &&
       this.socket.writableLength <= this.maxQueued / 2) {
       this.paused = false;

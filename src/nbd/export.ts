@@ -1,5 +1,6 @@
 // What the NBD server serves: anything with this shape. The protocol code
 // depends only on this interface, never on the engine.
+import type { NativeTarget } from '../native';
 
 export interface ZeroRange { offset: number; length: number; zero: boolean }
 
@@ -17,6 +18,12 @@ export interface NbdExport {
   cache(offset: number, length: number): Promise<void>;
   /** Which parts of the range read as zeros without stored data. */
   zeroMap(offset: number, length: number): ZeroRange[];
+  /**
+   * Optional native block target: the connection's transmission phase then
+   * runs on a native thread that serves what the target can plan and hands
+   * everything else to the methods above.
+   */
+  nativeTarget?(): NativeTarget;
 }
 
 /** Resolves export names for a server (possibly opening something). */

@@ -14,7 +14,6 @@ export interface NbdServerOptions extends Omit<ConnectionOptions, 'exports'> {
 export class NbdServer {
   private servers: net.Server[] = [];
   private conns = new Set<NbdConnection>();
-  private sockets = new Set<net.Socket>();
 
   constructor(private readonly opts: NbdServerOptions) {}
 
@@ -44,8 +43,7 @@ export class NbdServer {
       if (this.opts.maxConnections && this.conns.size >= this.opts.maxConnections) { socket.destroy(); return; }
       const c = new NbdConnection(socket, this.opts);
       this.conns.add(c);
-      this.sockets.add(socket);
-      socket.on('close', () => { this.conns.delete(c); this.sockets.delete(socket); });
+      c.onClosed = () => { this.conns.delete(c); };
       void c.start();
     });
     this.servers.push(srv);
@@ -65,7 +63,7 @@ export class NbdServer {
       new Promise<void>((r) => { timer = setTimeout(r, graceMs); }),
     ]);
     clearTimeout(timer);
-    for (const s of this.sockets) s.destroy();
+    for (const c of this.conns) c.destroy();
     await closing;
   }
 }

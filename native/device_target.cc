@@ -1,0 +1,301 @@
+// device_target.cc — see device_target.h. Layouts (extent and frame records,
+// state values) are the ones src/mapping.ts, src/layer-cache.ts and
+// assembly/index.ts use; docs/architecture.md describes the gate.
+#include "device_target.h"
+
+#include <napi.h>
+
+#include <string.h>
+
+#include <algorithm>
+
+#include "napi_util.h"
+#include "target_js.h"
+
+namespace strata {
+namespace {
+
+enum : uint8_t { ABSENT = 0, FETCHING = 1, CACHED = 2, DIRTY = 3, ZERO = 4 };
+constexpr uint32_t kZeroLayer = 0xffffffffu;
+
+inline uint64_t U64(const uint8_t* p) { uint64_t v; memcpy(&v, p, 8); return v; }
+inline uint32_t U32(const uint8_t* p) { uint32_t v; memcpy(&v, p, 4); return v; }
+
+// Index of the last record whose first u64 (start) is <= key.
+int64_t FindLE(const uint8_t* recs, uint32_t n, uint64_t key) {
+  int64_t lo = 0, hi = static_cast<int64_t>(n) - 1, ans = -1;
+  while (lo <= hi) {
+    int64_t mid = (lo + hi) >> 1;
+    if (U64(recs + mid * 32) <= key) { ans = mid; lo = mid + 1; } else hi = mid - 1;
+  }
+  return ans;
+}
+
+// Appends a segment, merging it with the previous one when contiguous.
+bool AddSeg(Plan& p, int32_t fd, uint64_t off, uint64_t len) {
+  if (p.nseg > 0) {
+    Seg& l = p.seg[p.nseg - 1];
+    if (l.fd == fd && (fd < 0 || l.off + l.len == off) && uint64_t(l.len) + len <= UINT32_MAX) {
+      l.len += static_cast<uint32_t>(len);
+      return true;
+    }
+  }
+  if (p.nseg == kMaxSegs) return false;
+  p.seg[p.nseg++] = Seg{fd, static_cast<uint32_t>(len), fd < 0 ? 0 : off};
+  return true;
+}
+
+}  // namespace
+
+DeviceTarget::DeviceTarget(uint8_t* heap, uint64_t size, uint32_t blockSize)
+    : heap_(heap), size_(size), bs_(blockSize) {
+  for (auto& s : stripes_) pthread_rwlock_init(&s, nullptr);
+}
+
+DeviceTarget::~DeviceTarget() {
+  for (auto& s : stripes_) pthread_rwlock_destroy(&s);
+}
+
+// Dekker-style handshake with seq_cst on both sides: a native request
+// announces itself, then checks the JS counters; JS announces itself, then
+// checks the native counters. At least one of them sees the other.
+bool DeviceTarget::enter(bool writer) {
+  (writer ? jsWriters_ : jsReaders_).fetch_add(1);
+  return drained(writer);
+}
+
+bool DeviceTarget::drained(bool writer) const {
+  return natWriters_.load() == 0 && (!writer || natReaders_.load() == 0);
+}
+
+void DeviceTarget::exit(bool writer) { (writer ? jsWriters_ : jsReaders_).fetch_sub(1); }
+
+bool DeviceTarget::plan(TOp op, uint64_t off, uint32_t len, Plan& p) {
+  if (len == 0 || off > size_ || len > size_ - off) return false;
+  const bool w = op == TOp::Write;
+  std::atomic<int32_t>& mine = w ? natWriters_ : natReaders_;
+  mine.fetch_add(1);
+  if (jsWriters_.load() != 0 || (w && jsReaders_.load() != 0) || !view_) {
+    mine.fetch_sub(1);
+    slowPlans.fetch_add(1, std::memory_order_relaxed);
+    return false;
+  }
+  lockStripes(off, len, w);
+  p.op = op;
+  p.nseg = 0;
+  p.a = off;
+  p.b = len;
+  const bool ok = w ? planWrite(*view_, off, len, p) : planRead(*view_, off, len, p);
+  if (!ok) {
+    unlockStripes(off, len);
+    mine.fetch_sub(1);
+    slowPlans.fetch_add(1, std::memory_order_relaxed);
+  }
+  return ok;
+}
+
+void DeviceTarget::finish(const Plan& p, bool ok) {
+  const bool w = p.op == TOp::Write;
+  if (w && ok) {
+    // Published only after the bytes are in the overlay file, like the engine.
+    const uint64_t b0 = p.a / bs_, b1 = (p.a + p.b + bs_ - 1) / bs_;
+    for (uint64_t b = b0; b < b1; b++) __atomic_store_n(heap_ + view_->curTable + b, DIRTY, __ATOMIC_RELEASE);
+    fastWrites.fetch_add(1, std::memory_order_relaxed);
+    writeBytes.fetch_add(p.b, std::memory_order_relaxed);
+  } else if (ok) {
+    fastReads.fetch_add(1, std::memory_order_relaxed);
+    readBytes.fetch_add(p.b, std::memory_order_relaxed);
+  }
+  unlockStripes(p.a, static_cast<uint32_t>(p.b));
+  (w ? natWriters_ : natReaders_).fetch_sub(1);
+}
+
+// Writes go to the current overlay. A partial block needs its old contents
+// (copy-on-write) unless the overlay already holds it: that is the engine's.
+bool DeviceTarget::planWrite(const DeviceView& v, uint64_t off, uint32_t len, Plan& p) {
+  const uint64_t end = off + len;
+  if (off % bs_ && state(v.curTable, off / bs_) != DIRTY) return false;
+  if (end % bs_ && state(v.curTable, end / bs_) != DIRTY) return false;
+  return AddSeg(p, v.curFd, off, len);
+}
+
+bool DeviceTarget::planRead(const DeviceView& v, uint64_t off, uint32_t len, Plan& p) {
+  const uint64_t end = off + len;
+  for (uint64_t pos = off; pos < end;) {
+    const uint64_t b = pos / bs_;
+    const uint8_t st = state(v.curTable, b);
+    uint64_t e = b + 1;
+    const uint64_t bEnd = (end + bs_ - 1) / bs_;
+    while (e < bEnd && state(v.curTable, e) == st) e++;
+    const uint64_t runEnd = std::min(end, e * bs_);
+    if (st == DIRTY) {
+      if (!AddSeg(p, v.curFd, pos, runEnd - pos)) return false;
+    } else if (st == ZERO) {
+      if (!AddSeg(p, -1, 0, runEnd - pos)) return false;
+    } else if (st == ABSENT) {
+      if (v.frozen > 0) return false;  // frozen overlays: the engine walks them
+      if (!planBase(v, pos, runEnd, p)) return false;
+    } else {
+      return false;
+    }
+    pos = runEnd;
+  }
+  return true;
+}
+
+// [pos, end) of the base mapping, served from layer caches whose frames are
+// all CACHED (cold frames are fetched by the engine).
+bool DeviceTarget::planBase(const DeviceView& v, uint64_t pos, uint64_t end, Plan& p) {
+  const uint8_t* ext = heap_ + v.ext;
+  int64_t i = FindLE(ext, v.nExt, pos);
+  if (i < 0) return false;
+  for (; pos < end && i < v.nExt; i++) {
+    const uint8_t* r = ext + i * 32;
+    const uint64_t dev = U64(r), elen = U64(r + 8), data = U64(r + 24);
+    const uint32_t layer = U32(r + 16);
+    if (pos < dev || pos >= dev + elen) return false;
+    const uint64_t take = std::min(end, dev + elen) - pos;
+    if (layer == kZeroLayer) {
+      if (!AddSeg(p, -1, 0, take)) return false;
+    } else {
+      if (layer >= v.layers.size()) return false;
+      const LayerView& L = v.layers[layer];
+      if (L.fd < 0 || L.nframes == 0) return false;
+      const uint64_t d0 = data + (pos - dev);
+      const uint8_t* fr = heap_ + L.frames;
+      int64_t f = FindLE(fr, L.nframes, d0);
+      if (f < 0) return false;
+      for (uint64_t at = d0; at < d0 + take; f++) {
+        if (f >= L.nframes) return false;
+        const uint8_t* rec = fr + f * 32;
+        const uint64_t u = U64(rec);
+        const uint32_t us = U32(rec + 16);
+        if (at < u || at >= u + us) return false;
+        if (__atomic_load_n(heap_ + L.states + f, __ATOMIC_ACQUIRE) != CACHED) return false;
+        at = u + us;
+      }
+      if (!AddSeg(p, L.fd, d0, take)) return false;
+    }
+    pos += take;
+  }
+  return pos >= end;
+}
+
+// Stripes are taken in ascending order (no deadlock); a request covering
+// more than kStripes stripes takes each stripe once.
+void DeviceTarget::lockStripes(uint64_t off, uint32_t len, bool excl) {
+  const uint64_t s0 = off >> kStripeShift, s1 = (off + len - 1) >> kStripeShift;
+  if (s1 - s0 + 1 >= kStripes) {
+    for (int s = 0; s < kStripes; s++) excl ? pthread_rwlock_wrlock(&stripes_[s]) : pthread_rwlock_rdlock(&stripes_[s]);
+    return;
+  }
+  // The stripe indexes wrap around kStripes: sort so the order is global.
+  int idx[kStripes];
+  int n = 0;
+  for (uint64_t s = s0; s <= s1; s++) idx[n++] = static_cast<int>(s % kStripes);
+  std::sort(idx, idx + n);
+  for (int k = 0; k < n; k++) excl ? pthread_rwlock_wrlock(&stripes_[idx[k]]) : pthread_rwlock_rdlock(&stripes_[idx[k]]);
+}
+
+void DeviceTarget::unlockStripes(uint64_t off, uint32_t len) {
+  const uint64_t s0 = off >> kStripeShift, s1 = (off + len - 1) >> kStripeShift;
+  if (s1 - s0 + 1 >= kStripes) {
+    for (int s = 0; s < kStripes; s++) pthread_rwlock_unlock(&stripes_[s]);
+    return;
+  }
+  for (uint64_t s = s0; s <= s1; s++) pthread_rwlock_unlock(&stripes_[s % kStripes]);
+}
+
+// ------------------------------------------------------------------ JS
+
+namespace {
+
+uint32_t Prop32(Napi::Object o, const char* k) {
+  Napi::Value v = o.Get(k);
+  if (!v.IsNumber()) Fail(o.Env(), EINVAL, std::string("view.") + k + " must be a number");
+  return v.As<Napi::Number>().Uint32Value();
+}
+
+class DeviceTargetJs : public Napi::ObjectWrap<DeviceTargetJs> {
+ public:
+  static Napi::Function Init(Napi::Env env) {
+    return DefineClass(env, "DeviceTarget",
+                       {InstanceMethod<&DeviceTargetJs::Enter>("enter"),
+                        InstanceMethod<&DeviceTargetJs::Drained>("drained"),
+                        InstanceMethod<&DeviceTargetJs::Exit>("exit"),
+                        InstanceMethod<&DeviceTargetJs::SetView>("setView"),
+                        InstanceMethod<&DeviceTargetJs::Stats>("stats")});
+  }
+
+  // new DeviceTarget(heap: SharedArrayBuffer, size: number, blockSize: number)
+  explicit DeviceTargetJs(const Napi::CallbackInfo& info) : Napi::ObjectWrap<DeviceTargetJs>(info) {
+    Napi::Env env = info.Env();
+    Bytes heap = GetBytes(env, info[0], "heap");
+    if (heap.arrayBuffer) Fail(env, EINVAL, "heap must be the engine's shared WebAssembly memory");
+    const uint64_t size = ArgUint(info, 1, "size", 1ull << 53);
+    const uint64_t bs = ArgUint(info, 2, "blockSize", 1u << 20);
+    if (bs < 512 || (bs & (bs - 1))) Fail(env, EINVAL, "blockSize must be a power of two >= 512");
+    heapRef_ = Napi::Persistent(info[0]);
+    t_ = std::make_shared<DeviceTarget>(heap.data, size, static_cast<uint32_t>(bs));
+    info.This().As<Napi::Object>().Set("handle", WrapTarget(env, t_));
+  }
+
+ private:
+  Napi::Value Enter(const Napi::CallbackInfo& info) {
+    return Napi::Boolean::New(info.Env(), t_->enter(info[0].ToBoolean()));
+  }
+  Napi::Value Drained(const Napi::CallbackInfo& info) {
+    return Napi::Boolean::New(info.Env(), t_->drained(info[0].ToBoolean()));
+  }
+  void Exit(const Napi::CallbackInfo& info) { t_->exit(info[0].ToBoolean()); }
+
+  // setView({curFd, curTable, frozen, ext, nExt, layers: [{fd, states, frames, nframes} | null]}) or null
+  void SetView(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (!t_->drained(true)) Fail(env, EBUSY, "setView needs the gate held as a writer with natives drained");
+    if (info[0].IsNull() || info[0].IsUndefined()) { t_->setView(nullptr); return; }
+    Napi::Object o = info[0].As<Napi::Object>();
+    auto v = std::make_unique<DeviceView>();
+    v->curFd = static_cast<int32_t>(Prop32(o, "curFd"));
+    v->curTable = Prop32(o, "curTable");
+    v->frozen = Prop32(o, "frozen");
+    v->ext = Prop32(o, "ext");
+    v->nExt = Prop32(o, "nExt");
+    Napi::Array layers = o.Get("layers").As<Napi::Array>();
+    for (uint32_t i = 0; i < layers.Length(); i++) {
+      LayerView L;
+      Napi::Value lv = layers.Get(i);
+      if (lv.IsObject()) {
+        Napi::Object lo = lv.As<Napi::Object>();
+        L.fd = static_cast<int32_t>(Prop32(lo, "fd"));
+        L.states = Prop32(lo, "states");
+        L.frames = Prop32(lo, "frames");
+        L.nframes = Prop32(lo, "nframes");
+      }
+      v->layers.push_back(L);
+    }
+    t_->setView(std::move(v));
+  }
+
+  Napi::Value Stats(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("fastReads", double(t_->fastReads.load()));
+    o.Set("fastWrites", double(t_->fastWrites.load()));
+    o.Set("slowPlans", double(t_->slowPlans.load()));
+    o.Set("readBytes", double(t_->readBytes.load()));
+    o.Set("writeBytes", double(t_->writeBytes.load()));
+    return o;
+  }
+
+  Napi::Reference<Napi::Value> heapRef_;
+  std::shared_ptr<DeviceTarget> t_;
+};
+
+}  // namespace
+
+void InitDeviceTarget(Napi::Env env, Napi::Object exports) {
+  exports.Set("DeviceTarget", DeviceTargetJs::Init(env));
+}
+
+}  // namespace strata

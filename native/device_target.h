@@ -1,0 +1,81 @@
+// device_target.h — a strata device as a native block Target.
+//
+// Plans requests from the same shared-memory tables the engine keeps: the
+// current overlay's state bytes, the base layer's extent table and each
+// layer cache's frame table and frame states. JavaScript publishes a *view*
+// (which fds and tables to use) and guards every change of it, and every
+// engine-side request, with a gate: while JS holds the gate as a writer no
+// native request runs (natives fall back to the slow path), and JS waits for
+// the natives in flight to finish before it proceeds. JS readers only keep
+// native *writers* out. Native requests exclude each other per 64 KiB stripe
+// (a read never sees half of a concurrent write, H1).
+#pragma once
+
+#include <pthread.h>
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "target.h"
+
+namespace strata {
+
+struct LayerView {
+  int32_t fd = -1;       // cache file of the layer (-1: not referenced)
+  uint32_t states = 0;   // heap offset: one state byte per frame
+  uint32_t frames = 0;   // heap offset: 32-byte frame records
+  uint32_t nframes = 0;
+};
+
+struct DeviceView {
+  int32_t curFd = -1;
+  uint32_t curTable = 0;  // heap offset: one state byte per block
+  uint32_t frozen = 0;    // overlays frozen by uploading snapshots
+  uint32_t ext = 0;       // heap offset: 32-byte extent records
+  uint32_t nExt = 0;   // extent count
+  std::vector<LayerView> layers;  // by chain index
+};
+
+class DeviceTarget : public Target {
+ public:
+  DeviceTarget(uint8_t* heap, uint64_t size, uint32_t blockSize);
+  ~DeviceTarget() override;
+
+  uint64_t size() const override { return size_; }
+  bool plan(TOp op, uint64_t off, uint32_t len, Plan& p) override;
+  void finish(const Plan& p, bool ok) override;
+
+  // The gate (JS side). enter() returns true when no native request of the
+  // conflicting kind is in flight any more; otherwise poll drained().
+  bool enter(bool writer);
+  bool drained(bool writer) const;
+  void exit(bool writer);
+  /** Only while JS holds the gate as a writer (no native request in flight). */
+  void setView(std::unique_ptr<DeviceView> v) { view_ = std::move(v); }
+
+  std::atomic<uint64_t> fastReads{0}, fastWrites{0}, slowPlans{0};
+  std::atomic<uint64_t> readBytes{0}, writeBytes{0};
+
+ private:
+  bool planRead(const DeviceView& v, uint64_t off, uint32_t len, Plan& p);
+  bool planWrite(const DeviceView& v, uint64_t off, uint32_t len, Plan& p);
+  bool planBase(const DeviceView& v, uint64_t pos, uint64_t end, Plan& p);
+  void lockStripes(uint64_t off, uint32_t len, bool excl);
+  void unlockStripes(uint64_t off, uint32_t len);
+  uint8_t state(uint32_t table, uint64_t i) const {
+    return __atomic_load_n(heap_ + table + i, __ATOMIC_ACQUIRE);
+  }
+
+  uint8_t* heap_;
+  uint64_t size_;
+  uint32_t bs_;
+  std::unique_ptr<DeviceView> view_;
+  std::atomic<int32_t> jsWriters_{0}, jsReaders_{0}, natReaders_{0}, natWriters_{0};
+  static constexpr int kStripes = 256;
+  static constexpr int kStripeShift = 16;  // 64 KiB
+  pthread_rwlock_t stripes_[kStripes];
+};
+
+}  // namespace strata

@@ -1,0 +1,43 @@
+// The engine's side of native request planning (native/device_target.h).
+// Native frontends (NBD connections, ublk queues) serve a device's reads and
+// writes of blocks whose place is already known without entering JS; they
+// plan from the same shared-memory tables the engine keeps. Every engine
+// request and every change of those tables goes through the gate:
+//   - as a writer (engine writes, zeroing, snapshot freeze/rebase, close):
+//     no native request runs until exit, and entry waits for those in flight;
+//   - as a reader (engine reads): native writers are kept out, so an engine
+//     read never sees half of a native write (H1).
+// Natives meeting a closed gate take the slow path (the engine) instead of
+// waiting, so the gate never deadlocks against them.
+import { loadNative, type NativeDeviceTarget, type NativeDeviceView } from './native';
+import type { SharedHeap } from './wasm';
+
+export class NativePlane {
+  readonly target: NativeDeviceTarget;
+
+  constructor(heap: SharedHeap, size: number, blockSize: number) {
+    this.target = new (loadNative().DeviceTarget)(heap.buffer, size, blockSize);
+  }
+
+  /** Runs fn inside the gate. Native requests last one pread/pwrite, so the wait is short. */
+  async gated<T>(writer: boolean, fn: () => T | Promise<T>): Promise<T> {
+    if (!this.target.enter(writer)) await this.drain(writer);
+    try { return await fn(); } finally { this.target.exit(writer); }
+  }
+
+  /** Enters as a writer for good (device closed): natives always take the slow path. */
+  async closeGate(): Promise<void> {
+    if (!this.target.enter(true)) await this.drain(true);
+    this.target.setView(null);
+  }
+
+  /** Publishes a view; call inside gated(true, ...). */
+  publish(v: NativeDeviceView): void { this.target.setView(v); }
+
+  private drain(writer: boolean): Promise<void> {
+    return new Promise((resolve) => {
+      const poll = () => (this.target.drained(writer) ? resolve() : setImmediate(poll));
+      setImmediate(poll);
+    });
+  }
+}
