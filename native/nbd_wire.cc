@@ -196,6 +196,8 @@ class Wire : public Napi::ObjectWrap<Wire> {
     Napi::Object o = Napi::Object::New(info.Env());
     o.Set("fast", double(fast_.load()));
     o.Set("slow", double(slow_.load()));
+    o.Set("pendingSlow", double(pending_.load()));
+    o.Set("phase", double(phase_.load()));
     return o;
   }
 
@@ -255,6 +257,8 @@ class Wire : public Napi::ObjectWrap<Wire> {
           return why.empty() ? "disconnected" : why;
         }
       }
+      pending_.store(slowN_, std::memory_order_relaxed);
+      phase_.store(peerGone ? 2 : reading ? 0 : 1, std::memory_order_relaxed);
       pollfd p[2] = {{efd_, POLLIN, 0}, {fd_, 0, 0}};
       if (!peerGone) {
         if (reading && !Paused()) p[1].events |= POLLIN;
@@ -306,6 +310,14 @@ class Wire : public Napi::ObjectWrap<Wire> {
   // a reason when the connection must be closed (bad magic, oversized write).
   std::string Process(bool& reading) {
     bool woke = false;
+    std::string bad = Parse(reading, woke);
+    // Also when closing: slow requests already queued must reach JS, or
+    // they never finish and the connection never closes.
+    if (woke) Emit("requests", "");
+    return bad;
+  }
+
+  std::string Parse(bool& reading, bool& woke) {
     while (in_.len - rpos_ >= kReqLen && !Paused()) {
       const uint8_t* h = in_.p + rpos_;
       if (Be32(h) != kRequestMagic) return "bad request magic";
@@ -340,7 +352,6 @@ class Wire : public Napi::ObjectWrap<Wire> {
       }
       rpos_ += need;
     }
-    if (woke) Emit("requests", "");
     return "";
   }
 
@@ -459,7 +470,8 @@ class Wire : public Napi::ObjectWrap<Wire> {
   ByteBuf fromJs_;
   uint64_t doneN_ = 0, doneBytes_ = 0;
   std::atomic<bool> shutdown_{false}, destroy_{false};
-  std::atomic<uint64_t> fast_{0}, slow_{0};
+  std::atomic<uint64_t> fast_{0}, slow_{0}, pending_{0};
+  std::atomic<int> phase_{0};  // diagnostics: 0 reading, 1 draining, 2 peer gone
 };
 
 }  // namespace

@@ -92,7 +92,7 @@ export interface NativeNbdWire {
   reply(bytes: Buffer | null, doneCount: number, doneBytes: number): void;
   shutdown(): void;
   destroy(): void;
-  stats(): { fast: number; slow: number };
+  stats(): { fast: number; slow: number; pendingSlow: number; phase: number };
 }
 
 export interface NbdWireOptions {

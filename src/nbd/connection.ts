@@ -119,6 +119,9 @@ export class NbdConnection {
     return new Promise((r) => this.drained.push(r));
   }
 
+  /** Native transmission counters (null while JS serves the connection). */
+  wireStats() { return this.wire?.stats() ?? null; }
+
   /** Closes at once; replies not yet sent are dropped. */
   destroy(): void {
     if (this.wire) this.wire.destroy();
