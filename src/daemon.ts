@@ -1,77 +1,95 @@
-// The strata daemon (embedded default): a local filesystem object store under
-// a data directory and NBD on a unix socket. Export names select devices:
-//   <layer>            the device "default" on that layer
-//   <layer>/<device>   a named device on that layer (opened on first use,
-//                      shared by every connection that names it)
-// The HTTP API, S3 and ublk frontends come with later issues.
+// The strata daemon: engine + NBD server + HTTP API (src/api/) in one
+// process, on an embedded default that works on a fresh machine: a local
+// filesystem object store under the data directory, NBD on a unix socket,
+// the API on another unix socket. Configuration: src/config.ts.
+//
+// NBD export names select devices:
+//   <device id>        a device created through the API
+//   <layer>            the device "default" on that layer  } opened on first
+//   <layer>/<device>   a named device on that layer        } use (legacy)
 import * as fs from 'fs';
 import * as path from 'path';
 import { Engine } from './engine';
 import { NbdServer } from './nbd/server';
-import { deviceExport } from './nbd-export';
 import type { ExportResolver, NbdExport } from './nbd/export';
-import type { Device } from './device';
 import { parseArgs } from './cli';
 import { ID_RE } from './format';
+import { loadConfig, settingsHelp, type Config } from './config';
+import { DeviceManager, DEVICE_ID_RE, type Frontends } from './api/devices';
+import { Operations } from './api/operations';
+import { routes } from './api/routes';
+import { startApi } from './api/server';
 
 const log = (level: string, msg: string, extra: Record<string, unknown> = {}) =>
   process.stdout.write(JSON.stringify({ time: new Date().toISOString(), level, msg, ...extra }) + '\n');
 
-const USAGE = `usage: node src/server.js [--data DIR] [--socket PATH] [--tcp PORT [--host ADDR]] [--import IMAGE]
-  --data DIR      data directory (store, cache, socket); default $STRATA_DATA or ./strata-data
-  --socket PATH   NBD unix socket; default DIR/nbd.sock
-  --tcp PORT      also listen on TCP (loopback unless --host is given)
-  --import IMAGE  import a raw image at start and print its export URI`;
+const USAGE = `usage: node src/server.js [options]   (flags win over environment, which wins over --config FILE)
+  --config FILE${' '.repeat(11)}STRATA_CONFIG         JSON file with any of the settings below (by key)
+${settingsHelp()}`;
+
+const VERSION = (() => { try { return JSON.parse(fs.readFileSync(path.join(__dirname, '..', 'package.json'), 'utf8')).version; } catch { return '0'; } })();
 
 export async function main(argv: string[]): Promise<void> {
   const args = parseArgs(argv);
   if (args.help) { console.log(USAGE); return; }
-  const data = path.resolve(String(args.data ?? process.env.STRATA_DATA ?? 'strata-data'));
-  fs.mkdirSync(data, { recursive: true, mode: 0o700 });
-  const engine = await Engine.open({ store: path.join(data, 'store'), cacheDir: path.join(data, 'cache') });
-  const devices = new Map<string, { dev: Device; exp: NbdExport }>();
-  const opening = new Map<string, Promise<{ dev: Device; exp: NbdExport } | undefined>>();
+  const cfg: Config = loadConfig(args);
+  fs.mkdirSync(cfg.data, { recursive: true, mode: 0o700 });
+  const engine = await Engine.open({ store: cfg.store, cacheDir: path.join(cfg.data, 'cache') });
+  let ready = false;
 
+  const frontends: Frontends = {
+    // `server` is created below; devices are only dropped once it exists.
+    nbd: { socket: cfg.nbdSocket, dropExport: (exp: NbdExport) => server.dropExport(exp) },
+  };
+  const devices = new DeviceManager(engine, frontends, cfg.maxDevices);
+  const ops = new Operations((msg, extra) => log('warn', msg, extra));
+
+  // Legacy names open their device on first use; concurrent first uses share one open.
+  const opening = new Map<string, Promise<NbdExport | undefined>>();
   const resolver: ExportResolver = {
     get(name) {
+      const own = devices.get(name);
+      if (own) return own.exp;
       const [layer, dev = 'default', extra] = name.split('/');
-      if (extra !== undefined || !ID_RE.test(layer) || !/^[A-Za-z0-9_-]{1,64}$/.test(dev)) return undefined;
-      const key = `${layer}/${dev}`;
-      const have = devices.get(key);
+      if (extra !== undefined || !ID_RE.test(layer) || !DEVICE_ID_RE.test(dev)) return undefined;
+      const id = `${layer.slice(0, 8)}-${dev}`;
+      const have = devices.get(id);
       if (have) return have.exp;
-      let p = opening.get(key);
+      let p = opening.get(id);
       if (!p) {
-        p = engine.openDevice(layer, { id: `${layer.slice(0, 8)}-${dev}` }).then((d) => {
-          const e = { dev: d, exp: deviceExport(d) };
-          devices.set(key, e);
-          log('info', 'device opened', { device: key });
-          return e;
-        }).catch((err) => { log('warn', 'cannot open device', { device: key, error: String(err.message) }); return undefined; })
-          .finally(() => opening.delete(key));
-        opening.set(key, p);
+        p = devices.create(layer, { id, frontend: 'nbd' }).then((m) => { log('info', 'device opened', { device: id, layer }); return m.exp; })
+          .catch((err) => { log('warn', 'cannot open device', { device: id, error: String(err.message) }); return undefined; })
+          .finally(() => opening.delete(id));
+        opening.set(id, p);
       }
-      return p.then((e) => e?.exp);
+      return p;
     },
-    list() { return [...devices.keys()].map((name) => ({ name })); },
+    list() { return devices.list().map((m) => ({ name: m.id, description: `strata device on layer ${m.dev.layerId}` })); },
   };
-
   const server = new NbdServer({ exports: resolver, log: (m) => log('warn', m) });
-  const sock = path.resolve(String(args.socket ?? path.join(data, 'nbd.sock')));
-  await server.listenUnix(sock);
-  const ublk = fs.existsSync('/dev/ublk-control');
-  log('info', 'strata daemon started', { data, socket: sock, frontend: 'nbd', ublk: ublk ? 'present (frontend not built yet)' : 'absent' });
-  if (args.tcp) {
-    const host = String(args.host ?? '127.0.0.1');
-    const port = await server.listenTcp(Number(args.tcp), host);
-    log('info', 'nbd tcp listening', { host, port });
+
+  await server.listenUnix(cfg.nbdSocket);
+  if (cfg.nbdPort !== undefined) {
+    const port = await server.listenTcp(cfg.nbdPort, cfg.nbdHost);
+    frontends.nbd.tcp = { host: cfg.nbdHost, port };
+    log('info', 'nbd tcp listening', { host: cfg.nbdHost, port });
   }
-  if (typeof args.import === 'string') {
-    const r = await engine.importImage(args.import);
-    log('info', 'imported', { layer: r.id, uri: `nbd+unix:///${r.id}?socket=${sock}` });
+  const router = routes({ engine, devices, ops, importRoot: cfg.importRoot, ready: () => ready, version: VERSION });
+  const api = await startApi(router, { socket: cfg.apiSocket, port: cfg.apiPort, host: cfg.apiHost, token: cfg.apiToken },
+    (e, what) => log('error', 'api request failed', { what, error: String((e as Error)?.stack ?? e) }));
+  const ublk = fs.existsSync('/dev/ublk-control');
+  log('info', 'strata daemon started', {
+    version: VERSION, data: cfg.data, store: cfg.store, nbdSocket: cfg.nbdSocket, api: api.address,
+    frontend: cfg.frontend, ublk: ublk ? 'present (frontend not wired yet: devices use nbd)' : 'absent', config: cfg.configFile ?? null,
+  });
+  if (cfg.import) {
+    const r = await engine.importImage(cfg.import);
+    log('info', 'imported', { layer: r.id, uri: `nbd+unix:///${r.id}?socket=${cfg.nbdSocket}` });
   }
   const layers = await engine.listLayers();
-  if (layers.length === 0) log('info', `no layers yet: bin/strata import IMAGE --store ${path.join(data, 'store')}, or restart with --import IMAGE`);
-  else log('info', 'layers', { layers, example: `nbd+unix:///${layers[0]}/mydev?socket=${sock}` });
+  if (layers.length === 0) log('info', `no layers yet: POST /v1/templates {"path": IMAGE} on ${api.address}, or restart with --import IMAGE`);
+  else log('info', 'layers', { layers, example: `nbd+unix:///${layers[0]}/mydev?socket=${cfg.nbdSocket}` });
+  ready = true;
 
   let stopping = false;
   const stop = async (sig: string) => {
@@ -81,13 +99,17 @@ export async function main(argv: string[]): Promise<void> {
       process.exit(1);
     }
     stopping = true;
-    log('info', 'stopping', { signal: sig });
+    ready = false;
+    log('info', 'stopping', { signal: sig, operations: ops.active, devices: devices.size });
     const within = <T>(p: Promise<T>, ms: number, what: string) => Promise.race([p, new Promise<void>((r) => setTimeout(() => {
       log('warn', `${what} did not finish within ${ms} ms`); r();
     }, ms).unref())]);
+    api.server.close();
     await server.close();
-    await within(Promise.all([...devices.values()].map(({ dev }) => dev.flush().catch((e) => log('warn', 'flush failed', { error: String(e) })))), 30_000, 'flushing devices');
+    await within(ops.settle(), 60_000, 'running operations');
+    await within(devices.flushAll().catch((e) => log('warn', 'flush failed', { error: String(e) })), 30_000, 'flushing devices');
     await within(engine.close(), 30_000, 'closing the engine');
+    fs.rmSync(cfg.apiSocket, { force: true });
     log('info', 'stopped');
     process.exit(0);
   };

@@ -87,6 +87,9 @@ export class Device {
   /** The layer this device's unchanged blocks come from. */
   get layerId(): string { return this.base.header.chain[0]; }
 
+  /** Every layer this device reads through (its base layer first). */
+  get chain(): readonly string[] { return this.base.header.chain; }
+
   // ------------------------------------------------------------- requests
 
   async read(offset: number, length: number): Promise<Buffer> {

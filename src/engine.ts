@@ -7,7 +7,7 @@ import { createHash } from 'crypto';
 import { Core } from './core';
 import { LayerRegistry } from './layers';
 import { Device, type DeviceOptions } from './device';
-import { BLOCK_SIZE, Codec, ID_RE, type LayerHeader, ZERO_LAYER } from './format';
+import { BLOCK_SIZE, Codec, ID_RE, keys, type LayerHeader, ZERO_LAYER } from './format';
 import { writeLayer, type Progress, type WriteLayerStats } from './layer-writer';
 import { FsObjectStore } from './store/fs';
 import type { ObjectStore } from './store/types';
@@ -116,6 +116,28 @@ export class Engine {
   async listLayers(): Promise<string[]> {
     const objs = await this.store.list('layers/');
     return objs.map((o) => o.key.split('/')).filter((p) => p.length === 3 && p[2] === 'header' && ID_RE.test(p[1])).map((p) => p[1]);
+  }
+
+  /**
+   * Deletes a layer. Refused (EBUSY) while an open device reads through it or
+   * another layer's chain names it. The header goes first: from then on the
+   * layer no longer exists for any reader, and a crash midway leaves only
+   * unreferenced data objects behind, never a header without its data.
+   */
+  async deleteLayer(id: string): Promise<void> {
+    await this.layers.header(id); // ENOENT / EINVAL first
+    for (const d of this.devices) {
+      if (d.chain.includes(id)) throw new StrataError('EBUSY', `layer ${id} is in use by device ${d.id}`);
+    }
+    for (const other of await this.listLayers()) {
+      if (other === id) continue;
+      const h = await this.layers.header(other).catch(() => null);
+      if (h?.chain.includes(id)) throw new StrataError('EBUSY', `layer ${id} is a parent of layer ${other}`);
+    }
+    await this.store.delete(keys.header(id));
+    this.layers.forget(id);
+    await this.store.delete(keys.index(id));
+    await this.store.delete(keys.data(id));
   }
 
   async openDevice(layerId: string, opts: DeviceOptions = {}): Promise<Device> {

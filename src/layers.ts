@@ -82,6 +82,14 @@ export class LayerRegistry {
     return s;
   }
 
+  /** Drops everything cached about a deleted layer (header, cache file, index). */
+  forget(id: string): void {
+    this.caches.get(id)?.close();
+    this.caches.delete(id);
+    this.headers.delete(id);
+    this.indexes.delete(id);
+  }
+
   closeAll(): void {
     for (const c of this.caches.values()) c.close();
     this.caches.clear();

@@ -119,6 +119,9 @@ export class NbdConnection {
     return new Promise((r) => this.drained.push(r));
   }
 
+  /** The export this connection transmits on (null during the handshake). */
+  get export(): NbdExport | null { return this.exp; }
+
   /** Native transmission counters (null while JS serves the connection). */
   wireStats() { return this.wire?.stats() ?? null; }
 

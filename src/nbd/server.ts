@@ -4,7 +4,7 @@
 import * as net from 'net';
 import * as fs from 'fs';
 import { NbdConnection, type ConnectionOptions } from './connection';
-import type { ExportResolver } from './export';
+import type { ExportResolver, NbdExport } from './export';
 
 export interface NbdServerOptions extends Omit<ConnectionOptions, 'exports'> {
   exports: ExportResolver;
@@ -48,6 +48,11 @@ export class NbdServer {
     });
     this.servers.push(srv);
     return srv;
+  }
+
+  /** Disconnects every client of an export (its device is going away). */
+  dropExport(exp: NbdExport): void {
+    for (const c of this.conns) if (c.export === exp) c.destroy();
   }
 
   /**

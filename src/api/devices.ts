@@ -1,0 +1,97 @@
+// The daemon's devices: each is an engine device plus the frontend that
+// serves it. NBD exports are named by device id; the kernel-facing ublk
+// frontend plugs in through `Frontends`. One owner for create/delete so the
+// HTTP API and the NBD export resolver always agree on what exists.
+import { randomBytes } from 'crypto';
+import type { Engine } from '../engine';
+import type { Device } from '../device';
+import type { NbdExport } from '../nbd/export';
+import { deviceExport } from '../nbd-export';
+import { StrataError } from '../errors';
+
+export type Frontend = 'nbd' | 'ublk';
+
+/** What the daemon can attach a device to. */
+export interface Frontends {
+  nbd: { socket: string; tcp?: { host: string; port: number }; dropExport(exp: NbdExport): void };
+  /** Present when ublk works on this host. */
+  ublk?: { attach(dev: Device): Promise<{ path: string; detach(): Promise<void> }> };
+}
+
+export interface ManagedDevice {
+  id: string;
+  dev: Device;
+  frontend: Frontend;
+  exp: NbdExport;
+  created: string;
+  ublk?: { path: string; detach(): Promise<void> };
+}
+
+export const DEVICE_ID_RE = /^[A-Za-z0-9_-]{1,64}$/;
+
+export class DeviceManager {
+  private devices = new Map<string, ManagedDevice>();
+  private pending = new Set<string>();
+
+  constructor(private readonly engine: Engine, private readonly frontends: Frontends, private readonly maxDevices = 1024) {}
+
+  get size(): number { return this.devices.size; }
+  get(id: string): ManagedDevice | undefined { return this.devices.get(id); }
+  list(): ManagedDevice[] { return [...this.devices.values()]; }
+
+  /** The frontend `auto` resolves to on this host. */
+  resolveFrontend(want: Frontend | 'auto'): Frontend {
+    if (want === 'auto') return this.frontends.ublk ? 'ublk' : 'nbd';
+    if (want === 'ublk' && !this.frontends.ublk) {
+      throw new StrataError('ENOTSUP', 'ublk is not available on this host (no usable /dev/ublk-control); use frontend "nbd"');
+    }
+    return want;
+  }
+
+  async create(layer: string, opts: { id?: string; frontend?: Frontend | 'auto' } = {}): Promise<ManagedDevice> {
+    const frontend = this.resolveFrontend(opts.frontend ?? 'auto');
+    const id = opts.id ?? randomBytes(6).toString('hex');
+    if (!DEVICE_ID_RE.test(id)) throw new StrataError('EINVAL', `invalid device id ${JSON.stringify(id)}`);
+    if (this.devices.has(id) || this.pending.has(id)) throw new StrataError('EEXIST', `device ${id} exists`);
+    if (this.devices.size + this.pending.size >= this.maxDevices) throw new StrataError('ENOSPC', `device limit (${this.maxDevices}) reached`);
+    this.pending.add(id);
+    try {
+      const dev = await this.engine.openDevice(layer, { id });
+      const m: ManagedDevice = { id, dev, frontend, exp: deviceExport(dev), created: new Date().toISOString() };
+      if (frontend === 'ublk') {
+        try { m.ublk = await this.frontends.ublk!.attach(dev); } catch (e) { await this.engine.closeDevice(dev); throw e; }
+      }
+      this.devices.set(id, m);
+      return m;
+    } finally { this.pending.delete(id); }
+  }
+
+  /** Detaches the frontend (NBD clients of it are disconnected), then drops the device. */
+  async delete(id: string): Promise<void> {
+    const m = this.devices.get(id);
+    if (!m) throw new StrataError('ENOENT', `no device ${id}`);
+    this.devices.delete(id);
+    this.frontends.nbd.dropExport(m.exp);
+    if (m.ublk) await m.ublk.detach();
+    await this.engine.closeDevice(m.dev);
+  }
+
+  /** Flushes every device (shutdown). */
+  async flushAll(): Promise<void> {
+    await Promise.all(this.list().map((m) => m.dev.flush()));
+  }
+
+  describe(m: ManagedDevice) {
+    const { socket, tcp } = this.frontends.nbd;
+    return {
+      id: m.id, layer: m.dev.layerId, size: m.dev.size, frontend: m.frontend, created: m.created,
+      path: m.ublk?.path ?? null,
+      nbd: {
+        export: m.id, socket,
+        uri: `nbd+unix:///${m.id}?socket=${socket}`,
+        ...(tcp ? { tcpUri: `nbd://${tcp.host.includes(':') ? `[${tcp.host}]` : tcp.host}:${tcp.port}/${m.id}` } : {}),
+      },
+      stats: { ...m.dev.stats, native: m.dev.nativeStats() },
+    };
+  }
+}

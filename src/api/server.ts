@@ -1,0 +1,49 @@
+// The API listener: a unix socket (mode 0600) by default or TCP on loopback.
+// Listening beyond loopback requires a bearer token; when a token is set,
+// every request must carry it.
+import * as fs from 'fs';
+import * as http from 'http';
+import * as net from 'net';
+import { timingSafeEqual } from 'crypto';
+import { send, type Router } from './http';
+
+export interface ApiListen { socket?: string; host?: string; port?: number; token?: string }
+
+const LOOPBACK = new Set(['127.0.0.1', '::1', 'localhost']);
+
+export function isLoopback(host: string): boolean { return LOOPBACK.has(host) || host.startsWith('127.'); }
+
+export async function startApi(router: Router, listen: ApiListen, log: (e: unknown, what: string) => void): Promise<{ server: http.Server; address: string }> {
+  if (listen.port !== undefined && !isLoopback(listen.host ?? '127.0.0.1') && !listen.token) {
+    throw new Error(`the API may listen on ${listen.host} (beyond loopback) only with a bearer token (--api-token or STRATA_API_TOKEN)`);
+  }
+  const want = listen.token ? Buffer.from(`Bearer ${listen.token}`) : null;
+  const server = http.createServer((req, res) => {
+    if (want) {
+      const got = Buffer.from(String(req.headers.authorization ?? ''));
+      if (got.length !== want.length || !timingSafeEqual(got, want)) {
+        send(res, { status: 401, body: { error: { status: 401, code: 'unauthorized', message: 'missing or wrong bearer token' } } });
+        return;
+      }
+    }
+    router.handle(req, res, log).catch((e) => { log(e, 'api'); if (!res.headersSent) { res.writeHead(500); res.end(); } });
+  });
+  server.requestTimeout = 60_000;
+  server.headersTimeout = 10_000;
+  server.maxHeadersCount = 64;
+  let address: string;
+  if (listen.port !== undefined) {
+    const host = listen.host ?? '127.0.0.1';
+    await new Promise<void>((res, rej) => { server.once('error', rej); server.listen(listen.port, host, () => res()); });
+    const a = server.address() as net.AddressInfo;
+    address = `http://${a.family === 'IPv6' ? `[${a.address}]` : a.address}:${a.port}`;
+  } else {
+    const sock = listen.socket!;
+    try { if (fs.lstatSync(sock).isSocket()) fs.unlinkSync(sock); } catch { /* absent */ }
+    const old = process.umask(0o177);
+    try { await new Promise<void>((res, rej) => { server.once('error', rej); server.listen(sock, () => res()); }); } finally { process.umask(old); }
+    fs.chmodSync(sock, 0o600);
+    address = `unix:${sock}`;
+  }
+  return { server, address };
+}

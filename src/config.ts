@@ -1,0 +1,84 @@
+// Daemon configuration: defaults < config file < environment < flags.
+// One table defines every setting, its flag, variable and meaning; --help
+// and the README print from it.
+import * as fs from 'fs';
+import * as path from 'path';
+import { einval } from './errors';
+
+type Kind = 'string' | 'int' | 'frontend';
+interface Setting { key: string; flag: string; env: string; kind: Kind; doc: string }
+
+export const SETTINGS: Setting[] = [
+  { key: 'data', flag: 'data', env: 'STRATA_DATA', kind: 'string', doc: 'data directory (object store, caches, sockets); default ./strata-data' },
+  { key: 'store', flag: 'store', env: 'STRATA_STORE', kind: 'string', doc: 'object store: a directory; default DATA/store' },
+  { key: 'nbdSocket', flag: 'socket', env: 'STRATA_NBD_SOCKET', kind: 'string', doc: 'NBD unix socket; default DATA/nbd.sock' },
+  { key: 'nbdPort', flag: 'tcp', env: 'STRATA_NBD_PORT', kind: 'int', doc: 'also serve NBD on this TCP port' },
+  { key: 'nbdHost', flag: 'host', env: 'STRATA_NBD_HOST', kind: 'string', doc: 'NBD TCP address; default 127.0.0.1' },
+  { key: 'apiSocket', flag: 'api-socket', env: 'STRATA_API_SOCKET', kind: 'string', doc: 'HTTP API unix socket (mode 0600); default DATA/api.sock' },
+  { key: 'apiPort', flag: 'api-port', env: 'STRATA_API_PORT', kind: 'int', doc: 'serve the HTTP API on TCP instead of the unix socket' },
+  { key: 'apiHost', flag: 'api-host', env: 'STRATA_API_HOST', kind: 'string', doc: 'HTTP API TCP address; default 127.0.0.1 (others need a token)' },
+  { key: 'apiToken', flag: 'api-token', env: 'STRATA_API_TOKEN', kind: 'string', doc: 'bearer token every API request must carry' },
+  { key: 'importRoot', flag: 'import-root', env: 'STRATA_IMPORT_ROOT', kind: 'string', doc: 'API imports only from inside this directory' },
+  { key: 'frontend', flag: 'frontend', env: 'STRATA_FRONTEND', kind: 'frontend', doc: 'default device frontend: auto (ublk when usable, else nbd), nbd or ublk' },
+  { key: 'maxDevices', flag: 'max-devices', env: 'STRATA_MAX_DEVICES', kind: 'int', doc: 'most devices at once; default 1024' },
+  { key: 'import', flag: 'import', env: 'STRATA_IMPORT', kind: 'string', doc: 'import this raw image at start and print its NBD URI' },
+];
+
+export interface Config {
+  data: string; store: string; nbdSocket: string; nbdPort?: number; nbdHost: string;
+  apiSocket: string; apiPort?: number; apiHost: string; apiToken?: string; importRoot?: string;
+  frontend: 'auto' | 'nbd' | 'ublk'; maxDevices: number; import?: string; configFile?: string;
+}
+
+function parse(s: Setting, v: unknown, from: string): unknown {
+  if (v === undefined || v === null) return undefined;
+  if (s.kind === 'int') {
+    const n = typeof v === 'number' ? v : Number(String(v));
+    if (!Number.isInteger(n) || n < 0 || n > 1_000_000) throw einval(`${from}: ${s.key} must be a non-negative integer, got ${JSON.stringify(v)}`);
+    return n;
+  }
+  if (typeof v !== 'string' && typeof v !== 'boolean') throw einval(`${from}: ${s.key} must be a string`);
+  const str = String(v);
+  if (s.kind === 'frontend' && !['auto', 'nbd', 'ublk'].includes(str)) throw einval(`${from}: frontend must be auto, nbd or ublk`);
+  return str;
+}
+
+/** Resolves the configuration; `args` are parsed flags (see cli.ts parseArgs). */
+export function loadConfig(args: Record<string, unknown>, env: NodeJS.ProcessEnv = process.env): Config {
+  const raw: Record<string, unknown> = {};
+  const file = (args.config ?? env.STRATA_CONFIG) as string | undefined;
+  if (file !== undefined) {
+    let obj: unknown;
+    try { obj = JSON.parse(fs.readFileSync(String(file), 'utf8')); } catch (e) { throw einval(`config file ${file}: ${(e as Error).message}`); }
+    if (typeof obj !== 'object' || obj === null || Array.isArray(obj)) throw einval(`config file ${file}: must be a JSON object`);
+    for (const [k, v] of Object.entries(obj)) {
+      const s = SETTINGS.find((x) => x.key === k);
+      if (!s) throw einval(`config file ${file}: unknown setting ${JSON.stringify(k)} (known: ${SETTINGS.map((x) => x.key).join(', ')})`);
+      raw[k] = parse(s, v, `config file ${file}`);
+    }
+  }
+  for (const s of SETTINGS) { const v = parse(s, env[s.env], s.env); if (v !== undefined) raw[s.key] = v; }
+  for (const s of SETTINGS) { const v = parse(s, args[s.flag], `--${s.flag}`); if (v !== undefined) raw[s.key] = v; }
+  const data = path.resolve(String(raw.data ?? 'strata-data'));
+  return {
+    data,
+    store: path.resolve(String(raw.store ?? path.join(data, 'store'))),
+    nbdSocket: path.resolve(String(raw.nbdSocket ?? path.join(data, 'nbd.sock'))),
+    nbdPort: raw.nbdPort as number | undefined,
+    nbdHost: String(raw.nbdHost ?? '127.0.0.1'),
+    apiSocket: path.resolve(String(raw.apiSocket ?? path.join(data, 'api.sock'))),
+    apiPort: raw.apiPort as number | undefined,
+    apiHost: String(raw.apiHost ?? '127.0.0.1'),
+    apiToken: raw.apiToken as string | undefined,
+    importRoot: raw.importRoot !== undefined ? path.resolve(String(raw.importRoot)) : undefined,
+    frontend: (raw.frontend ?? 'auto') as Config['frontend'],
+    maxDevices: (raw.maxDevices as number | undefined) ?? 1024,
+    import: raw.import as string | undefined,
+    configFile: file,
+  };
+}
+
+export function settingsHelp(): string {
+  const w = Math.max(...SETTINGS.map((s) => s.flag.length)) + 4;
+  return SETTINGS.map((s) => `  --${s.flag.padEnd(w)}${s.env.padEnd(22)}${s.doc}`).join('\n');
+}

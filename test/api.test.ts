@@ -1,0 +1,204 @@
+// The daemon's HTTP API end to end: start `node src/server.js`, import a
+// template, create a device, write through a real NBD client (nbdcopy),
+// snapshot, resume on a new device, read back; bad input gets 4xx with a
+// reason; a token guards non-loopback listening.
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import * as fs from 'fs';
+import * as http from 'http';
+import * as path from 'path';
+import { spawn, execFile, type ChildProcess } from 'child_process';
+import { randomBytes } from 'crypto';
+import { tmpdir, skip, makeImage } from './helpers/util';
+import { loadConfig } from '../src/config';
+
+const SERVER = path.join(__dirname, '..', 'src', 'server.js');
+const hasNbdcopy = fs.existsSync('/usr/bin/nbdcopy');
+const run = (cmd: string, args: string[]) => new Promise<{ code: number; err: string }>((res) =>
+  execFile(cmd, args, { timeout: 60_000 }, (e, _o, err) => res({ code: e ? 1 : 0, err: String(err) })));
+
+interface Daemon { child: ChildProcess; out(): string; exited: Promise<number | null> }
+
+function startDaemon(args: string[]): Daemon {
+  const child = spawn(process.execPath, [SERVER, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  child.stdout!.on('data', (d) => { out += d; });
+  child.stderr!.on('data', (d) => { out += d; });
+  const exited = new Promise<number | null>((r) => child.on('exit', (c) => r(c)));
+  return { child, out: () => out, exited };
+}
+
+async function waitFor(d: Daemon, re: RegExp, ms = 30_000): Promise<void> {
+  const t0 = Date.now();
+  while (!re.test(d.out()) && Date.now() - t0 < ms) await new Promise((r) => setTimeout(r, 50));
+  if (!re.test(d.out())) throw new Error(`daemon never logged ${re}: ${d.out()}`);
+}
+
+type Target = { socketPath: string } | { host: string; port: number };
+function call(t: Target, method: string, p: string, body?: unknown, headers: Record<string, string> = {}):
+  Promise<{ status: number; json: any; text: string }> {
+  return new Promise((resolve, reject) => {
+    const data = body === undefined ? undefined : typeof body === 'string' ? body : JSON.stringify(body);
+    const req = http.request({ ...t, method, path: p, headers: { ...(data ? { 'content-type': 'application/json', 'content-length': Buffer.byteLength(data) } : {}), ...headers } }, (res) => {
+      let text = '';
+      res.on('data', (c) => { text += c; });
+      res.on('end', () => { let json: any; try { json = JSON.parse(text); } catch { json = undefined; } resolve({ status: res.statusCode!, json, text }); });
+    });
+    req.on('error', reject);
+    if (data) req.write(data);
+    req.end();
+  });
+}
+
+async function finished(t: Target, opId: string): Promise<any> {
+  for (let i = 0; i < 600; i++) {
+    const r = await call(t, 'GET', `/v1/operations/${opId}`);
+    assert.is(r.status, 200);
+    if (r.json.state !== 'running') return r.json;
+    await new Promise((res) => setTimeout(res, 50));
+  }
+  throw new Error(`operation ${opId} did not finish`);
+}
+
+if (!hasNbdcopy) skip('api: nbdcopy (libnbd-bin) not installed');
+else test('API: import, device over NBD, write, snapshot, resume, read back; bad input gets 4xx', async () => {
+  const dir = tmpdir('api');
+  const img = makeImage(2048, 9);
+  fs.writeFileSync(`${dir}/img`, img);
+  const d = startDaemon(['--data', `${dir}/data`]);
+  const t = { socketPath: `${dir}/data/api.sock` };
+  try {
+    await waitFor(d, /"msg":"strata daemon started"/);
+    assert.is(fs.statSync(t.socketPath).mode & 0o777, 0o600);
+    assert.is((await call(t, 'GET', '/v1/health')).json.status, 'ok');
+    assert.is((await call(t, 'GET', '/v1/ready')).status, 200);
+    const spec = await call(t, 'GET', '/v1/openapi.json');
+    assert.is(spec.json.openapi, '3.0.3');
+    assert.ok(spec.json.paths['/v1/devices'].post);
+
+    // Template import as an operation with progress.
+    const imp = await call(t, 'POST', '/v1/templates', { path: `${dir}/img`, codec: 'lz4' });
+    assert.is(imp.status, 202, imp.text);
+    const impDone = await finished(t, imp.json.id);
+    assert.is(impDone.state, 'succeeded', JSON.stringify(impDone));
+    const tpl = impDone.result.template.id as string;
+    assert.ok(impDone.progress.total > 0);
+    assert.equal((await call(t, 'GET', '/v1/templates')).json.map((x: any) => x.id), [tpl]);
+    assert.is((await call(t, 'GET', `/v1/templates/${tpl}`)).json.codec, 'lz4');
+
+    // A device, written through a real NBD client.
+    const dev = await call(t, 'POST', '/v1/devices', { layer: tpl, id: 'vm1', frontend: 'nbd' });
+    assert.is(dev.status, 201, dev.text);
+    assert.is(dev.json.frontend, 'nbd');
+    assert.is(dev.json.size, img.length);
+    const data = randomBytes(img.length);
+    fs.writeFileSync(`${dir}/w`, data);
+    const w = await run('nbdcopy', [`${dir}/w`, dev.json.nbd.uri]);
+    assert.is(w.code, 0, w.err);
+    assert.is((await call(t, 'GET', '/v1/devices')).json.length, 1);
+
+    // Snapshot (an operation), resume on a new device, read back.
+    const snap = await call(t, 'POST', '/v1/devices/vm1/snapshots');
+    assert.is(snap.status, 202, snap.text);
+    const snapDone = await finished(t, snap.json.id);
+    assert.is(snapDone.state, 'succeeded', JSON.stringify(snapDone));
+    const sid = snapDone.result.snapshot.id as string;
+    assert.is(snapDone.result.snapshot.parent, tpl);
+    assert.equal((await call(t, 'GET', '/v1/snapshots')).json.map((x: any) => x.id), [sid]);
+    const dev2 = await call(t, 'POST', '/v1/devices', { layer: sid, frontend: 'auto' });
+    assert.is(dev2.status, 201, dev2.text);
+    assert.is(dev2.json.frontend, 'nbd', 'auto is nbd without ublk');
+    const r = await run('nbdcopy', [dev2.json.nbd.uri, `${dir}/back`]);
+    assert.is(r.code, 0, r.err);
+    assert.ok(fs.readFileSync(`${dir}/back`).equals(data), 'resumed device holds the snapshot');
+
+    // Bad input: 4xx with a reason, never a crash.
+    const bad: Array<[string, string, unknown, number]> = [
+      ['POST', '/v1/devices', '{not json', 400],
+      ['POST', '/v1/devices', { layer: tpl, colour: 'red' }, 400],
+      ['POST', '/v1/devices', { layer: '../../etc' }, 400],
+      ['POST', '/v1/devices', { layer: tpl, id: '../x' }, 400],
+      ['POST', '/v1/devices', { layer: tpl, id: 'vm1' }, 409],
+      ['POST', '/v1/devices', { layer: 'f'.repeat(32) }, 404],
+      ['POST', '/v1/devices', { layer: tpl, frontend: 'ublk' }, 501],
+      ['POST', '/v1/devices', { layer: tpl, frontend: 'floppy' }, 400],
+      ['POST', '/v1/templates', { path: 'relative/img' }, 400],
+      ['POST', '/v1/templates', { path: `${dir}/nope` }, 404],
+      ['POST', '/v1/templates', { path: dir }, 400],
+      ['POST', '/v1/templates', { path: `${dir}/img`, level: 99 }, 400],
+      ['POST', '/v1/devices', { layer: tpl, pad: 'x'.repeat(70_000) }, 413],
+      ['GET', '/v1/devices/..%2F..%2Fetc', undefined, 400],
+      ['GET', '/v1/devices/nope', undefined, 404],
+      ['GET', '/v1/templates/xyz', undefined, 400],
+      ['GET', '/v1/operations/zz', undefined, 400],
+      ['GET', '/v2/things', undefined, 404],
+      ['PUT', '/v1/devices', {}, 405],
+      ['DELETE', `/v1/templates/${tpl}`, undefined, 409], // the snapshot and devices use it
+      ['DELETE', `/v1/snapshots/${sid}`, undefined, 409], // a device uses it
+      ['DELETE', `/v1/snapshots/${tpl}`, undefined, 409], // a template, not a snapshot
+    ];
+    for (const [m, p, b, want] of bad) {
+      const res = await call(t, m, p, b);
+      assert.is(res.status, want, `${m} ${p} ${typeof b === 'string' ? b : JSON.stringify(b)?.slice(0, 80)} -> ${res.status} ${res.text}`);
+      if (want !== 405 || res.json) assert.ok(res.json?.error?.message, `${m} ${p}: a reason`);
+    }
+
+    // Deleting devices, then the snapshot, then the template.
+    assert.is((await call(t, 'DELETE', '/v1/devices/vm1')).status, 204);
+    assert.is((await call(t, 'GET', '/v1/devices/vm1')).status, 404);
+    assert.is((await call(t, 'DELETE', `/v1/devices/${dev2.json.id}`)).status, 204);
+    assert.is((await call(t, 'DELETE', `/v1/templates/${tpl}`)).status, 409, 'the snapshot still names it');
+    assert.is((await call(t, 'DELETE', `/v1/snapshots/${sid}`)).status, 204);
+    assert.is((await call(t, 'DELETE', `/v1/templates/${tpl}`)).status, 204);
+    assert.equal((await call(t, 'GET', '/v1/templates')).json, []);
+
+    d.child.kill('SIGTERM');
+    assert.is(await d.exited, 0, d.out());
+    assert.match(d.out(), /"msg":"stopped"/);
+    assert.not.ok(fs.existsSync(t.socketPath), 'API socket removed');
+  } finally {
+    d.child.kill('SIGKILL');
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('API beyond loopback needs a token; with one, requests without it get 401', async () => {
+  const dir = tmpdir('apitok');
+  try {
+    const noTok = startDaemon(['--data', `${dir}/a`, '--api-port', '0', '--api-host', '0.0.0.0']);
+    const code = await noTok.exited;
+    assert.ok(code !== 0, 'refuses to start');
+    assert.match(noTok.out(), /bearer token/);
+
+    const d = startDaemon(['--data', `${dir}/b`, '--api-port', '0', '--api-host', '0.0.0.0', '--api-token', 's3cret']);
+    try {
+      await waitFor(d, /"msg":"strata daemon started"/);
+      const port = Number(/"api":"http:\/\/[^"]*:(\d+)"/.exec(d.out())![1]);
+      const t = { host: '127.0.0.1', port };
+      assert.is((await call(t, 'GET', '/v1/health')).status, 401);
+      assert.is((await call(t, 'GET', '/v1/health', undefined, { authorization: 'Bearer wrong!' })).status, 401);
+      assert.is((await call(t, 'GET', '/v1/health', undefined, { authorization: 'Bearer s3cret' })).status, 200);
+    } finally { d.child.kill('SIGKILL'); }
+  } finally { fs.rmSync(dir, { recursive: true, force: true }); }
+});
+
+test('configuration: file < environment < flags; bad settings are refused with a reason', async () => {
+  const dir = tmpdir('cfg');
+  try {
+    fs.writeFileSync(`${dir}/c.json`, JSON.stringify({ data: `${dir}/fromfile`, maxDevices: 7, frontend: 'nbd' }));
+    const c1 = loadConfig({ config: `${dir}/c.json` }, {});
+    assert.is(c1.data, `${dir}/fromfile`);
+    assert.is(c1.maxDevices, 7);
+    const c2 = loadConfig({ config: `${dir}/c.json` }, { STRATA_MAX_DEVICES: '9' });
+    assert.is(c2.maxDevices, 9);
+    const c3 = loadConfig({ config: `${dir}/c.json`, 'max-devices': '11' }, { STRATA_MAX_DEVICES: '9' });
+    assert.is(c3.maxDevices, 11);
+    assert.is(c3.nbdSocket, `${dir}/fromfile/nbd.sock`);
+    fs.writeFileSync(`${dir}/bad.json`, JSON.stringify({ dataa: 'x' }));
+    assert.throws(() => loadConfig({ config: `${dir}/bad.json` }, {}), /unknown setting "dataa"/);
+    assert.throws(() => loadConfig({ frontend: 'floppy' }, {}), /frontend must be/);
+    assert.throws(() => loadConfig({}, { STRATA_MAX_DEVICES: '-1' }), /non-negative integer/);
+  } finally { fs.rmSync(dir, { recursive: true, force: true }); }
+});
+
+test.run();
