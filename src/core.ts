@@ -35,6 +35,8 @@ export class Core {
   readonly pool: Piscina;
   readonly store: ObjectStore;
   readonly cacheDir: string;
+  /** Hooks for metrics (the daemon sets them; no-ops otherwise). */
+  readonly observe = { fetch: (_seconds: number, _ok: boolean): void => {} };
   private scratch: number;
   private scratchLen = 1 << 20;
 

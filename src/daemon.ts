@@ -19,9 +19,12 @@ import { DeviceManager, DEVICE_ID_RE, type Frontends } from './api/devices';
 import { Operations } from './api/operations';
 import { routes } from './api/routes';
 import { startApi } from './api/server';
+import { Metrics } from './api/metrics';
+import pino from 'pino';
 
-const log = (level: string, msg: string, extra: Record<string, unknown> = {}) =>
-  process.stdout.write(JSON.stringify({ time: new Date().toISOString(), level, msg, ...extra }) + '\n');
+// Structured JSON logs (pino): one line per event, with device / operation ids as fields.
+const logger = pino({ base: { pid: process.pid }, timestamp: pino.stdTimeFunctions.isoTime, formatters: { level: (label) => ({ level: label }) } });
+const log = (level: 'info' | 'warn' | 'error', msg: string, extra: Record<string, unknown> = {}) => logger[level](extra, msg);
 
 const USAGE = `usage: node src/server.js [options]   (flags win over environment, which wins over --config FILE)
   --config FILE${' '.repeat(11)}STRATA_CONFIG         JSON file with any of the settings below (by key)
@@ -43,6 +46,11 @@ export async function main(argv: string[]): Promise<void> {
   };
   const devices = new DeviceManager(engine, frontends, cfg.maxDevices);
   const ops = new Operations((msg, extra) => log('warn', msg, extra));
+  const metrics = new Metrics(engine, devices);
+  devices.observe = {
+    lifecycle: (op, sec) => metrics.deviceOpSeconds.observe({ op }, sec),
+    io: (op, sec) => metrics.slowIoSeconds.observe({ op }, sec),
+  };
 
   // Legacy names open their device on first use; concurrent first uses share one open.
   const opening = new Map<string, Promise<NbdExport | undefined>>();
@@ -74,7 +82,11 @@ export async function main(argv: string[]): Promise<void> {
     frontends.nbd.tcp = { host: cfg.nbdHost, port };
     log('info', 'nbd tcp listening', { host: cfg.nbdHost, port });
   }
-  const router = routes({ engine, devices, ops, importRoot: cfg.importRoot, ready: () => ready, version: VERSION });
+  const router = routes({
+    engine, devices, ops, importRoot: cfg.importRoot, ready: () => ready, version: VERSION,
+    metrics: () => metrics.text(),
+    onSnapshot: (sec, ok, bytes) => { metrics.snapshotSeconds.observe({ result: ok ? 'ok' : 'error' }, sec); metrics.uploadBytes.inc(bytes); },
+  });
   const api = await startApi(router, { socket: cfg.apiSocket, port: cfg.apiPort, host: cfg.apiHost, token: cfg.apiToken },
     (e, what) => log('error', 'api request failed', { what, error: String((e as Error)?.stack ?? e) }));
   const ublk = fs.existsSync('/dev/ublk-control');

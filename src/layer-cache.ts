@@ -75,16 +75,19 @@ export class LayerCache {
     if (w.stateCas(this.states, i, S.ABSENT, S.FETCHING) !== S.ABSENT) {
       if (w.stateGet(this.states, i) === S.CACHED) return undefined;
     }
+    const t0 = performance.now();
     const p = this.fetch(i).then(
       () => {
         // Publish CACHED before dropping the single-flight entry (H11).
         w.stateSet(this.states, i, S.CACHED);
         this.inflight.delete(i);
+        this.core.observe.fetch((performance.now() - t0) / 1000, true);
       },
       (e) => {
         w.stateSet(this.states, i, S.ABSENT);
         this.inflight.delete(i);
         this.stats.fetchErrors++;
+        this.core.observe.fetch((performance.now() - t0) / 1000, false);
         throw e instanceof StrataError ? e : eio(`layer ${this.id} frame ${i}: ${(e as Error).message}`, e);
       });
     this.inflight.set(i, p);

@@ -112,6 +112,17 @@ else test('API: import, device over NBD, write, snapshot, resume, read back; bad
     assert.is(r.code, 0, r.err);
     assert.ok(fs.readFileSync(`${dir}/back`).equals(data), 'resumed device holds the snapshot');
 
+    // Prometheus metrics reflect what happened.
+    const met = await call(t, 'GET', '/metrics');
+    assert.is(met.status, 200);
+    const metric = (re: RegExp) => Number(re.exec(met.text)?.[1] ?? NaN);
+    assert.is(metric(/^strata_devices (\d+)/m), 2);
+    assert.ok(metric(/^strata_device_native_write_bytes_total\{device="vm1"\} (\d+)/m) + metric(/^strata_device_engine_write_bytes_total\{device="vm1"\} (\d+)/m) >= img.length, met.text.slice(0, 400));
+    assert.is(metric(/^strata_snapshot_seconds_count\{result="ok"\} (\d+)/m), 1);
+    assert.ok(metric(/^strata_upload_bytes_total (\d+)/m) > 0);
+    assert.is(metric(/^strata_device_lifecycle_seconds_count\{op="create"\} (\d+)/m), 2);
+    assert.match(met.text, /^strata_process_process_cpu_seconds_total/m);
+
     // Bad input: 4xx with a reason, never a crash.
     const bad: Array<[string, string, unknown, number]> = [
       ['POST', '/v1/devices', '{not json', 400],

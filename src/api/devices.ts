@@ -33,6 +33,9 @@ export class DeviceManager {
   private devices = new Map<string, ManagedDevice>();
   private pending = new Set<string>();
 
+  /** Metrics hooks (lifecycle latency, engine-path request latency). */
+  observe = { lifecycle: (_op: 'create' | 'delete', _s: number): void => {}, io: (_op: string, _s: number): void => {} };
+
   constructor(private readonly engine: Engine, private readonly frontends: Frontends, private readonly maxDevices = 1024) {}
 
   get size(): number { return this.devices.size; }
@@ -55,25 +58,44 @@ export class DeviceManager {
     if (this.devices.has(id) || this.pending.has(id)) throw new StrataError('EEXIST', `device ${id} exists`);
     if (this.devices.size + this.pending.size >= this.maxDevices) throw new StrataError('ENOSPC', `device limit (${this.maxDevices}) reached`);
     this.pending.add(id);
+    const t0 = performance.now();
     try {
       const dev = await this.engine.openDevice(layer, { id });
-      const m: ManagedDevice = { id, dev, frontend, exp: deviceExport(dev), created: new Date().toISOString() };
+      const m: ManagedDevice = { id, dev, frontend, exp: this.timed(deviceExport(dev)), created: new Date().toISOString() };
       if (frontend === 'ublk') {
         try { m.ublk = await this.frontends.ublk!.attach(dev); } catch (e) { await this.engine.closeDevice(dev); throw e; }
       }
       this.devices.set(id, m);
+      this.observe.lifecycle('create', (performance.now() - t0) / 1000);
       return m;
     } finally { this.pending.delete(id); }
+  }
+
+  /** The export with its engine-path requests timed (native ones never come here). */
+  private timed(exp: NbdExport): NbdExport {
+    const wrap = <A extends unknown[], R>(op: string, fn: (...a: A) => Promise<R>) => async (...a: A): Promise<R> => {
+      const t0 = performance.now();
+      try { return await fn(...a); } finally { this.observe.io(op, (performance.now() - t0) / 1000); }
+    };
+    return {
+      ...exp,
+      get size() { return exp.size; },
+      read: wrap('read', exp.read), readView: exp.readView && wrap('read', exp.readView), write: wrap('write', exp.write),
+      flush: wrap('flush', exp.flush), trim: wrap('trim', exp.trim), writeZeroes: wrap('write_zeroes', exp.writeZeroes),
+      cache: wrap('cache', exp.cache),
+    };
   }
 
   /** Detaches the frontend (NBD clients of it are disconnected), then drops the device. */
   async delete(id: string): Promise<void> {
     const m = this.devices.get(id);
     if (!m) throw new StrataError('ENOENT', `no device ${id}`);
+    const t0 = performance.now();
     this.devices.delete(id);
     this.frontends.nbd.dropExport(m.exp);
     if (m.ublk) await m.ublk.detach();
     await this.engine.closeDevice(m.dev);
+    this.observe.lifecycle('delete', (performance.now() - t0) / 1000);
   }
 
   /** Flushes every device (shutdown). */

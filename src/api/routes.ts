@@ -19,6 +19,7 @@ export interface ApiContext {
   importRoot?: string;
   ready(): boolean;
   metrics?(): Promise<string>;
+  onSnapshot?(seconds: number, ok: boolean, uploadedBytes: number): void;
   version: string;
 }
 
@@ -114,8 +115,12 @@ export function routes(ctx: ApiContext): Router {
     const m = devices.get(deviceId(req.params.id));
     if (!m) throw new StrataError('ENOENT', `no device ${req.params.id}`);
     const op = ops.start('snapshot', m.id, async (progress) => {
-      const s = await m.dev.snapshot({ onProgress: (p) => progress({ phase: p.phase, done: p.done, total: p.total }) });
-      return { snapshot: layerSummary(s.header), device: m.id, frozenMs: s.frozenMs, stats: s.stats };
+      const t0 = performance.now();
+      try {
+        const s = await m.dev.snapshot({ onProgress: (p) => progress({ phase: p.phase, done: p.done, total: p.total }) });
+        ctx.onSnapshot?.((performance.now() - t0) / 1000, true, s.stats.compressedBytes);
+        return { snapshot: layerSummary(s.header), device: m.id, frozenMs: s.frozenMs, stats: s.stats };
+      } catch (e) { ctx.onSnapshot?.((performance.now() - t0) / 1000, false, 0); throw e; }
     });
     return { status: 202, body: op };
   });

@@ -1,0 +1,59 @@
+// Prometheus metrics for the daemon (prom-client), served at /metrics.
+// Totals the engine already counts are read at scrape time; latencies are
+// observed where they happen (fetches, device create/delete, snapshots,
+// engine-path requests). Requests served by native threads are counted
+// (strata_device_native_*) but not timed: timing them would cost more than
+// serving them.
+import * as client from 'prom-client';
+import type { Engine } from '../engine';
+import type { DeviceManager } from './devices';
+
+const LAT = [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30];
+
+export class Metrics {
+  readonly registry = new client.Registry();
+  readonly fetchSeconds: client.Histogram<'result'>;
+  readonly deviceOpSeconds: client.Histogram<'op'>;
+  readonly snapshotSeconds: client.Histogram<'result'>;
+  readonly uploadBytes: client.Counter<never>;
+  readonly slowIoSeconds: client.Histogram<'op'>;
+
+  constructor(engine: Engine, devices: DeviceManager) {
+    const r = this.registry;
+    client.collectDefaultMetrics({ register: r, prefix: 'strata_process_' });
+    this.fetchSeconds = new client.Histogram({ name: 'strata_fetch_seconds', help: 'template frame fetch latency (store GET, verify, decompress, cache write)', labelNames: ['result'], buckets: LAT, registers: [r] });
+    this.deviceOpSeconds = new client.Histogram({ name: 'strata_device_lifecycle_seconds', help: 'device create/delete latency', labelNames: ['op'], buckets: LAT, registers: [r] });
+    this.snapshotSeconds = new client.Histogram({ name: 'strata_snapshot_seconds', help: 'snapshot duration (freeze to committed layer)', labelNames: ['result'], buckets: LAT, registers: [r] });
+    this.uploadBytes = new client.Counter({ name: 'strata_upload_bytes_total', help: 'compressed bytes uploaded by snapshots', registers: [r] });
+    this.slowIoSeconds = new client.Histogram({ name: 'strata_device_engine_io_seconds', help: 'latency of requests served by the engine (slow path: cold data, copy-on-write, flush, trim)', labelNames: ['op'], buckets: LAT, registers: [r] });
+    engine.core.observe.fetch = (s, ok) => this.fetchSeconds.observe({ result: ok ? 'ok' : 'error' }, s);
+
+    new client.Gauge({ name: 'strata_devices', help: 'devices in use', registers: [r], collect() { this.set(devices.size); } });
+    const perDevice = (name: string, help: string, pick: (m: ReturnType<DeviceManager['list']>[number]) => number) =>
+      new client.Counter({
+        name, help, labelNames: ['device'], registers: [r],
+        collect() { this.reset(); for (const m of devices.list()) this.inc({ device: m.id }, pick(m)); },
+      });
+    perDevice('strata_device_engine_reads_total', 'reads served by the engine', (m) => m.dev.stats.reads);
+    perDevice('strata_device_engine_writes_total', 'writes served by the engine', (m) => m.dev.stats.writes);
+    perDevice('strata_device_engine_read_bytes_total', 'bytes read through the engine', (m) => m.dev.stats.readBytes);
+    perDevice('strata_device_engine_write_bytes_total', 'bytes written through the engine', (m) => m.dev.stats.writeBytes);
+    perDevice('strata_device_native_reads_total', 'reads served by native threads', (m) => m.dev.nativeStats().fastReads);
+    perDevice('strata_device_native_writes_total', 'writes served by native threads', (m) => m.dev.nativeStats().fastWrites);
+    perDevice('strata_device_native_read_bytes_total', 'bytes read by native threads', (m) => m.dev.nativeStats().readBytes);
+    perDevice('strata_device_native_write_bytes_total', 'bytes written by native threads', (m) => m.dev.nativeStats().writeBytes);
+    perDevice('strata_device_flushes_total', 'flushes', (m) => m.dev.stats.flushes);
+    const cache = (name: string, help: string, key: 'fetches' | 'fetchBytes' | 'fetchErrors' | 'hits') =>
+      new client.Counter({ name, help, registers: [r], collect() { this.reset(); this.inc(engine.stats().cache[key]); } });
+    cache('strata_cache_fetches_total', 'template frames fetched from the object store', 'fetches');
+    cache('strata_cache_fetch_bytes_total', 'compressed bytes fetched', 'fetchBytes');
+    cache('strata_cache_fetch_errors_total', 'failed or corrupt fetches', 'fetchErrors');
+    cache('strata_cache_hits_total', 'frame lookups already cached (engine path)', 'hits');
+    new client.Gauge({
+      name: 'strata_cache_hit_ratio', help: 'cached frame lookups / all lookups (engine path)', registers: [r],
+      collect() { const c = engine.stats().cache; const all = c.hits + c.fetches; this.set(all ? c.hits / all : 1); },
+    });
+  }
+
+  text(): Promise<string> { return this.registry.metrics(); }
+}
