@@ -18,7 +18,7 @@ import { S } from './wasm';
 import { einval, StrataError } from './errors';
 import { writeLayer, type BlockRun, type Progress, type WriteLayerStats } from './layer-writer';
 import { NativePlane } from './native-plane';
-import type { NativeDeviceView, NativeTarget } from './native';
+import { loadNative, type NativeDeviceView, type NativeTarget } from './native';
 
 const BS = BLOCK_SIZE;
 const SECTOR = 512;
@@ -35,7 +35,10 @@ class Pinned {
   retire(): void { this.retired = true; if (this.refs === 0) this.teardown(); }
 }
 
-interface Overlay { gen: number; file: string; fd: number; table: number; pin: Pinned }
+// zfd: the zero journal of a durable device's overlay (-1 otherwise): a
+// record per zeroed run, so a restarted process can tell zeroed blocks
+// (holes in the overlay) from never-written ones (holes too).
+interface Overlay { gen: number; file: string; fd: number; table: number; pin: Pinned; zfd: number; zlen: number; keep: { files: () => boolean } }
 interface Base { header: LayerHeader; map: MappingTable; caches: Map<number, LayerCache>; pin: Pinned }
 interface View { cur: Overlay; frozen: Overlay[]; base: Base }
 
@@ -44,6 +47,19 @@ export interface DeviceOptions {
   id?: string;
   /** Codec for snapshots (default: the base layer's codec). */
   codec?: Codec;
+  /**
+   * Keep the device across processes: a manifest and the overlay files
+   * survive suspend() and crashes, and Engine.resumeDevice() brings it back.
+   */
+  durable?: boolean;
+  /** Opaque JSON kept in a durable device's manifest (e.g. the daemon's frontend). */
+  meta?: Record<string, unknown>;
+}
+
+/** A durable device's manifest (devices/<id>.json). */
+export interface DeviceManifest {
+  version: 1; id: string; layer: string; size: number; gens: number[];
+  codec?: Codec; meta?: Record<string, unknown>; saved: string;
 }
 
 export interface SnapshotOptions { codec?: Codec; level?: number; onProgress?: (p: Progress) => void }
@@ -63,25 +79,84 @@ export class Device {
   private lastSnapshot: Promise<unknown> = Promise.resolve();
   private gen = 0;
   private closed = false;
+  /** suspend(): overlay files and manifest stay for a later resume. */
+  private keepFiles = false;
   private readonly dir: string;
   /** Set once a native frontend serves this device (see native-plane.ts). */
   private plane: NativePlane | null = null;
   stats = { reads: 0, writes: 0, readBytes: 0, writeBytes: 0, trims: 0, flushes: 0, snapshots: 0 };
 
   private constructor(private readonly core: Core, private readonly registry: LayerRegistry,
-    base: Base, private readonly opts: DeviceOptions) {
+    base: Base, private readonly opts: DeviceOptions, overlays?: Overlay[]) {
     this.id = opts.id ?? randomBytes(8).toString('hex');
-    if (!/^[A-Za-z0-9_-]{1,64}$/.test(this.id)) throw einval(`invalid device id ${JSON.stringify(this.id)}`);
+    if (!DEVICE_ID.test(this.id)) throw einval(`invalid device id ${JSON.stringify(this.id)}`);
     this.size = base.header.virtualSize;
     this.blocks = this.size / BS;
     this.base = base;
     this.dir = path.join(core.cacheDir, 'devices');
-    this.cur = this.newOverlay();
+    if (overlays?.length) {
+      for (const o of overlays) o.keep.files = () => this.keepFiles;
+      this.cur = overlays[overlays.length - 1];
+      this.frozen = overlays.slice(0, -1);
+      this.gen = this.cur.gen + 1;
+    } else {
+      if (opts.durable && fs.existsSync(manifestPath(this.dir, this.id))) {
+        throw new StrataError('EEXIST', `a durable device ${this.id} exists here (resume or delete it)`);
+      }
+      this.cur = this.newOverlay();
+    }
+    this.saveManifest();
   }
 
   static async open(core: Core, registry: LayerRegistry, layerId: string, opts: DeviceOptions = {}): Promise<Device> {
     const base = await resolveBase(core, registry, await registry.header(layerId));
     return new Device(core, registry, base, opts);
+  }
+
+  /**
+   * Brings back a durable device from its manifest and overlay files, also
+   * after a crash: zeroed runs come from the zero journal, written blocks
+   * from the overlay's allocated ranges (writes fill whole blocks and zeroing
+   * punches holes). Overlays a crash left frozen (a snapshot upload cut
+   * short) are folded back, so every write is kept.
+   */
+  static async resume(core: Core, registry: LayerRegistry, id: string): Promise<Device> {
+    if (!DEVICE_ID.test(id)) throw einval(`invalid device id ${JSON.stringify(id)}`);
+    const dir = path.join(core.cacheDir, 'devices');
+    const m = readManifest(dir, id);
+    const header = await registry.header(m.layer);
+    if (header.virtualSize !== m.size) throw new StrataError('EBADMSG', `device ${id}: manifest size ${m.size} differs from layer ${m.layer}`);
+    const base = await resolveBase(core, registry, header);
+    const overlays: Overlay[] = [];
+    try {
+      for (const gen of m.gens) overlays.push(recoverOverlay(core, dir, id, gen, m.size));
+    } catch (e) {
+      for (const o of overlays) o.pin.retire();
+      base.pin.retire();
+      throw e;
+    }
+    const d = new Device(core, registry, base, { id, codec: m.codec, durable: true, meta: m.meta }, overlays);
+    if (d.frozen.length) await d.foldBack();
+    return d;
+  }
+
+  get durable(): boolean { return !!this.opts.durable; }
+  get meta(): Record<string, unknown> | undefined { return this.opts.meta; }
+
+  /** Writes the manifest (durable devices): atomically, fsynced. */
+  private saveManifest(): void {
+    if (!this.opts.durable || this.closed) return;
+    const m: DeviceManifest = {
+      version: 1, id: this.id, layer: this.layerId, size: this.size, gens: [...this.frozen, this.cur].map((o) => o.gen),
+      codec: this.opts.codec, meta: this.opts.meta, saved: new Date().toISOString(),
+    };
+    const file = manifestPath(this.dir, this.id);
+    const tmp = `${file}.tmp`;
+    const fd = fs.openSync(tmp, 'w', 0o600);
+    try { fs.writeSync(fd, JSON.stringify(m)); fs.fsyncSync(fd); } finally { fs.closeSync(fd); }
+    fs.renameSync(tmp, file);
+    const dfd = fs.openSync(this.dir, 'r');
+    try { fs.fsyncSync(dfd); } finally { fs.closeSync(dfd); }
   }
 
   /** The layer this device's unchanged blocks come from. */
@@ -189,6 +264,13 @@ export class Device {
       // Free the overlay's space, then publish ZERO: readers of these blocks
       // are excluded by the lock, so the order is not observable.
       await this.core.uring.punch(ov.fd, f0 * BS, (f1 - f0) * BS);
+      if (ov.zfd >= 0) {
+        const rec = Buffer.alloc(16);
+        rec.writeBigUInt64LE(BigInt(f0), 0);
+        rec.writeBigUInt64LE(BigInt(f1 - f0), 8);
+        fs.writeSync(ov.zfd, rec, 0, 16, ov.zlen);
+        ov.zlen += 16;
+      }
       this.core.heap.wasm.stateFill(ov.table, f0, f1 - f0, S.ZERO);
       if (opts.fua) await this.syncFiles();
     }
@@ -267,6 +349,7 @@ export class Device {
           this.cur = this.newOverlay();
           this.frozen.push(ov);
           this.publish();
+          this.saveManifest();
         });
       } finally { unlock(); }
       const frozenMs = performance.now() - t0;
@@ -297,6 +380,7 @@ export class Device {
         this.base = newBase;
         this.frozen.splice(this.frozen.indexOf(ov), 1);
         this.publish();
+        this.saveManifest();
       });
       ov.pin.retire();
       oldBase.pin.retire();
@@ -356,8 +440,10 @@ export class Device {
           b = e;
         }
       }
-      for (const fz of this.frozen.splice(0)) fz.pin.retire();
+      const folded = this.frozen.splice(0);
       this.publish();
+      this.saveManifest();
+      for (const fz of folded) fz.pin.retire();
     }
   }
 
@@ -382,6 +468,7 @@ export class Device {
     this.closed = true;
     await this.plane?.closeGate();
     unlock();
+    if (this.opts.durable && !this.keepFiles) fs.rmSync(manifestPath(this.dir, this.id), { force: true });
     this.cur.pin.retire();
     for (const fz of this.frozen.splice(0)) fz.pin.retire();
     this.base.pin.retire();
@@ -423,6 +510,21 @@ export class Device {
       curFd: this.cur.fd, curTable: this.cur.table, frozen: this.frozen.length,
       ext: base.map.ptr, nExt: base.map.extents.length, layers,
     });
+  }
+
+  /**
+   * Durable devices: waits for in-flight requests and uploads, makes every
+   * write durable and lets go of the device while keeping its files, for
+   * Engine.resumeDevice() in this or a later process.
+   */
+  async suspend(): Promise<void> {
+    if (!this.opts.durable) throw einval(`device ${this.id} is not durable`);
+    if (this.closed) return;
+    await this.lastSnapshot;
+    await this.syncFiles();
+    this.saveManifest();
+    this.keepFiles = true;
+    await this.close();
   }
 
   // ------------------------------------------------------------ internals
@@ -521,7 +623,9 @@ export class Device {
   }
 
   private async syncFiles(): Promise<void> {
-    const jobs = [this.cur, ...this.frozen].map((o) => this.core.uring.fsync(o.fd));
+    const ovs = [this.cur, ...this.frozen];
+    const jobs = ovs.map((o) => this.core.uring.fsync(o.fd));
+    for (const o of ovs) if (o.zfd >= 0) jobs.push(this.core.uring.fsync(o.zfd));
     await Promise.all(jobs);
   }
 
@@ -537,15 +641,85 @@ export class Device {
 
   private newOverlay(): Overlay {
     const gen = this.gen++;
-    const file = path.join(this.dir, `${this.id}.${gen}.overlay`);
+    const file = overlayPath(this.dir, this.id, gen);
     const fd = fs.openSync(file, 'w+', 0o600);
     fs.ftruncateSync(fd, this.size);
+    const zfd = this.opts.durable ? fs.openSync(zerosPath(this.dir, this.id, gen), 'w+', 0o600) : -1;
     const heap = this.core.heap;
     const table = heap.alloc(this.blocks);
     heap.wasm.stateFill(table, 0, this.blocks, S.ABSENT);
-    const pin = new Pinned(() => { fs.closeSync(fd); fs.rmSync(file, { force: true }); heap.free(table); });
-    return { gen, file, fd, table, pin };
+    const keep = { files: () => this.keepFiles };
+    return { gen, file, fd, table, zfd, zlen: 0, keep, pin: overlayPin(heap, this.dir, this.id, gen, fd, zfd, table, keep) };
   }
+}
+
+const DEVICE_ID = /^[A-Za-z0-9_-]{1,64}$/;
+const manifestPath = (dir: string, id: string) => path.join(dir, `${id}.json`);
+const overlayPath = (dir: string, id: string, gen: number) => path.join(dir, `${id}.${gen}.overlay`);
+const zerosPath = (dir: string, id: string, gen: number) => path.join(dir, `${id}.${gen}.zeros`);
+
+/** Closes an overlay's files and frees its table; deletes the files unless kept. */
+function overlayPin(heap: Core['heap'], dir: string, id: string, gen: number, fd: number, zfd: number, table: number, keep: Overlay['keep']): Pinned {
+  return new Pinned(() => {
+    fs.closeSync(fd);
+    if (zfd >= 0) fs.closeSync(zfd);
+    if (!keep.files()) { fs.rmSync(overlayPath(dir, id, gen), { force: true }); fs.rmSync(zerosPath(dir, id, gen), { force: true }); }
+    heap.free(table);
+  });
+}
+
+export function readManifest(dir: string, id: string): DeviceManifest {
+  let m: DeviceManifest;
+  try { m = JSON.parse(fs.readFileSync(manifestPath(dir, id), 'utf8')); } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') throw new StrataError('ENOENT', `no durable device ${id}`);
+    throw new StrataError('EBADMSG', `device ${id}: unreadable manifest: ${(e as Error).message}`);
+  }
+  if (m.version !== 1 || m.id !== id || !Array.isArray(m.gens) || m.gens.length === 0 || !m.gens.every((g) => Number.isInteger(g) && g >= 0) ||
+    !Number.isSafeInteger(m.size) || m.size <= 0 || m.size % BS) {
+    throw new StrataError('EBADMSG', `device ${id}: invalid manifest`);
+  }
+  return m;
+}
+
+/** Durable devices whose manifests are in `dir`. */
+export function listManifests(dir: string): string[] {
+  let names: string[];
+  try { names = fs.readdirSync(dir); } catch { return []; }
+  return names.filter((n) => n.endsWith('.json')).map((n) => n.slice(0, -5)).filter((id) => DEVICE_ID.test(id));
+}
+
+/** Rebuilds an overlay's state table from its files (see Device.resume). */
+function recoverOverlay(core: Core, dir: string, id: string, gen: number, size: number): Overlay {
+  const file = overlayPath(dir, id, gen);
+  let fd: number;
+  try { fd = fs.openSync(file, 'r+'); } catch { throw new StrataError('EBADMSG', `device ${id}: overlay ${gen} is missing`); }
+  const zfd = fs.openSync(zerosPath(dir, id, gen), fs.constants.O_RDWR | fs.constants.O_CREAT, 0o600);
+  const heap = core.heap;
+  const blocks = size / BS;
+  const table = heap.alloc(blocks);
+  let zlen = 0;
+  try {
+    if (fs.fstatSync(fd).size !== size) throw new StrataError('EBADMSG', `device ${id}: overlay ${gen} has the wrong size`);
+    heap.wasm.stateFill(table, 0, blocks, S.ABSENT);
+    const journal = fs.readFileSync(zerosPath(dir, id, gen));
+    zlen = journal.length - (journal.length % 16); // a torn last record was never acknowledged
+    for (let at = 0; at < zlen; at += 16) {
+      const b0 = Number(journal.readBigUInt64LE(at)), n = Number(journal.readBigUInt64LE(at + 8));
+      if (b0 + n > blocks) throw new StrataError('EBADMSG', `device ${id}: zero journal ${gen} is corrupt`);
+      heap.wasm.stateFill(table, b0, n, S.ZERO);
+    }
+    const ext = loadNative().dataExtents(fd, size);
+    for (let i = 0; i < ext.length; i += 2) {
+      const b0 = Math.floor(ext[i] / BS), b1 = Math.ceil(ext[i + 1] / BS);
+      heap.wasm.stateFill(table, b0, b1 - b0, S.DIRTY);
+    }
+  } catch (e) {
+    fs.closeSync(fd); fs.closeSync(zfd); heap.free(table);
+    throw e;
+  }
+  // Until a device adopts it (a failed resume), a recovered overlay's files are kept.
+  const keep = { files: () => true };
+  return { gen, file, fd, table, zfd, zlen, keep, pin: overlayPin(heap, dir, id, gen, fd, zfd, table, keep) };
 }
 
 /** Calls fn for each piece of [pos, end) with the base extent that maps it. */

@@ -6,7 +6,7 @@ import * as path from 'path';
 import { createHash } from 'crypto';
 import { Core } from './core';
 import { LayerRegistry } from './layers';
-import { Device, type DeviceOptions } from './device';
+import { Device, listManifests, type DeviceOptions } from './device';
 import { BLOCK_SIZE, Codec, ID_RE, keys, type LayerHeader, ZERO_LAYER } from './format';
 import { writeLayer, type Progress, type WriteLayerStats } from './layer-writer';
 import { FsObjectStore } from './store/fs';
@@ -146,6 +146,26 @@ export class Engine {
     return d;
   }
 
+  /** Brings back a durable device (see Device.resume), also one a crashed process left. */
+  async resumeDevice(id: string): Promise<Device> {
+    for (const d of this.devices) if (d.id === id) throw new StrataError('EBUSY', `device ${id} is already open`);
+    const d = await Device.resume(this.core, this.layers, id);
+    this.devices.add(d);
+    return d;
+  }
+
+  /** Durable devices kept in the cache directory and not open now. */
+  savedDevices(): string[] {
+    const open = new Set([...this.devices].map((d) => d.id));
+    return listManifests(path.join(this.core.cacheDir, 'devices')).filter((id) => !open.has(id));
+  }
+
+  /** Lets go of a durable device, keeping it for resumeDevice(). */
+  async suspendDevice(d: Device): Promise<void> {
+    await d.suspend();
+    this.devices.delete(d);
+  }
+
   async closeDevice(d: Device): Promise<void> {
     await d.close();
     this.devices.delete(d);
@@ -154,7 +174,8 @@ export class Engine {
   stats() { return { cache: this.layers.stats(), uring: { ...this.core.uring.stats }, arenaUsed: this.core.arena.used }; }
 
   async close(): Promise<void> {
-    for (const d of [...this.devices]) await this.closeDevice(d);
+    // Durable devices are kept for the next process; the others are dropped.
+    for (const d of [...this.devices]) await (d.durable ? this.suspendDevice(d) : this.closeDevice(d));
     this.layers.closeAll();
     await this.core.close();
     fs.rmSync(this.lockFile, { force: true });

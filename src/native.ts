@@ -104,6 +104,8 @@ export interface NativeAddon {
   Ring: NativeRingConstructor;
   info(): NativeInfo;
   pageSize(): number;
+  /** [start, end, start, end, …] byte ranges holding data (SEEK_DATA/SEEK_HOLE) below size. */
+  dataExtents(fd: number, size: number): number[];
   DeviceTarget: new (heap: SharedArrayBuffer, size: number, blockSize: number) => NativeDeviceTarget;
   NbdWire: new (fd: number, target: NativeTarget | null, opts: NbdWireOptions, initial: Buffer,
     onEvent: (kind: 'requests' | 'closed', message: string) => void) => NativeNbdWire;

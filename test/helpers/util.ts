@@ -53,3 +53,11 @@ export class CountingStore extends FsObjectStore {
 export function skip(reason: string): void {
   console.log(`SKIP: ${reason}`);
 }
+
+/** Asserts that a promise rejects with a message matching `re` (uvu has no async throws). */
+export async function rejects(p: Promise<unknown>, re: RegExp): Promise<void> {
+  let err: unknown;
+  try { await p; } catch (e) { err = e; }
+  if (!err) throw new Error(`expected a rejection matching ${re}, but it resolved`);
+  if (!re.test(String((err as Error).message))) throw new Error(`expected a rejection matching ${re}, got: ${(err as Error).message}`);
+}
