@@ -75,6 +75,8 @@ export async function main(argv: string[]): Promise<void> {
     list() { return devices.list().map((m) => ({ name: m.id, description: `strata device on layer ${m.dev.layerId}` })); },
   };
   const server = new NbdServer({ exports: resolver, log: (m) => log('warn', m) });
+  const restored = await devices.restore((id, e) => log('error', 'cannot resume device (left on disk)', { device: id, error: e.message }));
+  if (restored.length) log('info', 'devices resumed', { devices: restored.map((m) => m.id) });
 
   await server.listenUnix(cfg.nbdSocket);
   if (cfg.nbdPort !== undefined) {
@@ -120,6 +122,7 @@ export async function main(argv: string[]): Promise<void> {
     await server.close();
     await within(ops.settle(), 60_000, 'running operations');
     await within(devices.flushAll().catch((e) => log('warn', 'flush failed', { error: String(e) })), 30_000, 'flushing devices');
+    // Devices are durable: closing the engine suspends them for the next start.
     await within(engine.close(), 30_000, 'closing the engine');
     fs.rmSync(cfg.apiSocket, { force: true });
     log('info', 'stopped');

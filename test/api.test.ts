@@ -65,7 +65,7 @@ else test('API: import, device over NBD, write, snapshot, resume, read back; bad
   const dir = tmpdir('api');
   const img = makeImage(2048, 9);
   fs.writeFileSync(`${dir}/img`, img);
-  const d = startDaemon(['--data', `${dir}/data`]);
+  let d = startDaemon(['--data', `${dir}/data`]);
   const t = { socketPath: `${dir}/data/api.sock` };
   try {
     await waitFor(d, /"msg":"strata daemon started"/);
@@ -153,6 +153,17 @@ else test('API: import, device over NBD, write, snapshot, resume, read back; bad
       assert.is(res.status, want, `${m} ${p} ${typeof b === 'string' ? b : JSON.stringify(b)?.slice(0, 80)} -> ${res.status} ${res.text}`);
       if (want !== 405 || res.json) assert.ok(res.json?.error?.message, `${m} ${p}: a reason`);
     }
+
+    // A restart finds devices, their writes and the layers again.
+    d.child.kill('SIGTERM');
+    assert.is(await d.exited, 0, d.out());
+    d = startDaemon(['--data', `${dir}/data`]);
+    await waitFor(d, /"msg":"strata daemon started"/);
+    assert.match(d.out(), /"msg":"devices resumed"/);
+    assert.equal((await call(t, 'GET', '/v1/devices')).json.map((x: any) => x.id).sort(), [dev2.json.id, 'vm1'].sort());
+    const again = await run('nbdcopy', [dev.json.nbd.uri, `${dir}/again`]);
+    assert.is(again.code, 0, again.err);
+    assert.ok(fs.readFileSync(`${dir}/again`).equals(data), 'vm1 kept its writes across the restart');
 
     // Deleting devices, then the snapshot, then the template.
     assert.is((await call(t, 'DELETE', '/v1/devices/vm1')).status, 204);

@@ -60,8 +60,10 @@ export class DeviceManager {
     this.pending.add(id);
     const t0 = performance.now();
     try {
-      const dev = await this.engine.openDevice(layer, { id });
-      const m: ManagedDevice = { id, dev, frontend, exp: this.timed(deviceExport(dev)), created: new Date().toISOString() };
+      const created = new Date().toISOString();
+      // Durable: a daemon restart (or crash) finds the device and its writes again.
+      const dev = await this.engine.openDevice(layer, { id, durable: true, meta: { frontend, created } });
+      const m: ManagedDevice = { id, dev, frontend, exp: this.timed(deviceExport(dev)), created };
       if (frontend === 'ublk') {
         try { m.ublk = await this.frontends.ublk!.attach(dev); } catch (e) { await this.engine.closeDevice(dev); throw e; }
       }
@@ -84,6 +86,30 @@ export class DeviceManager {
       flush: wrap('flush', exp.flush), trim: wrap('trim', exp.trim), writeZeroes: wrap('write_zeroes', exp.writeZeroes),
       cache: wrap('cache', exp.cache),
     };
+  }
+
+  /**
+   * Brings back every device a previous daemon process left (after a clean
+   * stop or a crash). One that cannot be resumed is reported and left on
+   * disk, never deleted.
+   */
+  async restore(onError: (id: string, e: Error) => void): Promise<ManagedDevice[]> {
+    const out: ManagedDevice[] = [];
+    for (const id of this.engine.savedDevices()) {
+      try {
+        const dev = await this.engine.resumeDevice(id);
+        const meta = dev.meta ?? {};
+        let frontend: Frontend = meta.frontend === 'ublk' ? 'ublk' : 'nbd';
+        const m: ManagedDevice = { id, dev, frontend, exp: this.timed(deviceExport(dev)), created: String(meta.created ?? new Date().toISOString()) };
+        if (frontend === 'ublk') {
+          if (this.frontends.ublk) m.ublk = await this.frontends.ublk.attach(dev);
+          else frontend = m.frontend = 'nbd'; // ublk gone on this host: still reachable over NBD
+        }
+        this.devices.set(id, m);
+        out.push(m);
+      } catch (e) { onError(id, e as Error); }
+    }
+    return out;
   }
 
   /** Detaches the frontend (NBD clients of it are disconnected), then drops the device. */
