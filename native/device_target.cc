@@ -172,6 +172,9 @@ bool DeviceTarget::planBase(const DeviceView& v, uint64_t pos, uint64_t end, Pla
         const uint32_t us = U32(rec + 16);
         if (at < u || at >= u + us) return false;
         if (__atomic_load_n(heap_ + L.states + f, __ATOMIC_ACQUIRE) != CACHED) return false;
+        // Tell the eviction clock this frame is in use (store only when it changes).
+        uint8_t* ref = heap_ + L.refs + f;
+        if (L.refs && __atomic_load_n(ref, __ATOMIC_RELAXED) == 0) __atomic_store_n(ref, 1, __ATOMIC_RELAXED);
         at = u + us;
       }
       if (!AddSeg(p, L.fd, d0, take)) return false;
@@ -271,6 +274,7 @@ class DeviceTargetJs : public Napi::ObjectWrap<DeviceTargetJs> {
         L.states = Prop32(lo, "states");
         L.frames = Prop32(lo, "frames");
         L.nframes = Prop32(lo, "nframes");
+        L.refs = Prop32(lo, "refs");
       }
       v->layers.push_back(L);
     }

@@ -27,6 +27,7 @@ struct LayerView {
   uint32_t states = 0;   // heap offset: one state byte per frame
   uint32_t frames = 0;   // heap offset: 32-byte frame records
   uint32_t nframes = 0;
+  uint32_t refs = 0;     // heap offset: one "recently read" byte per frame (eviction clock)
 };
 
 struct DeviceView {

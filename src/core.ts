@@ -37,6 +37,8 @@ export class Core {
   readonly cacheDir: string;
   /** Hooks for metrics (the daemon sets them; no-ops otherwise). */
   readonly observe = { fetch: (_seconds: number, _ok: boolean): void => {} };
+  /** Called after a frame enters the cache (the engine's evictor checks its limits). */
+  onCached: () => void = () => {};
   private scratch: number;
   private scratchLen = 1 << 20;
 

@@ -496,6 +496,11 @@ export class Device {
     return this.plane?.target.stats() ?? { fastReads: 0, fastWrites: 0, slowPlans: 0, readBytes: 0, writeBytes: 0 };
   }
 
+  /** Keeps native requests out (waiting for those in flight) until the returned function is called. */
+  holdNatives(): Promise<() => void> {
+    return this.plane ? this.plane.hold() : Promise.resolve(() => {});
+  }
+
   private gated<T>(writer: boolean, fn: () => T | Promise<T>): Promise<T> {
     if (this.plane) return this.plane.gated(writer, fn);
     try { return Promise.resolve(fn()); } catch (e) { return Promise.reject(e); }

@@ -12,6 +12,7 @@ import { writeLayer, type Progress, type WriteLayerStats } from './layer-writer'
 import { FsObjectStore } from './store/fs';
 import type { ObjectStore } from './store/types';
 import { einval, StrataError } from './errors';
+import { CacheEvictor, type CacheLimits } from './cache-evictor';
 
 export interface EngineOptions {
   /** An object store, or a directory for the local filesystem store. */
@@ -20,6 +21,8 @@ export interface EngineOptions {
   cacheDir?: string;
   workers?: number;
   arenaBytes?: number;
+  /** Bounds on the local template cache (size, free disk space); default: unbounded. */
+  cache?: CacheLimits;
 }
 
 export interface ImportOptions { codec?: Codec; level?: number; onProgress?: (p: Progress) => void }
@@ -29,8 +32,25 @@ const heldLocks = new Set<string>();
 
 export class Engine {
   private devices = new Set<Device>();
+  private readonly evictor: CacheEvictor;
   private constructor(readonly core: Core, readonly layers: LayerRegistry, private readonly ownCacheDir: string | null,
-    private readonly lockFile: string) {}
+    private readonly lockFile: string, limits: CacheLimits = {}) {
+    this.evictor = new CacheEvictor(layers, core.cacheDir, limits, (layerId) => this.holdNatives(layerId));
+    if (limits.maxBytes || limits.minFreeBytes) {
+      this.evictor.start();
+      // Size limits are also checked as frames arrive, not only on the timer.
+      if (limits.maxBytes) core.onCached = () => { if (this.evictor.cachedBytes > limits.maxBytes!) void this.evictor.run(); };
+    }
+  }
+
+  /** Keeps native readers away from a layer's cache (every device reading through it). */
+  private async holdNatives(layerId: string): Promise<() => void> {
+    const held = await Promise.all([...this.devices].filter((d) => d.chain.includes(layerId)).map((d) => d.holdNatives()));
+    return () => { for (const release of held) release(); };
+  }
+
+  /** Runs one cache eviction pass now (the engine also runs them on a timer when limits are set). */
+  evictNow(): Promise<number> { return this.evictor.run(); }
 
   static async open(opts: EngineOptions): Promise<Engine> {
     const store = typeof opts.store === 'string' ? new FsObjectStore(opts.store) : opts.store;
@@ -52,7 +72,7 @@ export class Engine {
     }
     heldLocks.add(path.resolve(lockFile));
     const core = new Core({ store, cacheDir, workers: opts.workers, arenaBytes: opts.arenaBytes });
-    return new Engine(core, new LayerRegistry(core), own, lockFile);
+    return new Engine(core, new LayerRegistry(core), own, lockFile, opts.cache);
   }
 
   get store(): ObjectStore { return this.core.store; }
@@ -174,6 +194,7 @@ export class Engine {
   stats() { return { cache: this.layers.stats(), uring: { ...this.core.uring.stats }, arenaUsed: this.core.arena.used }; }
 
   async close(): Promise<void> {
+    await this.evictor.stop();
     // Durable devices are kept for the next process; the others are dropped.
     for (const d of [...this.devices]) await (d.durable ? this.suspendDevice(d) : this.closeDevice(d));
     this.layers.closeAll();

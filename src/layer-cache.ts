@@ -17,8 +17,16 @@ export class LayerCache {
   readonly file: string;
   private readonly states: number; // heap offset, one byte per frame
   private readonly framesPtr: number;
+  /** heap offset, one byte per frame: set on every read (also by native readers), cleared by the eviction clock. */
+  private readonly refs: number;
+  /** Frames JS readers are reading right now (never evicted). */
+  private readonly pins: Int32Array;
   private inflight = new Map<number, Promise<void>>();
-  stats = { fetches: 0, fetchBytes: 0, fetchErrors: 0, hits: 0 };
+  /** Bytes of frames in the CACHED state. */
+  cachedBytes = 0;
+  /** The eviction clock's position. */
+  hand = 0;
+  stats = { fetches: 0, fetchBytes: 0, fetchErrors: 0, hits: 0, evictions: 0, evictedBytes: 0 };
 
   /** `seeded`: the writer of this new layer already filled the cache file. */
   constructor(private readonly core: Core, readonly header: LayerHeader, seeded = false) {
@@ -32,6 +40,10 @@ export class LayerCache {
     this.states = core.heap.alloc(n);
     core.heap.wasm.stateFill(this.states, 0, n, seeded ? S.CACHED : S.ABSENT);
     this.framesPtr = core.heap.alloc(n * 32);
+    this.refs = core.heap.alloc(n);
+    core.heap.wasm.stateFill(this.refs, 0, n, 0);
+    this.pins = new Int32Array(n);
+    if (seeded) this.cachedBytes = header.dataSize;
     const v = new DataView(core.heap.buffer, this.framesPtr, n * 32);
     header.frames.forEach((f, i) => {
       v.setBigUint64(i * 32, BigInt(f.u), true);
@@ -46,7 +58,6 @@ export class LayerCache {
     return this.core.heap.wasm.findFrame(this.framesPtr, this.header.frames.length, BigInt(dataOff));
   }
 
-  isCached(i: number): boolean { return this.core.heap.wasm.stateGet(this.states, i) === S.CACHED; }
 
   /** Makes [dataOff, dataOff+len) present in the cache file, fetching missing frames. */
   async ensure(dataOff: number, len: number): Promise<void> {
@@ -56,13 +67,18 @@ export class LayerCache {
     const first = this.frameOf(dataOff);
     const last = this.frameOf(dataOff + len - 1);
     if (first < 0 || last < 0) throw ebadmsg(`layer ${this.id}: no frame holds ${dataOff}+${len}`);
-    let waits: Promise<void>[] | undefined;
-    for (let i = first; i <= last; i++) {
-      const w = this.ensureFrame(i);
-      if (w) (waits ??= []).push(w);
+    // Wait on every frame the range touches, not just the first (H11); and
+    // look again after waiting: a frame being evicted is busy too, and is
+    // ABSENT (to be fetched again) when its wait ends.
+    for (;;) {
+      let waits: Promise<void>[] | undefined;
+      for (let i = first; i <= last; i++) {
+        const w = this.ensureFrame(i);
+        if (w) (waits ??= []).push(w);
+      }
+      if (!waits) return;
+      await Promise.all(waits);
     }
-    // Wait on every frame the range touches, not just the first (H11).
-    if (waits) await Promise.all(waits);
   }
 
   /** undefined when the frame is already cached, else the shared fetch. */
@@ -80,8 +96,10 @@ export class LayerCache {
       () => {
         // Publish CACHED before dropping the single-flight entry (H11).
         w.stateSet(this.states, i, S.CACHED);
+        this.cachedBytes += this.header.frames[i].uSize;
         this.inflight.delete(i);
         this.core.observe.fetch((performance.now() - t0) / 1000, true);
+        this.core.onCached();
       },
       (e) => {
         w.stateSet(this.states, i, S.ABSENT);
@@ -118,29 +136,82 @@ export class LayerCache {
     this.stats.fetchBytes += f.cSize;
   }
 
-  /** Installs a frame whose verified bytes are already at `ptr` (snapshot seeding). */
-  async seed(i: number, ptr: number): Promise<void> {
-    const f = this.header.frames[i];
-    await this.core.uring.writeFull(this.fd, f.u, f.uSize, ptr);
-    this.core.heap.wasm.stateSet(this.states, i, S.CACHED);
+  /** Reads [dataOff, dataOff+len) into ptr, fetching what is missing; the frames are pinned meanwhile. */
+  async read(dataOff: number, len: number, ptr: number): Promise<void> {
+    const first = this.frameOf(dataOff), last = this.frameOf(dataOff + len - 1);
+    // Pinned before the wait: eviction then leaves these frames alone until the bytes are read.
+    if (first >= 0 && last >= first) for (let i = first; i <= last; i++) this.pins[i]++;
+    try {
+      await this.ensure(dataOff, len);
+      const w = this.core.heap.wasm;
+      for (let i = first; i <= last; i++) w.stateSet(this.refs, i, 1);
+      const got = await this.core.uring.readFull(this.fd, dataOff, len, ptr);
+      if (got < len) w.zeroFill(ptr + got, len - got);
+    } finally {
+      if (first >= 0 && last >= first) for (let i = first; i <= last; i++) this.pins[i]--;
+    }
   }
 
-  /** Reads cached data into ptr; the range must have been ensure()d. */
-  async read(dataOff: number, len: number, ptr: number): Promise<void> {
-    await this.ensure(dataOff, len);
-    const got = await this.core.uring.readFull(this.fd, dataOff, len, ptr);
-    if (got < len) this.core.heap.wasm.zeroFill(ptr + got, len - got);
+  get frameCount(): number { return this.header.frames.length; }
+
+  /**
+   * One step of the eviction clock at the hand: a frame that is CACHED,
+   * unpinned and not referenced since the last pass is a victim (returned);
+   * a referenced one gets a second chance.
+   */
+  clockStep(): number {
+    const i = this.hand;
+    this.hand = (this.hand + 1) % this.frameCount;
+    const w = this.core.heap.wasm;
+    if (w.stateGet(this.states, i) !== S.CACHED || this.pins[i] > 0) return -1;
+    if (w.stateGet(this.refs, i)) { w.stateSet(this.refs, i, 0); return -1; }
+    return i;
+  }
+
+  /**
+   * Evicts frames. `closeGates` keeps native readers out (and waits for those
+   * in flight) while the frames leave the CACHED state; the space is then
+   * freed with the frames marked busy, so no reader or fetch touches them
+   * until they are ABSENT again. Returns the bytes freed.
+   */
+  async evict(frames: number[], closeGates: () => Promise<() => void>): Promise<number> {
+    const w = this.core.heap.wasm;
+    const reopen = await closeGates();
+    const taken: Array<{ i: number; done: () => void }> = [];
+    try {
+      for (const i of frames) {
+        if (w.stateGet(this.states, i) !== S.CACHED || this.pins[i] > 0 || this.inflight.has(i)) continue;
+        w.stateSet(this.states, i, S.FETCHING);
+        let done!: () => void;
+        this.inflight.set(i, new Promise<void>((r) => { done = r; }));
+        taken.push({ i, done });
+      }
+    } finally { reopen(); }
+    let freed = 0;
+    for (const { i, done } of taken) {
+      const f = this.header.frames[i];
+      try { await this.core.uring.punch(this.fd, f.u, f.uSize); } catch { /* the space stays used; the data is refetched either way */ }
+      w.stateSet(this.states, i, S.ABSENT);
+      this.inflight.delete(i);
+      this.cachedBytes -= f.uSize;
+      freed += f.uSize;
+      this.stats.evictions++;
+      this.stats.evictedBytes += f.uSize;
+      done();
+    }
+    return freed;
   }
 
   /** Where native planners find this cache (see native/device_target.h). */
-  nativeView(): { fd: number; states: number; frames: number; nframes: number } {
-    return { fd: this.fd, states: this.states, frames: this.framesPtr, nframes: this.header.frames.length };
+  nativeView(): { fd: number; states: number; frames: number; nframes: number; refs: number } {
+    return { fd: this.fd, states: this.states, frames: this.framesPtr, nframes: this.header.frames.length, refs: this.refs };
   }
 
   close(): void {
     fs.closeSync(this.fd);
     this.core.heap.free(this.states);
     this.core.heap.free(this.framesPtr);
+    this.core.heap.free(this.refs);
     fs.rmSync(this.file, { force: true });
   }
 }

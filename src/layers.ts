@@ -77,10 +77,16 @@ export class LayerRegistry {
   }
 
   stats() {
-    const s = { fetches: 0, fetchBytes: 0, fetchErrors: 0, hits: 0 };
-    for (const c of this.caches.values()) for (const k of Object.keys(s) as (keyof typeof s)[]) s[k] += c.stats[k];
+    const s = { fetches: 0, fetchBytes: 0, fetchErrors: 0, hits: 0, evictions: 0, evictedBytes: 0, cachedBytes: 0 };
+    for (const c of this.caches.values()) {
+      for (const k of ['fetches', 'fetchBytes', 'fetchErrors', 'hits', 'evictions', 'evictedBytes'] as const) s[k] += c.stats[k];
+      s.cachedBytes += c.cachedBytes;
+    }
     return s;
   }
+
+  /** Every layer cache open now. */
+  allCaches(): LayerCache[] { return [...this.caches.values()]; }
 
   /** Drops everything cached about a deleted layer (header, cache file, index). */
   forget(id: string): void {

@@ -31,6 +31,13 @@ export class NativePlane {
     this.target.setView(null);
   }
 
+  /** Holds the gate as a writer (natives drained and kept out) until the returned function is called. */
+  async hold(): Promise<() => void> {
+    if (!this.target.enter(true)) await this.drain(true);
+    let open = true;
+    return () => { if (open) { open = false; this.target.exit(true); } };
+  }
+
   /** Publishes a view; call inside gated(true, ...). */
   publish(v: NativeDeviceView): void { this.target.setView(v); }
 

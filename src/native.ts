@@ -67,7 +67,7 @@ export interface NativeDeviceView {
   ext: number;
   nExt: number;
   /** By chain index; null for layers the mapping never references. */
-  layers: Array<{ fd: number; states: number; frames: number; nframes: number } | null>;
+  layers: Array<{ fd: number; states: number; frames: number; nframes: number; refs: number } | null>;
 }
 
 /** A block target native frontends plan requests against (native/target.h). */

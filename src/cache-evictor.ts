@@ -1,0 +1,83 @@
+// Bounds the local template cache: by size (maxBytes, evicting down to 90%)
+// and by disk pressure (keeping minFreeBytes free on the cache's
+// filesystem). Victims are chosen by a clock (second-chance LRU) over every
+// layer cache's frames; engine reads and native reads both mark frames
+// referenced. Frames being read are pinned and never evicted; evicted frames
+// are refetched from the object store (which always holds them: a snapshot's
+// frames enter the cache only once its layer is committed).
+import * as fs from 'fs';
+import type { LayerRegistry } from './layers';
+import type { LayerCache } from './layer-cache';
+
+export interface CacheLimits {
+  /** Most bytes of cached template data (0 or absent: no size limit). */
+  maxBytes?: number;
+  /** Evict while the cache filesystem has less free space than this. */
+  minFreeBytes?: number;
+  /** How often to check (default 250 ms). */
+  intervalMs?: number;
+}
+
+export class CacheEvictor {
+  private timer: NodeJS.Timeout | null = null;
+  private running: Promise<number> | null = null;
+
+  constructor(private readonly registry: LayerRegistry, private readonly dir: string, private readonly limits: CacheLimits,
+    private readonly closeGates: (layerId: string) => Promise<() => void>) {}
+
+  start(): void {
+    if (this.timer) return;
+    this.timer = setInterval(() => { void this.run(); }, this.limits.intervalMs ?? 250);
+    this.timer.unref();
+  }
+
+  async stop(): Promise<void> {
+    if (this.timer) clearInterval(this.timer);
+    this.timer = null;
+    await this.running;
+  }
+
+  get cachedBytes(): number { return this.registry.allCaches().reduce((n, c) => n + c.cachedBytes, 0); }
+
+  /** Bytes to free now (0 when within limits). */
+  excess(): number {
+    let need = 0;
+    const max = this.limits.maxBytes ?? 0;
+    const used = this.cachedBytes;
+    if (max > 0 && used > max) need = used - Math.floor(max * 0.9);
+    if (this.limits.minFreeBytes) {
+      const st = fs.statfsSync(this.dir);
+      const free = st.bavail * st.bsize;
+      if (free < this.limits.minFreeBytes) need = Math.max(need, Math.ceil(this.limits.minFreeBytes * 1.1) - free);
+    }
+    return Math.min(need, used);
+  }
+
+  /** One eviction pass (single flight); returns the bytes freed. */
+  run(): Promise<number> {
+    if (!this.running) this.running = this.pass().finally(() => { this.running = null; });
+    return this.running;
+  }
+
+  private async pass(): Promise<number> {
+    let need = this.excess();
+    if (need <= 0) return 0;
+    const caches = this.registry.allCaches().filter((c) => c.frameCount > 0);
+    const victims = new Map<LayerCache, number[]>();
+    // At most two sweeps of every clock: the first may only clear references.
+    let budget = 2 * caches.reduce((n, c) => n + c.frameCount, 0);
+    for (let k = 0; need > 0 && budget > 0 && caches.length; k = (k + 1) % caches.length, budget--) {
+      const c = caches[k];
+      const i = c.clockStep();
+      if (i < 0) continue;
+      const list = victims.get(c) ?? [];
+      if (list.includes(i)) continue;
+      list.push(i);
+      victims.set(c, list);
+      need -= c.header.frames[i].uSize;
+    }
+    let freed = 0;
+    for (const [c, frames] of victims) freed += await c.evict(frames, () => this.closeGates(c.id));
+    return freed;
+  }
+}
