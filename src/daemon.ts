@@ -37,7 +37,10 @@ export async function main(argv: string[]): Promise<void> {
   if (args.help) { console.log(USAGE); return; }
   const cfg: Config = loadConfig(args);
   fs.mkdirSync(cfg.data, { recursive: true, mode: 0o700 });
-  const engine = await Engine.open({ store: cfg.store, cacheDir: path.join(cfg.data, 'cache') });
+  const engine = await Engine.open({
+    store: cfg.store, cacheDir: path.join(cfg.data, 'cache'),
+    cache: { maxBytes: cfg.cacheMaxBytes, minFreeBytes: cfg.cacheMinFreeBytes },
+  });
   let ready = false;
 
   const frontends: Frontends = {
