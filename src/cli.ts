@@ -1,16 +1,69 @@
-// `strata` command line: import, export, inspect and list layers.
+// `strata` command line. Layer commands work on an object store directly
+// (--store); device and snapshot commands talk to a running daemon (--api).
+import * as path from 'path';
 import { Engine } from './engine';
 import { codecName, parseCodec } from './format';
 import { progressPrinter } from './progress';
 import { StrataError } from './errors';
+import { ApiClient } from './api/client';
+import { dedupReport, formatDedupReport } from './dedup-report';
 
 const USAGE = `usage:
   strata import IMAGE --store DIR [--codec zstd|lz4|none] [--level N]
   strata export LAYER OUT --store DIR
   strata inspect LAYER --store DIR [--json]
-  strata layers --store DIR`;
+  strata layers --store DIR
+  strata dedup-report LAYER... --store DIR [--json]    how much block dedup at 4/16/64/128 KiB would save
+  strata devices [--api SOCKET|URL] [--json]           devices of a running daemon
+  strata snapshots [--api SOCKET|URL] [--json]         snapshots in the daemon's store
+  strata snapshot DEVICE [--api SOCKET|URL]            snapshot a device (waits, shows progress; prints the layer id)
+--store defaults to $STRATA_STORE; --api to $STRATA_API or ./strata-data/api.sock; --token to $STRATA_API_TOKEN.`;
+
+const DAEMON_COMMANDS = new Set(['devices', 'snapshots', 'snapshot']);
 
 interface Args { _: string[]; [k: string]: string | boolean | string[] }
+
+async function daemonCommand(cmd: string, rest: string[], args: Args): Promise<number> {
+  const target = typeof args.api === 'string' ? args.api : process.env.STRATA_API ?? path.join('strata-data', 'api.sock');
+  const token = typeof args.token === 'string' ? args.token : process.env.STRATA_API_TOKEN;
+  const api = new ApiClient(target, token);
+  try {
+    switch (cmd) {
+      case 'devices': {
+        const list = await api.request<Array<{ id: string; layer: string; frontend: string; size: number; path: string | null; nbd: { uri: string } }>>('GET', '/v1/devices');
+        if (args.json) console.log(JSON.stringify(list, null, 2));
+        else for (const d of list) console.log(`${d.id.padEnd(20)} ${d.frontend.padEnd(5)} ${d.layer} ${(d.size / 1048576).toFixed(0)} MiB  ${d.path ?? d.nbd.uri}`);
+        return 0;
+      }
+      case 'snapshots': {
+        const list = await api.request<Array<{ id: string; parent: string; size: number }>>('GET', '/v1/snapshots');
+        if (args.json) console.log(JSON.stringify(list, null, 2));
+        else for (const l of list) console.log(`${l.id} <- ${l.parent}`);
+        return 0;
+      }
+      case 'snapshot': {
+        if (rest.length !== 1) throw new StrataError('EINVAL', 'snapshot takes one DEVICE');
+        let op = await api.request<{ id: string; state: string; progress: { phase: 'scan' | 'pack' | 'commit'; done: number; total: number }; result?: { snapshot: { id: string } }; error?: { message: string } }>(
+          'POST', `/v1/devices/${encodeURIComponent(rest[0])}/snapshots`);
+        const p = progressPrinter('snapshot');
+        while (op.state === 'running') {
+          await new Promise((r) => setTimeout(r, 100));
+          op = await api.request('GET', `/v1/operations/${op.id}`);
+          if (op.progress.total) p(op.progress);
+        }
+        p.end();
+        if (op.state !== 'succeeded') throw new StrataError('EIO', `snapshot failed: ${op.error?.message ?? 'unknown error'}`);
+        console.log(op.result!.snapshot.id);
+        return 0;
+      }
+    }
+    return 2;
+  } catch (e) {
+    const err = e as StrataError;
+    console.error(`strata ${cmd}: ${err.message}`);
+    return err.errno ? 1 : 70;
+  }
+}
 
 export function parseArgs(argv: string[]): Args {
   const out: Args = { _: [] };
@@ -30,6 +83,7 @@ export async function main(argv: string[]): Promise<number> {
   const args = parseArgs(argv);
   const [cmd, ...rest] = args._;
   if (!cmd || args.help) { console.log(USAGE); return cmd ? 0 : 2; }
+  if (DAEMON_COMMANDS.has(cmd)) return daemonCommand(cmd, rest, args);
   const store = typeof args.store === 'string' ? args.store : process.env.STRATA_STORE;
   if (!store) { console.error(`strata ${cmd}: --store DIR is required\n${USAGE}`); return 2; }
   let engine: Engine | undefined;
@@ -75,6 +129,14 @@ export async function main(argv: string[]): Promise<number> {
       }
       case 'layers': {
         for (const id of await engine.listLayers()) console.log(id);
+        return 0;
+      }
+      case 'dedup-report': {
+        if (rest.length === 0) throw new StrataError('EINVAL', 'dedup-report takes one or more LAYERs');
+        const p = progressPrinter('dedup-report');
+        const r = await dedupReport(engine, rest, p);
+        p.end();
+        console.log(args.json ? JSON.stringify(r, null, 2) : formatDedupReport(r));
         return 0;
       }
       default:

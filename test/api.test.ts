@@ -7,7 +7,7 @@ import * as assert from 'uvu/assert';
 import * as fs from 'fs';
 import * as http from 'http';
 import * as path from 'path';
-import { spawn, execFile, type ChildProcess } from 'child_process';
+import { spawn, spawnSync, execFile, type ChildProcess } from 'child_process';
 import { randomBytes } from 'crypto';
 import { tmpdir, skip, makeImage } from './helpers/util';
 import { loadConfig } from '../src/config';
@@ -112,13 +112,28 @@ else test('API: import, device over NBD, write, snapshot, resume, read back; bad
     assert.is(r.code, 0, r.err);
     assert.ok(fs.readFileSync(`${dir}/back`).equals(data), 'resumed device holds the snapshot');
 
+    // The CLI's daemon commands.
+    const cli = (...a: string[]) => spawnSync(process.execPath, [path.join(__dirname, '..', 'bin', 'strata'), ...a, '--api', t.socketPath], { encoding: 'utf8' });
+    const ls = cli('devices');
+    assert.is(ls.status, 0, ls.stderr);
+    assert.match(ls.stdout, /^vm1 +nbd /m);
+    const cs = cli('snapshot', 'vm1');
+    assert.is(cs.status, 0, cs.stderr);
+    const sid2 = cs.stdout.trim();
+    assert.match(sid2, /^[0-9a-f]{32}$/);
+    assert.match(cli('snapshots').stdout, new RegExp(`^${sid2} <- ${sid}$`, 'm'), 'vm1 was rebased on its first snapshot');
+    const missing = cli('snapshot', 'nope');
+    assert.is(missing.status, 1);
+    assert.match(missing.stderr, /no device nope/);
+    assert.is((await call(t, 'DELETE', `/v1/snapshots/${sid2}`)).status, 409, 'vm1 uses it');
+
     // Prometheus metrics reflect what happened.
     const met = await call(t, 'GET', '/metrics');
     assert.is(met.status, 200);
     const metric = (re: RegExp) => Number(re.exec(met.text)?.[1] ?? NaN);
     assert.is(metric(/^strata_devices (\d+)/m), 2);
     assert.ok(metric(/^strata_device_native_write_bytes_total\{device="vm1"\} (\d+)/m) + metric(/^strata_device_engine_write_bytes_total\{device="vm1"\} (\d+)/m) >= img.length, met.text.slice(0, 400));
-    assert.is(metric(/^strata_snapshot_seconds_count\{result="ok"\} (\d+)/m), 1);
+    assert.is(metric(/^strata_snapshot_seconds_count\{result="ok"\} (\d+)/m), 2);
     assert.ok(metric(/^strata_upload_bytes_total (\d+)/m) > 0);
     assert.is(metric(/^strata_device_lifecycle_seconds_count\{op="create"\} (\d+)/m), 2);
     assert.match(met.text, /^strata_process_process_cpu_seconds_total/m);
@@ -170,6 +185,8 @@ else test('API: import, device over NBD, write, snapshot, resume, read back; bad
     assert.is((await call(t, 'GET', '/v1/devices/vm1')).status, 404);
     assert.is((await call(t, 'DELETE', `/v1/devices/${dev2.json.id}`)).status, 204);
     assert.is((await call(t, 'DELETE', `/v1/templates/${tpl}`)).status, 409, 'the snapshot still names it');
+    assert.is((await call(t, 'DELETE', `/v1/snapshots/${sid}`)).status, 409, 'the second snapshot names it');
+    assert.is((await call(t, 'DELETE', `/v1/snapshots/${sid2}`)).status, 204);
     assert.is((await call(t, 'DELETE', `/v1/snapshots/${sid}`)).status, 204);
     assert.is((await call(t, 'DELETE', `/v1/templates/${tpl}`)).status, 204);
     assert.equal((await call(t, 'GET', '/v1/templates')).json, []);

@@ -30,6 +30,33 @@ function strata(...args: string[]) {
 
 test.after(() => fs.rmSync(dir, { recursive: true, force: true }));
 
+test('dedup-report: exact savings at 4/16/64/128 KiB on an image with known duplicates', () => {
+  const B = 4096;
+  const img = Buffer.alloc(256 * B);
+  for (let b = 0; b < 64; b++) for (let i = 0; i < B; i += 4) img.writeUInt32LE((b * 7919 + i * 31 + 12345) >>> 0, b * B + i);
+  img.copy(img, 64 * B, 0, 64 * B);                                               // a duplicate 256 KiB run
+  for (let x = 192; x < 256; x++) img.copy(img, x * B, ((x * 3) % 64) * B, ((x * 3) % 64 + 1) * B); // 4 KiB shuffled copies
+  fs.writeFileSync(path.join(dir, 'dd.img'), img);
+  const store = path.join(dir, 'ddstore');
+  const imp = strata('import', path.join(dir, 'dd.img'), '--store', store, '--codec', 'none');
+  assert.is(imp.status, 0, imp.stderr);
+  const layer = imp.stdout.trim();
+  const r = strata('dedup-report', layer, '--store', store, '--json');
+  assert.is(r.status, 0, r.stderr);
+  const rep = JSON.parse(r.stdout);
+  assert.is(rep.logicalBytes, img.length);
+  assert.is(rep.zeroBytes, 64 * B);
+  const row = (kib: number) => rep.rows.find((x: { blockSize: number }) => x.blockSize === kib * 1024);
+  assert.is(row(4).dataBytes, 192 * B);
+  assert.is(row(4).uniqueBytes, 64 * B, '4 KiB: every shuffled block is a copy');
+  for (const kib of [16, 64, 128]) {
+    assert.is(row(kib).uniqueBytes, 128 * B, `${kib} KiB: only the aligned run deduplicates`);
+    assert.is(row(kib).ratio, 1.5);
+  }
+  const text = strata('dedup-report', layer, '--store', store);
+  assert.match(text.stdout, /4 KiB .* 3\.00×/);
+});
+
 if (!mkfs) {
   skip('cli: mkfs.ext4 (e2fsprogs) is not installed; the 1 GiB ext4 round trip needs it');
 } else {
