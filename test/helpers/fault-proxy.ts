@@ -1,6 +1,7 @@
 // A loopback HTTP proxy between the S3 client and a real S3 server that
 // injects faults into chosen requests: an error status (5xx, throttling), a
-// delay, a connection reset before any reply, or a reply cut off mid-body.
+// delay, a connection reset before any reply, a reply cut off mid-body, or a
+// request body with one byte flipped on its way to the server.
 // Requests that match no armed rule pass through unchanged (headers too, so
 // SigV4 signatures still verify upstream).
 import * as http from 'http';
@@ -10,7 +11,8 @@ export type Fault =
   | { kind: 'status'; status: number; code?: string }
   | { kind: 'delay'; ms: number }
   | { kind: 'reset' }
-  | { kind: 'cutBody' };
+  | { kind: 'cutBody' }
+  | { kind: 'corruptRequest' };
 
 export interface Seen { method: string; url: string }
 export interface Rule { match: (r: Seen) => boolean; fault: Fault; times: number; hits: number }
@@ -68,10 +70,20 @@ export class FaultProxy {
       setTimeout(() => { if (!req.socket.destroyed) this.forward(req, res, false); }, f.ms);
       return;
     }
+    if (f?.kind === 'corruptRequest') {
+      const body: Buffer[] = [];
+      req.on('data', (c) => body.push(c));
+      req.on('end', () => {
+        const b = Buffer.concat(body);
+        if (b.length) b[b.length >> 1] ^= 0x01;
+        this.forward(req, res, false, b);
+      });
+      return;
+    }
     this.forward(req, res, f?.kind === 'cutBody');
   }
 
-  private forward(req: http.IncomingMessage, res: http.ServerResponse, cut: boolean): void {
+  private forward(req: http.IncomingMessage, res: http.ServerResponse, cut: boolean, body?: Buffer): void {
     const headers = { ...req.headers };
     delete headers.expect; // unsigned; this proxy answers 100-continue itself
     const up = http.request({ host: '127.0.0.1', port: this.upstreamPort, method: req.method, path: req.url, headers, agent: false }, (ures) => {
@@ -90,6 +102,7 @@ export class FaultProxy {
     });
     up.on('error', () => res.socket?.destroy());
     res.on('close', () => up.destroy());
+    if (body) { up.end(body); return; }
     req.pipe(up);
     req.resume();
   }
