@@ -13,6 +13,8 @@ const TRANSIENT_CODES = new Set(['SlowDown', 'Throttling', 'ThrottlingException'
 export function classifyS3(what: string, e: unknown): Verdict {
   if (e instanceof StrataError) return e;
   const x = (e ?? {}) as SdkError;
+  // No credentials anywhere in the chain: asking again will not find any.
+  if (x.name === 'CredentialsProviderError') return new StrataError('EPERM', `${what}: ${describe(e)}`, { cause: e });
   const status = x.$metadata?.httpStatusCode;
   // No HTTP status (connection refused or reset, socket timeout) or a 2xx
   // whose body broke off while being parsed: the transport failed, not S3.

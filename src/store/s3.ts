@@ -56,7 +56,8 @@ export class S3ObjectStore implements ObjectStore {
   private readonly pageSize: number;
 
   constructor(private readonly opts: S3StoreOptions) {
-    if (!opts.bucket || !/^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$/.test(opts.bucket)) throw einval(`invalid bucket name ${JSON.stringify(opts.bucket)}`);
+    // S3's naming rules, widened to what GCS allows too ('_', longer names).
+    if (!opts.bucket || !/^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$/.test(opts.bucket)) throw einval(`invalid bucket name ${JSON.stringify(opts.bucket)}`);
     const prefix = (opts.prefix ?? '').replace(/^\/+|\/+$/g, '');
     if (prefix) validateKey(prefix);
     this.bucket = opts.bucket;
