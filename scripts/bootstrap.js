@@ -62,7 +62,11 @@ function main() {
   aptInstall(missing(REQUIRED));
   if (process.argv.includes('--test')) aptInstall(missing(TEST_TOOLS), true);
   if (process.argv.includes('--vm')) aptInstall(missing(VM_TOOLS));
-  if (!fs.existsSync(path.join(root, 'node_modules', '.package-lock.json'))) {
+  // (Re)install when node_modules is missing or older than the lock file, so
+  // a dependency added on a branch reaches working copies set up before it.
+  const installed = path.join(root, 'node_modules', '.package-lock.json');
+  const lock = path.join(root, 'package-lock.json');
+  if (!fs.existsSync(installed) || (fs.existsSync(lock) && fs.statSync(lock).mtimeMs > fs.statSync(installed).mtimeMs)) {
     log('installing npm dependencies');
     const hasLock = fs.existsSync(path.join(root, 'package-lock.json'));
     execFileSync('npm', [hasLock ? 'ci' : 'install', '--no-audit', '--no-fund'],

@@ -9,15 +9,17 @@ import { ApiClient } from './api/client';
 import { dedupReport, formatDedupReport } from './dedup-report';
 
 const USAGE = `usage:
-  strata import IMAGE --store DIR [--codec zstd|lz4|none] [--level N]
-  strata export LAYER OUT --store DIR
-  strata inspect LAYER --store DIR [--json]
-  strata layers --store DIR
-  strata dedup-report LAYER... --store DIR [--json]    how much block dedup at 4/16/64/128 KiB would save
+  strata import IMAGE --store STORE [--codec zstd|lz4|none] [--level N]
+  strata export LAYER OUT --store STORE
+  strata inspect LAYER --store STORE [--json]
+  strata layers --store STORE
+  strata dedup-report LAYER... --store STORE [--json]  how much block dedup at 4/16/64/128 KiB would save
   strata devices [--api SOCKET|URL] [--json]           devices of a running daemon
   strata snapshots [--api SOCKET|URL] [--json]         snapshots in the daemon's store
   strata snapshot DEVICE [--api SOCKET|URL]            snapshot a device (waits, shows progress; prints the layer id)
---store defaults to $STRATA_STORE; --api to $STRATA_API or ./strata-data/api.sock; --token to $STRATA_API_TOKEN.`;
+STORE is a directory or s3://bucket/prefix?endpoint=…&region=…&forcePathStyle=1
+(credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the AWS SDK's chain); also $STRATA_STORE.
+--api defaults to $STRATA_API or ./strata-data/api.sock; --token to $STRATA_API_TOKEN.`;
 
 const DAEMON_COMMANDS = new Set(['devices', 'snapshots', 'snapshot']);
 
@@ -70,7 +72,9 @@ export function parseArgs(argv: string[]): Args {
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     if (a.startsWith('--')) {
-      const [k, v] = a.slice(2).split('=', 2);
+      // Split at the first '=' only: store URLs carry '=' in their query.
+      const eq = a.indexOf('=');
+      const [k, v] = eq < 0 ? [a.slice(2), undefined] : [a.slice(2, eq), a.slice(eq + 1)];
       if (v !== undefined) out[k] = v;
       else if (i + 1 < argv.length && !argv[i + 1].startsWith('--') && !['json', 'help'].includes(k)) out[k] = argv[++i];
       else out[k] = true;
@@ -85,7 +89,7 @@ export async function main(argv: string[]): Promise<number> {
   if (!cmd || args.help) { console.log(USAGE); return cmd ? 0 : 2; }
   if (DAEMON_COMMANDS.has(cmd)) return daemonCommand(cmd, rest, args);
   const store = typeof args.store === 'string' ? args.store : process.env.STRATA_STORE;
-  if (!store) { console.error(`strata ${cmd}: --store DIR is required\n${USAGE}`); return 2; }
+  if (!store) { console.error(`strata ${cmd}: --store STORE is required\n${USAGE}`); return 2; }
   let engine: Engine | undefined;
   try {
     engine = await Engine.open({ store });

@@ -9,13 +9,13 @@ import { LayerRegistry } from './layers';
 import { Device, listManifests, type DeviceOptions } from './device';
 import { BLOCK_SIZE, Codec, ID_RE, keys, type LayerHeader, ZERO_LAYER } from './format';
 import { writeLayer, type Progress, type WriteLayerStats } from './layer-writer';
-import { FsObjectStore } from './store/fs';
+import { openStore } from './store/open';
 import type { ObjectStore } from './store/types';
 import { einval, StrataError } from './errors';
 import { CacheEvictor, type CacheLimits } from './cache-evictor';
 
 export interface EngineOptions {
-  /** An object store, or a directory for the local filesystem store. */
+  /** An object store, or a spec for openStore: a directory (local filesystem store), file://… or s3://bucket/prefix?…. */
   store: ObjectStore | string;
   /** Local cache directory (template frames, overlays). Default: a private temp dir removed on close. */
   cacheDir?: string;
@@ -53,7 +53,7 @@ export class Engine {
   evictNow(): Promise<number> { return this.evictor.run(); }
 
   static async open(opts: EngineOptions): Promise<Engine> {
-    const store = typeof opts.store === 'string' ? new FsObjectStore(opts.store) : opts.store;
+    const store = typeof opts.store === 'string' ? openStore(opts.store) : opts.store;
     const own = opts.cacheDir ? null : fs.mkdtempSync(path.join(os.tmpdir(), 'strata-cache-'));
     const cacheDir = opts.cacheDir ?? own!;
     fs.mkdirSync(cacheDir, { recursive: true });

@@ -3,7 +3,7 @@
 import * as os from 'os';
 
 export type ErrnoCode = 'EINVAL' | 'EIO' | 'ENOSPC' | 'EOVERFLOW' | 'ENOTSUP' | 'ENOENT' | 'EEXIST' |
-  'EBADMSG' | 'EROFS' | 'EBUSY' | 'ESHUTDOWN' | 'EPERM' | 'ENOMEM' | 'E2BIG' | 'EFAULT';
+  'EBADMSG' | 'EROFS' | 'EBUSY' | 'ESHUTDOWN' | 'EPERM' | 'ENOMEM' | 'E2BIG' | 'EFAULT' | 'ETIMEDOUT';
 
 export class StrataError extends Error {
   readonly errno: number;

@@ -4,5 +4,7 @@ export { Device, type DeviceOptions, type SnapshotOptions, type SnapshotResult }
 export { Codec, parseCodec, type LayerHeader, type Extent, type Frame } from './format';
 export { StrataError } from './errors';
 export { FsObjectStore } from './store/fs';
+export { openStore } from './store/open';
+export type { S3ObjectStore, S3StoreOptions } from './store/s3';
 export type { ObjectStore, ObjectInfo } from './store/types';
 export type { Progress } from './layer-writer';

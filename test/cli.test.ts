@@ -124,7 +124,7 @@ test('CLI: bad input gives a clear message and a non-zero exit', () => {
   assert.match(r3.stderr, /invalid layer id/);
   const r4 = strata('import', '/etc/hostname');
   assert.is(r4.status, 2);
-  assert.match(r4.stderr, /--store DIR is required/);
+  assert.match(r4.stderr, /--store STORE is required/);
 });
 
 test.run();
