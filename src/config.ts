@@ -10,7 +10,7 @@ interface Setting { key: string; flag: string; env: string; kind: Kind; doc: str
 
 export const SETTINGS: Setting[] = [
   { key: 'data', flag: 'data', env: 'STRATA_DATA', kind: 'string', doc: 'data directory (object store, caches, sockets); default ./strata-data' },
-  { key: 'store', flag: 'store', env: 'STRATA_STORE', kind: 'string', doc: 'object store: a directory; default DATA/store' },
+  { key: 'store', flag: 'store', env: 'STRATA_STORE', kind: 'string', doc: 'object store: a directory or s3://bucket/prefix?endpoint=...; default DATA/store' },
   { key: 'nbdSocket', flag: 'socket', env: 'STRATA_NBD_SOCKET', kind: 'string', doc: 'NBD unix socket; default DATA/nbd.sock' },
   { key: 'nbdPort', flag: 'tcp', env: 'STRATA_NBD_PORT', kind: 'int', doc: 'also serve NBD on this TCP port' },
   { key: 'nbdHost', flag: 'host', env: 'STRATA_NBD_HOST', kind: 'string', doc: 'NBD TCP address; default 127.0.0.1' },
@@ -65,7 +65,8 @@ export function loadConfig(args: Record<string, unknown>, env: NodeJS.ProcessEnv
   const data = path.resolve(String(raw.data ?? 'strata-data'));
   return {
     data,
-    store: path.resolve(String(raw.store ?? path.join(data, 'store'))),
+    // A directory, or a URL (s3://bucket/prefix?..., file://...) kept as given.
+    store: /^[a-z][a-z0-9+.-]*:\/\//i.test(String(raw.store ?? '')) ? String(raw.store) : path.resolve(String(raw.store ?? path.join(data, 'store'))),
     nbdSocket: path.resolve(String(raw.nbdSocket ?? path.join(data, 'nbd.sock'))),
     nbdPort: raw.nbdPort as number | undefined,
     nbdHost: String(raw.nbdHost ?? '127.0.0.1'),
