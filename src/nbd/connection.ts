@@ -254,9 +254,10 @@ export class NbdConnection {
     if (exp.nativeTarget && (this.opts.native ?? process.env.STRATA_NBD_NATIVE !== '0')) {
       this.handingOff = true;
       this.goNative(exp).catch((e) => {
-        this.log(`nbd: native transmission unavailable, serving from JS: ${(e as Error).message}`);
         this.handingOff = false;
+        // A client that left during the hand-off is just gone.
         if (this.socket.destroyed) { this.onClose(); return; }
+        this.log(`nbd: native transmission unavailable, serving from JS: ${(e as Error).message}`);
         this.socket.resume();
         this.pump();
       });
