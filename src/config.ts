@@ -23,6 +23,7 @@ export const SETTINGS: Setting[] = [
   { key: 'maxDevices', flag: 'max-devices', env: 'STRATA_MAX_DEVICES', kind: 'int', doc: 'most devices at once; default 1024' },
   { key: 'cacheMaxMiB', flag: 'cache-max-mib', env: 'STRATA_CACHE_MAX_MIB', kind: 'int', doc: 'template cache size limit in MiB (0: none); default 0' },
   { key: 'cacheMinFreeMiB', flag: 'cache-min-free-mib', env: 'STRATA_CACHE_MIN_FREE_MIB', kind: 'int', doc: 'evict cached template data while the cache disk has less free space; default 1024' },
+  { key: 'sharedCache', flag: 'shared-cache', env: 'STRATA_SHARED_CACHE', kind: 'string', doc: 'directory shared by hosts (e.g. NFS) as a second frame cache tier' },
   { key: 'import', flag: 'import', env: 'STRATA_IMPORT', kind: 'string', doc: 'import this raw image at start and print its NBD URI' },
 ];
 
@@ -30,7 +31,7 @@ export interface Config {
   data: string; store: string; nbdSocket: string; nbdPort?: number; nbdHost: string;
   apiSocket: string; apiPort?: number; apiHost: string; apiToken?: string; importRoot?: string;
   frontend: 'auto' | 'nbd' | 'ublk'; maxDevices: number; import?: string; configFile?: string;
-  cacheMaxBytes: number; cacheMinFreeBytes: number;
+  cacheMaxBytes: number; cacheMinFreeBytes: number; sharedCache?: string;
 }
 
 function parse(s: Setting, v: unknown, from: string): unknown {
@@ -78,6 +79,7 @@ export function loadConfig(args: Record<string, unknown>, env: NodeJS.ProcessEnv
     frontend: (raw.frontend ?? 'auto') as Config['frontend'],
     maxDevices: (raw.maxDevices as number | undefined) ?? 1024,
     import: raw.import as string | undefined,
+    sharedCache: raw.sharedCache !== undefined ? path.resolve(String(raw.sharedCache)) : undefined,
     cacheMaxBytes: ((raw.cacheMaxMiB as number | undefined) ?? 0) * 1024 * 1024,
     cacheMinFreeBytes: ((raw.cacheMinFreeMiB as number | undefined) ?? 1024) * 1024 * 1024,
     configFile: file,

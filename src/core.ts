@@ -8,6 +8,7 @@ import { SharedHeap } from './wasm';
 import { IoArena } from './arena';
 import { Uring } from './uring';
 import type { ObjectStore } from './store/types';
+import { SharedFrameDir } from './shared-tier';
 import type { Task } from '../workers/codec-worker';
 
 export interface CoreOptions {
@@ -19,6 +20,8 @@ export interface CoreOptions {
   /** Bytes of registered I/O buffer memory (default 64 MiB, a quarter of it for fetches). */
   arenaBytes?: number;
   ringEntries?: number;
+  /** A directory shared by hosts as a second frame cache tier (see shared-tier.ts). */
+  sharedCacheDir?: string;
 }
 
 export class Core {
@@ -35,6 +38,8 @@ export class Core {
   readonly pool: Piscina;
   readonly store: ObjectStore;
   readonly cacheDir: string;
+  /** The shared second cache tier, when configured. */
+  readonly tier2: SharedFrameDir | null;
   /** Hooks for metrics (the daemon sets them; no-ops otherwise). */
   readonly observe = { fetch: (_seconds: number, _ok: boolean): void => {} };
   /** Called after a frame enters the cache (the engine's evictor checks its limits). */
@@ -45,6 +50,7 @@ export class Core {
   constructor(opts: CoreOptions) {
     this.store = opts.store;
     this.cacheDir = opts.cacheDir;
+    this.tier2 = opts.sharedCacheDir ? new SharedFrameDir(opts.sharedCacheDir) : null;
     fs.mkdirSync(path.join(this.cacheDir, 'layers'), { recursive: true });
     fs.mkdirSync(path.join(this.cacheDir, 'devices'), { recursive: true });
     const arenaBytes = opts.arenaBytes ?? 64 * 1024 * 1024;

@@ -39,7 +39,7 @@ export async function main(argv: string[]): Promise<void> {
   fs.mkdirSync(cfg.data, { recursive: true, mode: 0o700 });
   const engine = await Engine.open({
     store: cfg.store, cacheDir: path.join(cfg.data, 'cache'),
-    cache: { maxBytes: cfg.cacheMaxBytes, minFreeBytes: cfg.cacheMinFreeBytes },
+    cache: { maxBytes: cfg.cacheMaxBytes, minFreeBytes: cfg.cacheMinFreeBytes }, sharedCacheDir: cfg.sharedCache,
   });
   let ready = false;
 

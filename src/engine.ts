@@ -23,6 +23,8 @@ export interface EngineOptions {
   arenaBytes?: number;
   /** Bounds on the local template cache (size, free disk space); default: unbounded. */
   cache?: CacheLimits;
+  /** A directory shared by hosts (e.g. NFS) as a second frame cache tier. */
+  sharedCacheDir?: string;
 }
 
 export interface ImportOptions { codec?: Codec; level?: number; onProgress?: (p: Progress) => void }
@@ -71,7 +73,7 @@ export class Engine {
       fs.writeFileSync(lockFile, String(process.pid));
     }
     heldLocks.add(path.resolve(lockFile));
-    const core = new Core({ store, cacheDir, workers: opts.workers, arenaBytes: opts.arenaBytes });
+    const core = new Core({ store, cacheDir, workers: opts.workers, arenaBytes: opts.arenaBytes, sharedCacheDir: opts.sharedCacheDir });
     return new Engine(core, new LayerRegistry(core), own, lockFile, opts.cache);
   }
 
@@ -191,10 +193,13 @@ export class Engine {
     this.devices.delete(d);
   }
 
-  stats() { return { cache: this.layers.stats(), uring: { ...this.core.uring.stats }, arenaUsed: this.core.arena.used }; }
+  stats() {
+    return { cache: this.layers.stats(), shared: this.core.tier2 ? { ...this.core.tier2.stats } : null, uring: { ...this.core.uring.stats }, arenaUsed: this.core.arena.used };
+  }
 
   async close(): Promise<void> {
     await this.evictor.stop();
+    await this.core.tier2?.idle();
     // Durable devices are kept for the next process; the others are dropped.
     for (const d of [...this.devices]) await (d.durable ? this.suspendDevice(d) : this.closeDevice(d));
     this.layers.closeAll();

@@ -121,19 +121,40 @@ export class LayerCache {
     const out = await c.bulk.acquire(f.uSize);
     let cPtr = -1;
     try {
-      const bytes = await c.store.get(keys.data(this.id), { offset: f.c, length: f.cSize });
-      if (bytes.length !== f.cSize) throw ebadmsg(`layer ${this.id} frame ${i}: got ${bytes.length} of ${f.cSize} bytes`);
       cPtr = c.heap.alloc(f.cSize);
-      c.heap.u8.set(bytes, cPtr);
-      const r = await c.run<{ ok: boolean; code?: string; message?: string }>({ op: 'unframe', codec: this.header.codec, cPtr, cSize: f.cSize, checksum: f.checksum.toString(16), outPtr: out, uSize: f.uSize });
-      if (!r.ok) throw new StrataError(r.code === 'EBADMSG' ? 'EBADMSG' : 'EIO', `layer ${this.id} frame ${i}: ${r.message}`);
+      // The shared tier first; a frame from it that does not verify is
+      // dropped there and fetched from the store instead.
+      let fromTier = false;
+      let r: { ok: boolean; code?: string; message?: string } | null = null;
+      const shared = c.tier2 ? await c.tier2.get(this.id, f) : null;
+      if (shared) {
+        c.heap.u8.set(shared, cPtr);
+        r = await this.unframe(i, cPtr, out);
+        if (r.ok) fromTier = true;
+        else await c.tier2!.discard(this.id, f);
+      }
+      if (!fromTier) {
+        const bytes = await c.store.get(keys.data(this.id), { offset: f.c, length: f.cSize });
+        if (bytes.length !== f.cSize) throw ebadmsg(`layer ${this.id} frame ${i}: got ${bytes.length} of ${f.cSize} bytes`);
+        c.heap.u8.set(bytes, cPtr);
+        r = await this.unframe(i, cPtr, out);
+        if (!r.ok) throw new StrataError(r.code === 'EBADMSG' ? 'EBADMSG' : 'EIO', `layer ${this.id} frame ${i}: ${r.message}`);
+        // Written back to the shared tier only now that it verified.
+        c.tier2?.put(this.id, f, bytes);
+        this.stats.fetchBytes += f.cSize;
+      }
       await c.uring.writeFull(this.fd, f.u, f.uSize, out);
     } finally {
       if (cPtr >= 0) c.heap.free(cPtr);
       c.bulk.release(out);
     }
     this.stats.fetches++;
-    this.stats.fetchBytes += f.cSize;
+  }
+
+  /** Verifies (checksum) and decompresses the frame at cPtr into out, in a worker. */
+  private unframe(i: number, cPtr: number, out: number): Promise<{ ok: boolean; code?: string; message?: string }> {
+    const f = this.header.frames[i];
+    return this.core.run({ op: 'unframe', codec: this.header.codec, cPtr, cSize: f.cSize, checksum: f.checksum.toString(16), outPtr: out, uSize: f.uSize });
   }
 
   /** Reads [dataOff, dataOff+len) into ptr, fetching what is missing; the frames are pinned meanwhile. */

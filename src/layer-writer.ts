@@ -152,6 +152,8 @@ export async function writeLayer(core: Core, registry: LayerRegistry, input: Wri
       const f = await window.shift()!;
       if (next < frameGroups.length) window.push(start(next++));
       frames.push({ u: uPos, c: cPos, uSize: f.uSize, cSize: f.bytes.length, checksum: f.checksum });
+      // Written through to the shared tier as it is produced.
+      core.tier2?.put(id, { c: cPos, cSize: f.bytes.length }, f.bytes);
       uPos += f.uSize; cPos += f.bytes.length; compressedBytes += f.bytes.length;
       packed += f.uSize / BS;
       progress({ phase: 'pack', done: packed, total: stored.length });
@@ -166,6 +168,8 @@ export async function writeLayer(core: Core, registry: LayerRegistry, input: Wri
     await core.store.put(keys.header(id), encodeHeader(header, (b) => core.checksum(b)));
   } catch (e) {
     await Promise.allSettled([core.store.delete(keys.data(id)), core.store.delete(keys.index(id))]);
+    // Frames written through to the shared tier belong to a layer that never was.
+    if (core.tier2) { await core.tier2.idle(); fs.rmSync(path.join(core.tier2.root, id), { recursive: true, force: true }); }
     if (seedFd >= 0) { fs.closeSync(seedFd); fs.rmSync(seedFile, { force: true }); }
     throw e;
   }
