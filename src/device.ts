@@ -18,6 +18,7 @@ import { S } from './wasm';
 import { einval, StrataError } from './errors';
 import { writeLayer, type BlockRun, type Progress, type WriteLayerStats } from './layer-writer';
 import { NativePlane } from './native-plane';
+import { traced } from './tracing';
 import { loadNative, type NativeDeviceView, type NativeTarget } from './native';
 
 const BS = BLOCK_SIZE;
@@ -363,7 +364,11 @@ export class Device {
     return run;
   }
 
-  private async upload(ov: Overlay, opts: SnapshotOptions, frozenMs: number): Promise<SnapshotResult> {
+  private upload(ov: Overlay, opts: SnapshotOptions, frozenMs: number): Promise<SnapshotResult> {
+    return traced('strata.snapshot', { 'strata.device': this.id, 'strata.layer': this.layerId }, () => this.uploadUntraced(ov, opts, frozenMs));
+  }
+
+  private async uploadUntraced(ov: Overlay, opts: SnapshotOptions, frozenMs: number): Promise<SnapshotResult> {
     try {
       const { dataRuns, zeroRuns } = this.changedRuns(ov);
       const parent = this.base.header;

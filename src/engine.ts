@@ -13,6 +13,7 @@ import { openStore } from './store/open';
 import type { ObjectStore } from './store/types';
 import { einval, StrataError } from './errors';
 import { CacheEvictor, type CacheLimits } from './cache-evictor';
+import { traced } from './tracing';
 
 export interface EngineOptions {
   /** An object store, or a spec for openStore: a directory (local filesystem store), file://… or s3://bucket/prefix?…. */
@@ -80,7 +81,11 @@ export class Engine {
   get store(): ObjectStore { return this.core.store; }
 
   /** Imports a raw disk image (size a multiple of 4 KiB) as a new base layer. */
-  async importImage(imagePath: string, opts: ImportOptions = {}): Promise<ImportResult> {
+  importImage(imagePath: string, opts: ImportOptions = {}): Promise<ImportResult> {
+    return traced('strata.import', { 'strata.image': imagePath }, () => this.importImageUntraced(imagePath, opts));
+  }
+
+  private async importImageUntraced(imagePath: string, opts: ImportOptions): Promise<ImportResult> {
     let fd: number;
     try { fd = fs.openSync(imagePath, 'r'); } catch (e) { throw new StrataError('ENOENT', `cannot open image ${imagePath}: ${(e as Error).message}`); }
     try {

@@ -10,6 +10,7 @@ import type { Core } from './core';
 import { keys, type LayerHeader } from './format';
 import { S } from './wasm';
 import { ebadmsg, eio, StrataError } from './errors';
+import { traced } from './tracing';
 
 export class LayerCache {
   readonly id: string;
@@ -92,7 +93,7 @@ export class LayerCache {
       if (w.stateGet(this.states, i) === S.CACHED) return undefined;
     }
     const t0 = performance.now();
-    const p = this.fetch(i).then(
+    const p = traced('strata.fetch', { 'strata.layer': this.id, 'strata.frame': i }, () => this.fetch(i)).then(
       () => {
         // Publish CACHED before dropping the single-flight entry (H11).
         w.stateSet(this.states, i, S.CACHED);

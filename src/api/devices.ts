@@ -8,6 +8,7 @@ import type { Device } from '../device';
 import type { NbdExport } from '../nbd/export';
 import { deviceExport } from '../nbd-export';
 import { StrataError } from '../errors';
+import { traced } from '../tracing';
 
 export type Frontend = 'nbd' | 'ublk';
 
@@ -51,7 +52,11 @@ export class DeviceManager {
     return want;
   }
 
-  async create(layer: string, opts: { id?: string; frontend?: Frontend | 'auto' } = {}): Promise<ManagedDevice> {
+  create(layer: string, opts: { id?: string; frontend?: Frontend | 'auto' } = {}): Promise<ManagedDevice> {
+    return traced('strata.device.create', { 'strata.layer': layer, 'strata.device': opts.id ?? '' }, () => this.createUntraced(layer, opts));
+  }
+
+  private async createUntraced(layer: string, opts: { id?: string; frontend?: Frontend | 'auto' }): Promise<ManagedDevice> {
     const frontend = this.resolveFrontend(opts.frontend ?? 'auto');
     const id = opts.id ?? randomBytes(6).toString('hex');
     if (!DEVICE_ID_RE.test(id)) throw new StrataError('EINVAL', `invalid device id ${JSON.stringify(id)}`);
@@ -113,7 +118,11 @@ export class DeviceManager {
   }
 
   /** Detaches the frontend (NBD clients of it are disconnected), then drops the device. */
-  async delete(id: string): Promise<void> {
+  delete(id: string): Promise<void> {
+    return traced('strata.device.delete', { 'strata.device': id }, () => this.deleteUntraced(id));
+  }
+
+  private async deleteUntraced(id: string): Promise<void> {
     const m = this.devices.get(id);
     if (!m) throw new StrataError('ENOENT', `no device ${id}`);
     const t0 = performance.now();
