@@ -24,6 +24,8 @@
 #include <utility>
 #include <vector>
 
+#include "ublk.h"
+
 #if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "descriptors are little-endian and copied as host structs"
 #endif
@@ -603,6 +605,7 @@ Napi::Object InitModule(Napi::Env env, Napi::Object exports) {
   exports.Set("Ring", Ring::Init(env));
   exports.Set("info", Napi::Function::New(env, Info, "info"));
   exports.Set("pageSize", Napi::Function::New(env, PageSize, "pageSize"));
+  strata::InitUblk(env, exports);
   return exports;
 }
 
