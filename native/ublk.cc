@@ -1219,7 +1219,8 @@ class UblkDevice : public Napi::ObjectWrap<UblkDevice> {
     if (!info[2].IsNumber()) Throw(env, EINVAL, "result must be a number");
     int64_t result = info[2].As<Napi::Number>().Int64Value();
     State st = dev_->state.load();
-    if (st != State::Live && st != State::Stopped) return Napi::Boolean::New(env, false);
+    // Added: START_DEV's own reads (partition scan) are served before it returns.
+    if (st != State::Added && st != State::Live && st != State::Stopped) return Napi::Boolean::New(env, false);
     if (qid >= dev_->queues.size() || tag >= dev_->info.queue_depth) Throw(env, EINVAL, "no such queue/tag");
     Queue* q = dev_->queues[qid].get();
     TagState& t = q->Tag(uint16_t(tag));
