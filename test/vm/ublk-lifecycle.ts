@@ -61,7 +61,7 @@ async function deleteUnderLoad(target: FileTarget, transport: 'zero-copy' | 'use
 
   const target = FileTarget.open(img);
   const dev = await UblkDevice.create({ target });
-  const holder = run('sh', ['-c', `exec 3<${dev.path}; sleep 30`]);
+  const holder = run('sh', ['-c', `exec 3<${dev.path}; exec sleep 30`]);
   await new Promise((r) => setTimeout(r, 500));
   const tried = await dev.stop({ try: true }).then(() => 'stopped', (e) => e as UblkError);
   if (f!.names.includes('SAFE_STOP_DEV')) {
