@@ -39,7 +39,7 @@ async function concurrent(dev: UblkDevice, img: string, label: string): Promise<
   // staging buffer shared between requests shows up as a verify failure.
   const common = `--filename=${dev.path} --direct=1 --ioengine=psync --size=1M --offset=0 --bs=4k`;
   const out = await sh(`fio --output-format=terse --minimal ` +
-    `--name=w ${common} --rw=randwrite --verify=crc32c --do_verify=1 --verify_fatal=1 --loops=3 --randrepeat=0 ` +
+    `--name=w ${common} --rw=randwrite --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0 --loops=3 --randrepeat=0 ` +
     `--name=r1 ${common} --rw=randread --loops=6 ` +
     `--name=r2 ${common} --rw=read --loops=6 2>&1; echo rc=$?`, 600_000).catch((e) => (e as Error).message);
   check(/rc=0\s*$/.test(out) && !/verify|bad|error/i.test(out.replace(/rc=0\s*$/, '').split('\n').filter((l) => !l.includes(';')).join('\n')),
