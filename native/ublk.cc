@@ -337,7 +337,7 @@ struct Options {
   uint16_t depth = 64;
   uint32_t maxIo = 512 << 10;
   std::string transport = "auto";
-  bool recovery = false;
+  int recovery = 0;  // 0 off, 1 USER_RECOVERY, 2 + REISSUE, 3 + FAIL_IO
   bool alwaysSlow = false;
   bool partScan = false;
 };
@@ -430,8 +430,10 @@ struct Dev {
     }
     uint64_t flags = F_CMD_IOCTL_ENCODE | (zc ? (F_SUPPORT_ZERO_COPY | F_AUTO_BUF_REG) : F_USER_COPY);
     if (opt.recovery) {
-      if (!(features & F_USER_RECOVERY)) return Status::Err(EOPNOTSUPP, "UBLK_F_USER_RECOVERY not offered");
-      flags |= F_USER_RECOVERY;
+      uint64_t want = F_USER_RECOVERY | (opt.recovery == 2 ? F_USER_RECOVERY_REISSUE : 0) |
+                      (opt.recovery == 3 ? F_USER_RECOVERY_FAIL_IO : 0);
+      if ((features & want) != want) return Status::Err(EOPNOTSUPP, "this UBLK_F_USER_RECOVERY mode is not offered");
+      flags |= want;
     }
     if (!opt.partScan) flags |= features & F_NO_AUTO_PART_SCAN;
 
@@ -505,7 +507,7 @@ struct Dev {
     opt.queues = info.nr_hw_queues;
     opt.depth = info.queue_depth;
     opt.maxIo = info.max_io_buf_bytes;
-    opt.recovery = true;
+    opt.recovery = 1;
     // Accepted only once the dead server has released /dev/ublkcN, which
     // the kernel does asynchronously after the process exits.
     for (int i = 0; i < 500; i++) {
@@ -1112,7 +1114,16 @@ class UblkDevice : public Napi::ObjectWrap<UblkDevice> {
     if (tr.IsString()) op.transport = tr.As<Napi::String>().Utf8Value();
     if (op.transport != "auto" && op.transport != "zero-copy" && op.transport != "user-copy")
       Throw(env, EINVAL, "transport must be auto, zero-copy or user-copy");
-    op.recovery = OptBool(o, "recovery");
+    // recovery: false | true | 'reissue' | 'fail-io'
+    Napi::Value rv = o.Get("recovery");
+    if (rv.IsString()) {
+      std::string m = rv.As<Napi::String>().Utf8Value();
+      if (m == "reissue") op.recovery = 2;
+      else if (m == "fail-io") op.recovery = 3;
+      else Throw(env, EINVAL, "recovery must be true, 'reissue' or 'fail-io'");
+    } else {
+      op.recovery = OptBool(o, "recovery") ? 1 : 0;
+    }
     op.alwaysSlow = OptBool(o, "alwaysSlow");
     op.partScan = OptBool(o, "partScan");
     if (!info[2].IsFunction()) Throw(env, EINVAL, "onSlow must be a function");

@@ -40,8 +40,13 @@ export interface UblkCreateOptions {
   maxIo?: number;
   /** Default: $STRATA_UBLK_TRANSPORT, else the best the kernel offers. */
   transport?: Transport | 'auto';
-  /** UBLK_F_USER_RECOVERY: the device survives its server dying. */
-  recovery?: boolean;
+  /**
+   * UBLK_F_USER_RECOVERY: the device survives its server dying and another
+   * process can recover() it. true: requests the dead server had already
+   * received fail; 'reissue': they are re-sent to the new server (targets
+   * must tolerate a repeated write); 'fail-io': all I/O fails until recovery.
+   */
+  recovery?: boolean | 'reissue' | 'fail-io';
   /** Send every request to `onSlow` (tests of the slow path). */
   alwaysSlow?: boolean;
   /** Let the kernel scan partitions at start (default off where the kernel allows). */

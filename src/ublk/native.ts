@@ -35,7 +35,7 @@ export interface NativeDeviceOptions {
   depth?: number;
   maxIo?: number;
   transport?: 'auto' | 'zero-copy' | 'user-copy';
-  recovery?: boolean;
+  recovery?: boolean | 'reissue' | 'fail-io';
   alwaysSlow?: boolean;
   partScan?: boolean;
 }
