@@ -366,6 +366,8 @@ struct Dev {
 
   std::atomic<uint64_t> fastIos{0}, slowIos{0};
   double createMs = 0;
+  // Where create() spends its time: ADD_DEV, SET_PARAMS, open cdev, queues ready, START_DEV.
+  double stepMs[5] = {0, 0, 0, 0, 0};
 
   void Notify() {
     if (tsfnLive.load()) tsfn.NonBlockingCall();
@@ -444,20 +446,31 @@ struct Dev {
     info.dev_id = 0xFFFFFFFF;  // must equal cmd.dev_id on 6.17+
     info.ublksrv_pid = getpid();
     info.flags = flags;
+    auto lap = [t = std::chrono::steady_clock::now()]() mutable {
+      auto n = std::chrono::steady_clock::now();
+      double d = std::chrono::duration<double, std::milli>(n - t).count();
+      t = n;
+      return d;
+    };
     r = ctrl.Cmd(kCmdAddDev, 0xFFFFFFFF, &info, sizeof info);
     if (r < 0) return Status::Err(r, "UBLK_U_CMD_ADD_DEV");
     id = info.dev_id;
     state = State::Added;
+    stepMs[0] = lap();
 
     Status s = SetParams();
+    stepMs[1] = lap();
     if (s.ok()) s = OpenCdev();
+    stepMs[2] = lap();
     if (s.ok()) s = StartQueues();
+    stepMs[3] = lap();
     if (s.ok()) {
       // Every queue has submitted its FETCH_REQs and sits in
       // io_uring_enter(GETEVENTS), which runs the deferred FETCH task work.
       r = ctrl.Cmd(kCmdStartDev, id, nullptr, 0, uint64_t(getpid()));
       if (r < 0) s = Status::Err(r, "UBLK_U_CMD_START_DEV");
     }
+    stepMs[4] = lap();
     if (!s.ok()) {
       StopQueues();
       DelDev();
@@ -525,6 +538,7 @@ struct Dev {
     }
     if (!s.ok()) {
       StopQueues();  // leaves the device quiesced for another attempt
+      state = State::Deleted;  // this object is done with it
       return s;
     }
     state = State::Live;
@@ -1059,8 +1073,11 @@ class LifeWorker : public Napi::AsyncWorker {
         done_(std::move(done)) {}
   Napi::Promise Promise() { return def_.Promise(); }
   void Execute() override { st_ = fn_(); }
+  /** Runs on the JS thread after success and failure alike. */
+  void Always(std::function<void(Napi::Env)> f) { always_ = std::move(f); }
   void OnOK() override {
     Napi::Env env = Env();
+    if (always_) always_(env);
     if (!st_.ok()) {
       def_.Reject(MakeError(env, st_.err, st_.what).Value());
       return;
@@ -1077,6 +1094,7 @@ class LifeWorker : public Napi::AsyncWorker {
   Fn fn_;
   Done done_;
   Status st_;
+  std::function<void(Napi::Env)> always_;
 };
 
 class UblkDevice : public Napi::ObjectWrap<UblkDevice> {
@@ -1148,6 +1166,10 @@ class UblkDevice : public Napi::ObjectWrap<UblkDevice> {
     r.Set("maxIo", Napi::Number::New(env, d.info.max_io_buf_bytes));
     r.Set("flags", FeatureNames(env, d.info.flags));
     r.Set("createMs", Napi::Number::New(env, d.createMs));
+    Napi::Object steps = Napi::Object::New(env);
+    static const char* kSteps[] = {"addDev", "setParams", "openCdev", "queuesReady", "startDev"};
+    for (int i = 0; i < 5; i++) steps.Set(kSteps[i], Napi::Number::New(env, d.stepMs[i]));
+    r.Set("createSteps", steps);
     return r;
   }
 
@@ -1162,6 +1184,7 @@ class UblkDevice : public Napi::ObjectWrap<UblkDevice> {
         [this, dev](Napi::Env e) -> Napi::Value {
           return Describe(e);
         });
+    w->Always([this](Napi::Env e) { Finished(e); });  // a failed start leaves nothing to serve
     // Keep the wrapper alive until the promise settles.
     self_ = Napi::Persistent(Value());
     auto p = w->Promise();
@@ -1178,6 +1201,7 @@ class UblkDevice : public Napi::ObjectWrap<UblkDevice> {
     auto dev = dev_;
     auto* w = new LifeWorker(env, [dev, id] { return dev->Recover(uint32_t(id)); },
                              [this](Napi::Env e) -> Napi::Value { return Describe(e); });
+    w->Always([this](Napi::Env e) { Finished(e); });
     self_ = Napi::Persistent(Value());
     auto p = w->Promise();
     w->Queue();
@@ -1307,7 +1331,10 @@ class UblkDevice : public Napi::ObjectWrap<UblkDevice> {
   }
 
   void Finished(Napi::Env env) {
-    if (dev_->state == State::Deleted && dev_->tsfnLive.exchange(false)) {
+    // Deleted, or never got past ADD_DEV (a failed start): release the
+    // slow-path callback so it no longer holds the event loop.
+    State st = dev_->state.load();
+    if ((st == State::Deleted || st == State::New) && dev_->tsfnLive.exchange(false)) {
       dev_->tsfn.Release();
       for (auto& q : dev_->queues) q->FreeStage();
       self_.Reset();

@@ -27,6 +27,8 @@ export interface NativeDeviceInfo {
   flags: string[];
   /** Native time from opening /dev/ublk-control to START_DEV returning. */
   createMs: number;
+  /** Its parts, in ms (0 after recover()). */
+  createSteps: { addDev: number; setParams: number; openCdev: number; queuesReady: number; startDev: number };
 }
 
 export interface NativeDeviceOptions {

@@ -5,7 +5,7 @@
 // STRATA_UBLK_CYCLES (default 100) sets the cycle count.
 import * as fs from 'fs';
 import { UblkDevice, FileTarget } from '../../src/ublk';
-import { check, sh, ublkOrSkip, transports, scratchFile, finish, fdCount, threadCount, ublkDevices, pct, waitFor } from './ublk-helpers';
+import { check, sh, ublkOrSkip, transports, scratchFile, finish, fdCount, threadCount, iouWorkers, ublkDevices, pct, waitFor } from './ublk-helpers';
 
 const DIR = '/tmp/strata-vm-ublk-churn';
 const CYCLES = Number(process.env.STRATA_UBLK_CYCLES ?? 100);
@@ -28,12 +28,14 @@ const fmt = (xs: number[]) => `p50 ${pct(xs, 50).toFixed(1)} ms, p99 ${pct(xs, 9
     await waitFor(() => ublkDevices().length === 0, 5000);
     const fds0 = fdCount(), th0 = threadCount(), rss0 = process.memoryUsage().rss;
     const create: number[] = [], del: number[] = [], native: number[] = [];
+    const steps: Record<string, number[]> = {};
     let readOk = true;
     for (let i = 0; i < CYCLES; i++) {
       let t = process.hrtime.bigint();
       const dev = await UblkDevice.create({ target, transport });
       create.push(ms(t));
       native.push(dev.info.createMs);
+      for (const [k, v] of Object.entries(dev.info.createSteps)) (steps[k] ??= []).push(v);
       if (i % 25 === 0) {
         // The device is usable the moment create() resolves.
         const got = await sh(`dd if=${dev.path} bs=4k count=1 iflag=direct status=none | cmp -n 4096 - ${img} && echo same`).catch(() => '');
@@ -48,9 +50,10 @@ const fmt = (xs: number[]) => `p50 ${pct(xs, 50).toFixed(1)} ms, p99 ${pct(xs, 9
     check(gone, `${transport}: no kernel ublk devices left after ${CYCLES} cycles (${ublkDevices().join(' ') || 'none'})`);
     const fds1 = fdCount(), th1 = threadCount();
     check(fds1 <= fds0, `${transport}: no leaked fds (${fds0} -> ${fds1})`);
-    check(th1 <= th0, `${transport}: no leaked threads (${th0} -> ${th1})`);
+    check(th1 <= th0, `${transport}: no leaked threads (${th0} -> ${th1}; io_uring workers now ${iouWorkers()})`);
     console.log(`info ${transport}: rss ${(rss0 / 2 ** 20).toFixed(0)} -> ${(process.memoryUsage().rss / 2 ** 20).toFixed(0)} MiB`);
     console.log(`info ${transport}: create ${fmt(create)} (native ADD..START_DEV ${fmt(native)}); delete ${fmt(del)}`);
+    console.log(`info ${transport}: create steps p50: ${Object.entries(steps).map(([k, v]) => `${k} ${pct(v, 50).toFixed(2)}`).join(', ')} ms`);
   }
   target.close();
   // The kernel loop driver through losetup (a process per call, as users run it).

@@ -42,7 +42,16 @@ export function scratchFile(path: string, bytes: number): void {
 }
 
 export const fdCount = () => fs.readdirSync('/proc/self/fd').length;
-export const threadCount = () => fs.readdirSync('/proc/self/task').length;
+const comms = () => fs.readdirSync('/proc/self/task').map((t) => {
+  try { return fs.readFileSync(`/proc/self/task/${t}/comm`, 'utf8').trim(); } catch { return ''; }
+});
+/**
+ * Threads of this process, without io_uring's kernel workers (iou-wrk-*):
+ * those belong to rings used from libuv threads (the control ring) and
+ * linger until their idle timeout.
+ */
+export const threadCount = () => comms().filter((c) => c !== '' && !c.startsWith('iou-')).length;
+export const iouWorkers = () => comms().filter((c) => c.startsWith('iou-')).length;
 export const ublkDevices = () => (fs.existsSync('/sys/class/ublk-char-dev') ? fs.readdirSync('/sys/class/ublk-char-dev') : []);
 
 export function pct(xs: number[], p: number): number {
