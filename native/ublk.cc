@@ -189,9 +189,27 @@ class FileTarget : public Target {
   bool plan(TOp op, uint64_t off, uint32_t len, Plan& p) override {
     if (slow_ || off > size_ || len > size_ - off) return false;
     p.op = op;
-    p.nseg = 1;
-    p.seg[0] = Seg{fd_, len, off};
+    if (split_ == 0) {
+      p.nseg = 1;
+      p.seg[0] = Seg{fd_, len, off};
+      return true;
+    }
+    // Test mode: cut at every multiple of split_, and make every
+    // zeroEvery_-th chunk a zero segment, like a sparse overlay plan.
+    p.nseg = 0;
+    for (uint64_t o = off, end = off + len; o < end;) {
+      uint64_t chunk = o / split_;
+      uint64_t n = std::min<uint64_t>(end, (chunk + 1) * split_) - o;
+      if (p.nseg == uint32_t(kMaxSegs)) return false;
+      bool zero = zeroEvery_ && chunk % zeroEvery_ == zeroEvery_ - 1;
+      p.seg[p.nseg++] = Seg{zero ? -1 : fd_, uint32_t(n), o};
+      o += n;
+    }
     return true;
+  }
+  void SetSplit(uint32_t bytes, uint32_t zeroEvery) {
+    split_ = bytes;
+    zeroEvery_ = zeroEvery;
   }
   void finish(const Plan&, bool) override {}
   int fd() const { return fd_; }
@@ -201,6 +219,7 @@ class FileTarget : public Target {
   int fd_;
   uint64_t size_;
   bool slow_;
+  uint32_t split_ = 0, zeroEvery_ = 0;
 };
 
 // ----------------------------------------------------------------- device
@@ -1372,8 +1391,9 @@ Napi::Value Features(const Napi::CallbackInfo& info) {
   return o;
 }
 
-// fileTarget(fd, size, alwaysSlow?) -> { handle }: identity mapping onto a
-// dup of fd (the caller may close its own fd).
+// fileTarget(fd, size, alwaysSlow?, split?, zeroEvery?) -> { handle }:
+// identity mapping onto a dup of fd (the caller may close its own fd).
+// split/zeroEvery (tests): multi-segment plans with zero segments.
 Napi::Value MakeFileTarget(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!info[0].IsNumber() || !info[1].IsNumber()) Throw(env, EINVAL, "fileTarget(fd, size[, alwaysSlow])");
@@ -1381,10 +1401,15 @@ Napi::Value MakeFileTarget(const Napi::CallbackInfo& info) {
   double size = info[1].As<Napi::Number>().DoubleValue();
   if (!(size >= 0) || size != double(uint64_t(size))) Throw(env, EINVAL, "size must be a non-negative integer");
   bool slow = info.Length() > 2 && info[2].ToBoolean().Value();
+  uint32_t split = info.Length() > 3 && info[3].IsNumber() ? info[3].As<Napi::Number>().Uint32Value() : 0;
+  uint32_t zeroEvery = info.Length() > 4 && info[4].IsNumber() ? info[4].As<Napi::Number>().Uint32Value() : 0;
+  if (split % 512) Throw(env, EINVAL, "split must be a multiple of 512");
   int own = fcntl(fd, F_DUPFD_CLOEXEC, 3);
   if (own < 0) Throw(env, errno, "dup target fd");
+  auto t = std::make_shared<FileTarget>(own, uint64_t(size), slow);
+  t->SetSplit(split, zeroEvery);
   Napi::Object o = Napi::Object::New(env);
-  o.Set("handle", WrapTarget(env, std::make_shared<FileTarget>(own, uint64_t(size), slow)));
+  o.Set("handle", WrapTarget(env, t));
   return o;
 }
 

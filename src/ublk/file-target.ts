@@ -11,16 +11,23 @@ export interface FileTargetOptions {
   /** Device size; default: the file's size (rounded down to 512). */
   size?: number;
   alwaysSlow?: boolean;
+  /**
+   * Tests of the frontend's segment handling: plan every request as pieces
+   * cut at multiples of `bytes`, and plan every `zeroEvery`-th piece as a
+   * zero segment (reads return zeros there, writes to it are dropped), like
+   * a sparse overlay would. Requests needing more than 64 pieces go slow.
+   */
+  split?: { bytes: number; zeroEvery?: number };
 }
 
 export class FileTarget {
   /** What native frontends read (target_js.h). */
   readonly handle: unknown;
   readonly size: number;
-  private constructor(readonly fd: number, size: number, alwaysSlow: boolean) {
+  private constructor(readonly fd: number, size: number, alwaysSlow: boolean, split?: FileTargetOptions['split']) {
     this.size = size;
     try {
-      this.handle = ublkAddon().fileTarget(fd, size, alwaysSlow).handle;
+      this.handle = ublkAddon().fileTarget(fd, size, alwaysSlow, split?.bytes ?? 0, split?.zeroEvery ?? 0).handle;
     } catch (e) {
       throw fromNative(e, 'fileTarget');
     }
@@ -31,7 +38,7 @@ export class FileTarget {
     const fd = fs.openSync(path, 'r+');
     try {
       const size = opts.size ?? Math.floor(fs.fstatSync(fd).size / 512) * 512;
-      return new FileTarget(fd, size, !!opts.alwaysSlow);
+      return new FileTarget(fd, size, !!opts.alwaysSlow, opts.split);
     } catch (e) {
       fs.closeSync(fd);
       throw e;

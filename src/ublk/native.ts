@@ -61,7 +61,7 @@ export interface TargetObject {
 export interface UblkAddon {
   ublkFeatures(): { flags: number; names: string[] };
   UblkDevice: new (target: TargetObject, opts: NativeDeviceOptions, onSlow: () => void) => NativeUblkDevice;
-  fileTarget(fd: number, size: number, alwaysSlow?: boolean): TargetObject;
+  fileTarget(fd: number, size: number, alwaysSlow?: boolean, split?: number, zeroEvery?: number): TargetObject;
 }
 
 export function ublkAddon(): UblkAddon {

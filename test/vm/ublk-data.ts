@@ -3,9 +3,12 @@
 // and with every request forced through the JavaScript slow path:
 // O_DIRECT pattern write/read (4 MiB, 32 MiB), 512-byte unaligned I/O,
 // concurrent readers and verifying writers on the same blocks (H1/H16),
-// FLUSH/DISCARD, and (fast path) mkfs.ext4 + mount + files + umount + fsck.
+// FLUSH/DISCARD, and (fast path) mkfs.ext4 + mount + files + umount + fsck;
+// plus multi-segment plans with zero segments (segment offsets inside the
+// request buffer, zero fill, dropped writes).
 // STRATA_UBLK_SMOKE=1 keeps only the 4 MiB pattern and the unaligned I/O.
 import * as fs from 'fs';
+import * as crypto from 'crypto';
 import { UblkDevice, FileTarget } from '../../src/ublk';
 import { check, sh, skip, ublkOrSkip, transports, scratchFile, finish } from './ublk-helpers';
 
@@ -74,6 +77,45 @@ async function filesystem(dev: UblkDevice, label: string): Promise<void> {
   check(fsck.trim() === 'clean' && ok.trim() === '12', `${label}: mkfs.ext4 + mount + 12 files + umount + fsck clean + sha256 (${ok.trim()}/12)`);
 }
 
+async function segmented(transport: 'zero-copy' | 'user-copy'): Promise<void> {
+  const label = `${transport} segmented`;
+  const img = `${DIR}/seg.img`;
+  const MB = 8, SPLIT = 16384, EVERY = 3;
+  const data = crypto.randomBytes(MB << 20);
+  fs.writeFileSync(img, data);
+  const target = FileTarget.open(img, { split: { bytes: SPLIT, zeroEvery: EVERY } });
+  const isZero = (off: number) => Math.floor(off / SPLIT) % EVERY === EVERY - 1;
+  const expected = (file: Buffer, from: number, len: number) => {
+    const out = Buffer.from(file.subarray(from, from + len));
+    for (let o = 0; o < len; o += 512) if (isZero(from + o)) out.fill(0, o, o + 512);
+    return out;
+  };
+  let dev: UblkDevice | undefined;
+  try {
+    dev = await UblkDevice.create({ target, transport, depth: 16 });
+    await sh(`dd if=${dev.path} of=${DIR}/segback bs=1M count=${MB} iflag=direct status=none`);
+    check(fs.readFileSync(`${DIR}/segback`).equals(expected(data, 0, MB << 20)), `${label}: 16 KiB segments, every 3rd a zero segment, read back exactly`);
+    await sh(`dd if=${dev.path} of=${DIR}/segu bs=512 skip=29 count=71 iflag=direct status=none`);
+    check(fs.readFileSync(`${DIR}/segu`).equals(expected(data, 29 * 512, 71 * 512)), `${label}: a 512-byte-aligned read across segment boundaries`);
+    const w = crypto.randomBytes(1 << 20);
+    fs.writeFileSync(`${DIR}/segw`, w);
+    await sh(`dd if=${DIR}/segw of=${dev.path} bs=64k seek=64 oflag=direct conv=fsync status=none`);
+    const file = fs.readFileSync(img);
+    const wantFile = Buffer.from(data);
+    for (let o = 0; o < w.length; o += 512) if (!isZero((4 << 20) + o)) w.copy(wantFile, (4 << 20) + o, o, o + 512);
+    check(file.equals(wantFile), `${label}: writes land in data segments only (zero segments dropped)`);
+    await sh(`dd if=${dev.path} of=${DIR}/segback bs=1M count=${MB} iflag=direct status=none`);
+    check(fs.readFileSync(`${DIR}/segback`).equals(expected(wantFile, 0, MB << 20)), `${label}: and read back through the device`);
+    const st = dev.stats();
+    check(st.slowIos === 0 && st.fastIos > 0, `${label}: all planned natively (fast ${st.fastIos}, slow ${st.slowIos})`);
+  } catch (e) {
+    check(false, `${label}: ${(e as Error).message}`);
+  } finally {
+    await dev?.delete().catch((e) => check(false, `${label}: delete: ${(e as Error).message}`));
+    target.close();
+  }
+}
+
 (async () => {
   const t0 = Date.now();
   const f = ublkOrSkip();
@@ -109,6 +151,7 @@ async function filesystem(dev: UblkDevice, label: string): Promise<void> {
       }
     }
   }
+  for (const transport of transports(f!)) await segmented(transport);
   if (!smoke) skip('mkfs/mount on the slow path (fast path only, to keep the lane short)');
   finish('ublk-data', t0);
 })().catch((e) => { console.error(e); process.exit(1); });
