@@ -29,9 +29,10 @@ async function patternRoundTrip(dev: UblkDevice, img: string, mib: number, label
 async function unaligned(dev: UblkDevice, img: string, label: string): Promise<void> {
   // 3 sectors at sector 7 and 1 sector at sector 4097: sub-4K, odd offsets.
   await sh(`head -c 1536 /dev/urandom > ${DIR}/u1; head -c 512 /dev/urandom > ${DIR}/u2`);
-  await sh(`dd if=${DIR}/u1 of=${dev.path} bs=512 seek=7 count=3 oflag=direct status=none`);
+  // One 1536-byte request at byte 3584 (not 4 KiB aligned, crosses a 4 KiB block).
+  await sh(`dd if=${DIR}/u1 of=${dev.path} bs=1536 seek=3584 count=1 oflag=direct,seek_bytes status=none`);
   await sh(`dd if=${DIR}/u2 of=${dev.path} bs=512 seek=4097 count=1 oflag=direct status=none`);
-  await sh(`dd if=${dev.path} of=${DIR}/r1 bs=512 skip=7 count=3 iflag=direct status=none; dd if=${dev.path} of=${DIR}/r2 bs=512 skip=4097 count=1 iflag=direct status=none`);
+  await sh(`dd if=${dev.path} of=${DIR}/r1 bs=1536 skip=3584 count=1 iflag=direct,skip_bytes status=none; dd if=${dev.path} of=${DIR}/r2 bs=512 skip=4097 count=1 iflag=direct status=none`);
   const a = await sh(`cmp ${DIR}/u1 ${DIR}/r1 && cmp ${DIR}/u2 ${DIR}/r2 && echo same`).catch(() => 'differ');
   const f = await sh(`cmp -n 1536 ${DIR}/u1 ${img} 0 3584 && cmp -n 512 ${DIR}/u2 ${img} 0 2097664 && echo same`).catch(() => 'differ');
   check(a.trim() === 'same' && f.trim() === 'same', `${label}: 512-byte unaligned writes/reads land on the right sectors`);
@@ -95,7 +96,8 @@ async function segmented(transport: 'zero-copy' | 'user-copy'): Promise<void> {
     dev = await UblkDevice.create({ target, transport, depth: 16 });
     await sh(`dd if=${dev.path} of=${DIR}/segback bs=1M count=${MB} iflag=direct status=none`);
     check(fs.readFileSync(`${DIR}/segback`).equals(expected(data, 0, MB << 20)), `${label}: 16 KiB segments, every 3rd a zero segment, read back exactly`);
-    await sh(`dd if=${dev.path} of=${DIR}/segu bs=512 skip=29 count=71 iflag=direct status=none`);
+    // One 71-sector request starting at sector 29: it crosses 4 segments.
+    await sh(`dd if=${dev.path} of=${DIR}/segu bs=${71 * 512} count=1 skip=${29 * 512} iflag=direct,skip_bytes status=none`);
     check(fs.readFileSync(`${DIR}/segu`).equals(expected(data, 29 * 512, 71 * 512)), `${label}: a 512-byte-aligned read across segment boundaries`);
     const w = crypto.randomBytes(1 << 20);
     fs.writeFileSync(`${DIR}/segw`, w);
