@@ -26,6 +26,7 @@
 
 #include "modules.h"
 #include "napi_util.h"
+#include "ublk.h"
 
 #if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "descriptors are little-endian and copied as host structs"
@@ -584,6 +585,7 @@ Napi::Object InitModule(Napi::Env env, Napi::Object exports) {
   exports.Set("pageSize", Napi::Function::New(env, PageSize, "pageSize"));
   strata::InitDeviceTarget(env, exports);
   strata::InitNbdWire(env, exports);
+  strata::InitUblk(env, exports);
   return exports;
 }
 

@@ -2,17 +2,25 @@
 # The kernel test lane: boots Debian kernels that have ublk_drv and nbd in
 # QEMU (TCG) and runs the in-VM tests there (this host's kernel has neither
 # driver). Usage: scripts/vm/lane.sh [--smoke]   (kernels: $STRATA_VM_KERNELS)
+# --smoke shortens the ublk tests (4 MiB pattern + unaligned I/O, 20
+# create/destroy cycles, no recovery run).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 node scripts/bootstrap.js --vm || exit $?
 kernels=${STRATA_VM_KERNELS:-"6.12 7.3"}
-tests=(test/vm/uring-wakeup.ts test/vm/nbd-kernel.ts)
+tests=(test/vm/uring-wakeup.ts test/vm/nbd-kernel.ts
+  test/vm/ublk-data.ts test/vm/ublk-lifecycle.ts test/vm/ublk-churn.ts test/vm/ublk-recovery.ts)
+envs=()
+if [ "${1:-}" = "--smoke" ]; then
+  envs=(--env STRATA_UBLK_SMOKE=1 --env STRATA_UBLK_CYCLES=20)
+  tests=(${tests[@]/test\/vm\/ublk-recovery.ts/})
+fi
 pass=0; fail=0
 for k in $kernels; do
   for t in "${tests[@]}"; do
     echo "=== $t on kernel $k"
-    if scripts/vm/run-in-vm.sh --kernel "$k" --modules nbd,ext4,crc32c_generic,crc32c_intel --mem 2048 --timeout 1200 --timing \
-        -- node -r tsx/cjs "$t"; then
+    if scripts/vm/run-in-vm.sh --kernel "$k" --modules nbd,ublk_drv,loop,ext4,crc32c_generic,crc32c_intel --mem 2048 --timeout 1200 --timing \
+        "${envs[@]}" -- node -r tsx/cjs "$t"; then
       pass=$((pass + 1))
     else
       echo "FAIL: $t on kernel $k (exit $?)"

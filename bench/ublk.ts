@@ -1,0 +1,99 @@
+// strata ublk benchmark: `npm run bench:ublk` (boots the QEMU kernels through
+// bench/ublk-vm.sh and runs this file inside them; it can also run directly on
+// a machine with ublk_drv).
+//
+// One backing file full of random data; fio (libaio, O_DIRECT) against:
+//   ublk-zero-copy  strata UblkDevice on a FileTarget, AUTO_BUF_REG transport (kernel >= 6.16)
+//   ublk-user-copy  the same with the USER_COPY transport
+//   loop            the kernel loop driver on the same file (losetup --direct-io=on)
+// Workloads: 4k randread qd32, 4k randwrite qd32, 128k read qd8, 128k write qd8.
+// Under TCG, user code runs ~17x slower than the kernel, so ratios here are
+// biased against the userspace server (see /work/shared/tools/run-in-vm.md).
+//
+// Knobs: STRATA_BENCH_SECONDS (default 6), STRATA_BENCH_FILE_MB (default 256),
+// STRATA_BENCH_QUEUES (default: CPUs), STRATA_BENCH_PEERS (subset, comma-separated).
+import * as fs from 'fs';
+import * as os from 'os';
+import { execFile } from 'child_process';
+import { features, UblkDevice, FileTarget } from '../src/ublk';
+
+const SECONDS = Number(process.env.STRATA_BENCH_SECONDS || 6);
+const FILE_MB = Number(process.env.STRATA_BENCH_FILE_MB || 256);
+const QUEUES = Number(process.env.STRATA_BENCH_QUEUES || Math.min(os.cpus().length, 4));
+const DIR = process.env.STRATA_BENCH_TMP || '/tmp/strata-bench-ublk';
+
+const sh = (cmd: string) => new Promise<string>((res, rej) =>
+  execFile('sh', ['-c', cmd], { maxBuffer: 1 << 26, timeout: 600_000 }, (e, out, err) => (e ? rej(new Error(`${cmd}: ${err || e.message}`)) : res(out))));
+
+const JOBS = [
+  { name: '4k randread qd32', rw: 'randread', bs: '4k', qd: 32 },
+  { name: '4k randwrite qd32', rw: 'randwrite', bs: '4k', qd: 32 },
+  { name: '128k read qd8', rw: 'read', bs: '128k', qd: 8 },
+  { name: '128k write qd8', rw: 'write', bs: '128k', qd: 8 },
+];
+
+interface Cell { iops: number; mbs: number; p99us: number }
+
+async function fio(dev: string, job: typeof JOBS[number]): Promise<Cell> {
+  const out = await sh(`fio --output-format=json --name=b --filename=${dev} --direct=1 --ioengine=libaio ` +
+    `--rw=${job.rw} --bs=${job.bs} --iodepth=${job.qd} --time_based --runtime=${SECONDS} --ramp_time=1 --size=${FILE_MB}M --randrepeat=0`);
+  const j = JSON.parse(out.slice(out.indexOf('{'))).jobs[0];
+  const side = job.rw.includes('read') ? j.read : j.write;
+  const p99 = side.clat_ns?.percentile?.['99.000000'] ?? 0;
+  return { iops: side.iops, mbs: side.bw_bytes / 1e6, p99us: p99 / 1000 };
+}
+
+(async () => {
+  let f;
+  try {
+    f = features();
+  } catch (e) {
+    console.error(`bench:ublk needs ublk_drv: ${(e as Error).message} (run it through bench/ublk-vm.sh)`);
+    process.exit(2);
+  }
+  fs.rmSync(DIR, { recursive: true, force: true });
+  fs.mkdirSync(DIR, { recursive: true });
+  const img = `${DIR}/backing.img`;
+  // Real data: a sparse or fallocated file would serve reads without I/O.
+  await sh(`head -c ${FILE_MB << 20} /dev/urandom > ${img}`);
+  const kernel = fs.readFileSync('/proc/sys/kernel/osrelease', 'utf8').trim();
+  const want = (process.env.STRATA_BENCH_PEERS || 'ublk-zero-copy,ublk-user-copy,loop').split(',');
+  const results: Record<string, Record<string, Cell | string>> = {};
+  const target = FileTarget.open(img);
+  for (const transport of ['zero-copy', 'user-copy'] as const) {
+    const peer = `ublk-${transport}`;
+    if (!want.includes(peer)) continue;
+    if (transport === 'zero-copy' && !f.zeroCopy) { results[peer] = { note: 'not offered by this kernel' }; continue; }
+    const dev = await UblkDevice.create({ target, transport, queues: QUEUES, depth: 64 });
+    results[peer] = {};
+    for (const job of JOBS) {
+      results[peer][job.name] = await fio(dev.path, job);
+      process.stderr.write(`${peer} ${job.name}: ${JSON.stringify(results[peer][job.name])}\n`);
+    }
+    await dev.delete();
+  }
+  target.close();
+  if (want.includes('loop')) {
+    await sh('modprobe loop 2>/dev/null || true');
+    const loop = (await sh(`losetup -f --show --direct-io=on ${img}`)).trim();
+    const dio = await sh(`cat /sys/block/${loop.replace('/dev/', '')}/loop/dio`).catch(() => '?');
+    results.loop = { note: `${loop}, dio=${dio.trim()}` };
+    for (const job of JOBS) {
+      results.loop[job.name] = await fio(loop, job);
+      process.stderr.write(`loop ${job.name}: ${JSON.stringify(results.loop[job.name])}\n`);
+    }
+    await sh(`losetup -d ${loop}`);
+  }
+  console.log(`\n### ublk vs loop on ${kernel} (QEMU TCG, ${os.cpus().length} vCPU, ${QUEUES} ublk queues, ${FILE_MB} MiB file, ${SECONDS} s per cell)\n`);
+  console.log(`| workload | ${Object.keys(results).join(' | ')} |`);
+  console.log(`|---|${Object.keys(results).map(() => '---').join('|')}|`);
+  for (const job of JOBS) {
+    const cells = Object.values(results).map((r) => {
+      const c = r[job.name];
+      return typeof c === 'object' ? `${Math.round(c.iops)} IOPS, ${c.mbs.toFixed(1)} MB/s, p99 ${Math.round(c.p99us)} µs` : '—';
+    });
+    console.log(`| ${job.name} | ${cells.join(' | ')} |`);
+  }
+  for (const [k, r] of Object.entries(results)) if (typeof r.note === 'string') console.log(`\n${k}: ${r.note}`);
+  fs.rmSync(DIR, { recursive: true, force: true });
+})().catch((e) => { console.error(e); process.exit(1); });

@@ -1,0 +1,69 @@
+// Typed view of the ublk part of the addon (native/ublk.cc). The UAPI itself
+// (command encodings, struct layouts, feature bits) lives in native/ublk_uapi.h.
+import { loadNative } from '../native';
+
+/** Op codes as the kernel reports them in a request (UBLK_IO_OP_*). */
+export const UBLK_OP = { READ: 0, WRITE: 1, FLUSH: 2, DISCARD: 3, WRITE_SAME: 4, WRITE_ZEROES: 5 } as const;
+
+export interface NativeSlowRequest {
+  queue: number;
+  tag: number;
+  op: number;
+  flags: number;
+  fua: boolean;
+  offset: number;
+  length: number;
+  /** WRITE only: a copy of the request's data. */
+  data?: Buffer;
+}
+
+export interface NativeDeviceInfo {
+  id: number;
+  transport: 'zero-copy' | 'user-copy';
+  queues: number;
+  depth: number;
+  maxIo: number;
+  /** UBLK_F_* names the device was created with. */
+  flags: string[];
+  /** Native time from opening /dev/ublk-control to START_DEV returning. */
+  createMs: number;
+  /** Its parts, in ms (0 after recover()). */
+  createSteps: { addDev: number; setParams: number; openCdev: number; queuesReady: number; startDev: number };
+}
+
+export interface NativeDeviceOptions {
+  size?: number;
+  queues?: number;
+  depth?: number;
+  maxIo?: number;
+  transport?: 'auto' | 'zero-copy' | 'user-copy';
+  recovery?: boolean | 'reissue' | 'fail-io';
+  alwaysSlow?: boolean;
+  partScan?: boolean;
+}
+
+export interface NativeUblkDevice {
+  start(): Promise<NativeDeviceInfo>;
+  recover(id: number): Promise<NativeDeviceInfo>;
+  drain(): NativeSlowRequest[];
+  /** result: bytes for READ/WRITE, 0 for others, or -errno. false once the device is gone. */
+  complete(queue: number, tag: number, result: number, data?: Uint8Array): boolean;
+  stop(opts?: { try?: boolean }): Promise<void>;
+  delete(): Promise<void>;
+  abandon(): Promise<void>;
+  stats(): { fastIos: number; slowIos: number; state: string };
+}
+
+export interface TargetObject {
+  handle: unknown;
+}
+
+export interface UblkAddon {
+  ublkFeatures(): { flags: number; names: string[] };
+  UblkDevice: new (target: TargetObject, opts: NativeDeviceOptions, onSlow: () => void) => NativeUblkDevice;
+  fileTarget(fd: number, size: number, alwaysSlow?: boolean, split?: number, zeroEvery?: number): TargetObject;
+}
+
+export function ublkAddon(): UblkAddon {
+  return loadNative() as unknown as UblkAddon;
+}

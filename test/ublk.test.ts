@@ -1,0 +1,105 @@
+// Host-side checks of the ublk frontend. The kernel paths (real devices)
+// run in the VM lane (test/vm/ublk-*.ts, `npm run test:vm`); here we check
+// what holds without ublk_drv: typed errors, option validation, FileTarget,
+// and that a failed create() leaves nothing holding the process open.
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+import { spawnSync } from 'child_process';
+import { features, UblkDevice, FileTarget, UblkError, transportFromEnv } from '../src/ublk';
+import { StrataError } from '../src/errors';
+
+const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'strata-ublk-'));
+const img = path.join(dir, 'img');
+fs.writeFileSync(img, Buffer.alloc(0));
+fs.truncateSync(img, (8 << 20) + 100);
+const hasUblk = fs.existsSync('/dev/ublk-control');
+if (!hasUblk) console.log('SKIP: kernel ublk tests: no /dev/ublk-control on this host (ublk_drv); they run in `npm run test:vm`');
+
+test('features(): typed result, or a typed ENOENT when ublk_drv is absent', () => {
+  if (hasUblk) {
+    const f = features();
+    assert.type(f.flags, 'number');
+    assert.ok(Array.isArray(f.names));
+    return;
+  }
+  try {
+    features();
+    assert.unreachable('features() should throw without /dev/ublk-control');
+  } catch (e) {
+    assert.instance(e, UblkError);
+    assert.instance(e, StrataError);
+    const u = e as UblkError;
+    assert.is(u.code, 'ENOENT');
+    assert.is(u.errno, os.constants.errno.ENOENT);
+    assert.match(u.message, /ublk-control/);
+  }
+});
+
+test('transportFromEnv: empty means auto, bad values are EINVAL', () => {
+  const saved = process.env.STRATA_UBLK_TRANSPORT;
+  try {
+    process.env.STRATA_UBLK_TRANSPORT = '';
+    assert.is(transportFromEnv(), 'auto');
+    process.env.STRATA_UBLK_TRANSPORT = 'zero-copy';
+    assert.is(transportFromEnv(), 'zero-copy');
+    process.env.STRATA_UBLK_TRANSPORT = 'user-copy';
+    assert.is(transportFromEnv(), 'user-copy');
+    process.env.STRATA_UBLK_TRANSPORT = 'zerocopy';
+    assert.throws(() => transportFromEnv(), (e: unknown) => e instanceof UblkError && e.code === 'EINVAL');
+  } finally {
+    if (saved === undefined) delete process.env.STRATA_UBLK_TRANSPORT; else process.env.STRATA_UBLK_TRANSPORT = saved;
+  }
+});
+
+test('FileTarget: a native handle over its own dup, size rounded to sectors', () => {
+  const t = FileTarget.open(img);
+  assert.is(t.size, 8 << 20);
+  assert.ok(t.handle && typeof t.handle === 'object');
+  t.close();
+  const u = FileTarget.open(img, { size: 4096 });
+  assert.is(u.size, 4096);
+  u.close();
+});
+
+test('FileTarget.serveSlow answers reads, writes and zeroing with fs calls', async () => {
+  const t = FileTarget.open(img);
+  const data = Buffer.alloc(4096, 0x5a);
+  await t.serveSlow({ op: 'write', opcode: 1, offset: 8192, length: 4096, fua: true, queue: 0, tag: 0, data });
+  const back = await t.serveSlow({ op: 'read', opcode: 0, offset: 8192, length: 4096, fua: false, queue: 0, tag: 0 });
+  assert.ok(data.equals(back as Buffer));
+  await t.serveSlow({ op: 'write-zeroes', opcode: 5, offset: 8192, length: 4096, fua: false, queue: 0, tag: 0 });
+  assert.ok((fs.readFileSync(img).subarray(8192, 12288)).equals(Buffer.alloc(4096)));
+  await t.serveSlow({ op: 'flush', opcode: 2, offset: 0, length: 0, fua: false, queue: 0, tag: 0 });
+  t.close();
+});
+
+test('UblkDevice.create validates options before touching the kernel', async () => {
+  const t = FileTarget.open(img);
+  for (const bad of [{ transport: 'fast' }, { depth: 0 }, { maxIo: 1000 }, { size: 1000 }, { recovery: 'sometimes' }]) {
+    const e = await UblkDevice.create({ target: t, ...(bad as object) }).then(() => null, (x) => x);
+    assert.instance(e, UblkError, JSON.stringify(bad));
+    assert.is((e as UblkError).code, 'EINVAL', JSON.stringify(bad));
+  }
+  const e = await UblkDevice.create({ target: { handle: 42 } }).then(() => null, (x) => x);
+  assert.instance(e, TypeError);
+  t.close();
+});
+
+test('a create() that fails leaves nothing holding the process (exits promptly)', () => {
+  if (hasUblk) return;
+  const code = `
+    const { UblkDevice, FileTarget } = require(${JSON.stringify(path.join(__dirname, '..', 'src', 'ublk'))});
+    UblkDevice.create({ target: FileTarget.open(${JSON.stringify(img)}) }).then(
+      () => { console.log('created?'); process.exit(3); },
+      (e) => console.log(e.code + ' ' + e.errno));`;
+  const r = spawnSync(process.execPath, ['-r', 'tsx/cjs', '-e', code], { encoding: 'utf8', timeout: 20_000 });
+  assert.is(r.signal, null, 'the process had to be killed: something kept the event loop alive');
+  assert.is(r.status, 0, r.stderr);
+  assert.is(r.stdout.trim(), `ENOENT ${os.constants.errno.ENOENT}`);
+});
+
+test.after(() => fs.rmSync(dir, { recursive: true, force: true }));
+test.run();

@@ -1,0 +1,159 @@
+// Runs INSIDE the kernel test VM: data integrity through /dev/ublkbN on a
+// FileTarget, for every transport the kernel offers, on the native fast path
+// and with every request forced through the JavaScript slow path:
+// O_DIRECT pattern write/read (4 MiB, 32 MiB), 512-byte unaligned I/O,
+// concurrent readers and verifying writers on the same blocks (H1/H16),
+// FLUSH/DISCARD, and (fast path) mkfs.ext4 + mount + files + umount + fsck;
+// plus multi-segment plans with zero segments (segment offsets inside the
+// request buffer, zero fill, dropped writes).
+// STRATA_UBLK_SMOKE=1 keeps only the 4 MiB pattern and the unaligned I/O.
+import * as fs from 'fs';
+import * as crypto from 'crypto';
+import { UblkDevice, FileTarget } from '../../src/ublk';
+import { check, sh, skip, ublkOrSkip, transports, scratchFile, finish } from './ublk-helpers';
+
+const smoke = process.env.STRATA_UBLK_SMOKE === '1';
+const DIR = '/tmp/strata-vm-ublk';
+const SIZE = 64 << 20;
+
+async function patternRoundTrip(dev: UblkDevice, img: string, mib: number, label: string): Promise<void> {
+  const pat = `${DIR}/pat${mib}`;
+  await sh(`head -c ${mib << 20} /dev/urandom > ${pat}`);
+  await sh(`dd if=${pat} of=${dev.path} bs=1M oflag=direct conv=fsync status=none`);
+  await sh(`dd if=${dev.path} of=${DIR}/back bs=1M count=${mib} iflag=direct status=none`);
+  const viaDev = await sh(`cmp ${pat} ${DIR}/back && echo same`).catch(() => 'differ');
+  const inFile = await sh(`cmp -n ${mib << 20} ${pat} ${img} && echo same`).catch(() => 'differ');
+  check(viaDev.trim() === 'same' && inFile.trim() === 'same', `${label}: ${mib} MiB O_DIRECT pattern reads back (device and backing file)`);
+}
+
+async function unaligned(dev: UblkDevice, img: string, label: string): Promise<void> {
+  // 3 sectors at sector 7 and 1 sector at sector 4097: sub-4K, odd offsets.
+  await sh(`head -c 1536 /dev/urandom > ${DIR}/u1; head -c 512 /dev/urandom > ${DIR}/u2`);
+  // One 1536-byte request at byte 3584 (not 4 KiB aligned, crosses a 4 KiB block).
+  await sh(`dd if=${DIR}/u1 of=${dev.path} bs=1536 seek=3584 count=1 oflag=direct,seek_bytes status=none`);
+  await sh(`dd if=${DIR}/u2 of=${dev.path} bs=512 seek=4097 count=1 oflag=direct status=none`);
+  await sh(`dd if=${dev.path} of=${DIR}/r1 bs=1536 skip=3584 count=1 iflag=direct,skip_bytes status=none; dd if=${dev.path} of=${DIR}/r2 bs=512 skip=4097 count=1 iflag=direct status=none`);
+  const a = await sh(`cmp ${DIR}/u1 ${DIR}/r1 && cmp ${DIR}/u2 ${DIR}/r2 && echo same`).catch(() => 'differ');
+  const f = await sh(`cmp -n 1536 ${DIR}/u1 ${img} 0 3584 && cmp -n 512 ${DIR}/u2 ${img} 0 2097664 && echo same`).catch(() => 'differ');
+  check(a.trim() === 'same' && f.trim() === 'same', `${label}: 512-byte unaligned writes/reads land on the right sectors`);
+}
+
+async function concurrent(dev: UblkDevice, img: string, label: string): Promise<void> {
+  // Verifying writers and plain readers hammer the same 1 MiB: a reply or
+  // staging buffer shared between requests shows up as a verify failure.
+  const common = `--filename=${dev.path} --direct=1 --ioengine=psync --size=1M --offset=0 --bs=4k`;
+  const out = await sh(`fio --output-format=terse --minimal ` +
+    `--name=w ${common} --rw=randwrite --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_state_save=0 --loops=3 --randrepeat=0 ` +
+    `--name=r1 ${common} --rw=randread --loops=6 ` +
+    `--name=r2 ${common} --rw=read --loops=6 2>&1; echo rc=$?`, 600_000).catch((e) => (e as Error).message);
+  check(/rc=0\s*$/.test(out) && !/verify|bad|error/i.test(out.replace(/rc=0\s*$/, '').split('\n').filter((l) => !l.includes(';')).join('\n')),
+    `${label}: concurrent verifying writers and readers on the same blocks (fio crc32c verify)`);
+  if (!/rc=0\s*$/.test(out)) console.log(out.slice(-2000));
+  // The backing file must hold exactly what the device returns.
+  await sh(`dd if=${dev.path} of=${DIR}/c bs=1M count=1 iflag=direct status=none`);
+  const same = await sh(`cmp -n 1048576 ${DIR}/c ${img} && echo same`).catch(() => 'differ');
+  check(same.trim() === 'same', `${label}: device and backing file agree after the concurrent run`);
+}
+
+async function flushDiscard(dev: UblkDevice, img: string, label: string): Promise<void> {
+  await sh(`head -c 65536 /dev/urandom | dd of=${dev.path} bs=64k seek=100 oflag=direct conv=fsync status=none`);
+  await sh(`blkdiscard -o ${100 * 65536} -l 65536 ${dev.path}`);
+  await sh(`blkdiscard -z -o ${101 * 65536} -l 4096 ${dev.path}`).catch(() => undefined);
+  const isZero = (cmd: string) => sh(`${cmd} | cmp -n 65536 - /dev/zero && echo zero`).then((o) => o.trim() === 'zero', () => false);
+  check(await isZero(`dd if=${dev.path} bs=64k skip=100 count=1 iflag=direct status=none`), `${label}: a discarded range reads as zeros through the device`);
+  check(await isZero(`dd if=${img} bs=64k skip=100 count=1 status=none`), `${label}: and in the backing file`);
+}
+
+async function filesystem(dev: UblkDevice, label: string): Promise<void> {
+  const mnt = `${DIR}/mnt`;
+  fs.mkdirSync(mnt, { recursive: true });
+  await sh(`mkfs.ext4 -q -F ${dev.path}`);
+  await sh(`mount ${dev.path} ${mnt}`);
+  await sh(`set -e; cd ${mnt}; for i in $(seq 0 11); do head -c $((4096 + i * 99991)) /dev/urandom > f$i; done; sha256sum f* > ${DIR}/sums; sync`);
+  await sh(`umount ${mnt}`);
+  const fsck = await sh(`fsck.ext4 -n -f ${dev.path} >/dev/null 2>&1 && echo clean`).catch(() => 'dirty');
+  await sh(`mount -o ro ${dev.path} ${mnt}`);
+  const ok = await sh(`cd ${mnt} && sha256sum -c ${DIR}/sums | grep -c ': OK$'`).catch((e) => (e as Error).message);
+  await sh(`umount ${mnt}`);
+  check(fsck.trim() === 'clean' && ok.trim() === '12', `${label}: mkfs.ext4 + mount + 12 files + umount + fsck clean + sha256 (${ok.trim()}/12)`);
+}
+
+async function segmented(transport: 'zero-copy' | 'user-copy'): Promise<void> {
+  const label = `${transport} segmented`;
+  const img = `${DIR}/seg.img`;
+  const MB = 8, SPLIT = 16384, EVERY = 3;
+  const data = crypto.randomBytes(MB << 20);
+  fs.writeFileSync(img, data);
+  const target = FileTarget.open(img, { split: { bytes: SPLIT, zeroEvery: EVERY } });
+  const isZero = (off: number) => Math.floor(off / SPLIT) % EVERY === EVERY - 1;
+  const expected = (file: Buffer, from: number, len: number) => {
+    const out = Buffer.from(file.subarray(from, from + len));
+    for (let o = 0; o < len; o += 512) if (isZero(from + o)) out.fill(0, o, o + 512);
+    return out;
+  };
+  let dev: UblkDevice | undefined;
+  try {
+    dev = await UblkDevice.create({ target, transport, depth: 16 });
+    await sh(`dd if=${dev.path} of=${DIR}/segback bs=1M count=${MB} iflag=direct status=none`);
+    check(fs.readFileSync(`${DIR}/segback`).equals(expected(data, 0, MB << 20)), `${label}: 16 KiB segments, every 3rd a zero segment, read back exactly`);
+    // One 71-sector request starting at sector 29: it crosses 4 segments.
+    await sh(`dd if=${dev.path} of=${DIR}/segu bs=${71 * 512} count=1 skip=${29 * 512} iflag=direct,skip_bytes status=none`);
+    check(fs.readFileSync(`${DIR}/segu`).equals(expected(data, 29 * 512, 71 * 512)), `${label}: a 512-byte-aligned read across segment boundaries`);
+    const w = crypto.randomBytes(1 << 20);
+    fs.writeFileSync(`${DIR}/segw`, w);
+    await sh(`dd if=${DIR}/segw of=${dev.path} bs=64k seek=64 oflag=direct conv=fsync status=none`);
+    const file = fs.readFileSync(img);
+    const wantFile = Buffer.from(data);
+    for (let o = 0; o < w.length; o += 512) if (!isZero((4 << 20) + o)) w.copy(wantFile, (4 << 20) + o, o, o + 512);
+    check(file.equals(wantFile), `${label}: writes land in data segments only (zero segments dropped)`);
+    await sh(`dd if=${dev.path} of=${DIR}/segback bs=1M count=${MB} iflag=direct status=none`);
+    check(fs.readFileSync(`${DIR}/segback`).equals(expected(wantFile, 0, MB << 20)), `${label}: and read back through the device`);
+    const st = dev.stats();
+    check(st.slowIos === 0 && st.fastIos > 0, `${label}: all planned natively (fast ${st.fastIos}, slow ${st.slowIos})`);
+  } catch (e) {
+    check(false, `${label}: ${(e as Error).message}`);
+  } finally {
+    await dev?.delete().catch((e) => check(false, `${label}: delete: ${(e as Error).message}`));
+    target.close();
+  }
+}
+
+(async () => {
+  const t0 = Date.now();
+  const f = ublkOrSkip();
+  if (!f) finish('ublk-data', t0);
+  fs.rmSync(DIR, { recursive: true, force: true });
+  fs.mkdirSync(DIR, { recursive: true });
+  for (const transport of transports(f!)) {
+    for (const slow of [false, true]) {
+      const label = `${transport}${slow ? ' slow-path' : ''}`;
+      const img = `${DIR}/backing.img`;
+      scratchFile(img, SIZE);
+      const target = FileTarget.open(img, { alwaysSlow: slow });
+      let dev: UblkDevice | undefined;
+      try {
+        dev = await UblkDevice.create({ target, transport, depth: 32, queues: 2 });
+        check(dev.transport === transport && fs.existsSync(dev.path), `${label}: ${dev.path} created (${dev.info.createMs.toFixed(1)} ms native)`);
+        await patternRoundTrip(dev, img, 4, label);
+        await unaligned(dev, img, label);
+        if (!smoke) {
+          await patternRoundTrip(dev, img, 32, label);
+          await concurrent(dev, img, label);
+          await flushDiscard(dev, img, label);
+          if (!slow) await filesystem(dev, label);
+        }
+        const st = dev.stats();
+        check(slow ? st.fastIos === 0 && st.slowIos > 0 : st.slowIos === 0 && st.fastIos > 0,
+          `${label}: requests took the ${slow ? 'slow' : 'fast'} path (fast ${st.fastIos}, slow ${st.slowIos})`);
+      } catch (e) {
+        check(false, `${label}: ${(e as Error).message}`);
+      } finally {
+        await dev?.delete().catch((e) => check(false, `${label}: delete: ${(e as Error).message}`));
+        target.close();
+      }
+    }
+  }
+  for (const transport of transports(f!)) await segmented(transport);
+  if (!smoke) skip('mkfs/mount on the slow path (fast path only, to keep the lane short)');
+  finish('ublk-data', t0);
+})().catch((e) => { console.error(e); process.exit(1); });

@@ -1,0 +1,75 @@
+// Shared bits of the in-VM ublk tests (test/vm/ublk-*.ts): checks, shell
+// commands run asynchronously (this process serves the device: a synchronous
+// child would deadlock on the slow path), and which transports to cover.
+import * as fs from 'fs';
+import { execFile } from 'child_process';
+import { features, type UblkFeatures } from '../../src/ublk';
+
+export let passed = 0, failed = 0, skipped = 0;
+export function check(ok: boolean, what: string): boolean {
+  if (ok) { passed++; console.log(`ok   ${what}`); } else { failed++; console.log(`FAIL ${what}`); }
+  return ok;
+}
+export function skip(what: string): void { skipped++; console.log(`SKIP: ${what}`); }
+
+export const sh = (cmd: string, timeoutMs = 300_000) => new Promise<string>((res, rej) =>
+  execFile('sh', ['-c', cmd], { timeout: timeoutMs, maxBuffer: 1 << 24 }, (e, out, err) =>
+    (e ? rej(new Error(`${cmd}: ${(err || e.message).trim()}`)) : res(out))));
+
+export const kernel = () => fs.readFileSync('/proc/sys/kernel/osrelease', 'utf8').trim();
+
+/** ublk features, or null after printing why the test cannot run. */
+export function ublkOrSkip(): UblkFeatures | null {
+  try {
+    return features();
+  } catch (e) {
+    skip(`ublk unavailable here: ${(e as Error).message}`);
+    return null;
+  }
+}
+
+/** Every transport this kernel offers (7.3: both; 6.12: user-copy). */
+export function transports(f: UblkFeatures): Array<'zero-copy' | 'user-copy'> {
+  const out: Array<'zero-copy' | 'user-copy'> = [];
+  if (f.zeroCopy) out.push('zero-copy');
+  if (f.userCopy) out.push('user-copy');
+  return out;
+}
+
+export function scratchFile(path: string, bytes: number): void {
+  fs.writeFileSync(path, Buffer.alloc(0));
+  fs.truncateSync(path, bytes);
+}
+
+export const fdCount = () => fs.readdirSync('/proc/self/fd').length;
+const comms = () => fs.readdirSync('/proc/self/task').map((t) => {
+  try { return fs.readFileSync(`/proc/self/task/${t}/comm`, 'utf8').trim(); } catch { return ''; }
+});
+/**
+ * Threads of this process, without io_uring's kernel workers (iou-wrk-*):
+ * those belong to rings used from libuv threads (the control ring) and
+ * linger until their idle timeout.
+ */
+export const threadCount = () => comms().filter((c) => c !== '' && !c.startsWith('iou-')).length;
+export const iouWorkers = () => comms().filter((c) => c.startsWith('iou-')).length;
+export const ublkDevices = () => (fs.existsSync('/sys/class/ublk-char-dev') ? fs.readdirSync('/sys/class/ublk-char-dev') : []);
+
+export function pct(xs: number[], p: number): number {
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))];
+}
+
+export async function waitFor(cond: () => boolean, ms: number): Promise<boolean> {
+  const end = Date.now() + ms;
+  while (Date.now() < end) {
+    if (cond()) return true;
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  return cond();
+}
+
+export function finish(name: string, t0: number): never {
+  console.log(`${name} on ${kernel()}: ${((Date.now() - t0) / 1000).toFixed(1)} s`);
+  console.log(`${passed} passed, ${failed} failed, ${skipped} skipped`);
+  process.exit(failed ? 1 : 0);
+}
