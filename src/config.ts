@@ -20,6 +20,7 @@ export const SETTINGS: Setting[] = [
   { key: 'apiToken', flag: 'api-token', env: 'STRATA_API_TOKEN', kind: 'string', doc: 'bearer token every API request must carry' },
   { key: 'importRoot', flag: 'import-root', env: 'STRATA_IMPORT_ROOT', kind: 'string', doc: 'API imports only from inside this directory' },
   { key: 'frontend', flag: 'frontend', env: 'STRATA_FRONTEND', kind: 'frontend', doc: 'default device frontend: auto (ublk when usable, else nbd), nbd or ublk' },
+  { key: 'ublkOnStop', flag: 'ublk-on-stop', env: 'STRATA_UBLK_ON_STOP', kind: 'string', doc: 'ublk devices at shutdown: keep (recoverable by the next start) or remove; default keep' },
   { key: 'maxDevices', flag: 'max-devices', env: 'STRATA_MAX_DEVICES', kind: 'int', doc: 'most devices at once; default 1024' },
   { key: 'cacheMaxMiB', flag: 'cache-max-mib', env: 'STRATA_CACHE_MAX_MIB', kind: 'int', doc: 'template cache size limit in MiB (0: none); default 0' },
   { key: 'cacheMinFreeMiB', flag: 'cache-min-free-mib', env: 'STRATA_CACHE_MIN_FREE_MIB', kind: 'int', doc: 'evict cached template data while the cache disk has less free space; default 1024' },
@@ -31,7 +32,7 @@ export interface Config {
   data: string; store: string; nbdSocket: string; nbdPort?: number; nbdHost: string;
   apiSocket: string; apiPort?: number; apiHost: string; apiToken?: string; importRoot?: string;
   frontend: 'auto' | 'nbd' | 'ublk'; maxDevices: number; import?: string; configFile?: string;
-  cacheMaxBytes: number; cacheMinFreeBytes: number; sharedCache?: string;
+  cacheMaxBytes: number; cacheMinFreeBytes: number; sharedCache?: string; ublkOnStop: 'keep' | 'remove';
 }
 
 function parse(s: Setting, v: unknown, from: string): unknown {
@@ -79,6 +80,11 @@ export function loadConfig(args: Record<string, unknown>, env: NodeJS.ProcessEnv
     frontend: (raw.frontend ?? 'auto') as Config['frontend'],
     maxDevices: (raw.maxDevices as number | undefined) ?? 1024,
     import: raw.import as string | undefined,
+    ublkOnStop: (() => {
+      const v = String(raw.ublkOnStop ?? 'keep');
+      if (v !== 'keep' && v !== 'remove') throw einval(`ublkOnStop must be keep or remove, got ${JSON.stringify(v)}`);
+      return v;
+    })(),
     sharedCache: raw.sharedCache !== undefined ? path.resolve(String(raw.sharedCache)) : undefined,
     cacheMaxBytes: ((raw.cacheMaxMiB as number | undefined) ?? 0) * 1024 * 1024,
     cacheMinFreeBytes: ((raw.cacheMinFreeMiB as number | undefined) ?? 1024) * 1024 * 1024,

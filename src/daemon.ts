@@ -21,6 +21,8 @@ import { routes } from './api/routes';
 import { startApi } from './api/server';
 import { Metrics } from './api/metrics';
 import pino from 'pino';
+import { features as ublkFeatures, type UblkDevice } from './ublk';
+import { serveUblk, recoverUblk } from './ublk-export';
 
 // Structured JSON logs (pino): one line per event, with device / operation ids as fields.
 const logger = pino({ base: { pid: process.pid }, timestamp: pino.stdTimeFunctions.isoTime, formatters: { level: (label) => ({ level: label }) } });
@@ -31,6 +33,23 @@ const USAGE = `usage: node src/server.js [options]   (flags win over environment
 ${settingsHelp()}`;
 
 const VERSION = (() => { try { return JSON.parse(fs.readFileSync(path.join(__dirname, '..', 'package.json'), 'utf8')).version; } catch { return '0'; } })();
+
+/** The ublk frontend when /dev/ublk-control is usable here, and why not otherwise. */
+function ublkFrontend(): { frontend?: Frontends['ublk']; status: string } {
+  let f: ReturnType<typeof ublkFeatures>;
+  try { f = ublkFeatures(); } catch (e) { return { status: `unavailable: ${(e as Error).message}` }; }
+  const wrap = (u: UblkDevice) => ({ id: u.id, path: u.path, detach: () => u.delete(), abandon: () => u.abandon() });
+  return {
+    status: `available (${f.transport})`,
+    frontend: {
+      attach: async (dev) => wrap(await serveUblk(dev)),
+      recover: async (id, dev) => {
+        if (!fs.existsSync(`/sys/class/ublk-char-dev/ublkc${id}`)) return null;
+        return wrap(await recoverUblk(id, dev));
+      },
+    },
+  };
+}
 
 export async function main(argv: string[]): Promise<void> {
   const args = parseArgs(argv);
@@ -43,11 +62,13 @@ export async function main(argv: string[]): Promise<void> {
   });
   let ready = false;
 
+  const ublk = ublkFrontend();
   const frontends: Frontends = {
     // `server` is created below; devices are only dropped once it exists.
     nbd: { socket: cfg.nbdSocket, dropExport: (exp: NbdExport) => server.dropExport(exp) },
+    ublk: ublk.frontend,
   };
-  const devices = new DeviceManager(engine, frontends, cfg.maxDevices);
+  const devices = new DeviceManager(engine, frontends, cfg.maxDevices, cfg.frontend);
   const ops = new Operations((msg, extra) => log('warn', msg, extra));
   const metrics = new Metrics(engine, devices);
   devices.observe = {
@@ -94,10 +115,9 @@ export async function main(argv: string[]): Promise<void> {
   });
   const api = await startApi(router, { socket: cfg.apiSocket, port: cfg.apiPort, host: cfg.apiHost, token: cfg.apiToken },
     (e, what) => log('error', 'api request failed', { what, error: String((e as Error)?.stack ?? e) }));
-  const ublk = fs.existsSync('/dev/ublk-control');
   log('info', 'strata daemon started', {
     version: VERSION, data: cfg.data, store: cfg.store, nbdSocket: cfg.nbdSocket, api: api.address,
-    frontend: cfg.frontend, ublk: ublk ? 'present (frontend not wired yet: devices use nbd)' : 'absent', config: cfg.configFile ?? null,
+    frontend: cfg.frontend, ublk: ublk.status, config: cfg.configFile ?? null,
   });
   if (cfg.import) {
     const r = await engine.importImage(cfg.import);
@@ -125,6 +145,7 @@ export async function main(argv: string[]): Promise<void> {
     await server.close();
     await within(ops.settle(), 60_000, 'running operations');
     await within(devices.flushAll().catch((e) => log('warn', 'flush failed', { error: String(e) })), 30_000, 'flushing devices');
+    await within(devices.releaseUblk(cfg.ublkOnStop).catch((e) => log('warn', 'ublk release failed', { error: String(e) })), 30_000, `ublk devices (${cfg.ublkOnStop})`);
     // Devices are durable: closing the engine suspends them for the next start.
     await within(engine.close(), 30_000, 'closing the engine');
     fs.rmSync(cfg.apiSocket, { force: true });

@@ -144,6 +144,12 @@ export class Device {
   get durable(): boolean { return !!this.opts.durable; }
   get meta(): Record<string, unknown> | undefined { return this.opts.meta; }
 
+  /** Merges into the meta kept in a durable device's manifest (saved at once). */
+  updateMeta(patch: Record<string, unknown>): void {
+    this.opts.meta = { ...this.opts.meta, ...patch };
+    this.saveManifest();
+  }
+
   /** Writes the manifest (durable devices): atomically, fsynced. */
   private saveManifest(): void {
     if (!this.opts.durable || this.closed) return;

@@ -16,7 +16,21 @@ export type Frontend = 'nbd' | 'ublk';
 export interface Frontends {
   nbd: { socket: string; tcp?: { host: string; port: number }; dropExport(exp: NbdExport): void };
   /** Present when ublk works on this host. */
-  ublk?: { attach(dev: Device): Promise<{ path: string; detach(): Promise<void> }> };
+  ublk?: {
+    /** A new /dev/ublkbN for the device (its kernel id is kept in the device's meta). */
+    attach(dev: Device): Promise<UblkAttachment>;
+    /** Takes over the kernel device a previous process left for recovery; null when it is gone. */
+    recover(id: number, dev: Device): Promise<UblkAttachment | null>;
+  };
+}
+
+export interface UblkAttachment {
+  id: number;
+  path: string;
+  /** Removes the kernel device. */
+  detach(): Promise<void>;
+  /** Leaves the kernel device waiting for a new server (USER_RECOVERY). */
+  abandon(): Promise<void>;
 }
 
 export interface ManagedDevice {
@@ -25,7 +39,7 @@ export interface ManagedDevice {
   frontend: Frontend;
   exp: NbdExport;
   created: string;
-  ublk?: { path: string; detach(): Promise<void> };
+  ublk?: UblkAttachment;
 }
 
 export const DEVICE_ID_RE = /^[A-Za-z0-9_-]{1,64}$/;
@@ -37,7 +51,9 @@ export class DeviceManager {
   /** Metrics hooks (lifecycle latency, engine-path request latency). */
   observe = { lifecycle: (_op: 'create' | 'delete', _s: number): void => {}, io: (_op: string, _s: number): void => {} };
 
-  constructor(private readonly engine: Engine, private readonly frontends: Frontends, private readonly maxDevices = 1024) {}
+  constructor(private readonly engine: Engine, private readonly frontends: Frontends, private readonly maxDevices = 1024,
+    /** The frontend of a device created without naming one. */
+    readonly defaultFrontend: Frontend | 'auto' = 'auto') {}
 
   get size(): number { return this.devices.size; }
   get(id: string): ManagedDevice | undefined { return this.devices.get(id); }
@@ -57,7 +73,7 @@ export class DeviceManager {
   }
 
   private async createUntraced(layer: string, opts: { id?: string; frontend?: Frontend | 'auto' }): Promise<ManagedDevice> {
-    const frontend = this.resolveFrontend(opts.frontend ?? 'auto');
+    const frontend = this.resolveFrontend(opts.frontend ?? this.defaultFrontend);
     const id = opts.id ?? randomBytes(6).toString('hex');
     if (!DEVICE_ID_RE.test(id)) throw new StrataError('EINVAL', `invalid device id ${JSON.stringify(id)}`);
     if (this.devices.has(id) || this.pending.has(id)) throw new StrataError('EEXIST', `device ${id} exists`);
@@ -71,6 +87,7 @@ export class DeviceManager {
       const m: ManagedDevice = { id, dev, frontend, exp: this.timed(deviceExport(dev)), created };
       if (frontend === 'ublk') {
         try { m.ublk = await this.frontends.ublk!.attach(dev); } catch (e) { await this.engine.closeDevice(dev); throw e; }
+        dev.updateMeta({ ublkId: m.ublk.id });
       }
       this.devices.set(id, m);
       this.observe.lifecycle('create', (performance.now() - t0) / 1000);
@@ -107,8 +124,13 @@ export class DeviceManager {
         let frontend: Frontend = meta.frontend === 'ublk' ? 'ublk' : 'nbd';
         const m: ManagedDevice = { id, dev, frontend, exp: this.timed(deviceExport(dev)), created: String(meta.created ?? new Date().toISOString()) };
         if (frontend === 'ublk') {
-          if (this.frontends.ublk) m.ublk = await this.frontends.ublk.attach(dev);
-          else frontend = m.frontend = 'nbd'; // ublk gone on this host: still reachable over NBD
+          const u = this.frontends.ublk;
+          if (u) {
+            // The kernel device a previous process left (USER_RECOVERY), else a new one.
+            const old = typeof meta.ublkId === 'number' ? await u.recover(meta.ublkId, dev) : null;
+            m.ublk = old ?? await u.attach(dev);
+            dev.updateMeta({ ublkId: m.ublk.id });
+          } else frontend = m.frontend = 'nbd'; // ublk gone on this host: still reachable over NBD
         }
         this.devices.set(id, m);
         out.push(m);
@@ -131,6 +153,11 @@ export class DeviceManager {
     if (m.ublk) await m.ublk.detach();
     await this.engine.closeDevice(m.dev);
     this.observe.lifecycle('delete', (performance.now() - t0) / 1000);
+  }
+
+  /** Shutdown: ublk devices are left recoverable or removed (devices themselves stay durable). */
+  async releaseUblk(mode: 'keep' | 'remove'): Promise<void> {
+    await Promise.all(this.list().filter((m) => m.ublk).map((m) => (mode === 'keep' ? m.ublk!.abandon() : m.ublk!.detach())));
   }
 
   /** Flushes every device (shutdown). */

@@ -95,7 +95,7 @@ export function routes(ctx: ApiContext): Router {
       id: optional(str(DEVICE_ID_RE, '1-64 characters of [A-Za-z0-9_-]')),
       frontend: optional(oneOf('nbd', 'ublk', 'auto')),
     });
-    const m = await devices.create(b.layer, { id: b.id, frontend: b.frontend ?? 'auto' });
+    const m = await devices.create(b.layer, { id: b.id, frontend: b.frontend });
     return { status: 201, body: devices.describe(m) };
   });
   r.add('GET', '/v1/devices', () => ({ body: devices.list().map((m) => devices.describe(m)) }));

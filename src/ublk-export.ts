@@ -1,0 +1,41 @@
+// Serves a strata Device as /dev/ublkbN: the ublk queue threads plan reads
+// and writes from the device's native target (no JavaScript on the hot
+// path); everything else comes here and goes to the device's methods.
+import * as os from 'os';
+import type { Device } from './device';
+import { UblkDevice, type SlowHandler, type Transport } from './ublk';
+import { StrataError } from './errors';
+
+export interface UblkServeOptions {
+  transport?: Transport | 'auto';
+  queues?: number;
+  depth?: number;
+  /** UBLK_F_USER_RECOVERY: the device outlives this process (see UblkDevice). Default true. */
+  recovery?: boolean | 'reissue' | 'fail-io';
+}
+
+/** The slow path: requests the native planner hands back, answered by the device. */
+export function deviceSlowHandler(dev: Device): SlowHandler {
+  return async (req) => {
+    switch (req.op) {
+      case 'read': return dev.read(req.offset, req.length);
+      case 'write': return dev.write(req.offset, req.data!, { fua: req.fua });
+      case 'flush': return dev.flush();
+      case 'discard': return dev.trim(req.offset, req.length);
+      case 'write-zeroes': return dev.writeZeroes(req.offset, req.length, { fua: req.fua });
+      default: throw new StrataError('ENOTSUP', `ublk op ${req.opcode} is not supported`);
+    }
+  };
+}
+
+export async function serveUblk(dev: Device, opts: UblkServeOptions = {}): Promise<UblkDevice> {
+  return UblkDevice.create({
+    target: dev.nativeTarget(), size: dev.size, queues: opts.queues ?? Math.min(4, os.cpus().length), depth: opts.depth,
+    transport: opts.transport, recovery: opts.recovery ?? true, onSlow: deviceSlowHandler(dev),
+  });
+}
+
+/** Takes over a ublk device whose server died, for a device resumed in this process. */
+export async function recoverUblk(id: number, dev: Device): Promise<UblkDevice> {
+  return UblkDevice.recover(id, { target: dev.nativeTarget(), onSlow: deviceSlowHandler(dev) });
+}
