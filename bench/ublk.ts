@@ -5,6 +5,10 @@
 // One backing file full of random data; fio (libaio, O_DIRECT) against:
 //   ublk-zero-copy  strata UblkDevice on a FileTarget, AUTO_BUF_REG transport (kernel >= 6.16)
 //   ublk-user-copy  the same with the USER_COPY transport
+//   strata-zero-copy / strata-user-copy
+//                   a strata device (the file imported as a layer, its cache
+//                   warmed) served by serveUblk: the engine's DeviceTarget
+//                   plans every request; writes land in the device's overlay
 //   loop            the kernel loop driver on the same file (losetup --direct-io=on)
 // Workloads: 4k randread qd32, 4k randwrite qd32, 128k read qd8, 128k write qd8.
 // Under TCG, user code runs ~17x slower than the kernel, so ratios here are
@@ -16,6 +20,8 @@ import * as fs from 'fs';
 import * as os from 'os';
 import { execFile } from 'child_process';
 import { features, UblkDevice, FileTarget } from '../src/ublk';
+import { Engine, Codec } from '../src/index';
+import { serveUblk } from '../src/ublk-export';
 
 const SECONDS = Number(process.env.STRATA_BENCH_SECONDS || 6);
 const FILE_MB = Number(process.env.STRATA_BENCH_FILE_MB || 256);
@@ -57,7 +63,7 @@ async function fio(dev: string, job: typeof JOBS[number]): Promise<Cell> {
   // Real data: a sparse or fallocated file would serve reads without I/O.
   await sh(`head -c ${FILE_MB << 20} /dev/urandom > ${img}`);
   const kernel = fs.readFileSync('/proc/sys/kernel/osrelease', 'utf8').trim();
-  const want = (process.env.STRATA_BENCH_PEERS || 'ublk-zero-copy,ublk-user-copy,loop').split(',');
+  const want = (process.env.STRATA_BENCH_PEERS || 'ublk-zero-copy,ublk-user-copy,strata-zero-copy,strata-user-copy,loop').split(',');
   const results: Record<string, Record<string, Cell | string>> = {};
   const target = FileTarget.open(img);
   for (const transport of ['zero-copy', 'user-copy'] as const) {
@@ -73,6 +79,27 @@ async function fio(dev: string, job: typeof JOBS[number]): Promise<Cell> {
     await dev.delete();
   }
   target.close();
+  if (want.some((p) => p.startsWith('strata-'))) {
+    const engine = await Engine.open({ store: `${DIR}/store`, cacheDir: `${DIR}/cache` });
+    const layer = (await engine.importImage(img, { codec: Codec.Lz4 })).id;
+    for (const transport of ['zero-copy', 'user-copy'] as const) {
+      const peer = `strata-${transport}`;
+      if (!want.includes(peer)) continue;
+      if (transport === 'zero-copy' && !f.zeroCopy) { results[peer] = { note: 'not offered by this kernel' }; continue; }
+      const d = await engine.openDevice(layer);
+      const dev = await serveUblk(d, { transport, queues: QUEUES, depth: 64 });
+      await sh(`dd if=${dev.path} of=/dev/null bs=1M iflag=direct status=none`); // warm the template cache
+      results[peer] = {};
+      for (const job of JOBS) {
+        results[peer][job.name] = await fio(dev.path, job);
+        process.stderr.write(`${peer} ${job.name}: ${JSON.stringify(results[peer][job.name])}\n`);
+      }
+      results[peer].note = `native planner: ${JSON.stringify(d.nativeStats())}`;
+      await dev.delete();
+      await engine.closeDevice(d);
+    }
+    await engine.close();
+  }
   if (want.includes('loop')) {
     await sh('modprobe loop 2>/dev/null || true');
     const loop = (await sh(`losetup -f --show --direct-io=on ${img}`)).trim();
@@ -95,5 +122,16 @@ async function fio(dev: string, job: typeof JOBS[number]): Promise<Cell> {
     console.log(`| ${job.name} | ${cells.join(' | ')} |`);
   }
   for (const [k, r] of Object.entries(results)) if (typeof r.note === 'string') console.log(`\n${k}: ${r.note}`);
+  // The issue's targets, as ratios measured in this boot.
+  const iops = (peer: string, job: string) => { const c = results[peer]?.[job]; return typeof c === 'object' ? c.iops : NaN; };
+  const ratio = (a: number, b: number) => (Number.isFinite(a / b) ? `${(a / b).toFixed(2)}×` : 'not measured');
+  console.log('\n| target | ratio |\n|---|---|');
+  for (const who of ['ublk', 'strata']) {
+    console.log(`| ${who} zero copy ÷ user copy, 128k read (≥ 1.3×) | ${ratio(iops(`${who}-zero-copy`, '128k read qd8'), iops(`${who}-user-copy`, '128k read qd8'))} |`);
+    console.log(`| ${who} zero copy ÷ user copy, 128k write (≥ 1.3×) | ${ratio(iops(`${who}-zero-copy`, '128k write qd8'), iops(`${who}-user-copy`, '128k write qd8'))} |`);
+    for (const j of ['4k randread qd32', '4k randwrite qd32']) {
+      console.log(`| ${who} zero copy ÷ loop, ${j} (≥ 0.8×) | ${ratio(iops(`${who}-zero-copy`, j), iops('loop', j))} |`);
+    }
+  }
   fs.rmSync(DIR, { recursive: true, force: true });
 })().catch((e) => { console.error(e); process.exit(1); });
