@@ -10,7 +10,7 @@ export interface UblkServeOptions {
   transport?: Transport | 'auto';
   queues?: number;
   depth?: number;
-  /** UBLK_F_USER_RECOVERY: the device outlives this process (see UblkDevice). Default true. */
+  /** UBLK_F_USER_RECOVERY: the device outlives this process (see UblkDevice). Default 'reissue': requests in flight at a crash are re-sent to the recovering server (device writes are idempotent). */
   recovery?: boolean | 'reissue' | 'fail-io';
 }
 
@@ -31,7 +31,7 @@ export function deviceSlowHandler(dev: Device): SlowHandler {
 export async function serveUblk(dev: Device, opts: UblkServeOptions = {}): Promise<UblkDevice> {
   return UblkDevice.create({
     target: dev.nativeTarget(), size: dev.size, queues: opts.queues ?? Math.min(4, os.cpus().length), depth: opts.depth,
-    transport: opts.transport, recovery: opts.recovery ?? true, onSlow: deviceSlowHandler(dev),
+    transport: opts.transport, recovery: opts.recovery ?? 'reissue', onSlow: deviceSlowHandler(dev),
   });
 }
 
