@@ -114,7 +114,8 @@ export async function main(argv: string[]): Promise<void> {
     onSnapshot: (sec, ok, bytes) => { metrics.snapshotSeconds.observe({ result: ok ? 'ok' : 'error' }, sec); metrics.uploadBytes.inc(bytes); },
   });
   const api = await startApi(router, { socket: cfg.apiSocket, port: cfg.apiPort, host: cfg.apiHost, token: cfg.apiToken },
-    (e, what) => log('error', 'api request failed', { what, error: String((e as Error)?.stack ?? e) }));
+    (e, what) => log('error', 'api request failed', { what, error: String((e as Error)?.stack ?? e) }),
+    (entry) => log(entry.status >= 500 ? 'error' : 'info', 'api', entry));
   log('info', 'strata daemon started', {
     version: VERSION, data: cfg.data, store: cfg.store, nbdSocket: cfg.nbdSocket, api: api.address,
     frontend: cfg.frontend, ublk: ublk.status, config: cfg.configFile ?? null,

@@ -70,7 +70,7 @@ else test('API: import, device over NBD, write, snapshot, resume, read back; bad
   try {
     await waitFor(d, /"msg":"strata daemon started"/);
     assert.is(fs.statSync(t.socketPath).mode & 0o777, 0o600);
-    assert.is((await call(t, 'GET', '/v1/health')).json.status, 'ok');
+    assert.is((await call(t, 'GET', '/v1/health', undefined, { 'x-request-id': 'trace-42' })).json.status, 'ok');
     assert.is((await call(t, 'GET', '/v1/ready')).status, 200);
     const spec = await call(t, 'GET', '/v1/openapi.json');
     assert.is(spec.json.openapi, '3.0.3');
@@ -126,6 +126,10 @@ else test('API: import, device over NBD, write, snapshot, resume, read back; bad
     assert.is(missing.status, 1);
     assert.match(missing.stderr, /no device nope/);
     assert.is((await call(t, 'DELETE', `/v1/snapshots/${sid2}`)).status, 409, 'vm1 uses it');
+
+    // Access log lines carry the request id (given or generated).
+    assert.match(d.out(), /"reqId":"trace-42","method":"GET","path":"\/v1\/health","status":200/);
+    assert.match(d.out(), /"reqId":"r[0-9a-z]+","method":"POST","path":"\/v1\/devices","status":201/);
 
     // Prometheus metrics reflect what happened.
     const met = await call(t, 'GET', '/metrics');

@@ -13,12 +13,22 @@ const LOOPBACK = new Set(['127.0.0.1', '::1', 'localhost']);
 
 export function isLoopback(host: string): boolean { return LOOPBACK.has(host) || host.startsWith('127.'); }
 
-export async function startApi(router: Router, listen: ApiListen, log: (e: unknown, what: string) => void): Promise<{ server: http.Server; address: string }> {
+/** One line per request: id (from x-request-id or generated), method, path, status, duration. */
+export type AccessLog = (entry: { reqId: string; method: string; path: string; status: number; ms: number }) => void;
+
+export async function startApi(router: Router, listen: ApiListen, log: (e: unknown, what: string) => void,
+  access: AccessLog = () => {}): Promise<{ server: http.Server; address: string }> {
   if (listen.port !== undefined && !isLoopback(listen.host ?? '127.0.0.1') && !listen.token) {
     throw new Error(`the API may listen on ${listen.host} (beyond loopback) only with a bearer token (--api-token or STRATA_API_TOKEN)`);
   }
   const want = listen.token ? Buffer.from(`Bearer ${listen.token}`) : null;
+  let seq = 0;
   const server = http.createServer((req, res) => {
+    const t0 = performance.now();
+    const given = String(req.headers['x-request-id'] ?? '');
+    const reqId = /^[A-Za-z0-9._-]{1,64}$/.test(given) ? given : `r${(++seq).toString(36)}`;
+    res.setHeader('x-request-id', reqId);
+    res.on('finish', () => access({ reqId, method: req.method ?? '', path: (req.url ?? '').split('?')[0], status: res.statusCode, ms: Math.round((performance.now() - t0) * 10) / 10 }));
     if (want) {
       const got = Buffer.from(String(req.headers.authorization ?? ''));
       if (got.length !== want.length || !timingSafeEqual(got, want)) {
