@@ -63,7 +63,7 @@ async function fio(dev: string, job: typeof JOBS[number]): Promise<Cell> {
   // Real data: a sparse or fallocated file would serve reads without I/O.
   await sh(`head -c ${FILE_MB << 20} /dev/urandom > ${img}`);
   const kernel = fs.readFileSync('/proc/sys/kernel/osrelease', 'utf8').trim();
-  const want = (process.env.STRATA_BENCH_PEERS || 'ublk-zero-copy,ublk-user-copy,strata-zero-copy,strata-user-copy,loop').split(',');
+  const want = (process.env.STRATA_BENCH_PEERS || 'ublk-zero-copy,ublk-user-copy,strata-zero-copy,strata-user-copy,loop,hop').split(',');
   const results: Record<string, Record<string, Cell | string>> = {};
   const target = FileTarget.open(img);
   for (const transport of ['zero-copy', 'user-copy'] as const) {
@@ -77,6 +77,23 @@ async function fio(dev: string, job: typeof JOBS[number]): Promise<Cell> {
       process.stderr.write(`${peer} ${job.name}: ${JSON.stringify(results[peer][job.name])}\n`);
     }
     await dev.delete();
+  }
+  // The thread hop: the same 4 KiB reads at queue depth 1, planned natively
+  // vs every request handed to JavaScript (alwaysSlow) and answered there.
+  const hop: string[] = [];
+  if (want.includes('hop')) {
+    const qd1 = { name: '4k randread qd1', rw: 'randread', bs: '4k', qd: 1 };
+    for (const transport of ['zero-copy', 'user-copy'] as const) {
+      if (transport === 'zero-copy' && !f.zeroCopy) continue;
+      const lat: Record<string, number> = {};
+      for (const alwaysSlow of [false, true]) {
+        const dev = await UblkDevice.create({ target, transport, queues: 1, depth: 64, alwaysSlow });
+        const c = await fio(dev.path, qd1);
+        lat[alwaysSlow ? 'slow' : 'fast'] = 1e6 / c.iops;
+        await dev.delete();
+      }
+      hop.push(`| ${transport} | ${lat.fast.toFixed(1)} µs | ${lat.slow.toFixed(1)} µs | ${(lat.slow - lat.fast).toFixed(1)} µs |`);
+    }
   }
   target.close();
   if (want.some((p) => p.startsWith('strata-'))) {
@@ -121,7 +138,12 @@ async function fio(dev: string, job: typeof JOBS[number]): Promise<Cell> {
     });
     console.log(`| ${job.name} | ${cells.join(' | ')} |`);
   }
-  for (const [k, r] of Object.entries(results)) if (typeof r.note === 'string') console.log(`\n${k}: ${r.note}`);
+  for (const [k, r] of Object.entries(results)) if (k !== 'hop' && typeof r.note === 'string') console.log(`\n${k}: ${r.note}`);
+  if (hop.length) {
+    console.log('\n4 KiB reads at queue depth 1, mean time per request: served by the native planner vs handed to JavaScript (the slow path: a thread-safe-function hop, the JS handler, the reply back to the queue thread)\n');
+    console.log('| transport | native | via JavaScript | hop cost |\n|---|---|---|---|');
+    for (const l of hop) console.log(l);
+  }
   // The issue's targets, as ratios measured in this boot.
   const iops = (peer: string, job: string) => { const c = results[peer]?.[job]; return typeof c === 'object' ? c.iops : NaN; };
   const ratio = (a: number, b: number) => (Number.isFinite(a / b) ? `${(a / b).toFixed(2)}×` : 'not measured');
