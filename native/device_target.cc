@@ -80,7 +80,11 @@ bool DeviceTarget::plan(TOp op, uint64_t off, uint32_t len, Plan& p) {
     slowPlans.fetch_add(1, std::memory_order_relaxed);
     return false;
   }
-  lockStripes(off, len, w);
+  if (!lockStripes(off, len, w)) {
+    mine.fetch_sub(1);
+    slowPlans.fetch_add(1, std::memory_order_relaxed);
+    return false;
+  }
   p.op = op;
   p.nseg = 0;
   p.a = off;
@@ -184,20 +188,29 @@ bool DeviceTarget::planBase(const DeviceView& v, uint64_t pos, uint64_t end, Pla
   return pos >= end;
 }
 
-// Stripes are taken in ascending order (no deadlock); a request covering
-// more than kStripes stripes takes each stripe once.
-void DeviceTarget::lockStripes(uint64_t off, uint32_t len, bool excl) {
+// Stripes are only ever *tried*: a frontend may hold a plan across
+// asynchronous I/O (ublk queues submit to io_uring and finish when they reap
+// the completion on the same thread), so blocking here on a stripe that
+// thread itself holds would deadlock it. A request that meets a busy stripe
+// takes the slow path instead. Indexes wrap around kStripes: each is taken
+// once; a request covering them all takes all of them.
+bool DeviceTarget::lockStripes(uint64_t off, uint32_t len, bool excl) {
   const uint64_t s0 = off >> kStripeShift, s1 = (off + len - 1) >> kStripeShift;
-  if (s1 - s0 + 1 >= kStripes) {
-    for (int s = 0; s < kStripes; s++) excl ? pthread_rwlock_wrlock(&stripes_[s]) : pthread_rwlock_rdlock(&stripes_[s]);
-    return;
-  }
-  // The stripe indexes wrap around kStripes: sort so the order is global.
   int idx[kStripes];
   int n = 0;
-  for (uint64_t s = s0; s <= s1; s++) idx[n++] = static_cast<int>(s % kStripes);
-  std::sort(idx, idx + n);
-  for (int k = 0; k < n; k++) excl ? pthread_rwlock_wrlock(&stripes_[idx[k]]) : pthread_rwlock_rdlock(&stripes_[idx[k]]);
+  if (s1 - s0 + 1 >= kStripes) {
+    for (int s = 0; s < kStripes; s++) idx[n++] = s;
+  } else {
+    for (uint64_t s = s0; s <= s1; s++) idx[n++] = static_cast<int>(s % kStripes);
+  }
+  for (int k = 0; k < n; k++) {
+    const int r = excl ? pthread_rwlock_trywrlock(&stripes_[idx[k]]) : pthread_rwlock_tryrdlock(&stripes_[idx[k]]);
+    if (r != 0) {
+      for (int j = 0; j < k; j++) pthread_rwlock_unlock(&stripes_[idx[j]]);
+      return false;
+    }
+  }
+  return true;
 }
 
 void DeviceTarget::unlockStripes(uint64_t off, uint32_t len) {

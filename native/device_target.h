@@ -8,6 +8,8 @@
 // native request runs (natives fall back to the slow path), and JS waits for
 // the natives in flight to finish before it proceeds. JS readers only keep
 // native *writers* out. Native requests exclude each other per 64 KiB stripe
+// (try-locks only: a ublk queue holds a plan across asynchronous I/O on its
+// own thread, so a busy stripe sends the request to the slow path instead)
 // (a read never sees half of a concurrent write, H1).
 #pragma once
 
@@ -63,7 +65,7 @@ class DeviceTarget : public Target {
   bool planRead(const DeviceView& v, uint64_t off, uint32_t len, Plan& p);
   bool planWrite(const DeviceView& v, uint64_t off, uint32_t len, Plan& p);
   bool planBase(const DeviceView& v, uint64_t pos, uint64_t end, Plan& p);
-  void lockStripes(uint64_t off, uint32_t len, bool excl);
+  bool lockStripes(uint64_t off, uint32_t len, bool excl);
   void unlockStripes(uint64_t off, uint32_t len);
   uint8_t state(uint32_t table, uint64_t i) const {
     return __atomic_load_n(heap_ + table + i, __ATOMIC_ACQUIRE);

@@ -70,7 +70,9 @@ const sums = async (mnt: string) => (await sh(`cd ${mnt} && find . -type f ! -pa
     const a = await api('POST', '/v1/devices', { layer: tpl, id: 'vm1' });
     check(a.status === 201 && a.json.frontend === 'ublk' && /^\/dev\/ublkb\d+$/.test(a.json.path), `frontend auto is ublk: ${JSON.stringify(a.json.path)}`);
     const dev = a.json.path as string;
-    await sh(`mkfs.ext4 -q -F ${dev} && mount ${dev} ${mnt} && mkdir ${mnt}/d && for i in 1 2 3 4; do head -c $((200000 * i)) /dev/urandom > ${mnt}/d/f$i; done && sync`);
+    await sh(`timeout 120 mkfs.ext4 -q -F ${dev}`, 150_000);
+    check(true, 'mkfs.ext4 on the ublk device');
+    await sh(`mount ${dev} ${mnt} && mkdir ${mnt}/d && for i in 1 2 3 4; do head -c $((200000 * i)) /dev/urandom > ${mnt}/d/f$i; done && sync`, 150_000);
     const before = await sums(mnt);
     await sh(`umount ${mnt}`);
     const snap = await op((await api('POST', '/v1/devices/vm1/snapshots')).json.id);
