@@ -7,10 +7,10 @@
 // engine-side request, with a gate: while JS holds the gate as a writer no
 // native request runs (natives fall back to the slow path), and JS waits for
 // the natives in flight to finish before it proceeds. JS readers only keep
-// native *writers* out. Native requests exclude each other per 64 KiB stripe
-// (try-locks only: a ublk queue holds a plan across asynchronous I/O on its
-// own thread, so a busy stripe sends the request to the slow path instead)
-// (a read never sees half of a concurrent write, H1).
+// native *writers* out. Native requests exclude each other per 64 KiB stripe,
+// so a read never sees half of a concurrent write (H1); stripes are only
+// try-locked (a ublk queue holds a plan across asynchronous I/O on its own
+// thread), and a busy stripe sends the request to the slow path.
 #pragma once
 
 #include <pthread.h>
