@@ -21,7 +21,7 @@ import { routes } from './api/routes';
 import { startApi } from './api/server';
 import { Metrics } from './api/metrics';
 import pino from 'pino';
-import { features as ublkFeatures, type UblkDevice } from './ublk';
+import { features as ublkFeatures, kernelDeviceExists, type UblkDevice } from './ublk';
 import { serveUblk, recoverUblk } from './ublk-export';
 
 // Structured JSON logs (pino): one line per event, with device / operation ids as fields.
@@ -44,7 +44,7 @@ function ublkFrontend(): { frontend?: Frontends['ublk']; status: string } {
     frontend: {
       attach: async (dev) => wrap(await serveUblk(dev)),
       recover: async (id, dev) => {
-        if (!fs.existsSync(`/sys/class/ublk-char-dev/ublkc${id}`)) return null;
+        if (!kernelDeviceExists(id)) return null;
         return wrap(await recoverUblk(id, dev));
       },
     },

@@ -1,4 +1,5 @@
 // What the running kernel's ublk driver offers (UBLK_U_CMD_GET_FEATURES).
+import * as fs from 'fs';
 import { ublkAddon } from './native';
 import { fromNative } from './errors';
 
@@ -30,3 +31,16 @@ export function features(): UblkFeatures {
     transport: zeroCopy ? 'zero-copy' : userCopy ? 'user-copy' : null,
   };
 }
+
+// The kernel's ublk character devices (class "ublk-char": ublkc0, ublkc1, ...).
+const UBLK_CLASS = '/sys/class/ublk-char';
+
+/** Ids of the ublk devices the kernel has now (whoever serves them). */
+export function kernelDevices(): number[] {
+  let names: string[];
+  try { names = fs.readdirSync(UBLK_CLASS); } catch { return []; }
+  return names.map((n) => /^ublkc(\d+)$/.exec(n)).filter((m): m is RegExpExecArray => !!m).map((m) => Number(m[1]));
+}
+
+/** Whether kernel ublk device `id` exists. */
+export function kernelDeviceExists(id: number): boolean { return fs.existsSync(`${UBLK_CLASS}/ublkc${id}`); }

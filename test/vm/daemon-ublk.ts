@@ -9,7 +9,8 @@ import * as fs from 'fs';
 import * as http from 'http';
 import * as path from 'path';
 import { spawn, type ChildProcess } from 'child_process';
-import { check, sh, ublkOrSkip, finish } from './ublk-helpers';
+import { check, sh, ublkOrSkip, finish, waitFor } from './ublk-helpers';
+import { kernelDevices } from '../../src/ublk';
 
 const DIR = '/tmp/strata-vm-daemon-ublk';
 const SERVER = path.join(__dirname, '..', '..', 'src', 'server.js');
@@ -92,10 +93,8 @@ const sums = async (mnt: string) => (await sh(`cd ${mnt} && find . -type f ! -pa
     check(await started(d), 'daemon started again');
     check(/"msg":"devices resumed"/.test(d.out()), 'it resumed its devices');
     const again = await api('GET', '/v1/devices/vm1');
-    // Known gap: the restarted daemon may attach a new kernel device instead
-    // of recovering the old one; the data must be there either way.
-    if (again.json.path === dev) check(true, `vm1 recovered at the same path (${again.json.path})`);
-    else console.log(`NOTE vm1 came back on a new kernel device ${again.json.path}, not recovered at ${dev} (known gap)`);
+    check(again.json.path === dev, `vm1 recovered at the same path (${again.json.path})`);
+    check(kernelDevices().length === 2, `no stray kernel devices (${kernelDevices().join(',')})`);
     const cur = again.json.path as string;
     const tail = await sh(`dd if=${cur} bs=1M skip=60 count=1 iflag=direct status=none | cmp - ${DIR}/tail.bin && echo same`).catch((e) => (e as Error).message);
     check(tail.trim() === 'same', 'a raw write made just before the stop is there');
@@ -104,7 +103,7 @@ const sums = async (mnt: string) => (await sh(`cd ${mnt} && find . -type f ! -pa
     await sh(`umount ${mnt}`);
     check((await api('DELETE', '/v1/devices/vm1')).status === 204, 'DELETE vm1');
     check((await api('DELETE', '/v1/devices/vm2')).status === 204, 'DELETE vm2');
-    check(!fs.existsSync(dev) || (await sh(`ls /sys/class/ublk-char-dev`).catch(() => '')).trim() === '', 'kernel devices removed');
+    check(await waitFor(() => kernelDevices().length === 0, 10_000), `kernel devices removed (${kernelDevices().join(',') || 'none'})`);
   } catch (e) {
     check(false, (e as Error).message);
     console.log(d.out().slice(-2000));

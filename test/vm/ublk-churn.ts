@@ -1,6 +1,6 @@
 // Runs INSIDE the kernel test VM: create/destroy cycles of a ublk device on
 // one FileTarget. Asserts nothing leaks — fds (/proc/self/fd), threads
-// (/proc/self/task), kernel devices (/sys/class/ublk-char-dev) — and prints
+// (/proc/self/task), kernel devices (/sys/class/ublk-char) — and prints
 // create/delete p50/p99 next to `losetup` attach/detach measured in the same VM.
 // STRATA_UBLK_CYCLES (default 100) sets the cycle count.
 import * as fs from 'fs';

@@ -3,7 +3,7 @@
 // child would deadlock on the slow path), and which transports to cover.
 import * as fs from 'fs';
 import { execFile } from 'child_process';
-import { features, type UblkFeatures } from '../../src/ublk';
+import { features, kernelDevices, type UblkFeatures } from '../../src/ublk';
 
 export let passed = 0, failed = 0, skipped = 0;
 export function check(ok: boolean, what: string): boolean {
@@ -52,7 +52,8 @@ const comms = () => fs.readdirSync('/proc/self/task').map((t) => {
  */
 export const threadCount = () => comms().filter((c) => c !== '' && !c.startsWith('iou-')).length;
 export const iouWorkers = () => comms().filter((c) => c.startsWith('iou-')).length;
-export const ublkDevices = () => (fs.existsSync('/sys/class/ublk-char-dev') ? fs.readdirSync('/sys/class/ublk-char-dev') : []);
+/** Kernel ublk devices now, as their char device names (ublkcN). */
+export const ublkDevices = () => kernelDevices().map((id) => `ublkc${id}`);
 
 export function pct(xs: number[], p: number): number {
   const s = [...xs].sort((a, b) => a - b);
