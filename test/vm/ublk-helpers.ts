@@ -2,7 +2,8 @@
 // commands run asynchronously (this process serves the device: a synchronous
 // child would deadlock on the slow path), and which transports to cover.
 import * as fs from 'fs';
-import { execFile } from 'child_process';
+import * as readline from 'readline';
+import { execFile, spawn, type ChildProcess } from 'child_process';
 import { features, kernelDevices, type UblkFeatures } from '../../src/ublk';
 
 export let passed = 0, failed = 0, skipped = 0;
@@ -73,4 +74,39 @@ export function finish(name: string, t0: number): never {
   console.log(`${name} on ${kernel()}: ${((Date.now() - t0) / 1000).toFixed(1)} s`);
   console.log(`${passed} passed, ${failed} failed, ${skipped} skipped`);
   process.exit(failed ? 1 : 0);
+}
+
+/**
+ * Runs `script --serve ...args` as a child that creates a device, prints
+ * `ID <n>` and serves until killed (see serveUntilKilled). Resolves with the
+ * child and the device id (NaN if the child said something else: `line`).
+ */
+export async function startServer(script: string, args: string[]): Promise<{ child: ChildProcess; id: number; line: string }> {
+  const child = spawn(process.execPath, ['-r', 'tsx/cjs', script, '--serve', ...args], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const line = await new Promise<string>((res) => {
+    const rl = readline.createInterface({ input: child.stdout! });
+    rl.once('line', res);
+    child.once('close', () => res('closed'));
+  });
+  return { child, id: Number(/^ID (\d+)$/.exec(line)?.[1] ?? NaN), line };
+}
+
+/** The child side of startServer: create the device, report its id, serve until killed. */
+export function serveUntilKilled(create: () => Promise<{ id: number }>): void {
+  create().then((d) => {
+    console.log(`ID ${d.id}`);
+    setInterval(() => undefined, 1 << 30);
+  }, (e) => { console.log(`ERR ${(e as Error).message}`); process.exit(1); });
+}
+
+/**
+ * dd of `src` onto a device in 4 KiB direct writes (thousands of requests,
+ * so a server killed meanwhile dies mid-stream); `exited()` tells whether it
+ * has finished yet.
+ */
+export function startDd(src: string, dst: string): { proc: ChildProcess; done: Promise<number>; exited(): boolean } {
+  const proc = spawn('dd', [`if=${src}`, `of=${dst}`, 'bs=4k', 'oflag=direct', 'status=none'], { stdio: 'ignore' });
+  let ended = false;
+  const done = new Promise<number>((r) => proc.on('close', (c) => { ended = true; r(c ?? -1); }));
+  return { proc, done, exited: () => ended };
 }

@@ -4,20 +4,14 @@
 // device (START_USER_RECOVERY .. END_USER_RECOVERY) and the blocked dd must
 // finish successfully with every byte in place.
 import * as fs from 'fs';
-import * as readline from 'readline';
-import { spawn } from 'child_process';
 import { UblkDevice, FileTarget } from '../../src/ublk';
-import { check, sh, ublkOrSkip, transports, scratchFile, finish, waitFor } from './ublk-helpers';
+import { check, sh, ublkOrSkip, transports, scratchFile, finish, waitFor, startServer, serveUntilKilled, startDd } from './ublk-helpers';
 
 const DIR = '/tmp/strata-vm-ublk-recovery';
 
 if (process.argv[2] === '--serve') {
   // Child: serve until killed.
-  (async () => {
-    const dev = await UblkDevice.create({ target: FileTarget.open(process.argv[3]), transport: process.argv[4] as 'user-copy', recovery: 'reissue', depth: 16 });
-    console.log(`ID ${dev.id}`);
-    setInterval(() => undefined, 1 << 30);
-  })().catch((e) => { console.log(`ERR ${(e as Error).message}`); process.exit(1); });
+  serveUntilKilled(() => UblkDevice.create({ target: FileTarget.open(process.argv[3]), transport: process.argv[4] as 'user-copy', recovery: 'reissue', depth: 16 }));
 } else {
   (async () => {
     const t0 = Date.now();
@@ -30,31 +24,21 @@ if (process.argv[2] === '--serve') {
     for (const transport of transports(f!)) {
       const img = `${DIR}/backing.img`;
       scratchFile(img, 64 << 20);
-      const child = spawn(process.execPath, ['-r', 'tsx/cjs', __filename, '--serve', img, transport], { stdio: ['ignore', 'pipe', 'inherit'] });
-      const line = await new Promise<string>((res) => {
-        const rl = readline.createInterface({ input: child.stdout! });
-        rl.once('line', res);
-        child.once('close', () => res('closed'));
-      });
-      const id = Number(/^ID (\d+)$/.exec(line)?.[1] ?? NaN);
+      const { child, id, line } = await startServer(__filename, [img, transport]);
       if (!check(Number.isInteger(id), `${transport}: server process created a recovery device (${line})`)) continue;
       const path = `/dev/ublkb${id}`;
-      // 4 KiB direct writes: thousands of requests, so the kill lands mid-stream.
-      const dd = spawn('dd', [`if=${DIR}/pat`, `of=${path}`, 'bs=4k', 'oflag=direct', 'status=none'], { stdio: 'ignore' });
-      const ddDone = new Promise<number>((r) => dd.on('close', (c) => r(c ?? -1)));
-      let ddExited = false;
-      void ddDone.then(() => { ddExited = true; });
+      const dd = startDd(`${DIR}/pat`, path);
       await waitFor(() => fs.statSync(img).blocks * 512 > (2 << 20), 60_000);
       child.kill('SIGKILL');
       await new Promise((r) => child.once('close', r));
-      check(!ddExited, `${transport}: server killed with SIGKILL while dd was still writing`);
+      check(!dd.exited(), `${transport}: server killed with SIGKILL while dd was still writing`);
       check(fs.existsSync(path), `${transport}: ${path} survives its server`);
       const t = Date.now();
       let dev: UblkDevice | undefined;
       try {
         dev = await UblkDevice.recover(id, { target: FileTarget.open(img) });
         check(dev.id === id && dev.transport === transport, `${transport}: recovered device ${id} in ${Date.now() - t} ms`);
-        const code = await Promise.race([ddDone, new Promise<number>((r) => setTimeout(() => r(-2), 120_000))]);
+        const code = await Promise.race([dd.done, new Promise<number>((r) => setTimeout(() => r(-2), 120_000))]);
         check(code === 0, `${transport}: the interrupted dd completed successfully after recovery (exit ${code})`);
         const same = await sh(`cmp -n ${MIB << 20} ${DIR}/pat ${img} && echo same`).catch((e) => (e as Error).message);
         check(same.trim() === 'same', `${transport}: all ${MIB} MiB written across the crash are in place`);
@@ -62,7 +46,7 @@ if (process.argv[2] === '--serve') {
         check(via.trim() === 'same', `${transport}: and read back through the recovered device`);
       } catch (e) {
         check(false, `${transport}: recovery: ${(e as Error).message}`);
-        dd.kill('SIGKILL');
+        dd.proc.kill('SIGKILL');
       } finally {
         await dev?.delete().catch((e) => check(false, `delete: ${(e as Error).message}`));
       }

@@ -7,12 +7,10 @@
 //     another process resumes the device and recovers the ublk device, dd
 //     completes and every byte is in place.
 import * as fs from 'fs';
-import * as readline from 'readline';
-import { spawn } from 'child_process';
 import { Engine, Codec } from '../../src/index';
 import { serveUblk, recoverUblk } from '../../src/ublk-export';
 import type { UblkDevice, Transport } from '../../src/ublk';
-import { check, sh, ublkOrSkip, transports, finish, waitFor, skip } from './ublk-helpers';
+import { check, sh, ublkOrSkip, transports, finish, waitFor, skip, startServer, serveUntilKilled, startDd } from './ublk-helpers';
 
 const DIR = '/tmp/strata-vm-ublk-strata';
 const SMOKE = process.env.STRATA_UBLK_SMOKE === '1';
@@ -62,31 +60,22 @@ async function fsAndSnapshot(transport: Transport, template: string): Promise<vo
 async function crashRecovery(transport: Transport, template: string): Promise<void> {
   const MIB = 16;
   const cache = `${DIR}/cache-rec-${transport}`;
-  const child = spawn(process.execPath, ['-r', 'tsx/cjs', __filename, '--serve', template, transport, cache], { stdio: ['ignore', 'pipe', 'inherit'] });
-  const line = await new Promise<string>((res) => {
-    const rl = readline.createInterface({ input: child.stdout! });
-    rl.once('line', res);
-    child.once('close', () => res('closed'));
-  });
-  const id = Number(/^ID (\d+)$/.exec(line)?.[1] ?? NaN);
+  const { child, id, line } = await startServer(__filename, [template, transport, cache]);
   if (!check(Number.isInteger(id), `${transport}: a server process serves a durable strata device with recovery (${line})`)) return;
   const path = `/dev/ublkb${id}`;
-  const dd = spawn('dd', [`if=${DIR}/pat`, `of=${path}`, 'bs=4k', 'oflag=direct', 'status=none'], { stdio: 'ignore' });
-  const ddDone = new Promise<number>((r) => dd.on('close', (c) => r(c ?? -1)));
-  let ddExited = false;
-  void ddDone.then(() => { ddExited = true; });
+  const dd = startDd(`${DIR}/pat`, path);
   // Kill once a good part of the data went through the overlay.
   await waitFor(() => { try { return fs.statSync(`${cache}/devices/crash.0.overlay`).blocks * 512 > (3 << 20); } catch { return false; } }, 120_000);
   child.kill('SIGKILL');
   await new Promise((r) => child.once('close', r));
-  check(!ddExited, `${transport}: server killed with SIGKILL while dd was still writing`);
+  check(!dd.exited(), `${transport}: server killed with SIGKILL while dd was still writing`);
   const engine = await Engine.open({ store: `${DIR}/store`, cacheDir: cache });
   let u: UblkDevice | undefined;
   try {
     const dev = await engine.resumeDevice('crash');
     u = await recoverUblk(id, dev);
     check(u.id === id, `${transport}: this process resumed the device and recovered ${path}`);
-    const code = await Promise.race([ddDone, new Promise<number>((r) => setTimeout(() => r(-2), 180_000))]);
+    const code = await Promise.race([dd.done, new Promise<number>((r) => setTimeout(() => r(-2), 180_000))]);
     check(code === 0, `${transport}: the interrupted dd completed after recovery (exit ${code})`);
     const same = await sh(`dd if=${path} bs=1M count=${MIB} iflag=direct status=none | cmp - ${DIR}/pat && echo same`).catch((e) => (e as Error).message);
     check(same.trim() === 'same', `${transport}: all ${MIB} MiB written across the crash read back`);
@@ -94,7 +83,7 @@ async function crashRecovery(transport: Transport, template: string): Promise<vo
     check(viaEngine.equals(fs.readFileSync(`${DIR}/pat`)), `${transport}: and the engine's device holds them`);
   } catch (e) {
     check(false, `${transport}: recovery: ${(e as Error).message}`);
-    dd.kill('SIGKILL');
+    dd.proc.kill('SIGKILL');
   } finally {
     await u?.delete().catch(() => undefined);
     await engine.close().catch(() => undefined);
@@ -102,14 +91,12 @@ async function crashRecovery(transport: Transport, template: string): Promise<vo
 }
 
 if (process.argv[2] === '--serve') {
-  (async () => {
+  serveUntilKilled(async () => {
     const [template, transport, cache] = process.argv.slice(3);
     const engine = await Engine.open({ store: `${DIR}/store`, cacheDir: cache });
     const dev = await engine.openDevice(template, { id: 'crash', durable: true });
-    const u = await serveUblk(dev, { transport: transport as Transport, recovery: 'reissue', depth: 16, queues: 1 });
-    console.log(`ID ${u.id}`);
-    setInterval(() => undefined, 1 << 30);
-  })().catch((e) => { console.log(`ERR ${(e as Error).message}`); process.exit(1); });
+    return serveUblk(dev, { transport: transport as Transport, recovery: 'reissue', depth: 16, queues: 1 });
+  });
 } else {
   (async () => {
     const t0 = Date.now();
