@@ -382,9 +382,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
       // A write with a read queued behind it goes to the writer thread, so
       // the read need not wait for the filesystem to allocate the write's
       // blocks; other writes are cheaper done right here (no hand-off).
-      const size_t next = rpos_ + need;
-      const bool readBehind = in_.len - next >= kReqLen && Be16(in_.p + next + 6) == CMD_READ;
-      if (type == CMD_WRITE && readBehind && WriteCandidate(flags, off, len)) {
+      if (type == CMD_WRITE && WriteCandidate(flags, off, len) && ReadAt(rpos_ + need)) {
         WriteJob j{flags, {}, off, len, std::vector<uint8_t>(payload, payload + len)};
         memcpy(j.cookie, h + 8, 8);
         writesPending_++;
@@ -412,8 +410,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
   }
 
   bool Fast(uint16_t type, uint16_t flags, const uint8_t* cookie, uint64_t off, uint32_t len, const uint8_t* payload) {
-    if (!target_ || len == 0 || len > opts_.maxPayload) return false;
-    if (off % opts_.minBlock || len % opts_.minBlock || off > opts_.size || len > opts_.size - off) return false;
+    if (!Plannable(off, len)) return false;
     if (type == CMD_READ) {
       if (flags & ~kFlagDF) return false;
       if (!target_->plan(TOp::Read, off, len, plan_)) return false;
@@ -444,24 +441,36 @@ class Wire : public Napi::ObjectWrap<Wire> {
     if (type == CMD_WRITE) {
       if (flags != 0 || opts_.readOnly) return false;
       if (!target_->plan(TOp::Write, off, len, plan_)) return false;
-      bool ok = true;
-      const uint8_t* src = payload;
-      for (uint32_t i = 0; i < plan_.nseg && ok; i++) {
-        const Seg& s = plan_.seg[i];
-        ok = s.fd >= 0 && WriteAll(s.fd, src, s.len, s.off);
-        src += s.len;
-      }
-      target_->finish(plan_, ok);
-      SimpleReply(cookie, ok ? 0 : kEIO);
-      fast_.fetch_add(1, std::memory_order_relaxed);
+      PutSimple(out_, cookie, WritePlanned(plan_, payload) ? 0 : kEIO);
       return true;
     }
     return false;
   }
 
+  /** A READ/WRITE range the target may plan: non-empty, aligned, inside the device. */
+  bool Plannable(uint64_t off, uint32_t len) const {
+    return target_ && len > 0 && len <= opts_.maxPayload && off % opts_.minBlock == 0 && len % opts_.minBlock == 0 &&
+           off <= opts_.size && len <= opts_.size - off;
+  }
+
   bool WriteCandidate(uint16_t flags, uint64_t off, uint32_t len) const {
-    return target_ && flags == 0 && !opts_.readOnly && len > 0 && len <= opts_.maxPayload && off % opts_.minBlock == 0 &&
-           len % opts_.minBlock == 0 && off <= opts_.size && len <= opts_.size - off;
+    return flags == 0 && !opts_.readOnly && Plannable(off, len);
+  }
+
+  /** Whether a whole READ request header sits at `at` in the input buffer. */
+  bool ReadAt(size_t at) const { return in_.len - at >= kReqLen && Be16(in_.p + at + 6) == CMD_READ; }
+
+  /** Performs a planned write from `src` and finishes the plan; false on an I/O error. */
+  bool WritePlanned(const Plan& plan, const uint8_t* src) {
+    bool ok = true;
+    for (uint32_t i = 0; i < plan.nseg && ok; i++) {
+      const Seg& sg = plan.seg[i];
+      ok = sg.fd >= 0 && WriteAll(sg.fd, src, sg.len, sg.off);
+      src += sg.len;
+    }
+    target_->finish(plan, ok);
+    fast_.fetch_add(1, std::memory_order_relaxed);
+    return ok;
   }
 
   // The writer thread: plans and performs queued WRITEs; replies (whole)
@@ -482,17 +491,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
       for (WriteJob& j : batch) {
         if (destroy_.load()) { done++; doneBytes += j.length; continue; }
         if (!target_->plan(TOp::Write, j.offset, j.length, plan)) { slow.push_back(std::move(j)); continue; }
-        bool ok = true;
-        const uint8_t* src = j.payload.data();
-        for (uint32_t i = 0; i < plan.nseg && ok; i++) {
-          const Seg& sg = plan.seg[i];
-          ok = sg.fd >= 0 && WriteAll(sg.fd, src, sg.len, sg.off);
-          src += sg.len;
-        }
-        target_->finish(plan, ok);
-        uint8_t* h = replies.grow(16);
-        Put32(h, kSimpleMagic); Put32(h + 4, ok ? 0 : kEIO); memcpy(h + 8, j.cookie, 8);
-        fast_.fetch_add(1, std::memory_order_relaxed);
+        PutSimple(replies, j.cookie, WritePlanned(plan, j.payload.data()) ? 0 : kEIO);
         done++;
         doneBytes += j.length;
       }
@@ -529,13 +528,13 @@ class Wire : public Napi::ObjectWrap<Wire> {
     return true;
   }
 
-  void SimpleReply(const uint8_t* cookie, uint32_t err) {
-    uint8_t* h = out_.grow(16);
+  static void PutSimple(ByteBuf& b, const uint8_t* cookie, uint32_t err) {
+    uint8_t* h = b.grow(16);
     Put32(h, kSimpleMagic); Put32(h + 4, err); memcpy(h + 8, cookie, 8);
   }
 
   void ErrorReply(uint16_t type, const uint8_t* cookie, uint32_t err, const char* msg) {
-    if (!opts_.structured || type != CMD_READ) { SimpleReply(cookie, err); return; }
+    if (!opts_.structured || type != CMD_READ) { PutSimple(out_, cookie, err); return; }
     const uint16_t ml = static_cast<uint16_t>(strlen(msg));
     uint8_t* h = out_.grow(20 + 6 + ml);
     Put32(h, kStructuredMagic); Put16(h + 4, kReplyDone); Put16(h + 6, kTypeError);
