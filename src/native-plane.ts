@@ -19,23 +19,31 @@ export class NativePlane {
     this.target = new (loadNative().DeviceTarget)(heap.buffer, size, blockSize);
   }
 
-  /** Runs fn inside the gate. Native requests last one pread/pwrite, so the wait is short. */
+  /** Runs fn inside the gate. Native requests last one I/O each, so the wait is short. */
   async gated<T>(writer: boolean, fn: () => T | Promise<T>): Promise<T> {
-    if (!this.target.enter(writer)) await this.drain(writer);
+    // Entered synchronously when no native request is in flight (fn then
+    // starts in this tick: nativeTarget() publishes its first view that way).
+    const wait = this.enter(writer);
+    if (wait) await wait;
     try { return await fn(); } finally { this.target.exit(writer); }
   }
 
   /** Enters as a writer for good (device closed): natives always take the slow path. */
   async closeGate(): Promise<void> {
-    if (!this.target.enter(true)) await this.drain(true);
+    await this.enter(true);
     this.target.setView(null);
   }
 
   /** Holds the gate as a writer (natives drained and kept out) until the returned function is called. */
   async hold(): Promise<() => void> {
-    if (!this.target.enter(true)) await this.drain(true);
+    await this.enter(true);
     let open = true;
     return () => { if (open) { open = false; this.target.exit(true); } };
+  }
+
+  /** Enters; undefined when already drained, else resolves once the natives are. */
+  private enter(writer: boolean): Promise<void> | undefined {
+    return this.target.enter(writer) ? undefined : this.drain(writer);
   }
 
   /** Publishes a view; call inside gated(true, ...). */
