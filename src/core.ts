@@ -44,6 +44,8 @@ export class Core {
   readonly observe = { fetch: (_seconds: number, _ok: boolean): void => {} };
   /** Called after a frame enters the cache (the engine's evictor checks its limits). */
   onCached: () => void = () => {};
+  /** Awaited before a fetch fills the cache (the engine's evictor makes room first when over its limit). */
+  beforeFetch: () => Promise<void> | undefined = () => undefined;
   private scratch: number;
   private scratchLen = 1 << 20;
 

@@ -42,7 +42,12 @@ export class Engine {
     if (limits.maxBytes || limits.minFreeBytes) {
       this.evictor.start();
       // Size limits are also checked as frames arrive, not only on the timer.
-      if (limits.maxBytes) core.onCached = () => { if (this.evictor.cachedBytes > limits.maxBytes!) void this.evictor.run(); };
+      if (limits.maxBytes) {
+        const over = () => this.evictor.cachedBytes > limits.maxBytes!;
+        core.onCached = () => { if (over()) void this.evictor.run(); };
+        // A fetch into a full cache waits for room: the overshoot stays within the fetches in flight.
+        core.beforeFetch = () => (over() ? this.evictor.run().then(() => undefined) : undefined);
+      }
     }
   }
 

@@ -119,6 +119,8 @@ export class LayerCache {
     // The output buffer is taken first: the bounded bulk arena is what limits
     // how many fetches run at once (and so how much compressed data sits in
     // memory), however many frames a caller asks for (a whole-disk CACHE).
+    const room = c.beforeFetch();
+    if (room) await room;
     const out = await c.bulk.acquire(f.uSize);
     let cPtr = -1;
     try {
