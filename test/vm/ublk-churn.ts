@@ -5,7 +5,7 @@
 // STRATA_UBLK_CYCLES (default 100) sets the cycle count.
 import * as fs from 'fs';
 import { UblkDevice, FileTarget } from '../../src/ublk';
-import { check, sh, ublkOrSkip, transports, scratchFile, finish, fdCount, threadCount, iouWorkers, ublkDevices, pct, waitFor } from './ublk-helpers';
+import { check, sh, transports, scratchFile, finish, fdCount, threadCount, iouWorkers, ublkDevices, pct, waitFor, begin } from './ublk-helpers';
 
 const DIR = '/tmp/strata-vm-ublk-churn';
 const CYCLES = Number(process.env.STRATA_UBLK_CYCLES ?? 100);
@@ -13,16 +13,12 @@ const ms = (t: bigint) => Number(process.hrtime.bigint() - t) / 1e6;
 const fmt = (xs: number[]) => `p50 ${pct(xs, 50).toFixed(1)} ms, p99 ${pct(xs, 99).toFixed(1)} ms`;
 
 (async () => {
-  const t0 = Date.now();
-  const f = ublkOrSkip();
-  if (!f) finish('ublk-churn', t0);
-  fs.rmSync(DIR, { recursive: true, force: true });
-  fs.mkdirSync(DIR, { recursive: true });
+  const { f, t0 } = begin('ublk-churn', DIR);
   const img = `${DIR}/backing.img`;
   scratchFile(img, 64 << 20);
   await sh(`head -c 1048576 /dev/urandom | dd of=${img} conv=notrunc status=none`);
   const target = FileTarget.open(img);
-  for (const transport of transports(f!)) {
+  for (const transport of transports(f)) {
     // Warm-up: libuv's worker pool and lazily loaded modules exist afterwards.
     await (await UblkDevice.create({ target, transport })).delete();
     await waitFor(() => ublkDevices().length === 0, 5000);

@@ -10,7 +10,7 @@
 import * as fs from 'fs';
 import * as crypto from 'crypto';
 import { UblkDevice, FileTarget } from '../../src/ublk';
-import { check, sh, skip, ublkOrSkip, transports, scratchFile, finish } from './ublk-helpers';
+import { check, sh, skip, transports, scratchFile, finish, begin } from './ublk-helpers';
 
 const smoke = process.env.STRATA_UBLK_SMOKE === '1';
 const DIR = '/tmp/strata-vm-ublk';
@@ -119,12 +119,8 @@ async function segmented(transport: 'zero-copy' | 'user-copy'): Promise<void> {
 }
 
 (async () => {
-  const t0 = Date.now();
-  const f = ublkOrSkip();
-  if (!f) finish('ublk-data', t0);
-  fs.rmSync(DIR, { recursive: true, force: true });
-  fs.mkdirSync(DIR, { recursive: true });
-  for (const transport of transports(f!)) {
+  const { f, t0 } = begin('ublk-data', DIR);
+  for (const transport of transports(f)) {
     for (const slow of [false, true]) {
       const label = `${transport}${slow ? ' slow-path' : ''}`;
       const img = `${DIR}/backing.img`;
@@ -153,7 +149,7 @@ async function segmented(transport: 'zero-copy' | 'user-copy'): Promise<void> {
       }
     }
   }
-  for (const transport of transports(f!)) await segmented(transport);
+  for (const transport of transports(f)) await segmented(transport);
   if (!smoke) skip('mkfs/mount on the slow path (fast path only, to keep the lane short)');
   finish('ublk-data', t0);
 })().catch((e) => { console.error(e); process.exit(1); });

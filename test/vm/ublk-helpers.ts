@@ -110,3 +110,16 @@ export function startDd(src: string, dst: string): { proc: ChildProcess; done: P
   const done = new Promise<number>((r) => proc.on('close', (c) => { ended = true; r(c ?? -1); }));
   return { proc, done, exited: () => ended };
 }
+
+/**
+ * Start of an in-VM ublk test: its features (or, without ublk, the skip is
+ * printed and the process ends) and a fresh scratch directory.
+ */
+export function begin(name: string, dir: string): { f: UblkFeatures; t0: number } {
+  const t0 = Date.now();
+  const f = ublkOrSkip();
+  if (!f) finish(name, t0);
+  fs.rmSync(dir, { recursive: true, force: true });
+  fs.mkdirSync(dir, { recursive: true });
+  return { f: f!, t0 };
+}

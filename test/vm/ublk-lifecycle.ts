@@ -8,7 +8,7 @@
 import * as fs from 'fs';
 import { spawn } from 'child_process';
 import { UblkDevice, FileTarget, UblkError } from '../../src/ublk';
-import { check, ublkOrSkip, transports, scratchFile, finish, ublkDevices, waitFor } from './ublk-helpers';
+import { check, transports, scratchFile, finish, ublkDevices, waitFor, begin } from './ublk-helpers';
 
 const DIR = '/tmp/strata-vm-ublk-life';
 
@@ -40,14 +40,10 @@ async function deleteUnderLoad(target: FileTarget, transport: 'zero-copy' | 'use
 }
 
 (async () => {
-  const t0 = Date.now();
-  const f = ublkOrSkip();
-  if (!f) finish('ublk-lifecycle', t0);
-  fs.rmSync(DIR, { recursive: true, force: true });
-  fs.mkdirSync(DIR, { recursive: true });
+  const { f, t0 } = begin('ublk-lifecycle', DIR);
   const img = `${DIR}/backing.img`;
   scratchFile(img, 32 << 20);
-  for (const transport of transports(f!)) {
+  for (const transport of transports(f)) {
     for (const slow of [false, true]) {
       const target = FileTarget.open(img, { alwaysSlow: slow });
       try {

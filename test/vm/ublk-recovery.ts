@@ -5,7 +5,7 @@
 // finish successfully with every byte in place.
 import * as fs from 'fs';
 import { UblkDevice, FileTarget } from '../../src/ublk';
-import { check, sh, ublkOrSkip, transports, scratchFile, finish, waitFor, startServer, serveUntilKilled, startDd } from './ublk-helpers';
+import { check, sh, transports, scratchFile, finish, waitFor, startServer, serveUntilKilled, startDd, begin } from './ublk-helpers';
 
 const DIR = '/tmp/strata-vm-ublk-recovery';
 
@@ -14,14 +14,10 @@ if (process.argv[2] === '--serve') {
   serveUntilKilled(() => UblkDevice.create({ target: FileTarget.open(process.argv[3]), transport: process.argv[4] as 'user-copy', recovery: 'reissue', depth: 16 }));
 } else {
   (async () => {
-    const t0 = Date.now();
-    const f = ublkOrSkip();
-    if (!f) finish('ublk-recovery', t0);
-    fs.rmSync(DIR, { recursive: true, force: true });
-    fs.mkdirSync(DIR, { recursive: true });
+    const { f, t0 } = begin('ublk-recovery', DIR);
     const MIB = 24;
     await sh(`head -c ${MIB << 20} /dev/urandom > ${DIR}/pat`);
-    for (const transport of transports(f!)) {
+    for (const transport of transports(f)) {
       const img = `${DIR}/backing.img`;
       scratchFile(img, 64 << 20);
       const { child, id, line } = await startServer(__filename, [img, transport]);

@@ -10,7 +10,7 @@ import * as fs from 'fs';
 import { Engine, Codec } from '../../src/index';
 import { serveUblk, recoverUblk } from '../../src/ublk-export';
 import type { UblkDevice, Transport } from '../../src/ublk';
-import { check, sh, ublkOrSkip, transports, finish, waitFor, skip, startServer, serveUntilKilled, startDd } from './ublk-helpers';
+import { check, sh, transports, finish, waitFor, skip, startServer, serveUntilKilled, startDd, begin } from './ublk-helpers';
 
 const DIR = '/tmp/strata-vm-ublk-strata';
 const SMOKE = process.env.STRATA_UBLK_SMOKE === '1';
@@ -99,10 +99,7 @@ if (process.argv[2] === '--serve') {
   });
 } else {
   (async () => {
-    const t0 = Date.now();
-    const f = ublkOrSkip();
-    if (!f) finish('ublk-strata', t0);
-    fs.rmSync(DIR, { recursive: true, force: true });
+    const { f, t0 } = begin('ublk-strata', DIR);
     fs.mkdirSync(`${DIR}/tree/etc`, { recursive: true });
     fs.writeFileSync(`${DIR}/tree/etc/hostname`, 'strata-template\n');
     await sh(`cp -r /usr/share/doc/busybox* /usr/share/doc/e2fsprogs ${DIR}/tree/etc/ 2>/dev/null; head -c 2000000 /dev/urandom > ${DIR}/tree/blob`);
@@ -112,7 +109,7 @@ if (process.argv[2] === '--serve') {
     const template = (await e.importImage(`${DIR}/template.img`, { codec: Codec.Lz4 })).id;
     await e.close();
     check(/^[0-9a-f]{32}$/.test(template), `imported an ext4 template ${template}`);
-    for (const transport of transports(f!)) {
+    for (const transport of transports(f)) {
       await fsAndSnapshot(transport, template);
       if (SMOKE) skip(`${transport}: crash recovery (full lane only)`);
       else await crashRecovery(transport, template);
