@@ -81,8 +81,8 @@ async function fio(dev: string, job: typeof JOBS[number]): Promise<Cell> {
   // The thread hop: the same 4 KiB reads at queue depth 1, planned natively
   // vs every request handed to JavaScript (alwaysSlow) and answered there.
   const hop: string[] = [];
+  const qd1 = { name: '4k randread qd1', rw: 'randread', bs: '4k', qd: 1 };
   if (want.includes('hop')) {
-    const qd1 = { name: '4k randread qd1', rw: 'randread', bs: '4k', qd: 1 };
     for (const transport of ['zero-copy', 'user-copy'] as const) {
       if (transport === 'zero-copy' && !f.zeroCopy) continue;
       const lat: Record<string, number> = {};
@@ -125,6 +125,11 @@ async function fio(dev: string, job: typeof JOBS[number]): Promise<Cell> {
     for (const job of JOBS) {
       results.loop[job.name] = await fio(loop, job);
       process.stderr.write(`loop ${job.name}: ${JSON.stringify(results.loop[job.name])}\n`);
+    }
+    if (want.includes('hop')) {
+      // Context for the hop table: what one round trip costs in this VM at all.
+      const c = await fio(loop, qd1);
+      hop.push(`| kernel loop (reference) | ${(1e6 / c.iops).toFixed(1)} µs | — | — |`);
     }
     await sh(`losetup -d ${loop}`);
   }

@@ -7,13 +7,11 @@
 // engine-side request, with a gate: while JS holds the gate as a writer no
 // native request runs (natives fall back to the slow path), and JS waits for
 // the natives in flight to finish before it proceeds. JS readers only keep
-// native *writers* out. Native requests exclude each other per 64 KiB stripe,
+// native *writers* out. Native requests exclude each other per 4 KiB stripe,
 // so a read never sees half of a concurrent write (H1); stripes are only
 // try-locked (a ublk queue holds a plan across asynchronous I/O on its own
 // thread), and a busy stripe sends the request to the slow path.
 #pragma once
-
-#include <pthread.h>
 
 #include <atomic>
 #include <cstdint>
@@ -58,8 +56,22 @@ class DeviceTarget : public Target {
   /** Only while JS holds the gate as a writer (no native request in flight). */
   void setView(std::unique_ptr<DeviceView> v) { view_ = std::move(v); }
 
-  std::atomic<uint64_t> fastReads{0}, fastWrites{0}, slowPlans{0};
+  /** The engine's side of the stripes (try only; block-aligned; ranges over 64 MiB take them all). */
+  bool lockRange(uint64_t off, uint64_t len, bool excl);
+  void unlockRange(uint64_t off, uint64_t len);
+
+  // slowPlans = slowGate (the engine held the gate) + slowBusy (a stripe was
+  // held) + requests the tables cannot place (cold, copy-on-write, ...).
+  std::atomic<uint64_t> fastReads{0}, fastWrites{0}, slowPlans{0}, slowGate{0}, slowBusy{0};
   std::atomic<uint64_t> readBytes{0}, writeBytes{0};
+  // Service time of native requests (plan() to finish(), so it includes the
+  // frontend's I/O), per op: counts per bucket (upper bounds in kLatBoundsNs,
+  // the last one unbounded) and the sum. Two clock reads and two relaxed
+  // adds per request: cheap next to the I/O itself.
+  static constexpr int kLatBuckets = 16;
+  static const uint64_t kLatBoundsNs[kLatBuckets - 1];
+  std::atomic<uint64_t> lat[2][kLatBuckets] = {};
+  std::atomic<uint64_t> latSumNs[2] = {};
 
  private:
   bool planRead(const DeviceView& v, uint64_t off, uint32_t len, Plan& p);
@@ -67,6 +79,7 @@ class DeviceTarget : public Target {
   bool planBase(const DeviceView& v, uint64_t pos, uint64_t end, Plan& p);
   bool lockStripes(uint64_t off, uint32_t len, bool excl);
   void unlockStripes(uint64_t off, uint32_t len);
+  void stripeSpan(uint64_t off, uint32_t len, uint64_t& first, uint64_t& count) const;
   uint8_t state(uint32_t table, uint64_t i) const {
     return __atomic_load_n(heap_ + table + i, __ATOMIC_ACQUIRE);
   }
@@ -76,9 +89,9 @@ class DeviceTarget : public Target {
   uint32_t bs_;
   std::unique_ptr<DeviceView> view_;
   std::atomic<int32_t> jsWriters_{0}, jsReaders_{0}, natReaders_{0}, natWriters_{0};
-  static constexpr int kStripes = 256;
-  static constexpr int kStripeShift = 16;  // 64 KiB
-  pthread_rwlock_t stripes_[kStripes];
+  static constexpr uint64_t kStripes = 16384;  // 64 KiB of counters per device
+  static constexpr int kStripeShift = 12;      // 4 KiB
+  std::unique_ptr<std::atomic<int32_t>[]> stripes_;
 };
 
 }  // namespace strata

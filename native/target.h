@@ -31,7 +31,7 @@ struct Plan {
   uint32_t nseg = 0;
   Seg seg[kMaxSegs];
   // Target-private data carried from plan() to finish().
-  uint64_t a = 0, b = 0;
+  uint64_t a = 0, b = 0, t0 = 0;
 };
 
 class Target {

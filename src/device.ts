@@ -19,7 +19,7 @@ import { einval, StrataError } from './errors';
 import { writeLayer, type BlockRun, type Progress, type WriteLayerStats } from './layer-writer';
 import { NativePlane } from './native-plane';
 import { traced } from './tracing';
-import { loadNative, type NativeDeviceView, type NativeTarget } from './native';
+import { loadNative, type NativeDeviceView, type NativeTarget, type NativeTargetStats } from './native';
 
 const BS = BLOCK_SIZE;
 const SECTOR = 512;
@@ -219,7 +219,7 @@ export class Device {
     const b0 = Math.floor(offset / BS), b1 = Math.ceil((offset + length) / BS);
     const unlock = await this.locks.acquire(b0, b1, false);
     const view = this.pinView();
-    try { return await this.gated(false, () => fn(view, b0, b1)); } finally { this.unpinView(view); unlock(); }
+    try { return await this.striped(b0, b1, false, () => fn(view, b0, b1)); } finally { this.unpinView(view); unlock(); }
   }
 
   /** Blocks [c0, c1) read into a fresh arena buffer (the caller releases it). */
@@ -236,7 +236,7 @@ export class Device {
     const b0 = Math.floor(offset / BS), b1 = Math.ceil((offset + data.length) / BS);
     const unlock = await this.locks.acquire(b0, b1, true);
     try {
-      await this.gated(true, () => this.writeLocked(offset, data.length, data));
+      await this.striped(b0, b1, true, () => this.writeLocked(offset, data.length, data));
       if (opts.fua) await this.syncFiles();
     } finally { unlock(); }
   }
@@ -253,7 +253,7 @@ export class Device {
     const b0 = Math.floor(offset / BS), b1 = Math.ceil((offset + length) / BS);
     const unlock = await this.locks.acquire(b0, b1, true);
     try {
-      await this.gated(true, () => this.zeroLocked(offset, length, opts));
+      await this.striped(b0, b1, true, () => this.zeroLocked(offset, length, opts));
     } finally { unlock(); }
   }
 
@@ -503,13 +503,19 @@ export class Device {
   }
 
   /** Native fast-path counters (zeros while no native frontend is attached). */
-  nativeStats() {
+  nativeStats(): NativeTargetStats {
     return this.plane?.target.stats() ?? { fastReads: 0, fastWrites: 0, slowPlans: 0, readBytes: 0, writeBytes: 0 };
   }
 
   /** Keeps native requests out (waiting for those in flight) until the returned function is called. */
   holdNatives(): Promise<() => void> {
     return this.plane ? this.plane.hold() : Promise.resolve(() => {});
+  }
+
+  /** Runs fn with natives kept off blocks [b0, b1) (engine data requests). */
+  private striped<T>(b0: number, b1: number, exclusive: boolean, fn: () => T | Promise<T>): Promise<T> {
+    if (this.plane) return this.plane.striped(b0 * BS, (b1 - b0) * BS, exclusive, fn);
+    try { return Promise.resolve(fn()); } catch (e) { return Promise.reject(e); }
   }
 
   private gated<T>(writer: boolean, fn: () => T | Promise<T>): Promise<T> {

@@ -9,6 +9,11 @@
 //     read never sees half of a native write (H1).
 // Natives meeting a closed gate take the slow path (the engine) instead of
 // waiting, so the gate never deadlocks against them.
+// Engine reads, writes and zeroing do not close the gate: they take the
+// stripes of their own blocks (striped()), so natives elsewhere on the
+// device keep running. Closing the gate for each of them sent every native
+// request in flight meanwhile to the engine too, which then closed the gate
+// again: under load the device fell back to the slow path for good.
 import { loadNative, type NativeDeviceTarget, type NativeDeviceView } from './native';
 import type { SharedHeap } from './wasm';
 
@@ -26,6 +31,20 @@ export class NativePlane {
     const wait = this.enter(writer);
     if (wait) await wait;
     try { return await fn(); } finally { this.target.exit(writer); }
+  }
+
+  /**
+   * Runs fn holding the stripes of [offset, offset+length): native requests
+   * on those blocks are done and new ones take the slow path until it ends.
+   * Stripes held by natives are released after one I/O; if they keep being
+   * taken, fall back to the whole gate (which new natives cannot pass).
+   */
+  async striped<T>(offset: number, length: number, exclusive: boolean, fn: () => T | Promise<T>): Promise<T> {
+    for (let tries = 0; !this.target.lockRange(offset, length, exclusive); tries++) {
+      if (tries >= 100) return this.gated(exclusive, fn);
+      await new Promise<void>((resolve) => setImmediate(resolve));
+    }
+    try { return await fn(); } finally { this.target.unlockRange(offset, length); }
   }
 
   /** Enters as a writer for good (device closed): natives always take the slow path. */

@@ -80,7 +80,20 @@ export interface NativeDeviceTarget extends NativeTarget {
   exit(writer: boolean): void;
   /** Only with the gate held as a writer; null stops all native planning. */
   setView(v: NativeDeviceView | null): void;
-  stats(): { fastReads: number; fastWrites: number; slowPlans: number; readBytes: number; writeBytes: number };
+  /** Tries to take the stripes of [offset, offset+length) (block-aligned); false when a native request holds one. */
+  lockRange(offset: number, length: number, exclusive: boolean): boolean;
+  unlockRange(offset: number, length: number): void;
+  stats(): NativeTargetStats;
+}
+
+/** Service-time histogram of native requests: counts per bucket (upper bounds in ns; the last bucket is unbounded). */
+export interface NativeLatency { counts: number[]; sumNs: number }
+
+export interface NativeTargetStats {
+  fastReads: number; fastWrites: number; slowPlans: number; readBytes: number; writeBytes: number;
+  /** Of slowPlans: the engine held the device gate / a stripe was busy. */
+  slowGate?: number; slowBusy?: number;
+  latency?: { boundsNs: number[]; read: NativeLatency; write: NativeLatency };
 }
 
 /** One slow-path request handed from a native NBD connection to JS. */

@@ -137,6 +137,11 @@ else test('API: import, device over NBD, write, snapshot, resume, read back; bad
     const metric = (re: RegExp) => Number(re.exec(met.text)?.[1] ?? NaN);
     assert.is(metric(/^strata_devices (\d+)/m), 2);
     assert.ok(metric(/^strata_device_native_write_bytes_total\{device="vm1"\} (\d+)/m) + metric(/^strata_device_engine_write_bytes_total\{device="vm1"\} (\d+)/m) >= img.length, met.text.slice(0, 400));
+    // Native service times form a histogram whose count is the native request count.
+    const nativeWrites = metric(/^strata_device_native_writes_total\{device="vm1"\} (\d+)/m);
+    assert.is(metric(/^strata_device_native_io_seconds_count\{device="vm1",op="write"\} (\d+)/m), nativeWrites);
+    assert.is(metric(/^strata_device_native_io_seconds_bucket\{device="vm1",op="write",le="\+Inf"\} (\d+)/m), nativeWrites);
+    assert.match(met.text, /^# TYPE strata_device_native_io_seconds histogram/m);
     assert.is(metric(/^strata_snapshot_seconds_count\{result="ok"\} (\d+)/m), 2);
     assert.ok(metric(/^strata_upload_bytes_total (\d+)/m) > 0);
     assert.is(metric(/^strata_device_lifecycle_seconds_count\{op="create"\} (\d+)/m), 2);

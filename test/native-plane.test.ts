@@ -12,6 +12,8 @@ import { NbdServer } from '../src/nbd/server';
 import { ExportMap } from '../src/nbd/export';
 import { deviceExport } from '../src/nbd-export';
 import { tmpdir } from './helpers/util';
+import { openStore } from '../src/store/open';
+import type { ObjectStore } from '../src/store/types';
 
 const BS = 4096;
 let f: Fixture;
@@ -35,6 +37,12 @@ test('aligned reads of cached data and writes are served natively; the data is r
   assert.ok(back.data.subarray(6 * BS).equals(f.img.subarray(24 * BS, 26 * BS)));
   const s = d.nativeStats();
   assert.ok(s.fastReads >= 2 && s.fastWrites === 1, JSON.stringify(s));
+  // Every native request lands in its op's service-time histogram.
+  const sum = (xs: number[]) => xs.reduce((a, b) => a + b, 0);
+  assert.is(sum(s.latency!.read.counts), s.fastReads);
+  assert.is(sum(s.latency!.write.counts), s.fastWrites);
+  assert.ok(s.latency!.write.sumNs > 0 && s.latency!.read.sumNs > 0);
+  assert.is(s.latency!.boundsNs.length + 1, s.latency!.read.counts.length);
   // The engine sees what the natives wrote.
   assert.ok((await d.read(20 * BS, 4 * BS)).every((x) => x === 0xab));
   c.close();
@@ -55,6 +63,81 @@ test('a sub-block write over data the overlay lacks goes to the engine (copy-on-
   want.fill(0x6b, 2048, 2560);
   assert.ok(got.equals(want));
   c.close();
+});
+
+test('engine requests exclude natives from their own blocks only (stripes), never the whole device', async () => {
+  const d = await f.addDevice('s');
+  const c = await RawClient.open(f.sock, 's');
+  await c.read(40 * BS, BS); // warm
+  await c.read(90 * BS, BS);
+  const t = d.nativeTarget() as ReturnType<typeof d.nativeTarget> & { lockRange(o: number, l: number, x: boolean): boolean; unlockRange(o: number, l: number): void };
+  // Hold block 40 the way an engine write does.
+  assert.ok(t.lockRange(40 * BS, BS, true));
+  assert.not.ok(t.lockRange(40 * BS + 512, 512, false), 'a held stripe is not taken twice');
+  const s0 = d.nativeStats();
+  const far = await c.read(90 * BS, BS);
+  assert.ok(far.data.equals(f.img.subarray(90 * BS, 91 * BS)));
+  const s1 = d.nativeStats();
+  assert.is(s1.fastReads, s0.fastReads + 1, 'a read elsewhere stays native');
+  // A read of the held block goes to the engine; the engine, unable to take
+  // the stripe, falls back to the whole gate and still answers.
+  const near = await c.read(40 * BS, BS);
+  assert.ok(near.data.equals(f.img.subarray(40 * BS, 41 * BS)));
+  const s2 = d.nativeStats();
+  assert.is(s2.fastReads, s1.fastReads);
+  assert.is(s2.slowBusy, (s1.slowBusy ?? 0) + 1);
+  t.unlockRange(40 * BS, BS);
+  assert.ok(t.lockRange(0, 64 * BS, true), 'every stripe was released');
+  t.unlockRange(0, 64 * BS);
+  c.close();
+});
+
+test('natives keep serving other blocks while an engine write waits on the object store', async () => {
+  // An engine whose store holds every GET until released: a copy-on-write
+  // over a cold frame then stays inside the engine as long as we like.
+  const dir = tmpdir('nplane-stall');
+  const fsStore = openStore(`${f.dir}/store`);
+  let stall: Promise<void> | null = null, release = () => {}, entered = () => {};
+  const inGet = new Promise<void>((r) => { entered = r; });
+  const store: ObjectStore = {
+    ...fsStore,
+    get: async (key, range) => { if (stall && key.includes('data')) { entered(); await stall; } return fsStore.get(key, range); },
+    put: (k, d) => fsStore.put(k, d), head: (k) => fsStore.head(k), list: (p) => fsStore.list(p), delete: (k) => fsStore.delete(k),
+  };
+  const eng = await Engine.open({ store, cacheDir: `${dir}/cache` });
+  try {
+    const d = await eng.openDevice(f.base);
+    const exports = new ExportMap();
+    exports.set('x', deviceExport(d));
+    const srv = new NbdServer({ exports });
+    const sock = await srv.listenUnix(`${dir}/nbd.sock`);
+    const a = await RawClient.open(sock, 'x'), b = await RawClient.open(sock, 'x');
+    await b.read(100 * BS, BS); // fetched: its frame is cached now
+    stall = new Promise<void>((r) => { release = r; });
+    const w = a.write(3000 * BS + 512, Buffer.alloc(512, 0x77)); // cold frame: the engine fetches
+    await inGet;
+    const before = d.nativeStats();
+    // Before stripes, the engine write closed the whole gate: this read went
+    // to the engine and waited behind the stalled write.
+    let timer: NodeJS.Timeout | undefined;
+    const late = new Promise<never>((_, rej) => { timer = setTimeout(() => rej(new Error('the read waited for an unrelated engine write')), 5000); });
+    const r = await Promise.race([b.read(100 * BS, BS), late]).finally(() => clearTimeout(timer));
+    const after = d.nativeStats();
+    assert.ok(r.data.equals(f.img.subarray(100 * BS, 101 * BS)));
+    assert.is(after.fastReads, before.fastReads + 1, 'served natively while the engine write is in flight');
+    assert.is(after.slowGate, before.slowGate);
+    release();
+    assert.is((await w).error, 0);
+    const back = (await b.read(3000 * BS, BS)).data;
+    const want = Buffer.from(f.img.subarray(3000 * BS, 3001 * BS));
+    want.fill(0x77, 512, 1024);
+    assert.ok(back.equals(want));
+    a.close(); b.close();
+    await srv.close();
+  } finally {
+    release();
+    await eng.close();
+  }
 });
 
 test('cold frames go the slow path (fetched once), then are served natively', async () => {

@@ -1,9 +1,9 @@
 // Prometheus metrics for the daemon (prom-client), served at /metrics.
 // Totals the engine already counts are read at scrape time; latencies are
 // observed where they happen (fetches, device create/delete, snapshots,
-// engine-path requests). Requests served by native threads are counted
-// (strata_device_native_*) but not timed: timing them would cost more than
-// serving them.
+// engine-path requests). Requests served by native threads are timed in
+// native code (plan to completion, into fixed buckets) and exported here as a
+// histogram read at scrape time.
 import * as client from 'prom-client';
 import type { Engine } from '../engine';
 import type { DeviceManager } from './devices';
@@ -49,6 +49,7 @@ export class Metrics {
     cache('strata_cache_fetch_bytes_total', 'compressed bytes fetched', 'fetchBytes');
     cache('strata_cache_fetch_errors_total', 'failed or corrupt fetches', 'fetchErrors');
     cache('strata_cache_hits_total', 'frame lookups already cached (engine path)', 'hits');
+    r.registerMetric(nativeLatency(devices) as unknown as client.Metric);
     new client.Gauge({
       name: 'strata_cache_hit_ratio', help: 'cached frame lookups / all lookups (engine path)', registers: [r],
       collect() { const c = engine.stats().cache; const all = c.hits + c.fetches; this.set(all ? c.hits / all : 1); },
@@ -56,4 +57,38 @@ export class Metrics {
   }
 
   text(): Promise<string> { return this.registry.metrics(); }
+}
+
+/**
+ * strata_device_native_io_seconds{device,op}: a Prometheus histogram built
+ * from the native buckets (prom-client's Histogram can only observe, and
+ * observing from JS per native request is what the native counters avoid).
+ */
+function nativeLatency(devices: DeviceManager) {
+  const name = 'strata_device_native_io_seconds';
+  const help = 'service time of requests served by native threads (planned to completed, including the I/O)';
+  type Value = { labels: Record<string, string | number>; value: number; metricName: string };
+  return {
+    name, help, type: 'histogram', aggregator: 'sum',
+    get() {
+      const values: Value[] = [];
+      for (const m of devices.list()) {
+        const lat = m.dev.nativeStats().latency;
+        if (!lat) continue;
+        for (const op of ['read', 'write'] as const) {
+          const side = lat[op];
+          let acc = 0;
+          side.counts.forEach((c, i) => {
+            acc += c;
+            const le = i < lat.boundsNs.length ? lat.boundsNs[i] / 1e9 : '+Inf';
+            values.push({ labels: { device: m.id, op, le }, value: acc, metricName: `${name}_bucket` });
+          });
+          values.push({ labels: { device: m.id, op }, value: side.sumNs / 1e9, metricName: `${name}_sum` });
+          values.push({ labels: { device: m.id, op }, value: acc, metricName: `${name}_count` });
+        }
+      }
+      return { name, help, type: 'histogram', values, aggregator: 'sum' };
+    },
+    reset() {},
+  };
 }
