@@ -224,7 +224,8 @@ class FileTarget : public Target {
 
 // ----------------------------------------------------------------- device
 
-enum Kind : uint8_t { K_CMD = 1, K_TGT, K_ZFILL, K_COPY, K_SLOWIN, K_SLOWOUT, K_EVT, K_MISC };
+// K_LCMD: a COMMIT_AND_FETCH linked behind a request's only target SQE.
+enum Kind : uint8_t { K_CMD = 1, K_TGT, K_ZFILL, K_COPY, K_SLOWIN, K_SLOWOUT, K_EVT, K_MISC, K_LCMD };
 inline uint64_t Ud(uint16_t tag, Kind k, uint8_t seg = 0) {
   return uint64_t(tag) | (uint64_t(k) << 16) | (uint64_t(seg) << 24);
 }
@@ -253,6 +254,7 @@ struct TagState {
   uint32_t len = 0;
   int pending = 0;  // outstanding target SQEs
   int err = 0;
+  bool linked = false;  // its commit is queued behind the target SQE (zero copy, one segment)
   std::atomic<bool> jsOwned{false};
 };
 
@@ -308,7 +310,13 @@ class Queue {
   void Teardown();
   io_uring_sqe* Sqe();
   void ArmEventfd();
-  void QueueFetch(uint16_t tag, uint32_t cmdOp, int32_t result);
+  void QueueFetch(uint16_t tag, uint32_t cmdOp, int32_t result, Kind k = K_CMD);
+  void LinkCommit(io_uring_sqe* target, uint16_t tag);
+  // A link must not straddle two submissions (Sqe() submits when the ring is
+  // full): a chain cut there would commit before the I/O ran.
+  void RoomForLink() {
+    if (io_uring_sq_space_left(&ring_) < 2) io_uring_submit(&ring_);
+  }
   void Commit(uint16_t tag, int32_t result);
   void Handle(io_uring_cqe* cqe);
   void Dispatch(uint16_t tag);
@@ -697,7 +705,7 @@ void Queue::ArmEventfd() {
   io_uring_sqe_set_data64(sqe, Ud(0, K_EVT));
 }
 
-void Queue::QueueFetch(uint16_t tag, uint32_t cmdOp, int32_t result) {
+void Queue::QueueFetch(uint16_t tag, uint32_t cmdOp, int32_t result, Kind k) {
   io_uring_sqe* sqe = Sqe();
   io_uring_prep_rw(IORING_OP_URING_CMD, sqe, 0, nullptr, 0, 0);
   sqe->flags |= IOSQE_FIXED_FILE;
@@ -707,7 +715,22 @@ void Queue::QueueFetch(uint16_t tag, uint32_t cmdOp, int32_t result) {
   sqe->addr = zc_ ? AutoBufReg(tag, 0) : 0;
   IoCmd c{qid_, tag, result, 0};
   memcpy(sqe->cmd, &c, sizeof c);
-  io_uring_sqe_set_data64(sqe, Ud(tag, K_CMD));
+  io_uring_sqe_set_data64(sqe, Ud(tag, k));
+}
+
+// Zero copy, one segment: the commit rides behind the file I/O as a linked
+// SQE, so the kernel completes the block request as soon as the I/O is done
+// instead of after a round trip through this thread. A failed or short I/O
+// breaks the link (the commit is cancelled) and TargetDone commits itself.
+// The plan is still finished on the I/O's own completion; until then its
+// stripes stay held, so a request for the same blocks on another queue
+// takes the slow path rather than reading ahead of the published state.
+// ublk re-issues a linked command that lands on an io-wq worker in the
+// queue's task (IO_URING_F_UNLOCKED), so this holds for punted I/O too.
+void Queue::LinkCommit(io_uring_sqe* target, uint16_t tag) {
+  target->flags |= IOSQE_IO_LINK;
+  tags_[tag].linked = true;
+  QueueFetch(tag, kIoCommitAndFetchReq, int32_t(tags_[tag].len), K_LCMD);
 }
 
 void Queue::Commit(uint16_t tag, int32_t result) {
@@ -761,7 +784,8 @@ void Queue::Handle(io_uring_cqe* cqe) {
     OnEventfd();
     return;
   }
-  if (k == K_CMD) {
+  if (k == K_LCMD && res == -ECANCELED && !stop_.load()) return;  // link broken: TargetDone commits
+  if (k == K_CMD || k == K_LCMD) {
     if (res == kIoResOk) {
       if (stop_.load()) {
         // Torn down without STOP_DEV (error path): fail what still arrives.
@@ -784,6 +808,7 @@ void Queue::Handle(io_uring_cqe* cqe) {
   switch (k) {
     case K_TGT: {
       const Seg& s = t.plan.seg[seg];
+      if (t.linked && res != int(s.len)) t.linked = false;  // the link broke: commit ourselves
       if (res < 0) {
         if (!t.err) t.err = res;
       } else if (uint32_t(res) < s.len) {
@@ -936,6 +961,7 @@ void Queue::StartRead(uint16_t tag) {
     if (s.fd < 0 && !zc_) {
       memset(buf + o, 0, s.len);
     } else {
+      if (zc_ && t.plan.nseg == 1) RoomForLink();
       io_uring_sqe* sqe = Sqe();
       if (zc_) {
         // addr is an offset into the registered request buffer.
@@ -947,6 +973,7 @@ void Queue::StartRead(uint16_t tag) {
       io_uring_sqe_set_data64(sqe, Ud(tag, K_TGT, uint8_t(i)));
       inflight_++;
       t.pending++;
+      if (zc_ && t.plan.nseg == 1) LinkCommit(sqe, tag);
     }
     o += s.len;
   }
@@ -961,6 +988,7 @@ void Queue::StartWrite(uint16_t tag) {
   for (uint32_t i = 0; i < t.plan.nseg; i++) {
     const Seg& s = t.plan.seg[i];
     if (s.fd >= 0) {
+      if (zc_ && t.plan.nseg == 1) RoomForLink();
       io_uring_sqe* sqe = Sqe();
       if (zc_) {
         PrepRw(sqe, IORING_OP_WRITE_FIXED, s.fd, o, s.len, s.off);
@@ -972,6 +1000,7 @@ void Queue::StartWrite(uint16_t tag) {
       io_uring_sqe_set_data64(sqe, Ud(tag, K_TGT, uint8_t(i)));
       inflight_++;
       t.pending++;
+      if (zc_ && t.plan.nseg == 1) LinkCommit(sqe, tag);
     }
     o += s.len;
   }
@@ -983,6 +1012,12 @@ void Queue::TargetDone(uint16_t tag) {
   bool ok = t.err == 0;
   dev_->target->finish(t.plan, ok);
   t.planned = false;
+  if (t.linked) {
+    // Committed by the linked SQE (the I/O succeeded, so the link held).
+    t.linked = false;
+    t.busy = false;
+    return;
+  }
   if (!ok) {
     Commit(tag, t.err);
   } else if (t.op == OP_READ && !zc_) {
