@@ -254,17 +254,29 @@ void DeviceTarget::unlockStripes(uint64_t off, uint32_t len) {
 }
 
 // The engine's own requests take the stripes of their blocks too, so a
-// native request meets only the engine requests on its own range.
+// native request meets only the engine requests on its own range. The span
+// is widened to whole blocks and capped at one turn of the stripes.
+namespace {
+void BlockSpan(uint64_t off, uint64_t len, uint32_t bs, uint64_t cap, uint64_t& a, uint32_t& n) {
+  a = off / bs * bs;
+  n = static_cast<uint32_t>(std::min<uint64_t>((off + len + bs - 1) / bs * bs - a, cap));
+}
+}  // namespace
+
 bool DeviceTarget::lockRange(uint64_t off, uint64_t len, bool excl) {
   if (len == 0) return true;
-  const uint64_t a = off / bs_ * bs_, e = (off + len + bs_ - 1) / bs_ * bs_;
-  return lockStripes(a, static_cast<uint32_t>(std::min<uint64_t>(e - a, kStripes << kStripeShift)), excl);
+  uint64_t a;
+  uint32_t n;
+  BlockSpan(off, len, bs_, kStripes << kStripeShift, a, n);
+  return lockStripes(a, n, excl);
 }
 
 void DeviceTarget::unlockRange(uint64_t off, uint64_t len) {
   if (len == 0) return;
-  const uint64_t a = off / bs_ * bs_, e = (off + len + bs_ - 1) / bs_ * bs_;
-  unlockStripes(a, static_cast<uint32_t>(std::min<uint64_t>(e - a, kStripes << kStripeShift)));
+  uint64_t a;
+  uint32_t n;
+  BlockSpan(off, len, bs_, kStripes << kStripeShift, a, n);
+  unlockStripes(a, n);
 }
 
 // ------------------------------------------------------------------ JS

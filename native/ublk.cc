@@ -314,6 +314,7 @@ class Queue {
   void LinkCommit(io_uring_sqe* target, uint16_t tag);
   // A link must not straddle two submissions (Sqe() submits when the ring is
   // full): a chain cut there would commit before the I/O ran.
+  bool Linkable(const TagState& t) const { return zc_ && t.plan.nseg == 1; }
   void RoomForLink() {
     if (io_uring_sq_space_left(&ring_) < 2) io_uring_submit(&ring_);
   }
@@ -961,7 +962,7 @@ void Queue::StartRead(uint16_t tag) {
     if (s.fd < 0 && !zc_) {
       memset(buf + o, 0, s.len);
     } else {
-      if (zc_ && t.plan.nseg == 1) RoomForLink();
+      if (Linkable(t)) RoomForLink();
       io_uring_sqe* sqe = Sqe();
       if (zc_) {
         // addr is an offset into the registered request buffer.
@@ -973,7 +974,7 @@ void Queue::StartRead(uint16_t tag) {
       io_uring_sqe_set_data64(sqe, Ud(tag, K_TGT, uint8_t(i)));
       inflight_++;
       t.pending++;
-      if (zc_ && t.plan.nseg == 1) LinkCommit(sqe, tag);
+      if (Linkable(t)) LinkCommit(sqe, tag);
     }
     o += s.len;
   }
@@ -988,7 +989,7 @@ void Queue::StartWrite(uint16_t tag) {
   for (uint32_t i = 0; i < t.plan.nseg; i++) {
     const Seg& s = t.plan.seg[i];
     if (s.fd >= 0) {
-      if (zc_ && t.plan.nseg == 1) RoomForLink();
+      if (Linkable(t)) RoomForLink();
       io_uring_sqe* sqe = Sqe();
       if (zc_) {
         PrepRw(sqe, IORING_OP_WRITE_FIXED, s.fd, o, s.len, s.off);
@@ -1000,7 +1001,7 @@ void Queue::StartWrite(uint16_t tag) {
       io_uring_sqe_set_data64(sqe, Ud(tag, K_TGT, uint8_t(i)));
       inflight_++;
       t.pending++;
-      if (zc_ && t.plan.nseg == 1) LinkCommit(sqe, tag);
+      if (Linkable(t)) LinkCommit(sqe, tag);
     }
     o += s.len;
   }

@@ -18,6 +18,15 @@ import type { ObjectStore } from '../src/store/types';
 const BS = 4096;
 let f: Fixture;
 test.before(async () => { f = await nbdFixture('nplane'); });
+
+/** The fixture's base layer as a new device of `eng`, exported as `name` on a socket in `dir`. */
+async function serveFresh(eng: Engine, name: string, dir: string) {
+  const d = await eng.openDevice(f.base);
+  const exports = new ExportMap();
+  exports.set(name, deviceExport(d));
+  const srv = new NbdServer({ exports });
+  return { d, srv, sock: await srv.listenUnix(`${dir}/nbd.sock`) };
+}
 test.after(async () => { await f.close(); });
 
 test('aligned reads of cached data and writes are served natively; the data is right', async () => {
@@ -100,17 +109,12 @@ test('natives keep serving other blocks while an engine write waits on the objec
   let stall: Promise<void> | null = null, release = () => {}, entered = () => {};
   const inGet = new Promise<void>((r) => { entered = r; });
   const store: ObjectStore = {
-    ...fsStore,
     get: async (key, range) => { if (stall && key.includes('data')) { entered(); await stall; } return fsStore.get(key, range); },
     put: (k, d) => fsStore.put(k, d), head: (k) => fsStore.head(k), list: (p) => fsStore.list(p), delete: (k) => fsStore.delete(k),
   };
   const eng = await Engine.open({ store, cacheDir: `${dir}/cache` });
   try {
-    const d = await eng.openDevice(f.base);
-    const exports = new ExportMap();
-    exports.set('x', deviceExport(d));
-    const srv = new NbdServer({ exports });
-    const sock = await srv.listenUnix(`${dir}/nbd.sock`);
+    const { d, srv, sock } = await serveFresh(eng, 'x', dir);
     const a = await RawClient.open(sock, 'x'), b = await RawClient.open(sock, 'x');
     await b.read(100 * BS, BS); // fetched: its frame is cached now
     stall = new Promise<void>((r) => { release = r; });
@@ -144,13 +148,8 @@ test('cold frames go the slow path (fetched once), then are served natively', as
   // A second engine on the same store with its own, empty cache.
   const dir = tmpdir('nplane-cold');
   const eng = await Engine.open({ store: `${f.dir}/store`, cacheDir: `${dir}/cache` });
-  const server = new NbdServer({ exports: new ExportMap() });
   try {
-    const d = await eng.openDevice(f.base);
-    const exports = new ExportMap();
-    exports.set('cold', deviceExport(d));
-    const srv = new NbdServer({ exports });
-    const sock = await srv.listenUnix(`${dir}/nbd.sock`);
+    const { d, srv, sock } = await serveFresh(eng, 'cold', dir);
     const c = await RawClient.open(sock, 'cold');
     const r1 = await c.read(100 * BS, 16 * BS);
     assert.ok(r1.data.equals(f.img.subarray(100 * BS, 116 * BS)));
@@ -162,7 +161,6 @@ test('cold frames go the slow path (fetched once), then are served natively', as
     c.close();
     await srv.close();
   } finally {
-    await server.close();
     await eng.close();
     fs.rmSync(dir, { recursive: true, force: true });
   }
