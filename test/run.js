@@ -44,6 +44,8 @@ function runFile(file) {
         if (code !== 0 && r.failed === 0) r.failed = 1; // crashed after reporting
       }
       r.file = file; r.ms = Date.now() - t0; r.code = code ?? signal; r.skips = skips;
+      // Kept for the closing summary: CI often shows only the end of the log.
+      if (r.failed) r.tail = text.trimEnd().split('\n').slice(-40);
       resolve(r);
     });
   });
@@ -61,7 +63,11 @@ function runFile(file) {
     console.log(`${r.failed ? 'FAIL' : 'ok  '} ${r.file.padEnd(34)} ${String(r.passed).padStart(4)} passed ${String(r.failed).padStart(3)} failed ${String(r.skipped).padStart(3)} skipped  ${(r.ms / 1000).toFixed(1)}s`);
     for (const s of r.skips) console.log(`       ${s}`);
   }
+  for (const r of results.filter((x) => x.failed)) {
+    console.log(`\n--- ${r.file} failed (exit ${r.code}); its last lines:`);
+    for (const l of r.tail) console.log(`  | ${l}`);
+  }
   const failed = sum('failed');
-  console.log(`${sum('passed')} passed, ${failed} failed, ${sum('skipped')} skipped`);
+  console.log(`\n${sum('passed')} passed, ${failed} failed, ${sum('skipped')} skipped`);
   process.exit(failed ? 1 : 0);
 })();
