@@ -38,13 +38,20 @@ export class IoArena {
     if (stack && stack.length) { this.cachedBytes -= n; return stack.pop()!; }
     let p = this.alloc.alloc(n);
     if (p < 0 && this.cachedBytes > 0) { this.dropCache(); p = this.alloc.alloc(n); }
+    // sizeOf describes live blocks only: a stale entry would put a block
+    // reused at another size back on the wrong stack (overlapping buffers).
     if (p >= 0 && CACHED_SIZES.has(n)) this.sizeOf.set(p, n);
     return p;
   }
 
+  private toAllocator(ptr: number): void {
+    this.sizeOf.delete(ptr);
+    this.alloc.release(ptr);
+  }
+
   /** Returns cached blocks to the allocator so they can coalesce. */
   private dropCache(): void {
-    for (const stack of this.free.values()) for (const p of stack.splice(0)) this.alloc.release(p);
+    for (const stack of this.free.values()) for (const p of stack.splice(0)) this.toAllocator(p);
     this.cachedBytes = 0;
   }
 
@@ -55,7 +62,7 @@ export class IoArena {
       if (!stack) { stack = []; this.free.set(n, stack); }
       if (stack.length * n < MAX_CACHED_BYTES_PER_SIZE) { stack.push(ptr); this.cachedBytes += n; return; }
     }
-    this.alloc.release(ptr);
+    this.toAllocator(ptr);
     // FIFO: the oldest waiter goes first so big requests are not starved.
     while (this.waiters.length) {
       const p = this.tryAlloc(this.waiters[0].bytes);
