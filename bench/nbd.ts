@@ -26,6 +26,7 @@
 //   STRATA_BENCH_SYNC=0     do not run `sync` before each cell
 //   STRATA_BENCH_JSON=FILE  also write the raw results as JSON
 //   STRATA_BENCH_CPU_PROF=DIR  run the daemon under `node --cpu-prof --cpu-prof-dir DIR`
+//   STRATA_BENCH_ROUNDS     interleaved rounds per cell, best run kept (default 2; the machine's run-to-run spread is ±15 %)
 //   STRATA_BENCH_RETRIES    re-runs of a cell during which other processes used > 0.3 CPU (default 2)
 import * as fs from 'fs';
 import * as os from 'os';
@@ -54,6 +55,8 @@ const CONNS = (envList('STRATA_BENCH_CONNS') ?? ['1', '2']).map(Number);
 const KEEP = process.env.STRATA_BENCH_KEEP === '1';
 const SYNC = process.env.STRATA_BENCH_SYNC !== '0';
 const CPU_PROF = process.env.STRATA_BENCH_CPU_PROF;
+/** Interleaved rounds per cell; each cell reports its best undisturbed run. */
+const ROUNDS = Math.floor(envNum('STRATA_BENCH_ROUNDS', 2));
 const RETRIES = (() => { const v = Number(process.env.STRATA_BENCH_RETRIES ?? 2); return Number.isInteger(v) && v >= 0 ? v : 2; })();
 /** CPUs used by other processes during a cell above which it counts as disturbed. */
 const CONTENDED = 0.3;
@@ -459,9 +462,21 @@ const ALL_TESTS: Test[] = [
 
 interface FioResult { ios: number; iops: number; mbs: number; p50: number; p99: number }
 
+/**
+ * Whether a run beats the cell's kept one: an undisturbed run beats a
+ * disturbed one; among undisturbed runs the faster wins (interference only
+ * ever slows a run down); among disturbed ones the less disturbed.
+ */
+function better(iops: number, otherCpus: number, cell: Cell): boolean {
+  if (!cell.r) return true;
+  const quiet = otherCpus <= CONTENDED, keptQuiet = cell.otherCpus! <= CONTENDED;
+  if (quiet !== keptQuiet) return quiet;
+  return quiet ? iops > cell.r.iops : otherCpus < cell.otherCpus!;
+}
+
 interface Cell {
   peer: string; test: string; conns: number;
-  /** How many times the cell ran (re-run when the machine was busy). */
+  /** How many times the cell ran (once per round, more when the machine was busy). */
   attempts: number;
   r?: FioResult;
   /** Server CPU per I/O, µs. */
@@ -605,49 +620,51 @@ async function main(): Promise<void> {
   let retriesLeft = Math.ceil((tests.length * CONNS.length * live().length) / 2);
   for (const t of tests) {
     for (const conns of CONNS) {
-      // Rotate the peer order from cell to cell so none always goes first.
-      const ps = live();
-      const rot = ps.map((_, i) => ps[(i + order) % ps.length]);
-      order++;
-      for (const p of rot) {
-        if (interrupted) await new Promise<never>(() => {}); // the signal handler exits
-        if (p.failed) continue;
-        const cell: Cell = { peer: p.key, test: t.key, conns, attempts: 0 };
-        cells.push(cell);
-        // A cell that ran while something else on the machine used CPU is run
-        // again (after waiting for a quiet moment); the least disturbed run is kept.
-        for (let attempt = 0; attempt <= RETRIES; attempt++) {
-          if (attempt > 0) {
-            if (retriesLeft <= 0) { log(`  ${p.label}: the machine was busy during the cell, but the re-run budget is spent`); break; }
-            retriesLeft--;
-            log(`  ${p.label}: other processes used ${fmtF(cell.otherCpus, 2)} CPU during the cell; waiting for a quiet machine and running it again`);
-            await waitQuiet(20);
-          }
-          cell.attempts = attempt + 1;
-          try {
-            syncDisks();
-            const u = await p.fresh(`${t.key}-${conns}`);
-            const pid = p.pid();
-            const s0 = procCpu(pid), c0 = childrenCpu(), m0 = machineBusy(), w0 = performance.now();
-            const r = await runFio(fioArgs(t, u, conns, SECONDS), (SECONDS + 120) * 1000, fioLog);
-            const s1 = procCpu(pid), c1 = childrenCpu(), m1 = machineBusy(), wall = (performance.now() - w0) / 1000;
-            const serverCpus = (s1 - s0) / wall, fioCpus = (c1 - c0) / wall;
-            const otherCpus = Math.max(0, (m1 - m0) / wall - serverCpus - fioCpus);
-            log(`${t.label} nj=${conns} ${p.label.padEnd(26)} ${fmtInt(r.iops).padStart(8)} IOPS ${fmtF(r.mbs).padStart(7)} MB/s p50 ${fmtInt(r.p50)} p99 ${fmtInt(r.p99)} µs, server ${fmtF(((s1 - s0) / r.ios) * 1e6)} µs/IO (${fmtF(serverCpus, 2)} CPU), fio ${fmtF(fioCpus, 2)} CPU, other ${fmtF(otherCpus, 2)} CPU`);
-            if (!cell.r || otherCpus < cell.otherCpus!) {
-              Object.assign(cell, { r, cpuUs: ((s1 - s0) / r.ios) * 1e6, serverCpus, fioCpus, otherCpus, error: undefined });
+      for (let round = 1; round <= ROUNDS; round++) {
+        // Rotate the peer order from cell to cell and round to round so none always goes first.
+        const ps = live();
+        const rot = ps.map((_, i) => ps[(i + order) % ps.length]);
+        order++;
+        for (const p of rot) {
+          if (interrupted) await new Promise<never>(() => {}); // the signal handler exits
+          if (p.failed) continue;
+          let cell = cells.find((x) => x.peer === p.key && x.test === t.key && x.conns === conns);
+          if (!cell) { cell = { peer: p.key, test: t.key, conns, attempts: 0 }; cells.push(cell); }
+          // A cell that ran while something else on the machine used CPU is run
+          // again (after waiting for a quiet moment); the least disturbed run is kept.
+          for (let attempt = 0; attempt <= RETRIES; attempt++) {
+            if (attempt > 0) {
+              if (retriesLeft <= 0) { log(`  ${p.label}: the machine was busy during the cell, but the re-run budget is spent`); break; }
+              retriesLeft--;
+              log(`  ${p.label}: other processes used ${fmtF(cell.otherCpus, 2)} CPU during the cell; waiting for a quiet machine and running it again`);
+              await waitQuiet(20);
             }
-            if (otherCpus <= CONTENDED) break;
-          } catch (e) {
-            const msg = (e as Error).message;
-            log(`${t.label} nj=${conns} ${p.label}: FAILED: ${msg}`);
-            if (!cell.r) cell.error = msg;
-            // A daemon that died takes the rest of its cells with it.
-            if (p.key === 'strata' || p.key === 'nbdkit-file') {
-              const alive = await p.fresh('probe').then(() => true, () => false);
-              if (!alive) { p.failed = msg; log(`SKIPPING ${p.label} from now on`); }
+            cell.attempts++;
+            try {
+              syncDisks();
+              const u = await p.fresh(`${t.key}-${conns}`);
+              const pid = p.pid();
+              const s0 = procCpu(pid), c0 = childrenCpu(), m0 = machineBusy(), w0 = performance.now();
+              const r = await runFio(fioArgs(t, u, conns, SECONDS), (SECONDS + 120) * 1000, fioLog);
+              const s1 = procCpu(pid), c1 = childrenCpu(), m1 = machineBusy(), wall = (performance.now() - w0) / 1000;
+              const serverCpus = (s1 - s0) / wall, fioCpus = (c1 - c0) / wall;
+              const otherCpus = Math.max(0, (m1 - m0) / wall - serverCpus - fioCpus);
+              log(`${t.label} nj=${conns} ${p.label.padEnd(26)} ${fmtInt(r.iops).padStart(8)} IOPS ${fmtF(r.mbs).padStart(7)} MB/s p50 ${fmtInt(r.p50)} p99 ${fmtInt(r.p99)} µs, server ${fmtF(((s1 - s0) / r.ios) * 1e6)} µs/IO (${fmtF(serverCpus, 2)} CPU), fio ${fmtF(fioCpus, 2)} CPU, other ${fmtF(otherCpus, 2)} CPU`);
+              if (better(r.iops, otherCpus, cell)) {
+                Object.assign(cell, { r, cpuUs: ((s1 - s0) / r.ios) * 1e6, serverCpus, fioCpus, otherCpus, error: undefined });
+              }
+              if (otherCpus <= CONTENDED) break;
+            } catch (e) {
+              const msg = (e as Error).message;
+              log(`${t.label} nj=${conns} ${p.label}: FAILED: ${msg}`);
+              if (!cell.r) cell.error = msg;
+              // A daemon that died takes the rest of its cells with it.
+              if (p.key === 'strata' || p.key === 'nbdkit-file') {
+                const alive = await p.fresh('probe').then(() => true, () => false);
+                if (!alive) { p.failed = msg; log(`SKIPPING ${p.label} from now on`); }
+              }
+              break;
             }
-            break;
           }
         }
       }
@@ -663,7 +680,7 @@ async function main(): Promise<void> {
   const test = (k: string) => ALL_TESTS.find((t) => t.key === k)!;
   const get = (peer: string, t: string, c: number) => cells.find((x) => x.peer === peer && x.test === t && x.conns === c && x.r);
   const out: string[] = [];
-  out.push(`### NBD results (${info.date}, ${info.cpus} CPUs, ${SECONDS} s per cell)`, '');
+  out.push(`### NBD results (${info.date}, ${info.cpus} CPUs, ${SECONDS} s per cell, best of ${ROUNDS} interleaved round${ROUNDS > 1 ? 's' : ''})`, '');
   out.push(`Base: ${img.what}. fio ${info.fio.replace(/^fio-/, '')} libnbd engine over unix sockets, 4k at iodepth 32 and 128k at iodepth 8 per connection; conns = fio numjobs (one NBD connection each). ${info.nbdkit}, ${info.qemu.replace(/ \(.*\)/, '')}, Node ${info.node}, kernel ${info.kernel}, strata ${info.commit}. Load average ${info.load0} at start, ${load1.toFixed(2)} at end.`, '');
   out.push('| peer | test | conns | IOPS | MB/s | p50 µs | p99 µs | server CPU µs/IO | notes |');
   out.push('|---|---|---:|---:|---:|---:|---:|---:|---|');
@@ -675,7 +692,7 @@ async function main(): Promise<void> {
         if (!c.r) { out.push(`| ${p.label} | ${t.label} | ${conns} | – | – | – | – | – | failed: ${String(c.error).split('\n')[0].slice(0, 100)} |`); continue; }
         const notes: string[] = [];
         if ((c.otherCpus ?? 0) > CONTENDED) notes.push(`⚠ other processes used ${fmtF(c.otherCpus, 1)} CPU`);
-        if (c.attempts > 1) notes.push(`best of ${c.attempts} runs`);
+        if (c.attempts > ROUNDS) notes.push(`best of ${c.attempts} runs`);
         const name = p.key === 'strata' ? `**${p.label}**` : p.label;
         out.push(`| ${name} | ${t.label} | ${conns} | ${fmtInt(c.r.iops)} | ${fmtF(c.r.mbs, 0)} | ${fmtInt(c.r.p50)} | ${fmtInt(c.r.p99)} | ${fmtF(c.cpuUs)} | ${notes.join('; ')} |`);
       }
