@@ -19,7 +19,9 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <cstdlib>
 #include <mutex>
 #include <string>
@@ -71,6 +73,16 @@ struct ByteBuf {
 
 struct SlowReq {
   uint16_t type, flags;
+  uint8_t cookie[8];
+  uint64_t offset;
+  uint32_t length;
+  std::vector<uint8_t> payload;
+};
+
+// A WRITE handed to the connection's writer thread, so reads keep flowing
+// while the filesystem allocates overlay blocks.
+struct WriteJob {
+  uint16_t flags;
   uint8_t cookie[8];
   uint64_t offset;
   uint32_t length;
@@ -221,7 +233,14 @@ class Wire : public Napi::ObjectWrap<Wire> {
   // ------------------------------------------------------- the thread
 
   void Run() {
+    std::thread writer([this] { WriterLoop(); });
     std::string reason = Loop();
+    {
+      std::lock_guard<std::mutex> g(wmu_);
+      wstop_ = true;
+    }
+    wcv_.notify_all();
+    writer.join();
     {
       std::lock_guard<std::mutex> g(mu_);
       close(fd_);
@@ -236,7 +255,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
   }
 
   bool Paused() const {
-    return slowN_ >= opts_.maxInflight || slowBytes_ >= opts_.maxInflightBytes ||
+    return slowN_ + writesPending_ >= opts_.maxInflight || slowBytes_ + writeBytes_ >= opts_.maxInflightBytes ||
            out_.len - sent_ > opts_.maxQueued;
   }
 
@@ -252,8 +271,8 @@ class Wire : public Napi::ObjectWrap<Wire> {
       if (destroy_.load()) return why.empty() ? "destroyed" : why;
       if (shutdown_.load()) reading = false;
       if (!reading || peerGone) {
-        if (peerGone && slowN_ == 0) return why;
-        if (!peerGone && slowN_ == 0 && sent_ == out_.len) {
+        if (peerGone && slowN_ == 0 && writesPending_ == 0) return why;
+        if (!peerGone && slowN_ == 0 && writesPending_ == 0 && sent_ == out_.len) {
           shutdown(fd_, SHUT_WR);
           return why.empty() ? "disconnected" : why;
         }
@@ -292,6 +311,24 @@ class Wire : public Napi::ObjectWrap<Wire> {
     slowN_ -= doneN_;
     slowBytes_ -= doneBytes_;
     doneN_ = doneBytes_ = 0;
+    writesPending_ -= wDone_;
+    writeBytes_ -= wDoneBytes_;
+    wDone_ = wDoneBytes_ = 0;
+    // Writes the writer could not plan become slow requests for JS.
+    bool woke = false;
+    for (WriteJob& j : wSlow_) {
+      writesPending_--;
+      writeBytes_ -= j.length;
+      SlowReq r{CMD_WRITE, j.flags, {}, j.offset, j.length, std::move(j.payload)};
+      memcpy(r.cookie, j.cookie, 8);
+      slowN_++;
+      slowBytes_ += j.length;
+      slow_.fetch_add(1, std::memory_order_relaxed);
+      if (toJs_.empty()) woke = true;
+      toJs_.push_back(std::move(r));
+    }
+    wSlow_.clear();
+    wokeJs_ = wokeJs_ || woke;
   }
 
   // false: the peer is gone (EOF or error).
@@ -342,10 +379,20 @@ class Wire : public Napi::ObjectWrap<Wire> {
       }
       if (type == CMD_DISC) { rpos_ += kReqLen; reading = false; break; }
       const uint8_t* payload = h + kReqLen;
-      // Writes are done right here too: handing them to a second thread
-      // (tried until 2026-11) cost more in futex wake-ups, context switches
-      // and inode-lock contention than it won back (bench/README.md).
-      if (!Fast(type, flags, h + 8, off, len, payload)) {
+      // A write with a read queued behind it goes to the writer thread, so
+      // the read need not wait for the filesystem to allocate the write's
+      // blocks; other writes are cheaper done right here (no hand-off).
+      if (type == CMD_WRITE && WriteCandidate(flags, off, len) && ReadAt(rpos_ + need)) {
+        WriteJob j{flags, {}, off, len, std::vector<uint8_t>(payload, payload + len)};
+        memcpy(j.cookie, h + 8, 8);
+        writesPending_++;
+        writeBytes_ += len;
+        {
+          std::lock_guard<std::mutex> g(wmu_);
+          wq_.push_back(std::move(j));
+        }
+        wcv_.notify_one();
+      } else if (!Fast(type, flags, h + 8, off, len, payload)) {
         SlowReq r{type, flags, {}, off, len, {}};
         memcpy(r.cookie, h + 8, 8);
         if (type == CMD_WRITE) r.payload.assign(payload, payload + len);
@@ -406,6 +453,13 @@ class Wire : public Napi::ObjectWrap<Wire> {
            off <= opts_.size && len <= opts_.size - off;
   }
 
+  bool WriteCandidate(uint16_t flags, uint64_t off, uint32_t len) const {
+    return flags == 0 && !opts_.readOnly && Plannable(off, len);
+  }
+
+  /** Whether a whole READ request header sits at `at` in the input buffer. */
+  bool ReadAt(size_t at) const { return in_.len - at >= kReqLen && Be16(in_.p + at + 6) == CMD_READ; }
+
   /** Performs a planned write from `src` and finishes the plan; false on an I/O error. */
   bool WritePlanned(const Plan& plan, const uint8_t* src) {
     bool ok = true;
@@ -417,6 +471,39 @@ class Wire : public Napi::ObjectWrap<Wire> {
     target_->finish(plan, ok);
     fast_.fetch_add(1, std::memory_order_relaxed);
     return ok;
+  }
+
+  // The writer thread: plans and performs queued WRITEs; replies (whole)
+  // and writes it cannot plan go back to the connection thread.
+  void WriterLoop() {
+    Plan plan;
+    for (;;) {
+      std::deque<WriteJob> batch;
+      {
+        std::unique_lock<std::mutex> g(wmu_);
+        wcv_.wait(g, [this] { return !wq_.empty() || wstop_; });
+        if (wq_.empty() && wstop_) return;
+        batch.swap(wq_);
+      }
+      ByteBuf replies;
+      std::vector<WriteJob> slow;
+      uint64_t done = 0, doneBytes = 0;
+      for (WriteJob& j : batch) {
+        if (destroy_.load()) { done++; doneBytes += j.length; continue; }
+        if (!target_->plan(TOp::Write, j.offset, j.length, plan)) { slow.push_back(std::move(j)); continue; }
+        PutSimple(replies, j.cookie, WritePlanned(plan, j.payload.data()) ? 0 : kEIO);
+        done++;
+        doneBytes += j.length;
+      }
+      {
+        std::lock_guard<std::mutex> g(mu_);
+        if (replies.len) fromJs_.append(replies.p, replies.len);
+        wDone_ += done;
+        wDoneBytes_ += doneBytes;
+        for (WriteJob& j : slow) wSlow_.push_back(std::move(j));
+      }
+      Wake();
+    }
   }
 
   static bool ReadSeg(const Seg& s, uint8_t* dst) {
@@ -479,13 +566,21 @@ class Wire : public Napi::ObjectWrap<Wire> {
   ByteBuf in_, out_;
   size_t rpos_ = 0, sent_ = 0;
   uint64_t slowN_ = 0, slowBytes_ = 0;
+  uint64_t writesPending_ = 0, writeBytes_ = 0;
   bool wokeJs_ = false;
   Plan plan_;
+  // The writer thread's queue.
+  std::mutex wmu_;
+  std::condition_variable wcv_;
+  std::deque<WriteJob> wq_;
+  bool wstop_ = false;
   // Shared with JS, under mu_.
   std::mutex mu_;
   std::vector<SlowReq> toJs_;
   ByteBuf fromJs_;
   uint64_t doneN_ = 0, doneBytes_ = 0;
+  uint64_t wDone_ = 0, wDoneBytes_ = 0;  // writer completions
+  std::vector<WriteJob> wSlow_;          // writes the writer could not plan
   std::atomic<bool> shutdown_{false}, destroy_{false};
   std::atomic<uint64_t> fast_{0}, slow_{0}, pending_{0};
   std::atomic<int> phase_{0};  // diagnostics: 0 reading, 1 draining, 2 peer gone
