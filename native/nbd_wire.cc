@@ -352,6 +352,15 @@ class Wire : public Napi::ObjectWrap<Wire> {
   std::string Process(bool& reading) {
     bool woke = false;
     std::string bad = Parse(reading, woke);
+    // The batch's writes go to the writer at once: one lock and one wake-up.
+    if (!handOff_.empty()) {
+      {
+        std::lock_guard<std::mutex> g(wmu_);
+        for (WriteJob& j : handOff_) wq_.push_back(std::move(j));
+      }
+      handOff_.clear();
+      wcv_.notify_one();
+    }
     // Also when closing: slow requests already queued must reach JS, or
     // they never finish and the connection never closes.
     if (woke) Emit("requests", "");
@@ -387,11 +396,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
         memcpy(j.cookie, h + 8, 8);
         writesPending_++;
         writeBytes_ += len;
-        {
-          std::lock_guard<std::mutex> g(wmu_);
-          wq_.push_back(std::move(j));
-        }
-        wcv_.notify_one();
+        handOff_.push_back(std::move(j));
       } else if (!Fast(type, flags, h + 8, off, len, payload)) {
         SlowReq r{type, flags, {}, off, len, {}};
         memcpy(r.cookie, h + 8, 8);
@@ -569,6 +574,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
   uint64_t writesPending_ = 0, writeBytes_ = 0;
   bool wokeJs_ = false;
   Plan plan_;
+  std::vector<WriteJob> handOff_;  // this batch's writes for the writer
   // The writer thread's queue.
   std::mutex wmu_;
   std::condition_variable wcv_;
