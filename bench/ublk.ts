@@ -21,7 +21,7 @@
 //
 // Knobs: STRATA_BENCH_SECONDS (default 6), STRATA_BENCH_FILE_MB (default 256),
 // STRATA_BENCH_QUEUES (default: CPUs), STRATA_BENCH_PEERS (subset, comma-separated),
-// STRATA_BENCH_ROUNDS (default 2).
+// STRATA_BENCH_ROUNDS (default 2), STRATA_BENCH_TMP (a directory to use instead of a tmpfs of its own).
 import * as fs from 'fs';
 import * as os from 'os';
 import { execFile } from 'child_process';
@@ -33,6 +33,10 @@ const SECONDS = Number(process.env.STRATA_BENCH_SECONDS || 6);
 const FILE_MB = Number(process.env.STRATA_BENCH_FILE_MB || 256);
 const QUEUES = Number(process.env.STRATA_BENCH_QUEUES || Math.min(os.cpus().length, 4));
 const DIR = process.env.STRATA_BENCH_TMP || '/tmp/strata-bench-ublk';
+// By default the files live on a tmpfs of their own: the guest's /tmp is
+// overlayfs (a tmpfs upper over the host's 9p root), which adds a stacking
+// layer to every peer's file I/O that a host's cache directory never has.
+const OWN_TMPFS = !process.env.STRATA_BENCH_TMP;
 const ROUNDS = Math.max(1, Number(process.env.STRATA_BENCH_ROUNDS || 2));
 
 const sh = (cmd: string) => new Promise<string>((res, rej) =>
@@ -66,6 +70,8 @@ async function fio(dev: string, job: typeof JOBS[number]): Promise<Cell> {
   }
   fs.rmSync(DIR, { recursive: true, force: true });
   fs.mkdirSync(DIR, { recursive: true });
+  if (OWN_TMPFS) await sh(`mount -t tmpfs -o size=${FILE_MB * 4 + 512}m strata-bench ${DIR}`);
+  const fsType = (await sh(`stat -f -c %T ${DIR}`)).trim();
   const img = `${DIR}/backing.img`;
   // Real data: a sparse or fallocated file would serve reads without I/O.
   await sh(`head -c ${FILE_MB << 20} /dev/urandom > ${img}`);
@@ -160,7 +166,7 @@ async function fio(dev: string, job: typeof JOBS[number]): Promise<Cell> {
   target.close();
   await engine.close();
 
-  console.log(`\n### ublk vs loop on ${kernel} (QEMU TCG, ${os.cpus().length} vCPU, ${QUEUES} ublk queues, ${FILE_MB} MiB file, ${SECONDS} s per cell, best of ${ROUNDS} interleaved rounds)\n`);
+  console.log(`\n### ublk vs loop on ${kernel} (QEMU TCG, ${os.cpus().length} vCPU, ${QUEUES} ublk queues, ${FILE_MB} MiB file on ${fsType}, ${SECONDS} s per cell, best of ${ROUNDS} interleaved rounds)\n`);
   const names = active.map((p) => p.name);
   console.log(`| workload | ${names.join(' | ')} |`);
   console.log(`|---|${names.map(() => '---').join('|')}|`);
@@ -188,5 +194,6 @@ async function fio(dev: string, job: typeof JOBS[number]): Promise<Cell> {
       console.log(`| ${who} zero copy ÷ loop, ${j} (≥ 0.8×) | ${ratio(iops(`${who}-zero-copy`, j), iops('loop', j))} |`);
     }
   }
+  if (OWN_TMPFS) await sh(`umount ${DIR}`);
   fs.rmSync(DIR, { recursive: true, force: true });
 })().catch((e) => { console.error(e); process.exit(1); });
