@@ -59,6 +59,16 @@ export class CacheEvictor {
     return this.running;
   }
 
+  /**
+   * A pass that starts now. run() may hand back a pass the timer started
+   * earlier, which sized its work before the latest fetches landed; callers
+   * that want the limit to hold afterwards (evictNow) wait that one out.
+   */
+  async runFresh(): Promise<number> {
+    await this.running?.catch(() => {});
+    return this.run();
+  }
+
   private async pass(): Promise<number> {
     let need = this.excess();
     if (need <= 0) return 0;

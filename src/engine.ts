@@ -58,7 +58,7 @@ export class Engine {
   }
 
   /** Runs one cache eviction pass now (the engine also runs them on a timer when limits are set). */
-  evictNow(): Promise<number> { return this.evictor.run(); }
+  evictNow(): Promise<number> { return this.evictor.runFresh(); }
 
   static async open(opts: EngineOptions): Promise<Engine> {
     const store = typeof opts.store === 'string' ? openStore(opts.store) : opts.store;
