@@ -43,6 +43,9 @@ export class RangeAllocator {
     this.insertFree(add[0], add[1]);
   }
 
+  /** Size of the live block at `off` (as rounded by alloc), or undefined. */
+  sizeOf(off: number): number | undefined { return this.sizes.get(off); }
+
   release(off: number): void {
     const n = this.sizes.get(off);
     if (n === undefined) throw new Error(`RangeAllocator: double free or foreign offset ${off}`);

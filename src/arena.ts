@@ -14,7 +14,6 @@ export class IoArena {
   private readonly alloc: RangeAllocator;
   private waiters: Array<{ bytes: number; resolve(p: number): void }> = [];
   private free = new Map<number, number[]>();
-  private sizeOf = new Map<number, number>();
   private cachedBytes = 0;
 
   constructor(readonly offset: number, readonly length: number) {
@@ -38,31 +37,26 @@ export class IoArena {
     if (stack && stack.length) { this.cachedBytes -= n; return stack.pop()!; }
     let p = this.alloc.alloc(n);
     if (p < 0 && this.cachedBytes > 0) { this.dropCache(); p = this.alloc.alloc(n); }
-    // sizeOf describes live blocks only: a stale entry would put a block
-    // reused at another size back on the wrong stack (overlapping buffers).
-    if (p >= 0 && CACHED_SIZES.has(n)) this.sizeOf.set(p, n);
     return p;
-  }
-
-  private toAllocator(ptr: number): void {
-    this.sizeOf.delete(ptr);
-    this.alloc.release(ptr);
   }
 
   /** Returns cached blocks to the allocator so they can coalesce. */
   private dropCache(): void {
-    for (const stack of this.free.values()) for (const p of stack.splice(0)) this.toAllocator(p);
+    for (const stack of this.free.values()) for (const p of stack.splice(0)) this.alloc.release(p);
     this.cachedBytes = 0;
   }
 
   release(ptr: number): void {
-    const n = this.sizeOf.get(ptr);
-    if (n !== undefined && this.waiters.length === 0) {
+    // The allocator's own record of the block's size: a separate map here
+    // once went stale and put a block reused at another size on the wrong
+    // stack (overlapping buffers).
+    const n = this.alloc.sizeOf(ptr);
+    if (n !== undefined && CACHED_SIZES.has(n) && this.waiters.length === 0) {
       let stack = this.free.get(n);
       if (!stack) { stack = []; this.free.set(n, stack); }
       if (stack.length * n < MAX_CACHED_BYTES_PER_SIZE) { stack.push(ptr); this.cachedBytes += n; return; }
     }
-    this.toAllocator(ptr);
+    this.alloc.release(ptr);
     // FIFO: the oldest waiter goes first so big requests are not starved.
     while (this.waiters.length) {
       const p = this.tryAlloc(this.waiters[0].bytes);
