@@ -514,13 +514,11 @@ export class Device {
 
   /** Runs fn with natives kept off blocks [b0, b1) (engine data requests). */
   private striped<T>(b0: number, b1: number, exclusive: boolean, fn: () => T | Promise<T>): Promise<T> {
-    if (this.plane) return this.plane.striped(b0 * BS, (b1 - b0) * BS, exclusive, fn);
-    try { return Promise.resolve(fn()); } catch (e) { return Promise.reject(e); }
+    return this.plane ? this.plane.striped(b0 * BS, (b1 - b0) * BS, exclusive, fn) : settle(fn);
   }
 
   private gated<T>(writer: boolean, fn: () => T | Promise<T>): Promise<T> {
-    if (this.plane) return this.plane.gated(writer, fn);
-    try { return Promise.resolve(fn()); } catch (e) { return Promise.reject(e); }
+    return this.plane ? this.plane.gated(writer, fn) : settle(fn);
   }
 
   /** Tells native planners the current view; only inside gated(true, ...). */
@@ -745,6 +743,11 @@ function recoverOverlay(core: Core, dir: string, id: string, gen: number, size: 
 }
 
 /** Calls fn for each piece of [pos, end) with the base extent that maps it. */
+/** fn's result as a promise (a throw becomes a rejection): no native plane to coordinate with. */
+function settle<T>(fn: () => T | Promise<T>): Promise<T> {
+  try { return Promise.resolve(fn()); } catch (e) { return Promise.reject(e); }
+}
+
 function forExtents(base: Base, pos: number, end: number, fn: (e: Extent, pos: number, take: number) => void): void {
   const ext = base.map.extents;
   for (let i = base.map.find(pos); pos < end && i >= 0 && i < ext.length; i++) {
