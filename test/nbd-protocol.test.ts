@@ -220,6 +220,38 @@ test('memory per connection is bounded: a client that never reads replies is thr
   assert.is(f.engine.core.arena.used, 0, 'I/O buffers leaked by a dropped connection');
 });
 
+test('replies from the connection thread and the writer thread never interleave, also while the client stops reading', async () => {
+  // Reads are answered by the connection thread, queued writes by the writer
+  // thread; both send on one socket. With the client paused, the socket
+  // fills and both threads queue what it does not take.
+  const c = await RawClient.open(f.sock, 'd1');
+  assert.ok(f.img.length >= 4 << 20, 'image large enough');
+  const R = 0, W = f.img.length - 400 * 4096; // a read region and a write region of d1
+  const want = (await c.read(R, 1 << 20)).data;
+  c.socket.pause();
+  const rnd = rng(11);
+  const reads: Array<Promise<{ error: number; data: Buffer }>> = [];
+  const writes: Array<{ at: number; data: Buffer; p: Promise<{ error: number }> }> = [];
+  for (let i = 0; i < 400; i++) {
+    const ro = (i * 7 % 16) * 65536;
+    reads.push(c.read(R + ro, 65536).then((r) => ({ error: r.error, data: r.error ? r.data : (r.data.equals(want.subarray(ro, ro + 65536)) ? r.data : Buffer.alloc(0)) })));
+    const data = Buffer.alloc(4096);
+    for (let k = 0; k < data.length; k += 4) data.writeUInt32LE(rnd() >>> 0, k);
+    const at = W + i * 4096;
+    writes.push({ at, data, p: c.write(at, data) });
+  }
+  await new Promise((r) => setTimeout(r, 500));
+  c.socket.resume();
+  const timeout = new Promise<never>((_, rej) => setTimeout(() => rej(new Error('replies did not all arrive within 30 s')), 30_000));
+  const rr = await Promise.race([Promise.all(reads), timeout]);
+  const wr = await Promise.race([Promise.all(writes.map((w) => w.p)), timeout]);
+  rr.forEach((r, i) => { assert.is(r.error, 0, `read ${i}`); assert.is(r.data.length, 65536, `read ${i} returned the region's bytes`); });
+  wr.forEach((r, i) => assert.is(r.error, 0, `write ${i}`));
+  const back = (await c.read(W, 400 * 4096)).data;
+  for (const w of writes) assert.ok(back.subarray(w.at - W, w.at - W + 4096).equals(w.data), `write at ${w.at} reads back`);
+  c.close();
+});
+
 test('fuzz: 10,000 random and mutated messages; the server survives and keeps serving correctly', async () => {
   const seed = Number(process.env.STRATA_SEED ?? Math.floor(Math.random() * 2 ** 31));
   const r = rng(seed);
