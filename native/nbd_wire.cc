@@ -3,16 +3,11 @@
 // socket over. The thread reads requests in batches, serves every READ and
 // WRITE its Target can plan with plain pread/pwrite straight between the
 // cache/overlay files and its socket buffers, and answers a whole batch with
-// one send. A WRITE with a READ queued behind it goes to a writer thread
-// that pwrites it and sends its own reply (both threads send on the socket
-// under a lock, whole replies only), so the read never waits for the
-// filesystem to allocate the write's blocks nor the write's reply for the
-// connection thread to wake. Everything else (cold data, partial-block
-// copy-on-write, FLUSH, TRIM, WRITE_ZEROES, CACHE, BLOCK_STATUS, FUA,
-// errors) goes to JavaScript (the slow path), whose complete replies come
-// back through reply() and are queued whole, so replies never interleave.
-// Memory is bounded: the thread stops reading while too many slow requests
-// or reply bytes are pending.
+// one send. Everything else (cold data, partial-block copy-on-write, FLUSH,
+// TRIM, WRITE_ZEROES, CACHE, BLOCK_STATUS, FUA, errors) goes to JavaScript
+// (the slow path), whose complete replies come back through reply() and are
+// queued whole, so replies never interleave. Memory is bounded: the thread
+// stops reading while too many slow requests or reply bytes are pending.
 #include <napi.h>
 
 #include <errno.h>
@@ -261,7 +256,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
 
   bool Paused() const {
     return slowN_ + writesPending_ >= opts_.maxInflight || slowBytes_ + writeBytes_ >= opts_.maxInflightBytes ||
-           out_.len + queued_.load(std::memory_order_relaxed) > opts_.maxQueued;
+           out_.len - sent_ > opts_.maxQueued;
   }
 
   std::string Loop() {
@@ -277,7 +272,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
       if (shutdown_.load()) reading = false;
       if (!reading || peerGone) {
         if (peerGone && slowN_ == 0 && writesPending_ == 0) return why;
-        if (!peerGone && slowN_ == 0 && writesPending_ == 0 && queued_.load() == 0) {
+        if (!peerGone && slowN_ == 0 && writesPending_ == 0 && sent_ == out_.len) {
           shutdown(fd_, SHUT_WR);
           return why.empty() ? "disconnected" : why;
         }
@@ -287,7 +282,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
       pollfd p[2] = {{efd_, POLLIN, 0}, {fd_, 0, 0}};
       if (!peerGone) {
         if (reading && !Paused()) p[1].events |= POLLIN;
-        if (queued_.load() > 0) p[1].events |= POLLOUT;
+        if (sent_ < out_.len) p[1].events |= POLLOUT;
       }
       int n = poll(p, p[1].events ? 2 : 1, -1);
       if (n < 0 && errno != EINTR) return std::string("poll: ") + strerror(errno);
@@ -395,8 +390,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
       const uint8_t* payload = h + kReqLen;
       // A write with a read queued behind it goes to the writer thread, so
       // the read need not wait for the filesystem to allocate the write's
-      // blocks; other writes are cheaper done right here (a hand-off costs a
-      // payload copy and a wake-up: pure random writes ran at 0.6× of this).
+      // blocks; other writes are cheaper done right here (no hand-off).
       if (type == CMD_WRITE && WriteCandidate(flags, off, len) && ReadAt(rpos_ + need)) {
         WriteJob j{flags, {}, off, len, std::vector<uint8_t>(payload, payload + len)};
         memcpy(j.cookie, h + 8, 8);
@@ -506,10 +500,9 @@ class Wire : public Napi::ObjectWrap<Wire> {
         done++;
         doneBytes += j.length;
       }
-      // Replies go out from here: no wait for the connection thread to wake.
-      if (replies.len) SendOrQueue(replies);
       {
         std::lock_guard<std::mutex> g(mu_);
+        if (replies.len) fromJs_.append(replies.p, replies.len);
         wDone_ += done;
         wDoneBytes_ += doneBytes;
         for (WriteJob& j : slow) wSlow_.push_back(std::move(j));
@@ -554,44 +547,17 @@ class Wire : public Napi::ObjectWrap<Wire> {
     memcpy(h + 26, msg, ml);
   }
 
-  // The connection thread's replies: sent now, or queued behind bytes not
-  // yet sent; false when the socket is broken.
+  // Sends what it can without blocking; false when the socket is broken.
   bool Flush() {
-    if (out_.len || queued_.load(std::memory_order_relaxed)) SendOrQueue(out_);
-    out_.len = 0;
-    return !sendBroken_.load();
-  }
-
-  // Either thread: sends `b` (whole replies) after whatever is queued, as far
-  // as the socket takes it without blocking, and queues the rest; replies are
-  // never split between threads' sends. True when bytes remain queued (the
-  // connection thread sends them when the socket is writable).
-  bool SendOrQueue(const ByteBuf& b) {
-    std::lock_guard<std::mutex> g(smu_);
-    size_t off = 0;
-    if (sq_.len == sqSent_) {
-      sq_.len = sqSent_ = 0;
-      off = SendSome(b.p, b.len);
-    } else {
-      sqSent_ += SendSome(sq_.p + sqSent_, sq_.len - sqSent_);
-      if (sqSent_ == sq_.len) { sq_.len = sqSent_ = 0; off = SendSome(b.p, b.len); }
-    }
-    if (off < b.len) sq_.append(b.p + off, b.len - off);
-    queued_.store(sq_.len - sqSent_, std::memory_order_relaxed);
-    return sq_.len > sqSent_;
-  }
-
-  // Under smu_: bytes sent (a broken socket counts as all, and is flagged).
-  size_t SendSome(const uint8_t* p, size_t len) {
-    size_t done = 0;
-    while (done < len && !sendBroken_.load(std::memory_order_relaxed)) {
-      ssize_t n = send(fd_, p + done, len - done, MSG_NOSIGNAL | MSG_DONTWAIT);
-      if (n > 0) { done += size_t(n); continue; }
+    while (sent_ < out_.len) {
+      ssize_t n = send(fd_, out_.p + sent_, out_.len - sent_, MSG_NOSIGNAL);
+      if (n > 0) { sent_ += size_t(n); continue; }
       if (n < 0 && errno == EINTR) continue;
-      if (n < 0 && errno == EAGAIN) return done;
-      sendBroken_.store(true);
+      if (n < 0 && errno == EAGAIN) return true;
+      return false;
     }
-    return len;
+    sent_ = out_.len = 0;
+    return true;
   }
 
   int fd_ = -1, efd_ = -1;
@@ -603,7 +569,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
   std::thread th_;
   // Thread-owned.
   ByteBuf in_, out_;
-  size_t rpos_ = 0;
+  size_t rpos_ = 0, sent_ = 0;
   uint64_t slowN_ = 0, slowBytes_ = 0;
   uint64_t writesPending_ = 0, writeBytes_ = 0;
   bool wokeJs_ = false;
@@ -614,12 +580,6 @@ class Wire : public Napi::ObjectWrap<Wire> {
   std::condition_variable wcv_;
   std::deque<WriteJob> wq_;
   bool wstop_ = false;
-  // Replies not yet sent, under smu_ (both threads send).
-  std::mutex smu_;
-  ByteBuf sq_;
-  size_t sqSent_ = 0;
-  std::atomic<size_t> queued_{0};
-  std::atomic<bool> sendBroken_{false};
   // Shared with JS, under mu_.
   std::mutex mu_;
   std::vector<SlowReq> toJs_;
