@@ -39,6 +39,20 @@ const DIR = process.env.STRATA_BENCH_TMP || '/tmp/strata-bench-ublk';
 const OWN_TMPFS = !process.env.STRATA_BENCH_TMP;
 const ROUNDS = Math.max(1, Number(process.env.STRATA_BENCH_ROUNDS || 2));
 
+/** The loop device lets go of its backing file a moment after `losetup -d` returns. */
+async function unmountTmpfs(): Promise<void> {
+  for (let i = 0; ; i++) {
+    try { await sh(`umount ${DIR}`); return; } catch (e) {
+      if (i === 50) {
+        process.stderr.write(`umount ${DIR} still busy after 5 s (${String(e).split('\n')[0]}); detaching it lazily\n`);
+        await sh(`umount -l ${DIR}`);
+        return;
+      }
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+}
+
 const sh = (cmd: string) => new Promise<string>((res, rej) =>
   execFile('sh', ['-c', cmd], { maxBuffer: 1 << 26, timeout: 600_000 }, (e, out, err) => (e ? rej(new Error(`${cmd}: ${err || e.message}`)) : res(out))));
 
@@ -194,6 +208,6 @@ async function fio(dev: string, job: typeof JOBS[number]): Promise<Cell> {
       console.log(`| ${who} zero copy ÷ loop, ${j} (≥ 0.8×) | ${ratio(iops(`${who}-zero-copy`, j), iops('loop', j))} |`);
     }
   }
-  if (OWN_TMPFS) await sh(`umount ${DIR}`);
+  if (OWN_TMPFS) await unmountTmpfs();
   fs.rmSync(DIR, { recursive: true, force: true });
 })().catch((e) => { console.error(e); process.exit(1); });
