@@ -10,6 +10,8 @@
 //                   warmed) served by serveUblk: the engine's DeviceTarget
 //                   plans every request; writes land in the device's overlay
 //   loop            the kernel loop driver on the same file (losetup --direct-io=on)
+//   ublk-zero-copy-sparse (by name only) bare ublk on a fresh sparse file: first
+//                   writes allocate, as in a strata overlay (its reads are of holes)
 // Workloads: 4k randread qd32, 4k randwrite qd32, 128k read qd8, 128k write qd8.
 // Under TCG, user code runs ~17x slower than the kernel, so ratios here are
 // biased against the userspace server (see /work/shared/tools/run-in-vm.md).
@@ -125,6 +127,20 @@ async function fio(dev: string, job: typeof JOBS[number]): Promise<Cell> {
       },
     });
   }
+  // Diagnostic (by name only): bare ublk writing into a fresh sparse file, as a
+  // strata overlay does, to tell the cost of first writes from strata's planning.
+  peers.push({
+    name: 'ublk-zero-copy-sparse', note: f.zeroCopy ? undefined : 'not offered by this kernel',
+    async open() {
+      const file = `${DIR}/sparse.img`;
+      fs.rmSync(file, { force: true });
+      fs.closeSync(fs.openSync(file, 'w'));
+      fs.truncateSync(file, FILE_MB << 20);
+      const t = FileTarget.open(file);
+      const dev = await UblkDevice.create({ target: t, transport: 'zero-copy', queues: QUEUES, depth: 64 });
+      return { path: dev.path, close: async () => { await dev.delete(); t.close(); fs.rmSync(file, { force: true }); } };
+    },
+  });
   peers.push({
     name: 'loop',
     async open() {

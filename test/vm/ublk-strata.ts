@@ -57,6 +57,35 @@ async function fsAndSnapshot(transport: Transport, template: string): Promise<vo
   }
 }
 
+// A device's overlay is deleted when the device closes; its space must come
+// back once the ublk device is gone too (no file kept alive by a queue ring).
+async function spaceReturned(transport: Transport, template: string): Promise<void> {
+  const cache = `${DIR}/cache-space-${transport}`;
+  const engine = await Engine.open({ store: `${DIR}/store`, cacheDir: cache });
+  let u: UblkDevice | undefined;
+  try {
+    const free = () => { const st = fs.statfsSync(cache); return st.bavail * st.bsize; };
+    const before = free();
+    const dev = await engine.openDevice(template, { id: `space-${transport}` });
+    u = await serveUblk(dev, { transport, queues: 2 });
+    await sh(`dd if=${DIR}/pat of=${u.path} bs=1M oflag=direct status=none`);
+    const used = before - free();
+    check(used >= (12 << 20), `${transport}: 16 MiB written went into the overlay (${(used / 1048576).toFixed(1)} MiB used)`);
+    await u.delete(); u = undefined;
+    await engine.closeDevice(dev);
+    const left = fs.readdirSync(`${cache}/devices`).filter((n) => n.includes('overlay'));
+    check(left.length === 0, `${transport}: the closed device's overlay file is gone (${left.join(', ') || 'none left'})`);
+    let back = 0;
+    await waitFor(() => { back = before - free(); return back < (2 << 20); }, 5_000);
+    check(back < (2 << 20), `${transport}: its space is free again once the ublk device is deleted (${(back / 1048576).toFixed(1)} MiB still used)`);
+  } catch (e) {
+    check(false, `${transport}: space: ${(e as Error).message}`);
+  } finally {
+    await u?.delete().catch(() => undefined);
+    await engine.close();
+  }
+}
+
 async function crashRecovery(transport: Transport, template: string): Promise<void> {
   const MIB = 16;
   const cache = `${DIR}/cache-rec-${transport}`;
@@ -111,6 +140,7 @@ if (process.argv[2] === '--serve') {
     check(/^[0-9a-f]{32}$/.test(template), `imported an ext4 template ${template}`);
     for (const transport of transports(f)) {
       await fsAndSnapshot(transport, template);
+      await spaceReturned(transport, template);
       if (SMOKE) skip(`${transport}: crash recovery (full lane only)`);
       else await crashRecovery(transport, template);
     }
