@@ -41,12 +41,20 @@ const DIR = process.env.STRATA_BENCH_TMP || '/tmp/strata-bench-ublk';
 const OWN_TMPFS = !process.env.STRATA_BENCH_TMP;
 const ROUNDS = Math.max(1, Number(process.env.STRATA_BENCH_ROUNDS || 2));
 
-/** The loop device lets go of its backing file a moment after `losetup -d` returns. */
+/**
+ * Unmounts the bench's tmpfs, lazily if it stays busy. It does: the native
+ * FileTarget's dup of backing.img is closed only when the target is garbage
+ * collected (FileTarget.close() closes the JS fd), and the message names the
+ * fds this process still holds there.
+ */
 async function unmountTmpfs(): Promise<void> {
   for (let i = 0; ; i++) {
     try { await sh(`umount ${DIR}`); return; } catch (e) {
       if (i === 50) {
-        process.stderr.write(`umount ${DIR} still busy after 5 s (${String(e).split('\n')[0]}); detaching it lazily\n`);
+        const mine = fs.readdirSync('/proc/self/fd').map((n) => { try { return fs.readlinkSync(`/proc/self/fd/${n}`); } catch { return ''; } })
+          .filter((l) => l.startsWith(DIR));
+        process.stderr.write(`umount ${DIR} still busy after 5 s (${String(e).split('\n')[0]}); this process's fds there: ` +
+          `${mine.join(', ') || 'none'}; detaching it lazily\n`);
         await sh(`umount -l ${DIR}`);
         return;
       }
