@@ -742,12 +742,12 @@ function recoverOverlay(core: Core, dir: string, id: string, gen: number, size: 
   return { gen, file, fd, table, zfd, zlen, keep, pin: overlayPin(heap, dir, id, gen, fd, zfd, table, keep) };
 }
 
-/** Calls fn for each piece of [pos, end) with the base extent that maps it. */
 /** fn's result as a promise (a throw becomes a rejection): no native plane to coordinate with. */
 function settle<T>(fn: () => T | Promise<T>): Promise<T> {
   try { return Promise.resolve(fn()); } catch (e) { return Promise.reject(e); }
 }
 
+/** Calls fn for each piece of [pos, end) with the base extent that maps it. */
 function forExtents(base: Base, pos: number, end: number, fn: (e: Extent, pos: number, take: number) => void): void {
   const ext = base.map.extents;
   for (let i = base.map.find(pos); pos < end && i >= 0 && i < ext.length; i++) {
