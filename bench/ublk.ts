@@ -41,28 +41,6 @@ const DIR = process.env.STRATA_BENCH_TMP || '/tmp/strata-bench-ublk';
 const OWN_TMPFS = !process.env.STRATA_BENCH_TMP;
 const ROUNDS = Math.max(1, Number(process.env.STRATA_BENCH_ROUNDS || 2));
 
-/**
- * Unmounts the bench's tmpfs, lazily if it stays busy. It does: the native
- * FileTarget's dup of backing.img is closed only when the target is garbage
- * collected (FileTarget.close() closes the JS fd), and the message names the
- * fds this process still holds there.
- */
-async function unmountTmpfs(): Promise<void> {
-  for (let i = 0; ; i++) {
-    try { await sh(`umount ${DIR}`); return; } catch (e) {
-      if (i === 50) {
-        const mine = fs.readdirSync('/proc/self/fd').map((n) => { try { return fs.readlinkSync(`/proc/self/fd/${n}`); } catch { return ''; } })
-          .filter((l) => l.startsWith(DIR));
-        process.stderr.write(`umount ${DIR} still busy after 5 s (${String(e).split('\n')[0]}); this process's fds there: ` +
-          `${mine.join(', ') || 'none'}; detaching it lazily\n`);
-        await sh(`umount -l ${DIR}`);
-        return;
-      }
-      await new Promise((r) => setTimeout(r, 100));
-    }
-  }
-}
-
 const sh = (cmd: string) => new Promise<string>((res, rej) =>
   execFile('sh', ['-c', cmd], { maxBuffer: 1 << 26, timeout: 600_000 }, (e, out, err) => (e ? rej(new Error(`${cmd}: ${err || e.message}`)) : res(out))));
 
@@ -232,6 +210,6 @@ async function fio(dev: string, job: typeof JOBS[number]): Promise<Cell> {
       console.log(`| ${who} zero copy ÷ loop, ${j} (≥ 0.8×) | ${ratio(iops(`${who}-zero-copy`, j), iops('loop', j))} |`);
     }
   }
-  if (OWN_TMPFS) await unmountTmpfs();
+  if (OWN_TMPFS) await sh(`umount ${DIR}`);
   fs.rmSync(DIR, { recursive: true, force: true });
 })().catch((e) => { console.error(e); process.exit(1); });

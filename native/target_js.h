@@ -24,9 +24,22 @@ inline TargetRef TargetFromJs(Napi::Value v) {
   Napi::Env env = v.Env();
   if (v.IsObject()) {
     Napi::Value h = v.As<Napi::Object>().Get("handle");
-    if (h.IsExternal()) return *h.As<Napi::External<TargetRef>>().Data();
+    if (h.IsExternal()) {
+      TargetRef t = *h.As<Napi::External<TargetRef>>().Data();
+      if (!t) throw Napi::Error::New(env, "the native block target is closed");
+      return t;
+    }
   }
   throw Napi::TypeError::New(env, "expected a native block target (an object with a `handle`)");
+}
+
+/**
+ * Drops the JS object's share of its target now rather than at garbage
+ * collection: the target (and what it holds open) goes when the last
+ * frontend still serving it lets go.
+ */
+inline void ReleaseTargetJs(Napi::Value handle) {
+  if (handle.IsExternal()) handle.As<Napi::External<TargetRef>>().Data()->reset();
 }
 
 }  // namespace strata

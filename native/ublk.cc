@@ -1392,6 +1392,10 @@ class UblkDevice : public Napi::ObjectWrap<UblkDevice> {
     if ((st == State::Deleted || st == State::New) && dev_->tsfnLive.exchange(false)) {
       dev_->tsfn.Release();
       for (auto& q : dev_->queues) q->FreeStage();
+      // The queue threads are gone: let go of the target now, not when this
+      // object is garbage-collected (a FileTarget holds its file open).
+      dev_->fileFd = -1;
+      dev_->target.reset();
       self_.Reset();
     }
     (void)env;
@@ -1455,6 +1459,8 @@ void InitUblk(Napi::Env env, Napi::Object exports) {
   exports.Set("ublkFeatures", Napi::Function::New(env, Features, "ublkFeatures"));
   exports.Set("UblkDevice", UblkDevice::Init(env));
   exports.Set("fileTarget", Napi::Function::New(env, MakeFileTarget, "fileTarget"));
+  exports.Set("releaseTarget", Napi::Function::New(env, [](const Napi::CallbackInfo& info) { ReleaseTargetJs(info[0]); },
+                                                   "releaseTarget"));
 }
 
 }  // namespace strata

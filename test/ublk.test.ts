@@ -64,6 +64,17 @@ test('FileTarget: a native handle over its own dup, size rounded to sectors', ()
   u.close();
 });
 
+test('FileTarget.close() closes the native dup too (not at garbage collection); a closed target serves no new device', async () => {
+  const open = () => fs.readdirSync('/proc/self/fd').filter((n) => { try { return fs.readlinkSync(`/proc/self/fd/${n}`) === img; } catch { return false; } }).length;
+  const before = open();
+  const t = FileTarget.open(img);
+  assert.is(open(), before + 2, 'the JS fd and the native dup');
+  t.close();
+  assert.is(open(), before, 'both closed by close()');
+  const e = await UblkDevice.create({ target: t }).then(() => null, (x) => x);
+  assert.ok(e instanceof Error && /closed/.test(e.message), String(e));
+});
+
 test('FileTarget.serveSlow answers reads, writes and zeroing with fs calls', async () => {
   const t = FileTarget.open(img);
   const data = Buffer.alloc(4096, 0x5a);

@@ -75,8 +75,9 @@ export class FileTarget {
     }
   }
 
-  /** Closes the JS fd; the native dup lives as long as a device uses it. */
+  /** Closes the JS fd and lets go of the native target: its dup closes once no device uses it. */
   close(): void {
+    ublkAddon().releaseTarget(this.handle);
     fs.closeSync(this.fd);
   }
 }

@@ -62,6 +62,8 @@ export interface UblkAddon {
   ublkFeatures(): { flags: number; names: string[] };
   UblkDevice: new (target: TargetObject, opts: NativeDeviceOptions, onSlow: () => void) => NativeUblkDevice;
   fileTarget(fd: number, size: number, alwaysSlow?: boolean, split?: number, zeroEvery?: number): TargetObject;
+  /** Drops a target handle's share of its native target (target_js.h). */
+  releaseTarget(handle: unknown): void;
 }
 
 export function ublkAddon(): UblkAddon {
