@@ -12,7 +12,7 @@
 //   loop            the kernel loop driver on the same file (losetup --direct-io=on)
 //   ublk-zero-copy-sparse (by name only) bare ublk on a fresh sparse file: first
 //                   writes allocate, as in a strata overlay (its reads are of holes)
-// Workloads: 4k randread qd32, 4k randwrite qd32, 128k read qd8, 128k write qd8.
+// Workloads: 4k randread qd32, 4k randwrite qd32 (fresh and filled), 128k read qd8, 128k write qd8.
 // Under TCG, user code runs ~17x slower than the kernel, so ratios here are
 // biased against the userspace server (see /work/shared/tools/run-in-vm.md).
 //
@@ -23,7 +23,9 @@
 //
 // Knobs: STRATA_BENCH_SECONDS (default 6), STRATA_BENCH_FILE_MB (default 256),
 // STRATA_BENCH_QUEUES (default: CPUs), STRATA_BENCH_PEERS (subset, comma-separated),
-// STRATA_BENCH_ROUNDS (default 2), STRATA_BENCH_TMP (a directory to use instead of a tmpfs of its own).
+// STRATA_BENCH_ROUNDS (default 2), STRATA_BENCH_TMP (a directory to use instead of a tmpfs of its own),
+// STRATA_BENCH_FS (tmpfs, the default, or ext4-ram: see below), STRATA_BENCH_CPU=1
+// (CPU per I/O by thread group on each cell's line).
 import * as fs from 'fs';
 import * as os from 'os';
 import { execFile } from 'child_process';
@@ -39,27 +41,79 @@ const DIR = process.env.STRATA_BENCH_TMP || '/tmp/strata-bench-ublk';
 // overlayfs (a tmpfs upper over the host's 9p root), which adds a stacking
 // layer to every peer's file I/O that a host's cache directory never has.
 const OWN_TMPFS = !process.env.STRATA_BENCH_TMP;
+// STRATA_BENCH_FS=ext4-ram puts that directory on ext4 over a RAM disk (brd)
+// instead: the layout of a host with its cache on a local disk, minus the
+// disk's latency. There the loop device does real direct I/O to a block
+// device, and io_uring completes buffered ext4 reads inline, while tmpfs
+// has no direct I/O and io_uring hands every tmpfs read and write to a worker.
+const FS = process.env.STRATA_BENCH_FS || 'tmpfs';
+if (!['tmpfs', 'ext4-ram'].includes(FS)) throw new Error(`STRATA_BENCH_FS must be tmpfs or ext4-ram, not ${FS}`);
 const ROUNDS = Math.max(1, Number(process.env.STRATA_BENCH_ROUNDS || 2));
 
 const sh = (cmd: string) => new Promise<string>((res, rej) =>
   execFile('sh', ['-c', cmd], { maxBuffer: 1 << 26, timeout: 600_000 }, (e, out, err) => (e ? rej(new Error(`${cmd}: ${err || e.message}`)) : res(out))));
 
-const JOBS = [
+// '4k randwrite qd32' runs on a fresh device: on a strata device every first
+// write to a block allocates a page of the sparse overlay, which the loop
+// device and bare ublk (overwriting the full backing file) never do. The
+// 'filled' row first writes the whole device sequentially, so every peer
+// overwrites allocated space, as storage benchmarks precondition a disk.
+const JOBS: { name: string; rw: string; bs: string; qd: number; fill?: boolean }[] = [
   { name: '4k randread qd32', rw: 'randread', bs: '4k', qd: 32 },
   { name: '4k randwrite qd32', rw: 'randwrite', bs: '4k', qd: 32 },
+  { name: '4k randwrite qd32, filled', rw: 'randwrite', bs: '4k', qd: 32, fill: true },
   { name: '128k read qd8', rw: 'read', bs: '128k', qd: 8 },
   { name: '128k write qd8', rw: 'write', bs: '128k', qd: 8 },
 ];
 
-interface Cell { iops: number; mbs: number; p99us: number }
+interface Cell { iops: number; mbs: number; p99us: number; cpu?: string }
+
+// STRATA_BENCH_CPU=1: CPU per I/O of the threads that did the work, by
+// group — this process's own threads (JS and ublk queue threads), its
+// io_uring workers (iou-wrk-*: punted file I/O), and kernel threads
+// (kworkers: the loop device's worker) — plus the machine's idle share.
+// Threads that exit during the cell (fio's) are not counted.
+const CPU = !!process.env.STRATA_BENCH_CPU;
+function threadTicks(): Map<string, number> {
+  const m = new Map<string, number>();
+  for (const pid of fs.readdirSync('/proc').filter((x) => /^\d+$/.test(x))) {
+    let tids: string[];
+    try { tids = fs.readdirSync(`/proc/${pid}/task`); } catch { continue; }
+    for (const tid of tids) {
+      try {
+        const st = fs.readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8');
+        const comm = st.slice(st.indexOf('(') + 1, st.lastIndexOf(')'));
+        const f = st.slice(st.lastIndexOf(')') + 2).split(' ');
+        const group = pid === String(process.pid) ? (comm.startsWith('iou-wrk') ? 'io-wq' : 'server') : comm.startsWith('kworker') ? 'kworkers' : 'other';
+        m.set(`${group}|${tid}`, Number(f[11]) + Number(f[12]));
+      } catch { /* the thread exited */ }
+    }
+  }
+  return m;
+}
+const idleTicks = () => fs.readFileSync('/proc/stat', 'utf8').split('\n')[0].split(/\s+/).slice(1).map(Number);
 
 async function fio(dev: string, job: typeof JOBS[number]): Promise<Cell> {
+  // sync: the fill's dirty pages (buffered in a ublk peer's files) are written
+  // back before the cell, not during it, as they never are for loop's direct I/O.
+  if (job.fill) await sh(`fio --name=fill --filename=${dev} --direct=1 --ioengine=libaio --rw=write --bs=1M --iodepth=8 --size=${FILE_MB}M && sync`);
+  const t0 = CPU ? threadTicks() : undefined, s0 = CPU ? idleTicks() : [];
   const out = await sh(`fio --output-format=json --name=b --filename=${dev} --direct=1 --ioengine=libaio ` +
     `--rw=${job.rw} --bs=${job.bs} --iodepth=${job.qd} --time_based --runtime=${SECONDS} --ramp_time=1 --size=${FILE_MB}M --randrepeat=0`);
   const j = JSON.parse(out.slice(out.indexOf('{'))).jobs[0];
   const side = job.rw.includes('read') ? j.read : j.write;
   const p99 = side.clat_ns?.percentile?.['99.000000'] ?? 0;
-  return { iops: side.iops, mbs: side.bw_bytes / 1e6, p99us: p99 / 1000 };
+  let cpu: string | undefined;
+  if (t0) {
+    const t1 = threadTicks(), s1 = idleTicks();
+    const by: Record<string, number> = {};
+    for (const [k, v] of t1) { const g = k.split('|')[0]; by[g] = (by[g] ?? 0) + v - (t0.get(k) ?? 0); }
+    const ds = s1.map((x, i) => x - s0[i]), total = ds.reduce((a, b) => a + b, 0);
+    // The ticks span the whole fio run (ramp included); ios are the measured ones + the ramp's at the same rate.
+    const ios = side.iops * (SECONDS + 1), tick = 1e4; // /proc counts USER_HZ (100 Hz) ticks: 10,000 µs each
+    cpu = ['server', 'io-wq', 'kworkers'].map((g) => `${g} ${((by[g] ?? 0) * tick / ios).toFixed(1)}`).join(', ') + ` µs/IO; idle ${(100 * ds[3] / total).toFixed(0)} %`;
+  }
+  return { iops: side.iops, mbs: side.bw_bytes / 1e6, p99us: p99 / 1000, cpu };
 }
 
 (async () => {
@@ -72,7 +126,11 @@ async function fio(dev: string, job: typeof JOBS[number]): Promise<Cell> {
   }
   fs.rmSync(DIR, { recursive: true, force: true });
   fs.mkdirSync(DIR, { recursive: true });
-  if (OWN_TMPFS) await sh(`mount -t tmpfs -o size=${FILE_MB * 4 + 512}m strata-bench ${DIR}`);
+  if (OWN_TMPFS && FS === 'tmpfs') await sh(`mount -t tmpfs -o size=${FILE_MB * 4 + 512}m strata-bench ${DIR}`);
+  if (OWN_TMPFS && FS === 'ext4-ram') {
+    await sh(`modprobe brd rd_nr=1 rd_size=${(FILE_MB * 4 + 512) * 1024} max_part=0`);
+    await sh(`mkfs.ext4 -q -F /dev/ram0 && mount -t ext4 /dev/ram0 ${DIR}`);
+  }
   const fsType = (await sh(`stat -f -c %T ${DIR}`)).trim();
   const img = `${DIR}/backing.img`;
   // Real data: a sparse or fallocated file would serve reads without I/O.
@@ -100,7 +158,8 @@ async function fio(dev: string, job: typeof JOBS[number]): Promise<Cell> {
       async open() {
         const d = await engine.openDevice(layer);
         const dev = await serveUblk(d, { transport, queues: QUEUES, depth: 64 });
-        await sh(`dd if=${dev.path} of=/dev/null bs=1M iflag=direct status=none`); // warm the template cache
+        // Warm the template cache; sync so that its writing back is not part of the next cell.
+        await sh(`dd if=${dev.path} of=/dev/null bs=1M iflag=direct status=none && sync`);
         return {
           path: dev.path,
           async close() {
@@ -138,8 +197,9 @@ async function fio(dev: string, job: typeof JOBS[number]): Promise<Cell> {
   });
   const active = peers.filter((p) => want.includes(p.name));
 
-  // results[peer][job] = best cell over the rounds
+  // results[peer][job] = best cell over the rounds; perRound[peer][job][round] = IOPS
   const results: Record<string, Record<string, Cell>> = {};
+  const perRound: Record<string, Record<string, number[]>> = {};
   const notes: Record<string, string> = {};
   for (let round = 1; round <= ROUNDS; round++) {
     for (const p of active) {
@@ -148,7 +208,8 @@ async function fio(dev: string, job: typeof JOBS[number]): Promise<Cell> {
       results[p.name] ??= {};
       for (const job of JOBS) {
         const c = await fio(dev.path, job);
-        process.stderr.write(`round ${round} ${p.name} ${job.name}: ${Math.round(c.iops)} IOPS, p99 ${Math.round(c.p99us)} µs\n`);
+        process.stderr.write(`round ${round} ${p.name} ${job.name}: ${Math.round(c.iops)} IOPS, p99 ${Math.round(c.p99us)} µs${c.cpu ? `; cpu: ${c.cpu}` : ''}\n`);
+        ((perRound[p.name] ??= {})[job.name] ??= [])[round - 1] = c.iops;
         const best = results[p.name][job.name];
         if (!best || c.iops > best.iops) results[p.name][job.name] = c;
       }
@@ -182,7 +243,7 @@ async function fio(dev: string, job: typeof JOBS[number]): Promise<Cell> {
   target.close();
   await engine.close();
 
-  console.log(`\n### ublk vs loop on ${kernel} (QEMU TCG, ${os.cpus().length} vCPU, ${QUEUES} ublk queues, ${FILE_MB} MiB file on ${fsType}, ${SECONDS} s per cell, best of ${ROUNDS} interleaved rounds)\n`);
+  console.log(`\n### ublk vs loop on ${kernel} (QEMU TCG, ${os.cpus().length} vCPU, ${QUEUES} ublk queues, ${FILE_MB} MiB file on ${FS === 'ext4-ram' ? 'ext4 on a RAM disk (brd)' : fsType}, ${SECONDS} s per cell, best of ${ROUNDS} interleaved rounds)\n`);
   const names = active.map((p) => p.name);
   console.log(`| workload | ${names.join(' | ')} |`);
   console.log(`|---|${names.map(() => '---').join('|')}|`);
@@ -202,14 +263,24 @@ async function fio(dev: string, job: typeof JOBS[number]): Promise<Cell> {
   // The issue's targets, as ratios measured in this boot.
   const iops = (peer: string, job: string) => results[peer]?.[job]?.iops ?? NaN;
   const ratio = (a: number, b: number) => (Number.isFinite(a / b) ? `${(a / b).toFixed(2)}×` : 'not measured');
-  console.log('\n| target | ratio |\n|---|---|');
+  // Rounds interleave the peers, so a round's two cells ran minutes apart at
+  // most: the median of the per-round ratios is steadier than best ÷ best
+  // when the machine's speed drifts between rounds. Both are printed.
+  const medianRatio = (a: string, b: string, job: string) => {
+    const xs = perRound[a]?.[job] ?? [], ys = perRound[b]?.[job] ?? [];
+    const r = xs.map((x, i) => x / ys[i]).filter(Number.isFinite).sort((u, v) => u - v);
+    if (!r.length) return 'not measured';
+    const m = r.length % 2 ? r[(r.length - 1) / 2] : (r[r.length / 2 - 1] + r[r.length / 2]) / 2;
+    return `${m.toFixed(2)}× (rounds: ${r.map((v) => v.toFixed(2)).join(', ')})`;
+  };
+  const row = (label: string, a: string, b: string, job: string) =>
+    console.log(`| ${label} | ${ratio(iops(a, job), iops(b, job))} | ${medianRatio(a, b, job)} |`);
+  console.log('\n| target | best ÷ best | median of per-round ratios |\n|---|---|---|');
   for (const who of ['ublk', 'strata']) {
-    console.log(`| ${who} zero copy ÷ user copy, 128k read (≥ 1.3×) | ${ratio(iops(`${who}-zero-copy`, '128k read qd8'), iops(`${who}-user-copy`, '128k read qd8'))} |`);
-    console.log(`| ${who} zero copy ÷ user copy, 128k write (≥ 1.3×) | ${ratio(iops(`${who}-zero-copy`, '128k write qd8'), iops(`${who}-user-copy`, '128k write qd8'))} |`);
-    for (const j of ['4k randread qd32', '4k randwrite qd32']) {
-      console.log(`| ${who} zero copy ÷ loop, ${j} (≥ 0.8×) | ${ratio(iops(`${who}-zero-copy`, j), iops('loop', j))} |`);
-    }
+    for (const j of ['128k read qd8', '128k write qd8']) row(`${who} zero copy ÷ user copy, ${j} (≥ 1.3×)`, `${who}-zero-copy`, `${who}-user-copy`, j);
+    for (const j of ['4k randread qd32', '4k randwrite qd32', '4k randwrite qd32, filled']) row(`${who} zero copy ÷ loop, ${j} (≥ 0.8×)`, `${who}-zero-copy`, 'loop', j);
   }
   if (OWN_TMPFS) await sh(`umount ${DIR}`);
+  if (OWN_TMPFS && FS === 'ext4-ram') await sh('rmmod brd').catch((e) => console.error(`rmmod brd: ${(e as Error).message}`));
   fs.rmSync(DIR, { recursive: true, force: true });
 })().catch((e) => { console.error(e); process.exit(1); });
