@@ -116,6 +116,12 @@ async function fio(dev: string, job: typeof JOBS[number]): Promise<Cell> {
   return { iops: side.iops, mbs: side.bw_bytes / 1e6, p99us: p99 / 1000, cpu };
 }
 
+/** How much each queue-thread wake-up batched over the device's life. */
+function wakeups(dev: UblkDevice): string {
+  const st = dev.stats();
+  return `${st.cqes} CQEs in ${st.waits} queue-thread wake-ups (${(st.cqes / Math.max(1, st.waits)).toFixed(2)} each)`;
+}
+
 (async () => {
   let f;
   try {
@@ -150,7 +156,7 @@ async function fio(dev: string, job: typeof JOBS[number]): Promise<Cell> {
       name: `ublk-${transport}`, note: off,
       async open() {
         const dev = await UblkDevice.create({ target, transport, queues: QUEUES, depth: 64 });
-        return { path: dev.path, close: () => dev.delete() };
+        return { path: dev.path, close: async () => { const w = wakeups(dev); await dev.delete(); return w; } };
       },
     });
     peers.push({
@@ -163,10 +169,10 @@ async function fio(dev: string, job: typeof JOBS[number]): Promise<Cell> {
         return {
           path: dev.path,
           async close() {
-            const st = d.nativeStats();
+            const st = d.nativeStats(), w = wakeups(dev);
             await dev.delete();
             await engine.closeDevice(d);
-            return `native: ${st.fastReads} reads, ${st.fastWrites} writes; slow: ${st.slowPlans} (gate ${st.slowGate}, busy stripe ${st.slowBusy})`;
+            return `native: ${st.fastReads} reads, ${st.fastWrites} writes; slow: ${st.slowPlans} (gate ${st.slowGate}, busy stripe ${st.slowBusy}); ${w}`;
           },
         };
       },

@@ -393,6 +393,9 @@ struct Dev {
   std::atomic<bool> tsfnLive{false};
 
   std::atomic<uint64_t> fastIos{0}, slowIos{0};
+  // Queue-thread wake-ups (io_uring_enter returns) and the CQEs they reaped:
+  // their ratio is how much each wake-up batches.
+  std::atomic<uint64_t> waits{0}, cqes{0};
   double createMs = 0;
   // Where create() spends its time: ADD_DEV, SET_PARAMS, open cdev, queues ready, START_DEV.
   double stepMs[5] = {0, 0, 0, 0, 0};
@@ -761,6 +764,8 @@ void Queue::Loop() {
       seen++;
     }
     io_uring_cq_advance(&ring_, seen);
+    dev_->waits.fetch_add(1, std::memory_order_relaxed);
+    dev_->cqes.fetch_add(seen, std::memory_order_relaxed);
   }
 }
 
@@ -1406,6 +1411,8 @@ class UblkDevice : public Napi::ObjectWrap<UblkDevice> {
     Napi::Object r = Napi::Object::New(env);
     r.Set("fastIos", Napi::Number::New(env, double(dev_->fastIos.load())));
     r.Set("slowIos", Napi::Number::New(env, double(dev_->slowIos.load())));
+    r.Set("waits", Napi::Number::New(env, double(dev_->waits.load())));
+    r.Set("cqes", Napi::Number::New(env, double(dev_->cqes.load())));
     static const char* kStates[] = {"new", "added", "live", "stopped", "deleted"};
     r.Set("state", kStates[int(dev_->state.load())]);
     return r;

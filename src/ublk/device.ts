@@ -169,7 +169,7 @@ export class UblkDevice {
     live.delete(this);
   }
 
-  stats(): { fastIos: number; slowIos: number; state: string } {
+  stats(): { fastIos: number; slowIos: number; waits: number; cqes: number; state: string } {
     return this.native.stats();
   }
 }

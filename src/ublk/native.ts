@@ -51,7 +51,7 @@ export interface NativeUblkDevice {
   stop(opts?: { try?: boolean }): Promise<void>;
   delete(): Promise<void>;
   abandon(): Promise<void>;
-  stats(): { fastIos: number; slowIos: number; state: string };
+  stats(): { fastIos: number; slowIos: number; waits: number; cqes: number; state: string };
 }
 
 export interface TargetObject {

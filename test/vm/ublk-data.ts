@@ -110,6 +110,8 @@ async function segmented(transport: 'zero-copy' | 'user-copy'): Promise<void> {
     check(fs.readFileSync(`${DIR}/segback`).equals(expected(wantFile, 0, MB << 20)), `${label}: and read back through the device`);
     const st = dev.stats();
     check(st.slowIos === 0 && st.fastIos > 0, `${label}: all planned natively (fast ${st.fastIos}, slow ${st.slowIos})`);
+    // Every request completes at least its fetch on the queue ring; wake-ups reap CQEs in batches.
+    check(st.cqes >= st.fastIos && st.waits > 0 && st.waits <= st.cqes, `${label}: wake-up counters (${st.cqes} CQEs in ${st.waits} wake-ups)`);
   } catch (e) {
     check(false, `${label}: ${(e as Error).message}`);
   } finally {
