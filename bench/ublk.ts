@@ -12,6 +12,7 @@
 //   loop            the kernel loop driver on the same file (losetup --direct-io=on)
 //   ublk-zero-copy-sparse (by name only) bare ublk on a fresh sparse file: first
 //                   writes allocate, as in a strata overlay (its reads are of holes)
+//   loop-sparse     (by name only) loop on a fresh sparse file, likewise
 // Workloads: 4k randread qd32, 4k randwrite qd32 (fresh and filled), 128k read qd8, 128k write qd8.
 // Under TCG, user code runs ~17x slower than the kernel, so ratios here are
 // biased against the userspace server (see /work/shared/tools/run-in-vm.md).
@@ -190,6 +191,19 @@ function wakeups(dev: UblkDevice): string {
       const t = FileTarget.open(file);
       const dev = await UblkDevice.create({ target: t, transport: 'zero-copy', queues: QUEUES, depth: 64 });
       return { path: dev.path, close: async () => { await dev.delete(); t.close(); fs.rmSync(file, { force: true }); } };
+    },
+  });
+  // Diagnostic (by name only): loop on a fresh sparse file, whose first writes allocate too.
+  peers.push({
+    name: 'loop-sparse',
+    async open() {
+      await sh('modprobe loop 2>/dev/null || true');
+      const file = `${DIR}/loop-sparse.img`;
+      fs.rmSync(file, { force: true });
+      fs.closeSync(fs.openSync(file, 'w'));
+      fs.truncateSync(file, FILE_MB << 20);
+      const loop = (await sh(`losetup -f --show --direct-io=on ${file}`)).trim();
+      return { path: loop, close: async () => { await sh(`losetup -d ${loop}`); fs.rmSync(file, { force: true }); } };
     },
   });
   peers.push({
