@@ -49,6 +49,7 @@ const OWN_TMPFS = !process.env.STRATA_BENCH_TMP;
 // has no direct I/O and io_uring hands every tmpfs read and write to a worker.
 const FS = process.env.STRATA_BENCH_FS || 'tmpfs';
 if (!['tmpfs', 'ext4-ram'].includes(FS)) throw new Error(`STRATA_BENCH_FS must be tmpfs or ext4-ram, not ${FS}`);
+if (!OWN_TMPFS && process.env.STRATA_BENCH_FS) throw new Error('STRATA_BENCH_FS picks the filesystem the bench mounts for itself; it cannot be combined with STRATA_BENCH_TMP');
 const ROUNDS = Math.max(1, Number(process.env.STRATA_BENCH_ROUNDS || 2));
 
 const sh = (cmd: string) => new Promise<string>((res, rej) =>
