@@ -248,9 +248,15 @@ class Wire : public Napi::ObjectWrap<Wire> {
     }
     Emit("closed", reason);
     // The JS side drops its reference when it sees "closed"; the persistent
-    // self reference is released on the JS thread.
+    // self reference is released on the JS thread. So is the target, at once
+    // rather than when this object is collected: this thread no longer uses
+    // it, and a target may hold files open (a FileTarget's dup).
     auto* self = this;
-    tsfn_.BlockingCall([self](Napi::Env, Napi::Function) { self->self_.Reset(); });
+    tsfn_.BlockingCall([self](Napi::Env, Napi::Function) {
+      self->target_.reset();
+      self->targetRef_.Reset();
+      self->self_.Reset();
+    });
     tsfn_.Release();
   }
 

@@ -6,6 +6,13 @@ import { RawClient } from './helpers/nbd-client';
 import { nbdFixture, Fixture } from './helpers/nbd-fixture';
 import { CMD, CMD_FLAG, ERR, INFO, OPT, REP, TFLAG } from '../src/nbd/protocol';
 import { rng } from './helpers/util';
+import * as fs from 'fs';
+import * as net from 'net';
+import * as os from 'os';
+import * as path from 'path';
+import { once } from 'events';
+import { loadNative } from '../src/native';
+import { FileTarget } from '../src/ublk';
 
 let f: Fixture;
 test.before(async () => { f = await nbdFixture('nbdproto'); await f.addDevice('d0'); await f.addDevice('d1'); });
@@ -250,6 +257,52 @@ test('replies from the connection thread and the writer thread never interleave,
   const back = (await c.read(W, 400 * 4096)).data;
   for (const w of writes) assert.ok(back.subarray(w.at - W, w.at - W + 4096).equals(w.data), `write at ${w.at} reads back`);
   c.close();
+});
+
+test('a native wire lets go of its target when its connection closes (a FileTarget\'s file closes then, not at garbage collection)', async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'strata-wire-'));
+  const file = path.join(dir, 'img');
+  const data = Buffer.alloc(1 << 20);
+  for (let i = 0; i < data.length; i++) data[i] = (i * 7 + 3) & 0xff;
+  fs.writeFileSync(file, data);
+  const held = () => fs.readdirSync('/proc/self/fd').filter((n) => { try { return fs.readlinkSync(`/proc/self/fd/${n}`) === file; } catch { return false; } }).length;
+  const server = net.createServer();
+  await new Promise<void>((r) => server.listen(path.join(dir, 's'), r));
+  try {
+    const t = FileTarget.open(file);
+    const accepted = once(server, 'connection');
+    const client = net.connect(path.join(dir, 's'));
+    await once(client, 'connect');
+    const [sock] = (await accepted) as [net.Socket];
+    const fd = (sock as unknown as { _handle: { fd: number } })._handle.fd;
+    let closed!: () => void;
+    const gone = new Promise<void>((r) => { closed = r; });
+    const wire = new (loadNative().NbdWire)(fd, t, {
+      structured: false, readOnly: false, size: data.length, minBlock: 512, maxPayload: 1 << 20,
+      maxInflight: 16, maxInflightBytes: 1 << 20, maxQueuedReplyBytes: 1 << 20,
+    }, Buffer.alloc(0), (kind) => { if (kind === 'closed') closed(); });
+    sock.destroy(); // the wire has its own dup of the socket
+    // One READ, served natively from the target's file.
+    const req = Buffer.alloc(28);
+    req.writeUInt32BE(0x25609513, 0); req.writeUInt16BE(CMD.READ, 6); req.writeBigUInt64BE(7n, 8);
+    req.writeBigUInt64BE(8192n, 16); req.writeUInt32BE(4096, 24);
+    client.write(req);
+    let got = Buffer.alloc(0);
+    while (got.length < 16 + 4096) got = Buffer.concat([got, (await once(client, 'data'))[0] as Buffer]);
+    assert.is(got.readUInt32BE(4), 0, 'no error');
+    assert.ok(got.subarray(16, 16 + 4096).equals(data.subarray(8192, 8192 + 4096)), 'the bytes of the file');
+    t.close(); // the JS object's share (and its fd) go; the wire still serves
+    assert.is(held(), 1, 'the wire still holds the native dup while its connection is open');
+    client.end();
+    await gone;
+    // Released on the JS thread right after "closed".
+    for (let i = 0; i < 200 && held() > 0; i++) await new Promise((r) => setTimeout(r, 10));
+    assert.is(held(), 0, 'the file is closed once the connection is');
+    assert.ok(wire, 'the wire object itself is still referenced here');
+  } finally {
+    server.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
 });
 
 test('fuzz: 10,000 random and mutated messages; the server survives and keeps serving correctly', async () => {
