@@ -5,10 +5,9 @@ import * as assert from 'uvu/assert';
 import { RawClient } from './helpers/nbd-client';
 import { nbdFixture, Fixture } from './helpers/nbd-fixture';
 import { CMD, CMD_FLAG, ERR, INFO, OPT, REP, TFLAG } from '../src/nbd/protocol';
-import { rng } from './helpers/util';
+import { rng, tmpdir, fdsOn } from './helpers/util';
 import * as fs from 'fs';
 import * as net from 'net';
-import * as os from 'os';
 import * as path from 'path';
 import { once } from 'events';
 import { loadNative } from '../src/native';
@@ -260,12 +259,12 @@ test('replies from the connection thread and the writer thread never interleave,
 });
 
 test('a native wire lets go of its target when its connection closes (a FileTarget\'s file closes then, not at garbage collection)', async () => {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'strata-wire-'));
+  const dir = tmpdir('wire');
   const file = path.join(dir, 'img');
   const data = Buffer.alloc(1 << 20);
   for (let i = 0; i < data.length; i++) data[i] = (i * 7 + 3) & 0xff;
   fs.writeFileSync(file, data);
-  const held = () => fs.readdirSync('/proc/self/fd').filter((n) => { try { return fs.readlinkSync(`/proc/self/fd/${n}`) === file; } catch { return false; } }).length;
+  const held = () => fdsOn(file);
   const server = net.createServer();
   await new Promise<void>((r) => server.listen(path.join(dir, 's'), r));
   try {

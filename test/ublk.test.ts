@@ -10,6 +10,7 @@ import * as path from 'path';
 import { spawnSync } from 'child_process';
 import { features, UblkDevice, FileTarget, UblkError, transportFromEnv } from '../src/ublk';
 import { StrataError } from '../src/errors';
+import { fdsOn } from './helpers/util';
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'strata-ublk-'));
 const img = path.join(dir, 'img');
@@ -65,7 +66,7 @@ test('FileTarget: a native handle over its own dup, size rounded to sectors', ()
 });
 
 test('FileTarget.close() closes the native dup too (not at garbage collection); a closed target serves no new device', async () => {
-  const open = () => fs.readdirSync('/proc/self/fd').filter((n) => { try { return fs.readlinkSync(`/proc/self/fd/${n}`) === img; } catch { return false; } }).length;
+  const open = () => fdsOn(img);
   const before = open();
   const t = FileTarget.open(img);
   assert.is(open(), before + 2, 'the JS fd and the native dup');

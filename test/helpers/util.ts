@@ -20,6 +20,13 @@ export function tmpdir(tag: string): string {
   return fs.mkdtempSync(path.join(os.tmpdir(), `strata-${tag}-`));
 }
 
+/** How many of this process's file descriptors are open on `file` (by /proc/self/fd). */
+export function fdsOn(file: string): number {
+  return fs.readdirSync('/proc/self/fd').filter((n) => {
+    try { return fs.readlinkSync(`/proc/self/fd/${n}`) === file; } catch { return false; }
+  }).length;
+}
+
 /** An image of `blocks` 4 KiB blocks: ~1/4 zero, some repeats, the rest pseudo-random. */
 export function makeImage(blocks: number, seed: number): Buffer {
   const r = rng(seed);

@@ -5,6 +5,7 @@
 // STRATA_UBLK_CYCLES (default 100) sets the cycle count.
 import * as fs from 'fs';
 import { UblkDevice, FileTarget } from '../../src/ublk';
+import { fdsOn } from '../helpers/util';
 import { check, sh, transports, scratchFile, finish, fdCount, threadCount, iouWorkers, ublkDevices, pct, waitFor, begin } from './ublk-helpers';
 
 const DIR = '/tmp/strata-vm-ublk-churn';
@@ -53,8 +54,8 @@ const fmt = (xs: number[]) => `p50 ${pct(xs, 50).toFixed(1)} ms, p99 ${pct(xs, 9
   }
   target.close();
   // Deleted devices and a closed target hold the file no more (not left to GC).
-  const held = fs.readdirSync('/proc/self/fd').filter((n) => { try { return fs.readlinkSync(`/proc/self/fd/${n}`) === img; } catch { return false; } });
-  check(held.length === 0, `the backing file is closed once its devices are deleted and the target closed (${held.length} fds still open)`);
+  const held = fdsOn(img);
+  check(held === 0, `the backing file is closed once its devices are deleted and the target closed (${held} fds still open)`);
   // The kernel loop driver through losetup (a process per call, as users run it).
   const loop = await sh(`modprobe loop 2>/dev/null; for i in $(seq 1 ${Math.min(CYCLES, 50)}); do s=$(date +%s%N); d=$(losetup -f --show ${img}) || exit 1; m=$(date +%s%N); losetup -d $d; e=$(date +%s%N); echo "$(( (m - s) / 1000 )) $(( (e - m) / 1000 ))"; done`).catch((e) => (e as Error).message);
   const rows = loop.trim().split('\n').map((l) => l.split(' ').map(Number)).filter((r) => r.length === 2 && r.every(Number.isFinite));
