@@ -33,6 +33,7 @@ import * as os from 'os';
 import * as net from 'net';
 import * as path from 'path';
 import { spawn, spawnSync, type ChildProcess } from 'child_process';
+import { medianOfRounds } from './rounds';
 
 const ROOT = path.join(__dirname, '..');
 const MiB = 1024 * 1024;
@@ -727,18 +728,12 @@ async function main(): Promise<void> {
 
     // Targets.
     out.push('', '#### Targets', '');
-    // Rounds interleave the peers, so the median of per-round ratios (strata
-    // ÷ the best peer of that round) is steadier than best ÷ best when the
-    // machine's speed drifts between rounds; it is printed beside the verdict,
-    // which stays best ÷ best.
+    // Beside the verdict (best ÷ best) the median of the per-round ratios,
+    // strata ÷ the best peer of that round (bench/rounds.ts).
     out.push('| target | test | conns | strata | peer | ratio | met | median of per-round ratios |');
     out.push('|---|---|---:|---:|---:|---:|---|---|');
-    const perRound = (s: Cell, os_: Cell[]) => {
-      const r = s.rounds.map((x, i) => x / Math.max(...os_.map((o) => o.rounds[i] ?? NaN))).filter(Number.isFinite).sort((a, b) => a - b);
-      if (!r.length) return '–';
-      const m = r.length % 2 ? r[(r.length - 1) / 2] : (r[r.length / 2 - 1] + r[r.length / 2]) / 2;
-      return `${fmtX(m)} (${r.map((x) => fmtX(x)).join(', ')})`;
-    };
+    const perRound = (s: Cell, os_: Cell[]) =>
+      medianOfRounds(s.rounds, s.rounds.map((_, i) => Math.max(...os_.map((o) => o.rounds[i] ?? NaN))));
     let met = 0, missed = 0, unknown = 0, shaky = 0;
     const check = (name: string, t: Test, conns: number, peerKeys: string[], need: number) => {
       const s = get('strata', t.key, conns);

@@ -33,6 +33,7 @@ import { execFile } from 'child_process';
 import { features, UblkDevice, FileTarget } from '../src/ublk';
 import { Engine, Codec } from '../src/index';
 import { serveUblk } from '../src/ublk-export';
+import { medianOfRounds } from './rounds';
 
 const SECONDS = Number(process.env.STRATA_BENCH_SECONDS || 6);
 const FILE_MB = Number(process.env.STRATA_BENCH_FILE_MB || 256);
@@ -284,18 +285,9 @@ function wakeups(dev: UblkDevice): string {
   // The issue's targets, as ratios measured in this boot.
   const iops = (peer: string, job: string) => results[peer]?.[job]?.iops ?? NaN;
   const ratio = (a: number, b: number) => (Number.isFinite(a / b) ? `${(a / b).toFixed(2)}×` : 'not measured');
-  // Rounds interleave the peers, so a round's two cells ran minutes apart at
-  // most: the median of the per-round ratios is steadier than best ÷ best
-  // when the machine's speed drifts between rounds. Both are printed.
-  const medianRatio = (a: string, b: string, job: string) => {
-    const xs = perRound[a]?.[job] ?? [], ys = perRound[b]?.[job] ?? [];
-    const r = xs.map((x, i) => x / ys[i]).filter(Number.isFinite).sort((u, v) => u - v);
-    if (!r.length) return 'not measured';
-    const m = r.length % 2 ? r[(r.length - 1) / 2] : (r[r.length / 2 - 1] + r[r.length / 2]) / 2;
-    return `${m.toFixed(2)}× (rounds: ${r.map((v) => v.toFixed(2)).join(', ')})`;
-  };
+  // Both best ÷ best and the median of per-round ratios (bench/rounds.ts).
   const row = (label: string, a: string, b: string, job: string) =>
-    console.log(`| ${label} | ${ratio(iops(a, job), iops(b, job))} | ${medianRatio(a, b, job)} |`);
+    console.log(`| ${label} | ${ratio(iops(a, job), iops(b, job))} | ${medianOfRounds(perRound[a]?.[job] ?? [], perRound[b]?.[job] ?? [], 'not measured')} |`);
   console.log('\n| target | best ÷ best | median of per-round ratios |\n|---|---|---|');
   for (const who of ['ublk', 'strata']) {
     for (const j of ['128k read qd8', '128k write qd8']) row(`${who} zero copy ÷ user copy, ${j} (≥ 1.3×)`, `${who}-zero-copy`, `${who}-user-copy`, j);
