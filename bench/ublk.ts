@@ -181,15 +181,27 @@ function wakeups(dev: UblkDevice): string {
       },
     });
   }
+  // A file of the device's size with no data: every first write allocates.
+  const freshSparse = (name: string) => {
+    const file = `${DIR}/${name}`;
+    fs.rmSync(file, { force: true });
+    fs.closeSync(fs.openSync(file, 'w'));
+    fs.truncateSync(file, FILE_MB << 20);
+    return file;
+  };
+  // The kernel loop driver with direct I/O on `file`; close() detaches it.
+  const loopOn = async (file: string, after?: () => void) => {
+    await sh('modprobe loop 2>/dev/null || true');
+    const loop = (await sh(`losetup -f --show --direct-io=on ${file}`)).trim();
+    const dio = (await sh(`cat /sys/block/${loop.replace('/dev/', '')}/loop/dio`).catch(() => '?')).trim();
+    return { path: loop, close: async () => { await sh(`losetup -d ${loop}`); after?.(); return `${loop}, dio=${dio}`; } };
+  };
   // Diagnostic (by name only): bare ublk writing into a fresh sparse file, as a
   // strata overlay does, to tell the cost of first writes from strata's planning.
   peers.push({
     name: 'ublk-zero-copy-sparse', note: f.zeroCopy ? undefined : 'not offered by this kernel',
     async open() {
-      const file = `${DIR}/sparse.img`;
-      fs.rmSync(file, { force: true });
-      fs.closeSync(fs.openSync(file, 'w'));
-      fs.truncateSync(file, FILE_MB << 20);
+      const file = freshSparse('sparse.img');
       const t = FileTarget.open(file);
       const dev = await UblkDevice.create({ target: t, transport: 'zero-copy', queues: QUEUES, depth: 64 });
       return { path: dev.path, close: async () => { await dev.delete(); t.close(); fs.rmSync(file, { force: true }); } };
@@ -199,24 +211,11 @@ function wakeups(dev: UblkDevice): string {
   peers.push({
     name: 'loop-sparse',
     async open() {
-      await sh('modprobe loop 2>/dev/null || true');
-      const file = `${DIR}/loop-sparse.img`;
-      fs.rmSync(file, { force: true });
-      fs.closeSync(fs.openSync(file, 'w'));
-      fs.truncateSync(file, FILE_MB << 20);
-      const loop = (await sh(`losetup -f --show --direct-io=on ${file}`)).trim();
-      return { path: loop, close: async () => { await sh(`losetup -d ${loop}`); fs.rmSync(file, { force: true }); } };
+      const file = freshSparse('loop-sparse.img');
+      return loopOn(file, () => fs.rmSync(file, { force: true }));
     },
   });
-  peers.push({
-    name: 'loop',
-    async open() {
-      await sh('modprobe loop 2>/dev/null || true');
-      const loop = (await sh(`losetup -f --show --direct-io=on ${img}`)).trim();
-      const dio = (await sh(`cat /sys/block/${loop.replace('/dev/', '')}/loop/dio`).catch(() => '?')).trim();
-      return { path: loop, close: async () => { await sh(`losetup -d ${loop}`); return `${loop}, dio=${dio}`; } };
-    },
-  });
+  peers.push({ name: 'loop', open: () => loopOn(img) });
   const active = peers.filter((p) => want.includes(p.name));
 
   // results[peer][job] = best cell over the rounds; perRound[peer][job][round] = IOPS
