@@ -359,6 +359,9 @@ class Queue {
   std::vector<Done> done_;
 };
 
+// High half of dev_info.ublksrv_flags on devices strata creates ("STRA").
+constexpr uint64_t kOwnerMagic = 0x53545241;
+
 struct Options {
   uint64_t size = 0;
   uint16_t queues = 1;
@@ -368,6 +371,7 @@ struct Options {
   int recovery = 0;  // 0 off, 1 USER_RECOVERY, 2 + REISSUE, 3 + FAIL_IO
   bool alwaysSlow = false;
   bool partScan = false;
+  int64_t owner = -1;  // strata owner id kept in ublksrv_flags; -1: none
 };
 
 enum class State { New, Added, Live, Stopped, Deleted };
@@ -477,6 +481,9 @@ struct Dev {
     info.dev_id = 0xFFFFFFFF;  // must equal cmd.dev_id on 6.17+
     info.ublksrv_pid = getpid();
     info.flags = flags;
+    // Server-private and kept by the kernel: lets a later process tell a
+    // device strata left behind (and whose) from anyone else's.
+    if (opt.owner >= 0) info.ublksrv_flags = kOwnerMagic << 32 | uint64_t(opt.owner);
     auto lap = [t = std::chrono::steady_clock::now()]() mutable {
       auto n = std::chrono::steady_clock::now();
       double d = std::chrono::duration<double, std::milli>(n - t).count();
@@ -1204,6 +1211,8 @@ class UblkDevice : public Napi::ObjectWrap<UblkDevice> {
     }
     op.alwaysSlow = OptBool(o, "alwaysSlow");
     op.partScan = OptBool(o, "partScan");
+    Napi::Value ow = o.Get("owner");
+    if (!ow.IsUndefined() && !ow.IsNull()) op.owner = int64_t(OptUint(o, "owner", 0, 0, 0xFFFFFFFFu));
     if (!info[2].IsFunction()) Throw(env, EINVAL, "onSlow must be a function");
     dev_->tsfn = Napi::ThreadSafeFunction::New(env, info[2].As<Napi::Function>(), "strata:ublk:slow", 0, 1);
     dev_->tsfn.Unref(env);
@@ -1460,11 +1469,61 @@ Napi::Value MakeFileTarget(const Napi::CallbackInfo& info) {
   return o;
 }
 
+// ublkDeviceInfo(id) -> { id, state, ownerPid, flags, owner } of any kernel
+// ublk device (owner: the strata owner id, null when strata did not tag it).
+// Throws ENOENT when there is no such device.
+Napi::Value DeviceInfoJs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsNumber()) Throw(env, EINVAL, "ublkDeviceInfo(id)");
+  uint32_t id = info[0].As<Napi::Number>().Uint32Value();
+  Ctrl c;
+  int r = c.Open();
+  if (r < 0) Throw(env, -r, "open /dev/ublk-control");
+  DevInfo d{};
+  if ((r = c.Cmd(kCmdGetDevInfo, id, &d, sizeof d)) < 0) Throw(env, -r, "UBLK_U_CMD_GET_DEV_INFO");
+  static const char* kStates[] = {"dead", "live", "quiesced", "fail-io"};
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("id", Napi::Number::New(env, d.dev_id));
+  o.Set("state", d.state < 4 ? Napi::String::New(env, kStates[d.state]) : Napi::String::New(env, "unknown"));
+  o.Set("ownerPid", Napi::Number::New(env, d.ublksrv_pid));
+  o.Set("flags", FeatureNames(env, d.flags));
+  if ((d.ublksrv_flags >> 32) == kOwnerMagic) o.Set("owner", Napi::Number::New(env, double(uint32_t(d.ublksrv_flags))));
+  else o.Set("owner", env.Null());
+  return o;
+}
+
+// ublkRemove(id) -> Promise: removes a kernel device nobody serves. STOP_DEV
+// first (it fails the I/O a quiesced device holds), then DEL_DEV(_ASYNC).
+Napi::Value RemoveJs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsNumber()) Throw(env, EINVAL, "ublkRemove(id)");
+  uint32_t id = info[0].As<Napi::Number>().Uint32Value();
+  auto* w = new LifeWorker(
+      env,
+      [id] {
+        Ctrl c;
+        int r = c.Open();
+        if (r < 0) return Status::Err(r, "open /dev/ublk-control");
+        r = c.Cmd(kCmdStopDev, id);
+        if (r < 0) return Status::Err(r, "UBLK_U_CMD_STOP_DEV");
+        r = c.Cmd(kCmdDelDevAsync, id);
+        if (r == -EINVAL || r == -EOPNOTSUPP || r == -ENOTTY) r = c.Cmd(kCmdDelDev, id);
+        if (r < 0) return Status::Err(r, "UBLK_U_CMD_DEL_DEV");
+        return Status::Ok();
+      },
+      nullptr);
+  auto p = w->Promise();
+  w->Queue();
+  return p;
+}
+
 }  // namespace
 
 void InitUblk(Napi::Env env, Napi::Object exports) {
   exports.Set("ublkFeatures", Napi::Function::New(env, Features, "ublkFeatures"));
   exports.Set("UblkDevice", UblkDevice::Init(env));
+  exports.Set("ublkDeviceInfo", Napi::Function::New(env, DeviceInfoJs, "ublkDeviceInfo"));
+  exports.Set("ublkRemove", Napi::Function::New(env, RemoveJs, "ublkRemove"));
   exports.Set("fileTarget", Napi::Function::New(env, MakeFileTarget, "fileTarget"));
   exports.Set("releaseTarget", Napi::Function::New(env, [](const Napi::CallbackInfo& info) { ReleaseTargetJs(info[0]); },
                                                    "releaseTarget"));

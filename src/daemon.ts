@@ -21,7 +21,7 @@ import { routes } from './api/routes';
 import { startApi } from './api/server';
 import { Metrics } from './api/metrics';
 import pino from 'pino';
-import { features as ublkFeatures, kernelDeviceExists, type UblkDevice } from './ublk';
+import { features as ublkFeatures, kernelDeviceInfo, ownerId, sweepLeftDevices, type UblkDevice } from './ublk';
 import { serveUblk, recoverUblk } from './ublk-export';
 
 // Structured JSON logs (pino): one line per event, with device / operation ids as fields.
@@ -35,17 +35,25 @@ ${settingsHelp()}`;
 const VERSION = (() => { try { return JSON.parse(fs.readFileSync(path.join(__dirname, '..', 'package.json'), 'utf8')).version; } catch { return '0'; } })();
 
 /** The ublk frontend when /dev/ublk-control is usable here, and why not otherwise. */
-function ublkFrontend(): { frontend?: Frontends['ublk']; status: string } {
+function ublkFrontend(owner: number): { frontend?: Frontends['ublk']; status: string } {
   let f: ReturnType<typeof ublkFeatures>;
   try { f = ublkFeatures(); } catch (e) { return { status: `unavailable: ${(e as Error).message}` }; }
   const wrap = (u: UblkDevice) => ({ id: u.id, path: u.path, detach: () => u.delete(), abandon: () => u.abandon() });
   return {
     status: `available (${f.transport})`,
     frontend: {
-      attach: async (dev) => wrap(await serveUblk(dev)),
+      attach: async (dev) => wrap(await serveUblk(dev, { owner })),
       recover: async (id, dev) => {
-        if (!kernelDeviceExists(id)) return null;
-        return wrap(await recoverUblk(id, dev));
+        // Gone (e.g. after a reboot), or the id now belongs to someone else.
+        const k = kernelDeviceInfo(id);
+        if (!k || k.owner !== owner) return null;
+        try {
+          return wrap(await recoverUblk(id, dev));
+        } catch (e) {
+          // Served on a new kernel device instead; the sweep removes this one.
+          log('warn', 'cannot recover kernel device; attaching a new one', { ublk: id, state: k.state, error: (e as Error).message });
+          return null;
+        }
       },
     },
   };
@@ -56,13 +64,16 @@ export async function main(argv: string[]): Promise<void> {
   if (args.help) { console.log(USAGE); return; }
   const cfg: Config = loadConfig(args);
   fs.mkdirSync(cfg.data, { recursive: true, mode: 0o700 });
+  const cacheDir = path.join(cfg.data, 'cache');
   const engine = await Engine.open({
-    store: cfg.store, cacheDir: path.join(cfg.data, 'cache'),
+    store: cfg.store, cacheDir,
     cache: { maxBytes: cfg.cacheMaxBytes, minFreeBytes: cfg.cacheMinFreeBytes }, sharedCacheDir: cfg.sharedCache,
   });
   let ready = false;
 
-  const ublk = ublkFrontend();
+  // Kernel devices are tagged with the data directory they belong to.
+  const ublkOwner = ownerId(cacheDir);
+  const ublk = ublkFrontend(ublkOwner);
   const frontends: Frontends = {
     // `server` is created below; devices are only dropped once it exists.
     nbd: { socket: cfg.nbdSocket, dropExport: (exp: NbdExport) => server.dropExport(exp) },
@@ -101,6 +112,16 @@ export async function main(argv: string[]): Promise<void> {
   const server = new NbdServer({ exports: resolver, log: (m) => log('warn', m) });
   const restored = await devices.restore((id, e) => log('error', 'cannot resume device (left on disk)', { device: id, error: e.message }));
   if (restored.length) log('info', 'devices resumed', { devices: restored.map((m) => m.id) });
+  if (ublk.frontend) {
+    // Kernel devices a dead process of this data directory left and no device here took back.
+    const kept = new Set(restored.flatMap((m) => (m.ublk ? [m.ublk.id] : [])));
+    for (const l of await sweepLeftDevices(ublkOwner, kept)) {
+      const f = { ublk: l.path, state: l.info.state, ownerPid: l.info.ownerPid, why: l.why };
+      if (l.outcome === 'removed') log('warn', 'removed a kernel ublk device left by a dead process', f);
+      else if (l.outcome === 'failed') log('error', 'cannot remove a kernel ublk device left by a dead process', { ...f, error: l.error?.message });
+      else log('info', 'kernel ublk device left alone', f);
+    }
+  }
 
   await server.listenUnix(cfg.nbdSocket);
   if (cfg.nbdPort !== undefined) {

@@ -14,6 +14,7 @@ import type { ObjectStore } from './store/types';
 import { einval, StrataError } from './errors';
 import { CacheEvictor, type CacheLimits } from './cache-evictor';
 import { traced } from './tracing';
+import { isAlive } from './pid';
 
 export interface EngineOptions {
   /** An object store, or a spec for openStore: a directory (local filesystem store), file://… or s3://bucket/prefix?…. */
@@ -232,10 +233,6 @@ function allZeroExtent(h: LayerHeader, off: number, len: number): boolean {
 function writeAll(fd: number, b: Buffer, pos: number): void {
   let done = 0;
   while (done < b.length) done += fs.writeSync(fd, b, done, b.length - done, pos + done);
-}
-
-function isAlive(pid: number): boolean {
-  try { process.kill(pid, 0); return true; } catch (e) { return (e as NodeJS.ErrnoException).code === 'EPERM'; }
 }
 
 function blockDeviceSize(p: string): number {

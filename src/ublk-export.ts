@@ -12,6 +12,8 @@ export interface UblkServeOptions {
   depth?: number;
   /** UBLK_F_USER_RECOVERY: the device outlives this process (see UblkDevice). Default 'reissue': requests in flight at a crash are re-sent to the recovering server (device writes are idempotent). */
   recovery?: boolean | 'reissue' | 'fail-io';
+  /** Owner id tagged on the kernel device (ownerId() of the engine's cache directory). */
+  owner?: number;
 }
 
 /** The slow path: requests the native planner hands back, answered by the device. */
@@ -31,7 +33,7 @@ export function deviceSlowHandler(dev: Device): SlowHandler {
 export async function serveUblk(dev: Device, opts: UblkServeOptions = {}): Promise<UblkDevice> {
   return UblkDevice.create({
     target: dev.nativeTarget(), size: dev.size, queues: opts.queues ?? Math.min(4, os.cpus().length), depth: opts.depth,
-    transport: opts.transport, recovery: opts.recovery ?? 'reissue', onSlow: deviceSlowHandler(dev),
+    transport: opts.transport, recovery: opts.recovery ?? 'reissue', onSlow: deviceSlowHandler(dev), owner: opts.owner,
   });
 }
 

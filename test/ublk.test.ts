@@ -8,7 +8,7 @@ import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 import { spawnSync } from 'child_process';
-import { features, UblkDevice, FileTarget, UblkError, transportFromEnv } from '../src/ublk';
+import { features, UblkDevice, FileTarget, UblkError, transportFromEnv, ownerId, kernelDeviceInfo, sweepLeftDevices } from '../src/ublk';
 import { StrataError } from '../src/errors';
 import { fdsOn } from './helpers/util';
 
@@ -90,7 +90,7 @@ test('FileTarget.serveSlow answers reads, writes and zeroing with fs calls', asy
 
 test('UblkDevice.create validates options before touching the kernel', async () => {
   const t = FileTarget.open(img);
-  for (const bad of [{ transport: 'fast' }, { depth: 0 }, { maxIo: 1000 }, { size: 1000 }, { recovery: 'sometimes' }]) {
+  for (const bad of [{ transport: 'fast' }, { depth: 0 }, { maxIo: 1000 }, { size: 1000 }, { recovery: 'sometimes' }, { owner: -1 }, { owner: 2 ** 32 }]) {
     const e = await UblkDevice.create({ target: t, ...(bad as object) }).then(() => null, (x) => x);
     assert.instance(e, UblkError, JSON.stringify(bad));
     assert.is((e as UblkError).code, 'EINVAL', JSON.stringify(bad));
@@ -98,6 +98,23 @@ test('UblkDevice.create validates options before touching the kernel', async () 
   const e = await UblkDevice.create({ target: { handle: 42 } }).then(() => null, (x) => x);
   assert.instance(e, TypeError);
   t.close();
+});
+
+test('ownerId: one 32-bit id per real directory (symlinks resolve to the same)', () => {
+  const a = path.join(dir, 'owner-a'), b = path.join(dir, 'owner-b'), link = path.join(dir, 'owner-link');
+  fs.mkdirSync(a); fs.mkdirSync(b); fs.symlinkSync(a, link);
+  assert.is(ownerId(a), ownerId(link));
+  assert.is(ownerId(a), ownerId(a + '/'));
+  assert.is.not(ownerId(a), ownerId(b));
+  for (const id of [ownerId(a), ownerId(b)]) assert.ok(Number.isInteger(id) && id >= 0 && id < 2 ** 32, String(id));
+});
+
+test('kernelDeviceInfo: null for a device that does not exist; without ublk_drv a typed ENOENT and nothing to sweep', async () => {
+  if (hasUblk) { assert.is(kernelDeviceInfo(0x7ffffff0), null); return; } // sweeps: VM lane (test/vm/daemon-ublk.ts)
+  const e = (() => { try { kernelDeviceInfo(0); return null; } catch (x) { return x; } })();
+  assert.instance(e, UblkError);
+  assert.is((e as UblkError).code, 'ENOENT');
+  assert.equal(await sweepLeftDevices(ownerId(dir), new Set()), []);
 });
 
 test('a create() that fails leaves nothing holding the process (exits promptly)', () => {

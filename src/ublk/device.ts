@@ -53,6 +53,11 @@ export interface UblkCreateOptions {
   partScan?: boolean;
   /** Slow-path handler; default: target.serveSlow, else EIO. */
   onSlow?: SlowHandler;
+  /**
+   * Tags the kernel device as strata's, with this 32-bit owner id (see
+   * ownerId()), so a later process can find the devices a dead one left.
+   */
+  owner?: number;
 }
 
 const OPS: Record<number, SlowOp> = {
@@ -92,7 +97,7 @@ export class UblkDevice {
     const transport = opts.transport ?? transportFromEnv();
     return UblkDevice.launch(opts, (n) => n.start(), {
       size: opts.size, queues: opts.queues, depth: opts.depth, maxIo: opts.maxIo, transport,
-      recovery: opts.recovery, alwaysSlow: opts.alwaysSlow, partScan: opts.partScan,
+      recovery: opts.recovery, alwaysSlow: opts.alwaysSlow, partScan: opts.partScan, owner: opts.owner,
     });
   }
 

@@ -3,3 +3,5 @@ export { features, kernelDevices, kernelDeviceExists, type UblkFeatures } from '
 export { UblkDevice, transportFromEnv, type UblkCreateOptions, type SlowRequest, type SlowHandler, type SlowOp, type Transport } from './device';
 export { FileTarget, type FileTargetOptions } from './file-target';
 export { UblkError } from './errors';
+export { ownerId, kernelDeviceInfo, removeKernelDevice, sweepLeftDevices, type LeftDevice } from './leftovers';
+export type { KernelDeviceInfo } from './native';

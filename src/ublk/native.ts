@@ -40,6 +40,18 @@ export interface NativeDeviceOptions {
   recovery?: boolean | 'reissue' | 'fail-io';
   alwaysSlow?: boolean;
   partScan?: boolean;
+  owner?: number;
+}
+
+/** Any kernel ublk device, as UBLK_U_CMD_GET_DEV_INFO reports it. */
+export interface KernelDeviceInfo {
+  id: number;
+  state: 'dead' | 'live' | 'quiesced' | 'fail-io' | 'unknown';
+  /** The serving process the kernel recorded (the dead one, after a crash). */
+  ownerPid: number;
+  flags: string[];
+  /** The strata owner id it was tagged with; null: not created by strata. */
+  owner: number | null;
 }
 
 export interface NativeUblkDevice {
@@ -61,6 +73,8 @@ export interface TargetObject {
 export interface UblkAddon {
   ublkFeatures(): { flags: number; names: string[] };
   UblkDevice: new (target: TargetObject, opts: NativeDeviceOptions, onSlow: () => void) => NativeUblkDevice;
+  ublkDeviceInfo(id: number): KernelDeviceInfo;
+  ublkRemove(id: number): Promise<void>;
   fileTarget(fd: number, size: number, alwaysSlow?: boolean, split?: number, zeroEvery?: number): TargetObject;
   /** Drops a target handle's share of its native target (target_js.h). */
   releaseTarget(handle: unknown): void;

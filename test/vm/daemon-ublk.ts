@@ -4,13 +4,17 @@
 // /dev/ublkbN, snapshot, resume the snapshot on a second ublk device and
 // compare every file; then SIGTERM (ublk devices kept recoverable), start
 // the daemon again and find the first device at the same /dev path with its
-// data, recovered; finally delete devices through the API.
+// data, recovered; then SIGKILL while dd writes to it, with two more devices
+// made unrecoverable (a corrupt manifest, a missing one) and a quiesced
+// device of another owner beside them: the next daemon recovers the first
+// (dd completes, every byte in place), removes the two it cannot take back
+// and leaves the other owner's alone; finally delete devices through the API.
 import * as fs from 'fs';
 import * as http from 'http';
 import * as path from 'path';
 import { spawn, type ChildProcess } from 'child_process';
-import { check, sh, ublkOrSkip, finish, waitFor } from './ublk-helpers';
-import { kernelDevices } from '../../src/ublk';
+import { check, sh, ublkOrSkip, finish, waitFor, startDd, scratchFile } from './ublk-helpers';
+import { kernelDevices, kernelDeviceInfo, ownerId, removeKernelDevice, UblkDevice, FileTarget } from '../../src/ublk';
 
 const DIR = '/tmp/strata-vm-daemon-ublk';
 const SERVER = path.join(__dirname, '..', '..', 'src', 'server.js');
@@ -101,6 +105,39 @@ const sums = async (mnt: string) => (await sh(`cd ${mnt} && find . -type f ! -pa
     await sh(`mount ${cur} ${mnt}`);
     check((await sums(mnt)) === before, 'and the filesystem with every file');
     await sh(`umount ${mnt}`);
+
+    // kill -9 mid-write, with leftovers the next daemon cannot take back.
+    const c = await api('POST', '/v1/devices', { layer: tpl, id: 'vm3', frontend: 'ublk' });
+    const e = await api('POST', '/v1/devices', { layer: tpl, id: 'vm4', frontend: 'ublk' });
+    check(c.status === 201 && e.status === 201, `two more devices: ${c.json.path} ${e.json.path}`);
+    scratchFile(`${DIR}/other.img`, 4 << 20);
+    const other = await UblkDevice.create({ target: FileTarget.open(`${DIR}/other.img`), recovery: true, owner: ownerId('/elsewhere/cache'), depth: 4 });
+    await other.abandon(); // quiesced, as another data directory's dead daemon would leave it
+    check(await waitFor(() => kernelDeviceInfo(other.id)?.state === 'quiesced', 10_000), `another owner's device ${other.path} is quiesced`);
+    await sh(`head -c ${16 << 20} /dev/urandom > ${DIR}/pat`);
+    const dd = startDd(`${DIR}/pat`, cur);
+    await new Promise((r) => setTimeout(r, 1500));
+    d.child.kill('SIGKILL');
+    await d.exited;
+    check(!dd.exited(), 'daemon killed with SIGKILL while dd was still writing to vm1');
+    const devDir = `${DIR}/data/cache/devices`;
+    fs.writeFileSync(`${devDir}/vm3.json`, '{ not json');
+    fs.renameSync(`${devDir}/vm4.json`, `${devDir}/vm4.json.gone`);
+    d = start();
+    check(await started(d), 'daemon started after the SIGKILL');
+    const logs = d.out();
+    check(logs.split('\n').some((l) => l.includes('"device":"vm3"') && l.includes('"msg":"cannot resume device (left on disk)"')), 'vm3 (corrupt manifest) reported as not resumable');
+    const removed = [...logs.matchAll(/"ublk":"(\/dev\/ublkb\d+)"[^\n]*"msg":"removed a kernel ublk device left by a dead process"/g)].map((m) => m[1]).sort();
+    check(JSON.stringify(removed) === JSON.stringify([c.json.path, e.json.path].sort()), `the kernel devices of vm3 and vm4 were removed (${removed.join(' ') || 'none'})`);
+    check(!fs.existsSync(c.json.path) && !fs.existsSync(e.json.path), 'and are gone from /dev');
+    check(kernelDeviceInfo(other.id)?.state === 'quiesced', `the other owner's ${other.path} was left alone`);
+    const code = await Promise.race([dd.done, new Promise<number>((r) => setTimeout(() => r(-2), 180_000))]);
+    check(code === 0, `the interrupted dd completed after the new daemon recovered vm1 (exit ${code})`);
+    check((await api('GET', '/v1/devices/vm1')).json.path === cur, `vm1 recovered at ${cur}`);
+    const got = await sh(`dd if=${cur} bs=1M count=16 iflag=direct status=none | cmp - ${DIR}/pat && echo same`).catch((err) => (err as Error).message);
+    check(got.trim() === 'same', 'all 16 MiB written across the kill are in place');
+    await removeKernelDevice(other.id);
+    check(await waitFor(() => kernelDeviceInfo(other.id) === null, 10_000), `removeKernelDevice removed the quiesced ${other.path}`);
     check((await api('DELETE', '/v1/devices/vm1')).status === 204, 'DELETE vm1');
     check((await api('DELETE', '/v1/devices/vm2')).status === 204, 'DELETE vm2');
     check(await waitFor(() => kernelDevices().length === 0, 10_000), `kernel devices removed (${kernelDevices().join(',') || 'none'})`);
