@@ -45,7 +45,11 @@ function ublkFrontend(owner: number): { frontend?: Frontends['ublk']; status: st
       attach: async (dev) => wrap(await serveUblk(dev, { owner })),
       recover: async (id, dev) => {
         // Gone (e.g. after a reboot), or the id now belongs to someone else.
-        const k = kernelDeviceInfo(id);
+        let k: ReturnType<typeof kernelDeviceInfo>;
+        try { k = kernelDeviceInfo(id); } catch (e) {
+          log('warn', 'cannot read kernel device info; attaching a new one', { ublk: id, error: (e as Error).message });
+          return null;
+        }
         if (!k || k.owner !== owner) return null;
         try {
           return wrap(await recoverUblk(id, dev));

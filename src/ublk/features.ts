@@ -41,6 +41,3 @@ export function kernelDevices(): number[] {
   try { names = fs.readdirSync(UBLK_CLASS); } catch { return []; }
   return names.map((n) => /^ublkc(\d+)$/.exec(n)).filter((m): m is RegExpExecArray => !!m).map((m) => Number(m[1]));
 }
-
-/** Whether kernel ublk device `id` exists. */
-export function kernelDeviceExists(id: number): boolean { return fs.existsSync(`${UBLK_CLASS}/ublkc${id}`); }

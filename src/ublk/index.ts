@@ -1,5 +1,5 @@
 // The ublk frontend: features(), UblkDevice, FileTarget.
-export { features, kernelDevices, kernelDeviceExists, type UblkFeatures } from './features';
+export { features, kernelDevices, type UblkFeatures } from './features';
 export { UblkDevice, transportFromEnv, type UblkCreateOptions, type SlowRequest, type SlowHandler, type SlowOp, type Transport } from './device';
 export { FileTarget, type FileTargetOptions } from './file-target';
 export { UblkError } from './errors';
