@@ -112,6 +112,26 @@ export function startDd(src: string, dst: string): { proc: ChildProcess; done: P
 }
 
 /**
+ * fio writing `mib` MiB of 4 KiB random blocks to `dev` at depth 16 and
+ * then reading every one back against its crc32c header (verify_fatal): a
+ * server killed meanwhile dies mid-run. `done` is fio's exit code; `out()`
+ * its output; `clean(code)` whether it ended without any verify error.
+ */
+export function startFioVerify(dev: string, mib: number): { proc: ChildProcess; done: Promise<number>; exited(): boolean; out(): string; clean(code: number): boolean } {
+  const proc = spawn('fio', ['--name=verify', `--filename=${dev}`, '--direct=1', '--ioengine=libaio', '--iodepth=16', '--rw=randwrite',
+    '--bs=4k', `--size=${mib}M`, '--verify=crc32c', '--do_verify=1', '--verify_fatal=1', '--verify_state_save=0', '--randrepeat=0'],
+  { stdio: ['ignore', 'pipe', 'pipe'] });
+  let text = '', ended = false;
+  proc.stdout!.on('data', (d) => { text += d; });
+  proc.stderr!.on('data', (d) => { text += d; });
+  const done = new Promise<number>((r) => proc.on('close', (c) => { ended = true; r(c ?? -1); }));
+  return {
+    proc, done, exited: () => ended, out: () => text,
+    clean: (code) => code === 0 && !/verify: bad|verify failed|crc32c: wanted|err=\s*[1-9]/i.test(text),
+  };
+}
+
+/**
  * Start of an in-VM ublk test: its features (or, without ublk, the skip is
  * printed and the process ends) and a fresh scratch directory.
  */

@@ -2,10 +2,11 @@
 // serves a recovery-enabled device ('reissue' mode) and is killed with
 // SIGKILL while dd writes through the device; this process then recovers the
 // device (START_USER_RECOVERY .. END_USER_RECOVERY) and the blocked dd must
-// finish successfully with every byte in place.
+// finish successfully with every byte in place. Then the same with a fio
+// crc32c verify run killed mid-write: fio completes with no verify error.
 import * as fs from 'fs';
 import { UblkDevice, FileTarget } from '../../src/ublk';
-import { check, sh, transports, scratchFile, finish, waitFor, startServer, serveUntilKilled, startDd, begin } from './ublk-helpers';
+import { check, sh, transports, scratchFile, finish, waitFor, startServer, serveUntilKilled, startDd, startFioVerify, begin } from './ublk-helpers';
 
 const DIR = '/tmp/strata-vm-ublk-recovery';
 
@@ -46,7 +47,33 @@ if (process.argv[2] === '--serve') {
       } finally {
         await dev?.delete().catch((e) => check(false, `delete: ${(e as Error).message}`));
       }
+      await fioAcrossKill(transport);
     }
     finish('ublk-recovery', t0);
   })().catch((e) => { console.error(e); process.exit(1); });
+}
+
+/** SIGKILL of the server during a fio verify run; this process recovers the device; fio must finish clean. */
+async function fioAcrossKill(transport: 'zero-copy' | 'user-copy'): Promise<void> {
+  const img = `${DIR}/fio.img`;
+  scratchFile(img, 64 << 20);
+  const { child, id, line } = await startServer(__filename, [img, transport]);
+  if (!check(Number.isInteger(id), `${transport}: server process created a recovery device for fio (${line})`)) return;
+  const path = `/dev/ublkb${id}`;
+  const fio = startFioVerify(path, 16);
+  await waitFor(() => fs.statSync(img).blocks * 512 > (2 << 20) || fio.exited(), 60_000);
+  child.kill('SIGKILL');
+  await new Promise((r) => child.once('close', r));
+  check(!fio.exited(), `${transport}: server killed with SIGKILL during the fio verify run`);
+  let dev: UblkDevice | undefined;
+  try {
+    dev = await UblkDevice.recover(id, { target: FileTarget.open(img) });
+    const code = await Promise.race([fio.done, new Promise<number>((r) => setTimeout(() => r(-2), 180_000))]);
+    if (!check(fio.clean(code), `${transport}: fio completed after recovery with no verify error (exit ${code})`)) console.log(fio.out().slice(-1500));
+  } catch (e) {
+    check(false, `${transport}: recovery under fio: ${(e as Error).message}`);
+    fio.proc.kill('SIGKILL');
+  } finally {
+    await dev?.delete().catch((e) => check(false, `delete: ${(e as Error).message}`));
+  }
 }
