@@ -173,7 +173,7 @@ export async function main(argv: string[]): Promise<void> {
     await within(devices.flushAll().catch((e) => log('warn', 'flush failed', { error: String(e) })), 30_000, 'flushing devices');
     await within(devices.releaseUblk(cfg.ublkOnStop).catch((e) => log('warn', 'ublk release failed', { error: String(e) })), 30_000, `ublk devices (${cfg.ublkOnStop})`);
     // Devices are durable: closing the engine suspends them for the next start.
-    await within(engine.close(), 30_000, 'closing the engine');
+    await within(engine.close().catch((e) => log('error', 'closing the engine', { error: String((e as Error).message ?? e) })), 30_000, 'closing the engine');
     fs.rmSync(cfg.apiSocket, { force: true });
     log('info', 'stopped');
     process.exit(0);

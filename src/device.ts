@@ -61,6 +61,8 @@ export interface DeviceOptions {
 export interface DeviceManifest {
   version: 1; id: string; layer: string; size: number; gens: number[];
   codec?: Codec; meta?: Record<string, unknown>; saved: string;
+  /** Set once writing the overlay back failed: the device is not resumed (its files stay for inspection). */
+  writebackError?: string;
 }
 
 export interface SnapshotOptions { codec?: Codec; level?: number; onProgress?: (p: Progress) => void }
@@ -80,6 +82,8 @@ export class Device {
   private lastSnapshot: Promise<unknown> = Promise.resolve();
   private gen = 0;
   private closed = false;
+  /** The first failed fsync of an overlay file: from then on nothing is durable (see syncFiles). */
+  private writebackError: StrataError | null = null;
   /** suspend(): overlay files and manifest stay for a later resume. */
   private keepFiles = false;
   private readonly dir: string;
@@ -125,6 +129,9 @@ export class Device {
     if (!DEVICE_ID.test(id)) throw einval(`invalid device id ${JSON.stringify(id)}`);
     const dir = path.join(core.cacheDir, 'devices');
     const m = readManifest(dir, id);
+    if (m.writebackError) {
+      throw new StrataError('EIO', `device ${id} lost writes before it was suspended and is not resumed (its files stay in ${dir}): ${m.writebackError}`);
+    }
     const header = await registry.header(m.layer);
     if (header.virtualSize !== m.size) throw new StrataError('EBADMSG', `device ${id}: manifest size ${m.size} differs from layer ${m.layer}`);
     const base = await resolveBase(core, registry, header);
@@ -156,6 +163,7 @@ export class Device {
     const m: DeviceManifest = {
       version: 1, id: this.id, layer: this.layerId, size: this.size, gens: [...this.frozen, this.cur].map((o) => o.gen),
       codec: this.opts.codec, meta: this.opts.meta, saved: new Date().toISOString(),
+      ...(this.writebackError ? { writebackError: this.writebackError.message } : {}),
     };
     const file = manifestPath(this.dir, this.id);
     const tmp = `${file}.tmp`;
@@ -345,6 +353,8 @@ export class Device {
    */
   snapshot(opts: SnapshotOptions = {}): Promise<SnapshotResult> {
     this.ensureOpen();
+    // After a lost writeback the overlay may read back stale bytes once its pages are evicted.
+    if (this.writebackError) return Promise.reject(this.writebackError);
     const t0 = performance.now();
     const lock = this.locks.acquire(0, this.blocks, true);
     const prev = this.lastSnapshot;
@@ -541,10 +551,13 @@ export class Device {
     if (!this.opts.durable) throw einval(`device ${this.id} is not durable`);
     if (this.closed) return;
     await this.lastSnapshot;
-    await this.syncFiles();
+    // Kept (and closed) also when its writes did not reach the disk: the
+    // manifest then says so and resume() refuses it.
+    const synced = await this.syncFiles().then(() => null, (e: Error) => e);
     this.saveManifest();
     this.keepFiles = true;
     await this.close();
+    if (synced) throw synced;
   }
 
   // ------------------------------------------------------------ internals
@@ -642,11 +655,26 @@ export class Device {
     if (got < len) this.core.heap.wasm.zeroFill(ptr + got, len - got);
   }
 
+  // The kernel reports a writeback error to each open file once (errseq):
+  // a second fsync would succeed although acknowledged writes never reached
+  // the disk. So the first failure sticks: every later flush, FUA write and
+  // snapshot of this device fails with EIO.
   private async syncFiles(): Promise<void> {
+    if (this.writebackError) throw this.writebackError;
     const ovs = [this.cur, ...this.frozen];
     const jobs = ovs.map((o) => this.core.uring.fsync(o.fd));
     for (const o of ovs) if (o.zfd >= 0) jobs.push(this.core.uring.fsync(o.zfd));
-    await Promise.all(jobs);
+    try {
+      await Promise.all(jobs);
+    } catch (e) {
+      if (!this.writebackError) {
+        this.writebackError = new StrataError('EIO',
+          `device ${this.id}: writing its overlay back to disk failed (${(e as Error).message}); writes acknowledged before it may be lost, so this device's flushes and snapshots fail from now on`,
+          { cause: e });
+        try { this.saveManifest(); } catch { /* the same disk may refuse it: the device still fails every flush */ }
+      }
+      throw this.writebackError;
+    }
   }
 
   private pinView(): View {

@@ -195,8 +195,7 @@ export class Engine {
 
   /** Lets go of a durable device, keeping it for resumeDevice(). */
   async suspendDevice(d: Device): Promise<void> {
-    await d.suspend();
-    this.devices.delete(d);
+    try { await d.suspend(); } finally { this.devices.delete(d); } // closed also when it throws
   }
 
   async closeDevice(d: Device): Promise<void> {
@@ -212,12 +211,17 @@ export class Engine {
     await this.evictor.stop();
     await this.core.tier2?.idle();
     // Durable devices are kept for the next process; the others are dropped.
-    for (const d of [...this.devices]) await (d.durable ? this.suspendDevice(d) : this.closeDevice(d));
+    // One device that cannot be suspended (a lost writeback) must not keep the others from it.
+    const failed: Error[] = [];
+    for (const d of [...this.devices]) {
+      await (d.durable ? this.suspendDevice(d) : this.closeDevice(d)).catch((e: Error) => { failed.push(e); this.devices.delete(d); });
+    }
     this.layers.closeAll();
     await this.core.close();
     fs.rmSync(this.lockFile, { force: true });
     heldLocks.delete(path.resolve(this.lockFile));
     if (this.ownCacheDir) fs.rmSync(this.ownCacheDir, { recursive: true, force: true });
+    if (failed.length) throw failed.length === 1 ? failed[0] : new StrataError('EIO', failed.map((e) => e.message).join('; '));
   }
 }
 

@@ -169,6 +169,53 @@ test('a whole-device prefetch (NBD CACHE) stays bounded in memory and warms ever
   } finally { await e2.close(); }
 });
 
+test('a failed overlay fsync sticks: later flushes, FUA writes and snapshots fail with EIO (errseq reports it once)', async () => {
+  const dev = await engine.openDevice(base);
+  try {
+    await dev.write(0, Buffer.alloc(8192, 7));
+    // Fault injection at the ring: one fsync fails as a lost writeback would,
+    // every later one succeeds, as the kernel's once-per-file errseq does.
+    const uring = (engine as unknown as { core: { uring: { fsync: (fd: number) => Promise<number> } } }).core.uring;
+    const real = uring.fsync.bind(uring);
+    let failOnce = true;
+    uring.fsync = (fd: number) => {
+      if (failOnce) { failOnce = false; return Promise.reject(new StrataError('EIO', 'fsync: EIO')); }
+      return real(fd);
+    };
+    try {
+      const first = await errOf(dev.flush());
+      assert.is(first?.code, 'EIO');
+      assert.match(first!.message, /acknowledged before it may be lost/);
+      assert.is((await errOf(dev.flush()))?.code, 'EIO', 'the second flush fails too');
+      assert.is((await errOf(dev.write(8192, Buffer.alloc(4096, 1), { fua: true })))?.code, 'EIO', 'a FUA write is not durable either');
+      assert.is((await errOf(dev.snapshot()))?.code, 'EIO', 'no snapshot of data that may be lost');
+      assert.equal(await dev.read(0, 8192), Buffer.alloc(8192, 7), 'reads still work');
+    } finally { uring.fsync = real; }
+  } finally { await engine.closeDevice(dev); }
+});
+
+test('a durable device whose writeback failed is suspended with the failure in its manifest and not resumed', async () => {
+  const cache = `${dir}/cache-wb`;
+  const e = await Engine.open({ store: `${dir}/store`, cacheDir: cache });
+  try {
+    const dev = await e.openDevice(base, { id: 'wb', durable: true });
+    await dev.write(0, Buffer.alloc(4096, 9));
+    const uring = (e as unknown as { core: { uring: { fsync: (fd: number) => Promise<number> } } }).core.uring;
+    const real = uring.fsync.bind(uring);
+    let failOnce = true;
+    uring.fsync = (fd: number) => (failOnce ? (failOnce = false, Promise.reject(new StrataError('EIO', 'fsync: EIO'))) : real(fd));
+    assert.is((await errOf(dev.flush()))?.code, 'EIO');
+    uring.fsync = real;
+    assert.is((await errOf(e.suspendDevice(dev)))?.code, 'EIO', 'suspend reports it');
+    assert.ok(e.savedDevices().includes('wb'), 'its files and manifest stay');
+    const m = JSON.parse(fs.readFileSync(`${cache}/devices/wb.json`, 'utf8'));
+    assert.match(m.writebackError, /writing its overlay back to disk failed/);
+    const r = await errOf(e.resumeDevice('wb'));
+    assert.is(r?.code, 'EIO');
+    assert.match(r!.message, /lost writes before it was suspended/);
+  } finally { await e.close(); }
+});
+
 test('a second engine cannot share a live cache directory', async () => {
   const cache = `${dir}/cache`;
   const a = await Engine.open({ store: `${dir}/store`, cacheDir: cache });
