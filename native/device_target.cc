@@ -116,6 +116,8 @@ void DeviceTarget::finish(const Plan& p, bool ok) {
     for (uint64_t b = b0; b < b1; b++) __atomic_store_n(heap_ + view_->curTable + b, DIRTY, __ATOMIC_RELEASE);
     fastWrites.fetch_add(1, std::memory_order_relaxed);
     writeBytes.fetch_add(p.b, std::memory_order_relaxed);
+  } else if (w && p.sync) {
+    syncWriteErrors.fetch_add(1);
   } else if (ok) {
     fastReads.fetch_add(1, std::memory_order_relaxed);
     readBytes.fetch_add(p.b, std::memory_order_relaxed);
@@ -372,6 +374,7 @@ class DeviceTargetJs : public Napi::ObjectWrap<DeviceTargetJs> {
     o.Set("slowPlans", double(t_->slowPlans.load()));
     o.Set("slowGate", double(t_->slowGate.load()));
     o.Set("slowBusy", double(t_->slowBusy.load()));
+    o.Set("syncWriteErrors", double(t_->syncWriteErrors.load()));
     o.Set("readBytes", double(t_->readBytes.load()));
     o.Set("writeBytes", double(t_->writeBytes.load()));
     // latency: {boundsNs, read: {counts, sumNs}, write: {counts, sumNs}}

@@ -63,6 +63,8 @@ class DeviceTarget : public Target {
   // slowPlans = slowGate (the engine held the gate) + slowBusy (a stripe was
   // held) + requests the tables cannot place (cold, copy-on-write, ...).
   std::atomic<uint64_t> fastReads{0}, fastWrites{0}, slowPlans{0}, slowGate{0}, slowBusy{0};
+  // Failed synchronous (FUA) writes: the device's flushes must fail from then on (see Device.syncFiles).
+  std::atomic<uint64_t> syncWriteErrors{0};
   std::atomic<uint64_t> readBytes{0}, writeBytes{0};
   // Service time of native requests (plan() to finish(), so it includes the
   // frontend's I/O), per op: counts per bucket (upper bounds in kLatBoundsNs,

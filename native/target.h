@@ -32,6 +32,9 @@ struct Plan {
   Seg seg[kMaxSegs];
   // Target-private data carried from plan() to finish().
   uint64_t a = 0, b = 0, t0 = 0;
+  // Set by the frontend before finish(): a synchronous (FUA) write. Its
+  // failure may stand for earlier writes whose writeback was lost.
+  bool sync = false;
 };
 
 class Target {

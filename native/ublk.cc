@@ -997,6 +997,7 @@ void Queue::StartWrite(uint16_t tag) {
   TagState& t = tags_[tag];
   uint8_t* buf = stage_ + size_t(tag) * maxIo_;
   int rwFlags = (t.flags & IO_F_FUA) ? RWF_DSYNC : 0;  // FUA: durable before the ack
+  t.plan.sync = rwFlags != 0;
   uint32_t o = 0;
   for (uint32_t i = 0; i < t.plan.nseg; i++) {
     const Seg& s = t.plan.seg[i];

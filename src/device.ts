@@ -660,6 +660,10 @@ export class Device {
   // the disk. So the first failure sticks: every later flush, FUA write and
   // snapshot of this device fails with EIO.
   private async syncFiles(): Promise<void> {
+    // A native FUA write that failed consumed the kernel's report for its file.
+    if (!this.writebackError && (this.plane?.target.stats().syncWriteErrors ?? 0) > 0) {
+      this.lostWriteback(new StrataError('EIO', 'a synchronous (FUA) write to its overlay failed'));
+    }
     if (this.writebackError) throw this.writebackError;
     const ovs = [this.cur, ...this.frozen];
     const jobs = ovs.map((o) => this.core.uring.fsync(o.fd));
@@ -667,14 +671,17 @@ export class Device {
     try {
       await Promise.all(jobs);
     } catch (e) {
-      if (!this.writebackError) {
-        this.writebackError = new StrataError('EIO',
-          `device ${this.id}: writing its overlay back to disk failed (${(e as Error).message}); writes acknowledged before it may be lost, so this device's flushes and snapshots fail from now on`,
-          { cause: e });
-        try { this.saveManifest(); } catch { /* the same disk may refuse it: the device still fails every flush */ }
-      }
+      this.lostWriteback(e as Error);
       throw this.writebackError;
     }
+  }
+
+  private lostWriteback(cause: Error): void {
+    if (this.writebackError) return;
+    this.writebackError = new StrataError('EIO',
+      `device ${this.id}: writing its overlay back to disk failed (${cause.message}); writes acknowledged before it may be lost, so this device's flushes and snapshots fail from now on`,
+      { cause });
+    try { this.saveManifest(); } catch { /* the same disk may refuse it: the device still fails every flush */ }
   }
 
   private pinView(): View {

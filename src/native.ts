@@ -93,6 +93,8 @@ export interface NativeTargetStats {
   fastReads: number; fastWrites: number; slowPlans: number; readBytes: number; writeBytes: number;
   /** Of slowPlans: the engine held the device gate / a stripe was busy. */
   slowGate?: number; slowBusy?: number;
+  /** Native FUA writes that failed: the device treats them as a lost writeback. */
+  syncWriteErrors?: number;
   latency?: { boundsNs: number[]; read: NativeLatency; write: NativeLatency };
 }
 

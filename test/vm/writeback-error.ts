@@ -6,7 +6,9 @@
 //   - engine API: flush rejects with EIO, and so does a second flush, and a
 //     snapshot (which could upload bytes the disk no longer has);
 //   - through ublk: `dd conv=fsync` onto the device fails, and a second,
-//     small `dd conv=fsync` fails too.
+//     small `dd conv=fsync` fails too;
+//   - through ublk with FUA writes (served natively with RWF_DSYNC): once
+//     one fails, a later `dd conv=fsync` fails too.
 import * as fs from 'fs';
 import { Engine, Codec, StrataError } from '../../src/index';
 import { serveUblk } from '../../src/ublk-export';
@@ -90,6 +92,26 @@ async function errOf(p: Promise<unknown>): Promise<StrataError | undefined> {
     await u?.delete().catch(() => undefined);
     await e2.close().catch(() => undefined);
     await b.undo();
+  }
+  // Through ublk with FUA writes (O_DSYNC on the device): the queue threads
+  // write them natively with RWF_DSYNC, and a failed one is the kernel's one
+  // report of the lost writeback; the device's next FLUSH must still fail.
+  const c = await smallDisk('c');
+  const e3 = await Engine.open({ store: `${DIR}/store`, cacheDir: `${c.mnt}/cache` });
+  u = undefined;
+  try {
+    const dev = await e3.openDevice(template);
+    u = await serveUblk(dev, { transport, queues: 1 });
+    const fua = await sh(`dd if=/dev/urandom of=${u.path} bs=1M count=48 oflag=direct,dsync status=none 2>&1; echo rc=$?`, 300_000);
+    check(!/rc=0\s*$/.test(fua), `${transport}: dd oflag=direct,dsync (FUA writes) of 48 MiB fails (${fua.trim().split('\n').pop()}; native FUA write errors: ${dev.nativeStats().syncWriteErrors})`);
+    const after = await sh(`dd if=/dev/zero of=${u.path} bs=4k count=1 conv=fsync status=none 2>&1; echo rc=$?`, 120_000);
+    check(!/rc=0\s*$/.test(after), `${transport}: a later dd conv=fsync fails too (${after.trim().split('\n').pop()})`);
+  } catch (e) {
+    check(false, `${transport}: FUA: ${(e as Error).message}`);
+  } finally {
+    await u?.delete().catch(() => undefined);
+    await e3.close().catch(() => undefined);
+    await c.undo();
   }
   finish('writeback-error', t0);
 })().catch((e) => { console.error(e); process.exit(1); });
