@@ -169,19 +169,28 @@ test('a whole-device prefetch (NBD CACHE) stays bounded in memory and warms ever
   } finally { await e2.close(); }
 });
 
+/**
+ * Fault injection at the engine's ring: the next fsync fails as a lost
+ * writeback would and later ones succeed, as the kernel's once-per-file
+ * errseq report does. Returns the undo.
+ */
+function failNextFsync(e: Engine): () => void {
+  const uring = (e as unknown as { core: { uring: { fsync: (fd: number) => Promise<number> } } }).core.uring;
+  const real = uring.fsync;
+  let failed = false;
+  uring.fsync = (fd: number) => {
+    if (failed) return real.call(uring, fd);
+    failed = true;
+    return Promise.reject(new StrataError('EIO', 'fsync: EIO'));
+  };
+  return () => { uring.fsync = real; };
+}
+
 test('a failed overlay fsync sticks: later flushes, FUA writes and snapshots fail with EIO (errseq reports it once)', async () => {
   const dev = await engine.openDevice(base);
   try {
     await dev.write(0, Buffer.alloc(8192, 7));
-    // Fault injection at the ring: one fsync fails as a lost writeback would,
-    // every later one succeeds, as the kernel's once-per-file errseq does.
-    const uring = (engine as unknown as { core: { uring: { fsync: (fd: number) => Promise<number> } } }).core.uring;
-    const real = uring.fsync.bind(uring);
-    let failOnce = true;
-    uring.fsync = (fd: number) => {
-      if (failOnce) { failOnce = false; return Promise.reject(new StrataError('EIO', 'fsync: EIO')); }
-      return real(fd);
-    };
+    const restore = failNextFsync(engine);
     try {
       const first = await errOf(dev.flush());
       assert.is(first?.code, 'EIO');
@@ -190,7 +199,7 @@ test('a failed overlay fsync sticks: later flushes, FUA writes and snapshots fai
       assert.is((await errOf(dev.write(8192, Buffer.alloc(4096, 1), { fua: true })))?.code, 'EIO', 'a FUA write is not durable either');
       assert.is((await errOf(dev.snapshot()))?.code, 'EIO', 'no snapshot of data that may be lost');
       assert.equal(await dev.read(0, 8192), Buffer.alloc(8192, 7), 'reads still work');
-    } finally { uring.fsync = real; }
+    } finally { restore(); }
   } finally { await engine.closeDevice(dev); }
 });
 
@@ -200,12 +209,9 @@ test('a durable device whose writeback failed is suspended with the failure in i
   try {
     const dev = await e.openDevice(base, { id: 'wb', durable: true });
     await dev.write(0, Buffer.alloc(4096, 9));
-    const uring = (e as unknown as { core: { uring: { fsync: (fd: number) => Promise<number> } } }).core.uring;
-    const real = uring.fsync.bind(uring);
-    let failOnce = true;
-    uring.fsync = (fd: number) => (failOnce ? (failOnce = false, Promise.reject(new StrataError('EIO', 'fsync: EIO'))) : real(fd));
+    const restore = failNextFsync(e);
     assert.is((await errOf(dev.flush()))?.code, 'EIO');
-    uring.fsync = real;
+    restore();
     assert.is((await errOf(e.suspendDevice(dev)))?.code, 'EIO', 'suspend reports it');
     assert.ok(e.savedDevices().includes('wb'), 'its files and manifest stay');
     const m = JSON.parse(fs.readFileSync(`${cache}/devices/wb.json`, 'utf8'));
