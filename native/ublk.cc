@@ -362,6 +362,14 @@ class Queue {
 // High half of dev_info.ublksrv_flags on devices strata creates ("STRA").
 constexpr uint64_t kOwnerMagic = 0x53545241;
 
+// DEL_DEV waits until every opener (fd, mount) is gone; DEL_DEV_ASYNC (6.9+)
+// does not, so a device still open elsewhere never hangs us.
+int DelDevCmd(Ctrl& c, uint32_t id) {
+  int r = c.Cmd(kCmdDelDevAsync, id);
+  if (r == -EINVAL || r == -EOPNOTSUPP || r == -ENOTTY) r = c.Cmd(kCmdDelDev, id);
+  return r;
+}
+
 struct Options {
   uint64_t size = 0;
   uint16_t queues = 1;
@@ -560,8 +568,10 @@ struct Dev {
     opt.maxIo = info.max_io_buf_bytes;
     opt.recovery = 1;
     // Accepted only once the dead server has released /dev/ublkcN, which
-    // the kernel does asynchronously after the process exits.
-    for (int i = 0; i < 500; i++) {
+    // the kernel does asynchronously after the process exits. Usually within
+    // 100 ms; on 6.12 with fio's requests in flight at the kill it once took
+    // 30.7 s (the block layer's request timeout is 30 s), so allow 60 s.
+    for (int i = 0; i < 6000; i++) {
       r = ctrl.Cmd(kCmdStartUserRecovery, id);
       if (r != -EBUSY) break;
       usleep(10000);
@@ -602,10 +612,7 @@ struct Dev {
   }
 
   void DelDev() {
-    // DEL_DEV waits until every opener (fd, mount) is gone; DEL_DEV_ASYNC
-    // (6.9+) does not, so a device still open elsewhere never hangs us.
-    int r = ctrl.Cmd(kCmdDelDevAsync, id);
-    if (r == -EINVAL || r == -EOPNOTSUPP || r == -ENOTTY) r = ctrl.Cmd(kCmdDelDev, id);
+    int r = DelDevCmd(ctrl, id);
     lastDelErr = r < 0 ? r : 0;
   }
   int lastDelErr = 0;
@@ -1472,7 +1479,7 @@ Napi::Value MakeFileTarget(const Napi::CallbackInfo& info) {
 
 // ublkDeviceInfo(id) -> { id, state, ownerPid, flags, owner } of any kernel
 // ublk device (owner: the strata owner id, null when strata did not tag it).
-// Throws ENOENT when there is no such device.
+// Throws ENODEV when there is no such device (ENOENT without ublk_drv).
 Napi::Value DeviceInfoJs(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!info[0].IsNumber()) Throw(env, EINVAL, "ublkDeviceInfo(id)");
@@ -1507,9 +1514,7 @@ Napi::Value RemoveJs(const Napi::CallbackInfo& info) {
         if (r < 0) return Status::Err(r, "open /dev/ublk-control");
         r = c.Cmd(kCmdStopDev, id);
         if (r < 0) return Status::Err(r, "UBLK_U_CMD_STOP_DEV");
-        r = c.Cmd(kCmdDelDevAsync, id);
-        if (r == -EINVAL || r == -EOPNOTSUPP || r == -ENOTTY) r = c.Cmd(kCmdDelDev, id);
-        if (r < 0) return Status::Err(r, "UBLK_U_CMD_DEL_DEV");
+        if ((r = DelDevCmd(c, id)) < 0) return Status::Err(r, "UBLK_U_CMD_DEL_DEV");
         return Status::Ok();
       },
       nullptr);

@@ -67,7 +67,9 @@ async function fioAcrossKill(transport: 'zero-copy' | 'user-copy'): Promise<void
   check(!fio.exited(), `${transport}: server killed with SIGKILL during the fio verify run`);
   let dev: UblkDevice | undefined;
   try {
+    const t = Date.now();
     dev = await UblkDevice.recover(id, { target: FileTarget.open(img) });
+    console.log(`     ${transport}: recovered under fio in ${Date.now() - t} ms`);
     const code = await Promise.race([fio.done, new Promise<number>((r) => setTimeout(() => r(-2), 180_000))]);
     if (!check(fio.clean(code), `${transport}: fio completed after recovery with no verify error (exit ${code})`)) console.log(fio.out().slice(-1500));
   } catch (e) {
