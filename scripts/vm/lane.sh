@@ -16,18 +16,32 @@ if [ "${1:-}" = "--smoke" ]; then
   envs=(--env STRATA_UBLK_SMOKE=1 --env STRATA_UBLK_CYCLES=20)
   tests=(${tests[@]/test\/vm\/ublk-recovery.ts/})
 fi
-pass=0; fail=0
+run() {
+  scripts/vm/run-in-vm.sh --kernel "$1" --modules nbd,ublk_drv,loop,ext4,crc32c_generic,crc32c_intel --mem 2048 --timeout 1200 --timing \
+    "${envs[@]}" -- node -r tsx/cjs "$2"
+}
+pass=0; fail=0; retried=0
 for k in $kernels; do
   for t in "${tests[@]}"; do
     echo "=== $t on kernel $k"
-    if scripts/vm/run-in-vm.sh --kernel "$k" --modules nbd,ublk_drv,loop,ext4,crc32c_generic,crc32c_intel --mem 2048 --timeout 1200 --timing \
-        "${envs[@]}" -- node -r tsx/cjs "$t"; then
+    run "$k" "$t"; rc=$?
+    # Exit 132 is SIGILL of the test's node process: seen once so far (ublk-cold
+    # on 7.3, 1 of 13 runs, before any output, with no message from V8 or
+    # strata, whose addon holds no trapping instruction); suspected in QEMU
+    # 7.2's emulation. Such a test runs once more, said out loud; any other
+    # failure counts at once.
+    if [ "$rc" -eq 132 ]; then
+      echo "RETRY: $t on kernel $k died of SIGILL (exit 132); running it once more"
+      retried=$((retried + 1))
+      run "$k" "$t"; rc=$?
+    fi
+    if [ "$rc" -eq 0 ]; then
       pass=$((pass + 1))
     else
-      echo "FAIL: $t on kernel $k (exit $?)"
+      echo "FAIL: $t on kernel $k (exit $rc)"
       fail=$((fail + 1))
     fi
   done
 done
-echo "vm lane: ${pass} passed, ${fail} failed"
+echo "vm lane: ${pass} passed, ${fail} failed$([ "$retried" -gt 0 ] && echo ", ${retried} retried after SIGILL")"
 [ "$fail" -eq 0 ]
