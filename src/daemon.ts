@@ -44,18 +44,14 @@ function ublkFrontend(owner: number): { frontend?: Frontends['ublk']; status: st
     frontend: {
       attach: async (dev) => wrap(await serveUblk(dev, { owner })),
       recover: async (id, dev) => {
-        // Gone (e.g. after a reboot), or the id now belongs to someone else.
-        let k: ReturnType<typeof kernelDeviceInfo>;
-        try { k = kernelDeviceInfo(id); } catch (e) {
-          log('warn', 'cannot read kernel device info; attaching a new one', { ublk: id, error: (e as Error).message });
-          return null;
-        }
-        if (!k || k.owner !== owner) return null;
         try {
+          // Gone (e.g. after a reboot), or the id now belongs to someone else.
+          const k = kernelDeviceInfo(id);
+          if (!k || k.owner !== owner) return null;
           return wrap(await recoverUblk(id, dev));
         } catch (e) {
           // Served on a new kernel device instead; the sweep removes this one.
-          log('warn', 'cannot recover kernel device; attaching a new one', { ublk: id, state: k.state, error: (e as Error).message });
+          log('warn', 'cannot recover kernel device; attaching a new one', { ublk: id, error: (e as Error).message });
           return null;
         }
       },

@@ -68,7 +68,7 @@ export async function sweepLeftDevices(owner: number, keep: ReadonlySet<number>)
     }
     try {
       await removeKernelDevice(id);
-      out.push({ ...base, outcome: 'removed', why: `left ${info.state} by process ${info.ownerPid}, which is gone` });
+      out.push({ ...base, outcome: 'removed', why: `left ${info.state} by process ${info.ownerPid}${isAlive(info.ownerPid) ? '' : ', which is gone'}` });
     } catch (e) {
       out.push({ ...base, outcome: 'failed', why: `left ${info.state} by process ${info.ownerPid}`, error: e as Error });
     }
