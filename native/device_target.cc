@@ -301,7 +301,8 @@ class DeviceTargetJs : public Napi::ObjectWrap<DeviceTargetJs> {
                         InstanceMethod<&DeviceTargetJs::SetView>("setView"),
                         InstanceMethod<&DeviceTargetJs::LockRange>("lockRange"),
                         InstanceMethod<&DeviceTargetJs::UnlockRange>("unlockRange"),
-                        InstanceMethod<&DeviceTargetJs::Stats>("stats")});
+                        InstanceMethod<&DeviceTargetJs::Stats>("stats"),
+                        InstanceMethod<&DeviceTargetJs::SyncWriteErrors>("syncWriteErrors")});
   }
 
   // new DeviceTarget(heap: SharedArrayBuffer, size: number, blockSize: number)
@@ -364,6 +365,11 @@ class DeviceTargetJs : public Napi::ObjectWrap<DeviceTargetJs> {
 
   void UnlockRange(const Napi::CallbackInfo& info) {
     t_->unlockRange(ArgUint(info, 0, "offset", 1ull << 53), ArgUint(info, 1, "length", 1ull << 53));
+  }
+
+  // Just the failed FUA writes: read on every flush, so not the whole stats().
+  Napi::Value SyncWriteErrors(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), double(t_->syncWriteErrors.load()));
   }
 
   Napi::Value Stats(const Napi::CallbackInfo& info) {

@@ -661,7 +661,7 @@ export class Device {
   // snapshot of this device fails with EIO.
   private async syncFiles(): Promise<void> {
     // A native FUA write that failed consumed the kernel's report for its file.
-    if (!this.writebackError && (this.plane?.target.stats().syncWriteErrors ?? 0) > 0) {
+    if (!this.writebackError && (this.plane?.target.syncWriteErrors() ?? 0) > 0) {
       this.lostWriteback(new StrataError('EIO', 'a synchronous (FUA) write to its overlay failed'));
     }
     if (this.writebackError) throw this.writebackError;

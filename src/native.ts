@@ -84,6 +84,8 @@ export interface NativeDeviceTarget extends NativeTarget {
   lockRange(offset: number, length: number, exclusive: boolean): boolean;
   unlockRange(offset: number, length: number): void;
   stats(): NativeTargetStats;
+  /** Native FUA writes that failed so far (stats().syncWriteErrors without the rest). */
+  syncWriteErrors(): number;
 }
 
 /** Service-time histogram of native requests: counts per bucket (upper bounds in ns; the last bucket is unbounded). */
