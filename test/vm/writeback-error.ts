@@ -12,7 +12,7 @@
 import * as fs from 'fs';
 import { Engine, Codec, StrataError } from '../../src/index';
 import { serveUblk } from '../../src/ublk-export';
-import type { UblkDevice } from '../../src/ublk';
+import type { UblkDevice, Transport } from '../../src/ublk';
 import { check, sh, finish, begin, transports } from './ublk-helpers';
 
 const DIR = '/tmp/strata-vm-wberr';
@@ -32,6 +32,30 @@ async function smallDisk(name: string): Promise<{ mnt: string; undo: () => Promi
       await sh(`umount -l ${mnt}; losetup -d ${loop}; umount -l ${t}`).catch(() => undefined);
     },
   };
+}
+
+/**
+ * A strata device over ublk with its cache on a small disk: 48 MiB of dd
+ * with `ddFlags` must fail, and so must a later small `dd conv=fsync`.
+ */
+async function throughUblk(name: string, transport: Transport, template: string, ddFlags: string, what: string): Promise<void> {
+  const disk = await smallDisk(name);
+  const engine = await Engine.open({ store: `${DIR}/store`, cacheDir: `${disk.mnt}/cache` });
+  let u: UblkDevice | undefined;
+  try {
+    const dev = await engine.openDevice(template);
+    u = await serveUblk(dev, { transport, queues: 1 });
+    const big = await sh(`dd if=/dev/urandom of=${u.path} bs=1M count=48 ${ddFlags} status=none 2>&1; echo rc=$?`, 300_000);
+    check(!/rc=0\s*$/.test(big), `${transport}: ${what} onto ${u.path} fails (${big.trim().split('\n').pop()}; native FUA write errors: ${dev.nativeStats().syncWriteErrors})`);
+    const small = await sh(`dd if=/dev/zero of=${u.path} bs=4k count=1 conv=fsync status=none 2>&1; echo rc=$?`, 120_000);
+    check(!/rc=0\s*$/.test(small), `${transport}: a later small dd conv=fsync fails too (${small.trim().split('\n').pop()})`);
+  } catch (e) {
+    check(false, `${transport}: ${what}: ${(e as Error).message}`);
+  } finally {
+    await u?.delete().catch(() => undefined);
+    await engine.close().catch(() => undefined);
+    await disk.undo();
+  }
 }
 
 async function errOf(p: Promise<unknown>): Promise<StrataError | undefined> {
@@ -74,44 +98,12 @@ async function errOf(p: Promise<unknown>): Promise<StrataError | undefined> {
     await a.undo();
   }
 
-  // Through ublk: the kernel's FLUSH.
   const transport = transports(f)[0];
-  const b = await smallDisk('b');
-  const e2 = await Engine.open({ store: `${DIR}/store`, cacheDir: `${b.mnt}/cache` });
-  let u: UblkDevice | undefined;
-  try {
-    const dev = await e2.openDevice(template);
-    u = await serveUblk(dev, { transport, queues: 1 });
-    const big = await sh(`dd if=/dev/urandom of=${u.path} bs=1M count=48 conv=fsync status=none 2>&1; echo rc=$?`, 300_000);
-    check(!/rc=0\s*$/.test(big), `${transport}: dd conv=fsync of 48 MiB onto ${u.path} fails (${big.trim().split('\n').pop()})`);
-    const small = await sh(`dd if=/dev/zero of=${u.path} bs=4k count=1 conv=fsync status=none 2>&1; echo rc=$?`, 120_000);
-    check(!/rc=0\s*$/.test(small), `${transport}: a later small dd conv=fsync fails too (${small.trim().split('\n').pop()})`);
-  } catch (e) {
-    check(false, `${transport}: ${(e as Error).message}`);
-  } finally {
-    await u?.delete().catch(() => undefined);
-    await e2.close().catch(() => undefined);
-    await b.undo();
-  }
+  // Through ublk: the kernel's FLUSH after buffered writes.
+  await throughUblk('b', transport, template, 'conv=fsync', 'dd conv=fsync of 48 MiB');
   // Through ublk with FUA writes (O_DSYNC on the device): the queue threads
   // write them natively with RWF_DSYNC, and a failed one is the kernel's one
   // report of the lost writeback; the device's next FLUSH must still fail.
-  const c = await smallDisk('c');
-  const e3 = await Engine.open({ store: `${DIR}/store`, cacheDir: `${c.mnt}/cache` });
-  u = undefined;
-  try {
-    const dev = await e3.openDevice(template);
-    u = await serveUblk(dev, { transport, queues: 1 });
-    const fua = await sh(`dd if=/dev/urandom of=${u.path} bs=1M count=48 oflag=direct,dsync status=none 2>&1; echo rc=$?`, 300_000);
-    check(!/rc=0\s*$/.test(fua), `${transport}: dd oflag=direct,dsync (FUA writes) of 48 MiB fails (${fua.trim().split('\n').pop()}; native FUA write errors: ${dev.nativeStats().syncWriteErrors})`);
-    const after = await sh(`dd if=/dev/zero of=${u.path} bs=4k count=1 conv=fsync status=none 2>&1; echo rc=$?`, 120_000);
-    check(!/rc=0\s*$/.test(after), `${transport}: a later dd conv=fsync fails too (${after.trim().split('\n').pop()})`);
-  } catch (e) {
-    check(false, `${transport}: FUA: ${(e as Error).message}`);
-  } finally {
-    await u?.delete().catch(() => undefined);
-    await e3.close().catch(() => undefined);
-    await c.undo();
-  }
+  await throughUblk('c', transport, template, 'oflag=direct,dsync', 'dd oflag=direct,dsync (FUA writes) of 48 MiB');
   finish('writeback-error', t0);
 })().catch((e) => { console.error(e); process.exit(1); });
