@@ -569,8 +569,9 @@ struct Dev {
     opt.recovery = 1;
     // Accepted only once the dead server has released /dev/ublkcN, which
     // the kernel does asynchronously after the process exits. Usually within
-    // 100 ms; on 6.12 with fio's requests in flight at the kill it once took
-    // 30.7 s (the block layer's request timeout is 30 s), so allow 60 s.
+    // 100 ms; on 6.12 a server that died holding every tag is noticed only
+    // by a request timing out (30 s unless the device's io_timeout was
+    // shortened, as UblkDevice does), so allow 60 s.
     for (int i = 0; i < 6000; i++) {
       r = ctrl.Cmd(kCmdStartUserRecovery, id);
       if (r != -EBUSY) break;

@@ -90,7 +90,7 @@ test('FileTarget.serveSlow answers reads, writes and zeroing with fs calls', asy
 
 test('UblkDevice.create validates options before touching the kernel', async () => {
   const t = FileTarget.open(img);
-  for (const bad of [{ transport: 'fast' }, { depth: 0 }, { maxIo: 1000 }, { size: 1000 }, { recovery: 'sometimes' }, { owner: -1 }, { owner: 2 ** 32 }]) {
+  for (const bad of [{ transport: 'fast' }, { depth: 0 }, { maxIo: 1000 }, { size: 1000 }, { recovery: 'sometimes' }, { owner: -1 }, { owner: 2 ** 32 }, { requestTimeoutMs: -1 }, { requestTimeoutMs: 1.5 }]) {
     const e = await UblkDevice.create({ target: t, ...(bad as object) }).then(() => null, (x) => x);
     assert.instance(e, UblkError, JSON.stringify(bad));
     assert.is((e as UblkError).code, 'EINVAL', JSON.stringify(bad));
