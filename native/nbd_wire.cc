@@ -8,6 +8,9 @@
 // (the slow path), whose complete replies come back through reply() and are
 // queued whole, so replies never interleave. Memory is bounded: the thread
 // stops reading while too many slow requests or reply bytes are pending.
+// A READ whose data is not in the page cache (RWF_NOWAIT says so) goes to a
+// small pool of reader threads, so one read waiting for the disk does not
+// stall every other request of the connection.
 #include <napi.h>
 
 #include <errno.h>
@@ -16,6 +19,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -88,6 +92,19 @@ struct WriteJob {
   uint32_t length;
   std::vector<uint8_t> payload;
 };
+
+// A READ planned on the connection thread whose data must come from the
+// disk: a reader thread performs it, finishes the plan and queues the reply.
+struct ReadJob {
+  uint8_t cookie[8];
+  uint64_t offset;
+  uint32_t length;
+  Plan plan;
+};
+
+// Reader threads per connection (started on the first page-cache miss):
+// enough to keep a few disk reads in flight.
+constexpr size_t kMaxReaders = 4;
 
 struct Opts {
   bool structured = false, readOnly = false;
@@ -207,6 +224,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
   Napi::Value Stats(const Napi::CallbackInfo& info) {
     Napi::Object o = Napi::Object::New(info.Env());
     o.Set("fast", double(fast_.load()));
+    o.Set("coldReads", double(cold_.load()));
     o.Set("slow", double(slow_.load()));
     o.Set("pendingSlow", double(pending_.load()));
     o.Set("phase", double(phase_.load()));
@@ -242,6 +260,12 @@ class Wire : public Napi::ObjectWrap<Wire> {
     wcv_.notify_all();
     writer.join();
     {
+      std::lock_guard<std::mutex> g(rmu_);
+      rstop_ = true;
+    }
+    rcv_.notify_all();
+    for (std::thread& t : readers_) t.join();
+    {
       std::lock_guard<std::mutex> g(mu_);
       close(fd_);
       fd_ = -1;
@@ -261,7 +285,8 @@ class Wire : public Napi::ObjectWrap<Wire> {
   }
 
   bool Paused() const {
-    return slowN_ + writesPending_ >= opts_.maxInflight || slowBytes_ + writeBytes_ >= opts_.maxInflightBytes ||
+    return slowN_ + writesPending_ + readsPending_ >= opts_.maxInflight ||
+           slowBytes_ + writeBytes_ + readBytes_ >= opts_.maxInflightBytes ||
            out_.len - sent_ > opts_.maxQueued;
   }
 
@@ -277,8 +302,9 @@ class Wire : public Napi::ObjectWrap<Wire> {
       if (destroy_.load()) return why.empty() ? "destroyed" : why;
       if (shutdown_.load()) reading = false;
       if (!reading || peerGone) {
-        if (peerGone && slowN_ == 0 && writesPending_ == 0) return why;
-        if (!peerGone && slowN_ == 0 && writesPending_ == 0 && sent_ == out_.len) {
+        const bool idle = slowN_ == 0 && writesPending_ == 0 && readsPending_ == 0;
+        if (peerGone && idle) return why;
+        if (!peerGone && idle && sent_ == out_.len) {
           shutdown(fd_, SHUT_WR);
           return why.empty() ? "disconnected" : why;
         }
@@ -320,6 +346,9 @@ class Wire : public Napi::ObjectWrap<Wire> {
     writesPending_ -= wDone_;
     writeBytes_ -= wDoneBytes_;
     wDone_ = wDoneBytes_ = 0;
+    readsPending_ -= rDone_;
+    readBytes_ -= rDoneBytes_;
+    rDone_ = rDoneBytes_ = 0;
     // Writes the writer could not plan become slow requests for JS.
     bool woke = false;
     for (WriteJob& j : wSlow_) {
@@ -366,6 +395,18 @@ class Wire : public Napi::ObjectWrap<Wire> {
       }
       handOff_.clear();
       wcv_.notify_one();
+    }
+    if (!coldOff_.empty()) {
+      size_t n = coldOff_.size();
+      {
+        std::lock_guard<std::mutex> g(rmu_);
+        for (ReadJob& j : coldOff_) rq_.push_back(std::move(j));
+        while (readers_.size() < kMaxReaders && readers_.size() < rq_.size() + busyReaders_) {
+          readers_.emplace_back([this] { ReaderLoop(); });
+        }
+      }
+      coldOff_.clear();
+      if (n == 1) rcv_.notify_one(); else rcv_.notify_all();
     }
     // Also when closing: slow requests already queued must reach JS, or
     // they never finish and the connection never closes.
@@ -426,23 +467,24 @@ class Wire : public Napi::ObjectWrap<Wire> {
       if (flags & ~kFlagDF) return false;
       if (!target_->plan(TOp::Read, off, len, plan_)) return false;
       const size_t mark = out_.len;
-      uint8_t* hdr;
-      if (opts_.structured) {
-        hdr = out_.grow(28);
-        Put32(hdr, kStructuredMagic); Put16(hdr + 4, kReplyDone); Put16(hdr + 6, kTypeOffsetData);
-        memcpy(hdr + 8, cookie, 8); Put32(hdr + 16, 8 + len); Put64(hdr + 20, off);
-      } else {
-        hdr = out_.grow(16);
-        Put32(hdr, kSimpleMagic); Put32(hdr + 4, 0); memcpy(hdr + 8, cookie, 8);
-      }
-      const size_t dataAt = out_.len;
-      out_.grow(len);
+      uint8_t* data = ReadHeader(out_, cookie, off, len);
       bool ok = true;
-      size_t at = dataAt;
       for (uint32_t i = 0; i < plan_.nseg && ok; i++) {
         const Seg& s = plan_.seg[i];
-        ok = ReadSeg(s, out_.p + at);
-        at += s.len;
+        const Got got = ReadSegNowait(s, data);
+        if (got == Got::Miss) {
+          // Not in the page cache: a reader thread waits for the disk.
+          out_.len = mark;
+          ReadJob j{{}, off, len, plan_};
+          memcpy(j.cookie, cookie, 8);
+          readsPending_++;
+          readBytes_ += len;
+          coldOff_.push_back(std::move(j));
+          cold_.fetch_add(1, std::memory_order_relaxed);
+          return true;
+        }
+        ok = got == Got::Done;
+        data += s.len;
       }
       target_->finish(plan_, ok);
       if (!ok) { out_.len = mark; ErrorReply(CMD_READ, cookie, kEIO, "I/O error reading the device"); }
@@ -517,6 +559,82 @@ class Wire : public Napi::ObjectWrap<Wire> {
     }
   }
 
+  // A reader thread: performs handed-off READs (blocking on the disk),
+  // finishes their plans and queues each reply whole for the connection thread.
+  void ReaderLoop() {
+    for (;;) {
+      ReadJob j;
+      {
+        std::unique_lock<std::mutex> g(rmu_);
+        rcv_.wait(g, [this] { return !rq_.empty() || rstop_; });
+        if (rq_.empty()) return;  // stopping, and nothing left to finish
+        j = std::move(rq_.front());
+        rq_.pop_front();
+        busyReaders_++;
+      }
+      ByteBuf reply;
+      bool ok = !destroy_.load();
+      uint8_t* data = ReadHeader(reply, j.cookie, j.offset, j.length);
+      for (uint32_t i = 0; i < j.plan.nseg && ok; i++) {
+        ok = ReadSeg(j.plan.seg[i], data);
+        data += j.plan.seg[i].len;
+      }
+      target_->finish(j.plan, ok);
+      if (!ok) {
+        reply.len = 0;
+        ErrorReplyTo(reply, CMD_READ, j.cookie, kEIO, "I/O error reading the device");
+      }
+      {
+        std::lock_guard<std::mutex> g(mu_);
+        if (!destroy_.load()) fromJs_.append(reply.p, reply.len);
+        rDone_++;
+        rDoneBytes_ += j.length;
+      }
+      {
+        std::lock_guard<std::mutex> g(rmu_);
+        busyReaders_--;
+      }
+      fast_.fetch_add(1, std::memory_order_relaxed);
+      Wake();
+    }
+  }
+
+  /** Appends a READ reply's header for `len` bytes to `b`; returns where the data goes. */
+  uint8_t* ReadHeader(ByteBuf& b, const uint8_t* cookie, uint64_t off, uint32_t len) const {
+    uint8_t* hdr;
+    if (opts_.structured) {
+      hdr = b.grow(28 + size_t(len));
+      Put32(hdr, kStructuredMagic); Put16(hdr + 4, kReplyDone); Put16(hdr + 6, kTypeOffsetData);
+      memcpy(hdr + 8, cookie, 8); Put32(hdr + 16, 8 + len); Put64(hdr + 20, off);
+      return hdr + 28;
+    }
+    hdr = b.grow(16 + size_t(len));
+    Put32(hdr, kSimpleMagic); Put32(hdr + 4, 0); memcpy(hdr + 8, cookie, 8);
+    return hdr + 16;
+  }
+
+  enum class Got { Done, Miss, Error };
+
+  // Reads a segment only if the page cache holds it all (RWF_NOWAIT); Miss
+  // when the disk would be needed (also for a short read, e.g. at EOF: the
+  // reader thread's blocking read handles that). Filesystems without NOWAIT
+  // reads (tmpfs, which never waits for a disk) are read directly.
+  Got ReadSegNowait(const Seg& s, uint8_t* dst) {
+    if (s.fd < 0 || !nowait_) return ReadSeg(s, dst) ? Got::Done : Got::Error;
+    iovec v{dst, s.len};
+    for (;;) {
+      ssize_t n = preadv2(s.fd, &v, 1, off_t(s.off), RWF_NOWAIT);
+      if (n == ssize_t(s.len)) return Got::Done;
+      if (n >= 0 || errno == EAGAIN) return Got::Miss;
+      if (errno == EINTR) continue;
+      if (errno == EOPNOTSUPP) {
+        nowait_ = false;
+        return ReadSeg(s, dst) ? Got::Done : Got::Error;
+      }
+      return Got::Error;
+    }
+  }
+
   static bool ReadSeg(const Seg& s, uint8_t* dst) {
     if (s.fd < 0) { memset(dst, 0, s.len); return true; }
     size_t done = 0;
@@ -544,10 +662,12 @@ class Wire : public Napi::ObjectWrap<Wire> {
     Put32(h, kSimpleMagic); Put32(h + 4, err); memcpy(h + 8, cookie, 8);
   }
 
-  void ErrorReply(uint16_t type, const uint8_t* cookie, uint32_t err, const char* msg) {
-    if (!opts_.structured || type != CMD_READ) { PutSimple(out_, cookie, err); return; }
+  void ErrorReply(uint16_t type, const uint8_t* cookie, uint32_t err, const char* msg) { ErrorReplyTo(out_, type, cookie, err, msg); }
+
+  void ErrorReplyTo(ByteBuf& b, uint16_t type, const uint8_t* cookie, uint32_t err, const char* msg) const {
+    if (!opts_.structured || type != CMD_READ) { PutSimple(b, cookie, err); return; }
     const uint16_t ml = static_cast<uint16_t>(strlen(msg));
-    uint8_t* h = out_.grow(20 + 6 + ml);
+    uint8_t* h = b.grow(20 + 6 + ml);
     Put32(h, kStructuredMagic); Put16(h + 4, kReplyDone); Put16(h + 6, kTypeError);
     memcpy(h + 8, cookie, 8); Put32(h + 16, 6 + ml); Put32(h + 20, err); Put16(h + 24, ml);
     memcpy(h + 26, msg, ml);
@@ -581,6 +701,16 @@ class Wire : public Napi::ObjectWrap<Wire> {
   bool wokeJs_ = false;
   Plan plan_;
   std::vector<WriteJob> handOff_;  // this batch's writes for the writer
+  std::vector<ReadJob> coldOff_;   // this batch's page-cache misses for the readers
+  uint64_t readsPending_ = 0, readBytes_ = 0;
+  bool nowait_ = true;             // the files take RWF_NOWAIT reads
+  // The reader threads' queue.
+  std::mutex rmu_;
+  std::condition_variable rcv_;
+  std::deque<ReadJob> rq_;
+  std::vector<std::thread> readers_;
+  size_t busyReaders_ = 0;
+  bool rstop_ = false;
   // The writer thread's queue.
   std::mutex wmu_;
   std::condition_variable wcv_;
@@ -593,8 +723,9 @@ class Wire : public Napi::ObjectWrap<Wire> {
   uint64_t doneN_ = 0, doneBytes_ = 0;
   uint64_t wDone_ = 0, wDoneBytes_ = 0;  // writer completions
   std::vector<WriteJob> wSlow_;          // writes the writer could not plan
+  uint64_t rDone_ = 0, rDoneBytes_ = 0;  // reader completions
   std::atomic<bool> shutdown_{false}, destroy_{false};
-  std::atomic<uint64_t> fast_{0}, slow_{0}, pending_{0};
+  std::atomic<uint64_t> fast_{0}, slow_{0}, pending_{0}, cold_{0};
   std::atomic<int> phase_{0};  // diagnostics: 0 reading, 1 draining, 2 peer gone
 };
 

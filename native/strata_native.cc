@@ -578,8 +578,21 @@ Napi::Value DataExtents(const Napi::CallbackInfo& info) {
   return out;
 }
 
+// dropPageCache(fd): writes back and evicts the file's cached pages
+// (fdatasync, then POSIX_FADV_DONTNEED), so the next reads need the disk —
+// for tests and benchmarks of cold reads without dropping the whole
+// machine's cache.
+void DropPageCache(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const int fd = static_cast<int>(ArgUint(info, 0, "fd", INT32_MAX));
+  if (fdatasync(fd) < 0) Fail(env, errno, "fdatasync");
+  int r = posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+  if (r != 0) Fail(env, r, "posix_fadvise(DONTNEED)");
+}
+
 Napi::Object InitModule(Napi::Env env, Napi::Object exports) {
   exports.Set("dataExtents", Napi::Function::New(env, DataExtents, "dataExtents"));
+  exports.Set("dropPageCache", Napi::Function::New(env, DropPageCache, "dropPageCache"));
   exports.Set("Ring", Ring::Init(env));
   exports.Set("info", Napi::Function::New(env, Info, "info"));
   exports.Set("pageSize", Napi::Function::New(env, PageSize, "pageSize"));

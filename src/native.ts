@@ -109,7 +109,8 @@ export interface NativeNbdWire {
   reply(bytes: Buffer | null, doneCount: number, doneBytes: number): void;
   shutdown(): void;
   destroy(): void;
-  stats(): { fast: number; slow: number; pendingSlow: number; phase: number };
+  /** coldReads: READs that missed the page cache and went to a reader thread. */
+  stats(): { fast: number; slow: number; pendingSlow: number; phase: number; coldReads: number };
 }
 
 export interface NbdWireOptions {
@@ -123,6 +124,8 @@ export interface NativeAddon {
   pageSize(): number;
   /** [start, end, start, end, …] byte ranges holding data (SEEK_DATA/SEEK_HOLE) below size. */
   dataExtents(fd: number, size: number): number[];
+  /** Writes back and evicts a file's cached pages (tests and benches of cold reads). */
+  dropPageCache(fd: number): void;
   DeviceTarget: new (heap: SharedArrayBuffer, size: number, blockSize: number) => NativeDeviceTarget;
   NbdWire: new (fd: number, target: NativeTarget | null, opts: NbdWireOptions, initial: Buffer,
     onEvent: (kind: 'requests' | 'closed', message: string) => void) => NativeNbdWire;

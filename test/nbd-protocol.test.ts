@@ -304,6 +304,95 @@ test('a native wire lets go of its target when its connection closes (a FileTarg
   }
 });
 
+/** A native wire over a FileTarget on `file`, with a connected client socket (as after a handshake). */
+async function rawWire(file: string, size: number, dir: string) {
+  const server = net.createServer();
+  await new Promise<void>((r) => server.listen(path.join(dir, 's'), r));
+  const t = FileTarget.open(file);
+  const accepted = once(server, 'connection');
+  const client = net.connect(path.join(dir, 's'));
+  await once(client, 'connect');
+  const [sock] = (await accepted) as [net.Socket];
+  const fd = (sock as unknown as { _handle: { fd: number } })._handle.fd;
+  let closed!: () => void;
+  const gone = new Promise<void>((r) => { closed = r; });
+  const wire = new (loadNative().NbdWire)(fd, t, {
+    structured: false, readOnly: false, size, minBlock: 512, maxPayload: 1 << 20,
+    maxInflight: 128, maxInflightBytes: 8 << 20, maxQueuedReplyBytes: 8 << 20,
+  }, Buffer.alloc(0), (kind) => { if (kind === 'closed') closed(); });
+  sock.destroy(); // the wire has its own dup of the socket
+  t.close();
+  return { wire, client, gone, server };
+}
+
+function readRequest(cookie: number, off: number, len: number): Buffer {
+  const req = Buffer.alloc(28);
+  req.writeUInt32BE(0x25609513, 0); req.writeUInt16BE(CMD.READ, 6); req.writeBigUInt64BE(BigInt(cookie), 8);
+  req.writeBigUInt64BE(BigInt(off), 16); req.writeUInt32BE(len, 24);
+  return req;
+}
+
+test('READs that miss the page cache go to reader threads and come back whole and right; a close with them in flight releases everything', async () => {
+  const dir = tmpdir('cold');
+  const TMPFS = 0x01021994;
+  if (fs.statfsSync(dir).type === TMPFS) {
+    // tmpfs has no RWF_NOWAIT reads (and never waits for a disk): nothing goes cold there.
+    console.log(`SKIP: cold-read hand-off: ${dir} is on tmpfs, which never misses the page cache`);
+    fs.rmSync(dir, { recursive: true, force: true });
+    return;
+  }
+  const file = path.join(dir, 'img');
+  const SIZE = 16 << 20, BS = 4096;
+  const data = Buffer.alloc(SIZE);
+  const rnd = rng(5);
+  for (let i = 0; i < SIZE; i += 4) data.writeUInt32LE(rnd() >>> 0, i);
+  fs.writeFileSync(file, data);
+  const own = fs.openSync(file, 'r');
+  try {
+    for (const closeEarly of [false, true]) {
+      loadNative().dropPageCache(own);
+      const { wire, client, gone, server } = await rawWire(file, SIZE, dir);
+      try {
+        // 600 pipelined reads of blocks spread over the cold file, some repeated (hits after a miss).
+        const offs: number[] = [];
+        for (let i = 0; i < 600; i++) offs.push(((i * 2654435761) >>> 0) % (SIZE / BS) * BS);
+        client.write(Buffer.concat(offs.map((o, i) => readRequest(i, o, BS))));
+        if (closeEarly) {
+          client.destroy();
+          await gone;
+          for (let i = 0; i < 200 && fdsOn(file) > 1; i++) await new Promise((r) => setTimeout(r, 10));
+          assert.is(fdsOn(file), 1, 'closed with cold reads in flight: the wire let go of the file');
+          continue;
+        }
+        let got = Buffer.alloc(0);
+        const want = offs.length * (16 + BS);
+        while (got.length < want) got = Buffer.concat([got, (await once(client, 'data'))[0] as Buffer]);
+        assert.is(got.length, want, 'nothing beyond the replies');
+        const seen = new Set<number>();
+        for (let at = 0; at < got.length; at += 16 + BS) {
+          assert.is(got.readUInt32BE(at), 0x67446698, 'reply magic: replies are whole and never interleave');
+          assert.is(got.readUInt32BE(at + 4), 0, 'no error');
+          const i = Number(got.readBigUInt64BE(at + 8));
+          assert.ok(i < offs.length && !seen.has(i), `one reply per request (${i})`);
+          seen.add(i);
+          assert.ok(got.subarray(at + 16, at + 16 + BS).equals(data.subarray(offs[i], offs[i] + BS)), `read ${i} returns the file's bytes`);
+        }
+        const st = wire.stats();
+        assert.ok(st.coldReads > 0, `some reads missed the page cache and were handed off (${st.coldReads} of ${offs.length})`);
+        assert.is(st.fast, offs.length, 'every read was served natively');
+        client.end();
+        await gone;
+      } finally {
+        client.destroy(); // also when an assertion failed, so the process can end
+        server.close();
+      }
+    }
+  } finally {
+    fs.closeSync(own);
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
 test('fuzz: 10,000 random and mutated messages; the server survives and keeps serving correctly', async () => {
   const seed = Number(process.env.STRATA_SEED ?? Math.floor(Math.random() * 2 ** 31));
   const r = rng(seed);

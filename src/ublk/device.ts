@@ -70,8 +70,8 @@ export interface UblkCreateOptions {
  * Why strata shortens the request timeout: a 6.12 kernel notices that a
  * server died while holding every tag of a queue (all requests at the server,
  * no fetch left to cancel) only when one of those requests times out, so a
- * device waited the default 30 s before it could be recovered (measured:
- * 31 s; 38 ms with 2 s). ublk's timeout handler only re-arms the timer while
+ * device waited the default 30 s before it could be recovered (measured
+ * 29–31 s; under 2 s with this timeout: test/vm/ublk-recovery.ts). ublk's timeout handler only re-arms the timer while
  * the server lives (we never set UNPRIVILEGED_DEV, whose handler kills it),
  * so a short timeout costs a live device nothing. 7.x kernels detect the exit
  * when the char device is released and do not need it.
