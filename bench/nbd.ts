@@ -19,7 +19,8 @@
 //   STRATA_BENCH_IMAGE_MB   base image size (default 1024)
 //   STRATA_BENCH_CONTENT_MB real files copied into the ext4 image (default 60% of the image)
 //   STRATA_BENCH_IMAGE      use this raw image as the base instead of building one
-//   STRATA_BENCH_TESTS      subset of randread,randwrite,randrw,read,write
+//   STRATA_BENCH_TESTS      subset of randread,randwrite,randrw,read,write (the default), or coldread:
+//                           4k randread with the page cache dropped before each cell (root only)
 //   STRATA_BENCH_CONNS      connection counts to run (default 1,2)
 //   STRATA_BENCH_TMP        parent of the temporary directory (default os.tmpdir())
 //   STRATA_BENCH_KEEP=1     keep the temporary directory (and the daemon log) at the end
@@ -452,14 +453,22 @@ class QemuPeer extends RestartedPeer {
 
 // ------------------------------------------------------------ fio
 
-interface Test { key: string; label: string; rw: string; bs: string; qd: number; mix?: number; small: boolean; cachedRead: boolean }
+interface Test { key: string; label: string; rw: string; bs: string; qd: number; mix?: number; small: boolean; cachedRead: boolean; cold?: boolean }
 const ALL_TESTS: Test[] = [
   { key: 'randread', label: '4k randread', rw: 'randread', bs: '4k', qd: 32, small: true, cachedRead: true },
   { key: 'randwrite', label: '4k randwrite', rw: 'randwrite', bs: '4k', qd: 32, small: true, cachedRead: false },
   { key: 'randrw', label: '4k randrw 70/30', rw: 'randrw', mix: 70, bs: '4k', qd: 32, small: true, cachedRead: false },
   { key: 'read', label: '128k seq read', rw: 'read', bs: '128k', qd: 8, small: false, cachedRead: true },
   { key: 'write', label: '128k seq write', rw: 'write', bs: '128k', qd: 8, small: false, cachedRead: false },
+  // Only by name: every peer's data has to come from the disk (no target; see bench/README.md).
+  { key: 'coldread', label: '4k randread, cold page cache', rw: 'randread', bs: '4k', qd: 32, small: false, cachedRead: false, cold: true },
 ];
+const DEFAULT_TESTS = ['randread', 'randwrite', 'randrw', 'read', 'write'];
+
+/** Drops the whole machine's clean page cache (after the sync before each cell), so a cell starts cold. */
+function dropPageCache(): void {
+  fs.writeFileSync('/proc/sys/vm/drop_caches', '1');
+}
 
 interface FioResult { ios: number; iops: number; mbs: number; p50: number; p99: number }
 
@@ -592,7 +601,10 @@ async function main(): Promise<void> {
   if (want) for (const w of want) if (!all.some((p) => p.key === w)) throw new Error(`STRATA_BENCH_PEERS: unknown peer ${w} (known: ${all.map((p) => p.key).join(', ')})`);
   const peers = all.filter((p) => !want || want.includes(p.key));
   const wantTests = envList('STRATA_BENCH_TESTS');
-  const tests = ALL_TESTS.filter((t) => !wantTests || wantTests.includes(t.key));
+  const tests = ALL_TESTS.filter((t) => (wantTests ?? DEFAULT_TESTS).includes(t.key));
+  if (tests.some((t) => t.cold)) {
+    try { dropPageCache(); } catch (e) { throw new Error(`coldread drops the page cache and needs root: ${(e as Error).message}`); }
+  }
   if (tests.length === 0) throw new Error(`STRATA_BENCH_TESTS matches none of ${ALL_TESTS.map((t) => t.key).join(',')}`);
 
   // Start and warm every peer: a sequential read of the whole export (the
@@ -647,6 +659,7 @@ async function main(): Promise<void> {
             try {
               syncDisks();
               const u = await p.fresh(`${t.key}-${conns}`);
+              if (t.cold) { spawnSync('sync', { stdio: 'ignore' }); dropPageCache(); }
               const pid = p.pid();
               const s0 = procCpu(pid), c0 = childrenCpu(), m0 = machineBusy(), w0 = performance.now();
               const r = await runFio(fioArgs(t, u, conns, SECONDS), (SECONDS + 120) * 1000, fioLog);
