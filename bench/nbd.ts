@@ -7,7 +7,7 @@
 // See bench/nbd.md for what each peer is and how the run is kept fair.
 //
 // Peers (STRATA_BENCH_PEERS picks a comma-separated subset, default all):
-//   strata        node src/server.js --data TMP/strata --import base.raw; a fresh device name per cell
+//   strata        node src/server.js --data TMP/strata --import base.raw; a fresh device per cell (the last one deleted)
 //   nbdkit-file   nbdkit file plugin on a raw copy of the base (no copy-on-write: the ceiling)
 //   nbdkit-cow4k  nbdkit cow filter over the read-only base, cow-block-size=4096 (restarted per cell)
 //   nbdkit-cow64k the same with the filter's default 64 KiB block (restarted per cell)
@@ -30,6 +30,7 @@
 //   STRATA_BENCH_ROUNDS     interleaved rounds per cell, best run kept (default 2; the machine's run-to-run spread is ±15 %)
 //   STRATA_BENCH_RETRIES    re-runs of a cell during which other processes used > 0.3 CPU (default 2)
 import * as fs from 'fs';
+import * as http from 'http';
 import * as os from 'os';
 import * as net from 'net';
 import * as path from 'path';
@@ -316,6 +317,7 @@ class StrataPeer implements Peer {
   private layer = '';
   private sock = '';
   private n = 0;
+  private last?: string;
   constructor(private readonly dir: string, private readonly base: string) {}
 
   async start(): Promise<void> {
@@ -347,9 +349,27 @@ class StrataPeer implements Peer {
 
   async fresh(cell: string): Promise<string> {
     if (!this.child?.alive) throw new Error(`strata daemon is not running (${this.child?.exitInfo ?? 'never started'}):\n${this.child?.tail() ?? ''}`);
-    // A new device name opens a new private overlay on the same layer; the
-    // layer's template cache is shared, so it stays warm.
-    return uri(`${this.layer}/${cell.replace(/[^A-Za-z0-9_-]/g, '-').slice(0, 56)}-${this.n++}`, this.sock);
+    // The last cell's device goes, overlay and all, as the other peers'
+    // overlays do between cells. A new device name opens a new private
+    // overlay on the same layer; the layer's template cache is shared, so it
+    // stays warm.
+    if (this.last) await this.deleteDevice(this.last);
+    const name = `${cell.replace(/[^A-Za-z0-9_-]/g, '-').slice(0, 56)}-${this.n++}`;
+    this.last = `${this.layer.slice(0, 8)}-${name}`;
+    return uri(`${this.layer}/${name}`, this.sock);
+  }
+
+  /** DELETE /v1/devices/:id on the daemon's API socket (404: the cell never connected). */
+  private deleteDevice(id: string): Promise<void> {
+    return new Promise((resolve, reject) => {
+      const req = http.request({ socketPath: path.join(this.dir, 'strata', 'api.sock'), method: 'DELETE', path: `/v1/devices/${id}` }, (res) => {
+        let body = '';
+        res.on('data', (d) => { body += d; });
+        res.on('end', () => (res.statusCode === 204 || res.statusCode === 404 ? resolve() : reject(new Error(`deleting device ${id}: HTTP ${res.statusCode} ${body}`))));
+      });
+      req.on('error', reject);
+      req.end();
+    });
   }
 
   pid() { return this.child?.pid; }
