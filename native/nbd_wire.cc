@@ -102,9 +102,10 @@ struct ReadJob {
   Plan plan;
 };
 
-// Reader threads per connection (started on the first page-cache miss):
-// enough to keep a few disk reads in flight.
-constexpr size_t kMaxReaders = 4;
+// Reader threads per connection, started as page-cache misses queue up: as
+// many as nbdkit's default thread pool, since while the disk is slow the
+// rate at which cold reads come back is the number in flight.
+constexpr size_t kMaxReaders = 16;
 
 struct Opts {
   bool structured = false, readOnly = false;
