@@ -265,33 +265,15 @@ test('a native wire lets go of its target when its connection closes (a FileTarg
   for (let i = 0; i < data.length; i++) data[i] = (i * 7 + 3) & 0xff;
   fs.writeFileSync(file, data);
   const held = () => fdsOn(file);
-  const server = net.createServer();
-  await new Promise<void>((r) => server.listen(path.join(dir, 's'), r));
+  const { wire, client, gone, server } = await rawWire(file, data.length, dir);
   try {
-    const t = FileTarget.open(file);
-    const accepted = once(server, 'connection');
-    const client = net.connect(path.join(dir, 's'));
-    await once(client, 'connect');
-    const [sock] = (await accepted) as [net.Socket];
-    const fd = (sock as unknown as { _handle: { fd: number } })._handle.fd;
-    let closed!: () => void;
-    const gone = new Promise<void>((r) => { closed = r; });
-    const wire = new (loadNative().NbdWire)(fd, t, {
-      structured: false, readOnly: false, size: data.length, minBlock: 512, maxPayload: 1 << 20,
-      maxInflight: 16, maxInflightBytes: 1 << 20, maxQueuedReplyBytes: 1 << 20,
-    }, Buffer.alloc(0), (kind) => { if (kind === 'closed') closed(); });
-    sock.destroy(); // the wire has its own dup of the socket
+    assert.is(held(), 1, 'the JS target is closed; the wire holds its own native dup');
     // One READ, served natively from the target's file.
-    const req = Buffer.alloc(28);
-    req.writeUInt32BE(0x25609513, 0); req.writeUInt16BE(CMD.READ, 6); req.writeBigUInt64BE(7n, 8);
-    req.writeBigUInt64BE(8192n, 16); req.writeUInt32BE(4096, 24);
-    client.write(req);
+    client.write(readRequest(7, 8192, 4096));
     let got = Buffer.alloc(0);
     while (got.length < 16 + 4096) got = Buffer.concat([got, (await once(client, 'data'))[0] as Buffer]);
     assert.is(got.readUInt32BE(4), 0, 'no error');
     assert.ok(got.subarray(16, 16 + 4096).equals(data.subarray(8192, 8192 + 4096)), 'the bytes of the file');
-    t.close(); // the JS object's share (and its fd) go; the wire still serves
-    assert.is(held(), 1, 'the wire still holds the native dup while its connection is open');
     client.end();
     await gone;
     // Released on the JS thread right after "closed".
@@ -299,6 +281,7 @@ test('a native wire lets go of its target when its connection closes (a FileTarg
     assert.is(held(), 0, 'the file is closed once the connection is');
     assert.ok(wire, 'the wire object itself is still referenced here');
   } finally {
+    client.destroy();
     server.close();
     fs.rmSync(dir, { recursive: true, force: true });
   }
