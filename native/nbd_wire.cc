@@ -286,8 +286,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
   }
 
   bool Paused() const {
-    return slowN_ + writesPending_ + readsPending_ >= opts_.maxInflight ||
-           slowBytes_ + writeBytes_ + readBytes_ >= opts_.maxInflightBytes ||
+    return slowN_ + offN_ >= opts_.maxInflight || slowBytes_ + offBytes_ >= opts_.maxInflightBytes ||
            out_.len - sent_ > opts_.maxQueued;
   }
 
@@ -303,7 +302,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
       if (destroy_.load()) return why.empty() ? "destroyed" : why;
       if (shutdown_.load()) reading = false;
       if (!reading || peerGone) {
-        const bool idle = slowN_ == 0 && writesPending_ == 0 && readsPending_ == 0;
+        const bool idle = slowN_ == 0 && offN_ == 0;
         if (peerGone && idle) return why;
         if (!peerGone && idle && sent_ == out_.len) {
           shutdown(fd_, SHUT_WR);
@@ -344,17 +343,14 @@ class Wire : public Napi::ObjectWrap<Wire> {
     slowN_ -= doneN_;
     slowBytes_ -= doneBytes_;
     doneN_ = doneBytes_ = 0;
-    writesPending_ -= wDone_;
-    writeBytes_ -= wDoneBytes_;
-    wDone_ = wDoneBytes_ = 0;
-    readsPending_ -= rDone_;
-    readBytes_ -= rDoneBytes_;
-    rDone_ = rDoneBytes_ = 0;
+    offN_ -= offDone_;
+    offBytes_ -= offDoneBytes_;
+    offDone_ = offDoneBytes_ = 0;
     // Writes the writer could not plan become slow requests for JS.
     bool woke = false;
     for (WriteJob& j : wSlow_) {
-      writesPending_--;
-      writeBytes_ -= j.length;
+      offN_--;
+      offBytes_ -= j.length;
       SlowReq r{CMD_WRITE, j.flags, {}, j.offset, j.length, std::move(j.payload)};
       memcpy(r.cookie, j.cookie, 8);
       slowN_++;
@@ -442,8 +438,8 @@ class Wire : public Napi::ObjectWrap<Wire> {
       if (type == CMD_WRITE && WriteCandidate(flags, off, len) && ReadAt(rpos_ + need)) {
         WriteJob j{flags, {}, off, len, std::vector<uint8_t>(payload, payload + len)};
         memcpy(j.cookie, h + 8, 8);
-        writesPending_++;
-        writeBytes_ += len;
+        offN_++;
+        offBytes_ += len;
         handOff_.push_back(std::move(j));
       } else if (!Fast(type, flags, h + 8, off, len, payload)) {
         SlowReq r{type, flags, {}, off, len, {}};
@@ -478,8 +474,8 @@ class Wire : public Napi::ObjectWrap<Wire> {
           out_.len = mark;
           ReadJob j{{}, off, len, plan_};
           memcpy(j.cookie, cookie, 8);
-          readsPending_++;
-          readBytes_ += len;
+          offN_++;
+          offBytes_ += len;
           coldOff_.push_back(std::move(j));
           cold_.fetch_add(1, std::memory_order_relaxed);
           return true;
@@ -552,8 +548,8 @@ class Wire : public Napi::ObjectWrap<Wire> {
       {
         std::lock_guard<std::mutex> g(mu_);
         if (replies.len) fromJs_.append(replies.p, replies.len);
-        wDone_ += done;
-        wDoneBytes_ += doneBytes;
+        offDone_ += done;
+        offDoneBytes_ += doneBytes;
         for (WriteJob& j : slow) wSlow_.push_back(std::move(j));
       }
       Wake();
@@ -563,16 +559,14 @@ class Wire : public Napi::ObjectWrap<Wire> {
   // A reader thread: performs handed-off READs (blocking on the disk),
   // finishes their plans and queues each reply whole for the connection thread.
   void ReaderLoop() {
+    std::unique_lock<std::mutex> g(rmu_);
     for (;;) {
-      ReadJob j;
-      {
-        std::unique_lock<std::mutex> g(rmu_);
-        rcv_.wait(g, [this] { return !rq_.empty() || rstop_; });
-        if (rq_.empty()) return;  // stopping, and nothing left to finish
-        j = std::move(rq_.front());
-        rq_.pop_front();
-        busyReaders_++;
-      }
+      rcv_.wait(g, [this] { return !rq_.empty() || rstop_; });
+      if (rq_.empty()) return;  // stopping, and nothing left to finish
+      ReadJob j = std::move(rq_.front());
+      rq_.pop_front();
+      busyReaders_++;
+      g.unlock();
       ByteBuf reply;
       bool ok = !destroy_.load();
       uint8_t* data = ReadHeader(reply, j.cookie, j.offset, j.length);
@@ -586,17 +580,15 @@ class Wire : public Napi::ObjectWrap<Wire> {
         ErrorReplyTo(reply, CMD_READ, j.cookie, kEIO, "I/O error reading the device");
       }
       {
-        std::lock_guard<std::mutex> g(mu_);
+        std::lock_guard<std::mutex> m(mu_);
         if (!destroy_.load()) fromJs_.append(reply.p, reply.len);
-        rDone_++;
-        rDoneBytes_ += j.length;
-      }
-      {
-        std::lock_guard<std::mutex> g(rmu_);
-        busyReaders_--;
+        offDone_++;
+        offDoneBytes_ += j.length;
       }
       fast_.fetch_add(1, std::memory_order_relaxed);
       Wake();
+      g.lock();
+      busyReaders_--;
     }
   }
 
@@ -698,12 +690,12 @@ class Wire : public Napi::ObjectWrap<Wire> {
   ByteBuf in_, out_;
   size_t rpos_ = 0, sent_ = 0;
   uint64_t slowN_ = 0, slowBytes_ = 0;
-  uint64_t writesPending_ = 0, writeBytes_ = 0;
+  // Requests handed to the writer or reader threads and not yet answered.
+  uint64_t offN_ = 0, offBytes_ = 0;
   bool wokeJs_ = false;
   Plan plan_;
   std::vector<WriteJob> handOff_;  // this batch's writes for the writer
   std::vector<ReadJob> coldOff_;   // this batch's page-cache misses for the readers
-  uint64_t readsPending_ = 0, readBytes_ = 0;
   bool nowait_ = true;             // the files take RWF_NOWAIT reads
   // The reader threads' queue.
   std::mutex rmu_;
@@ -722,9 +714,8 @@ class Wire : public Napi::ObjectWrap<Wire> {
   std::vector<SlowReq> toJs_;
   ByteBuf fromJs_;
   uint64_t doneN_ = 0, doneBytes_ = 0;
-  uint64_t wDone_ = 0, wDoneBytes_ = 0;  // writer completions
+  uint64_t offDone_ = 0, offDoneBytes_ = 0;  // writer and reader completions
   std::vector<WriteJob> wSlow_;          // writes the writer could not plan
-  uint64_t rDone_ = 0, rDoneBytes_ = 0;  // reader completions
   std::atomic<bool> shutdown_{false}, destroy_{false};
   std::atomic<uint64_t> fast_{0}, slow_{0}, pending_{0}, cold_{0};
   std::atomic<int> phase_{0};  // diagnostics: 0 reading, 1 draining, 2 peer gone
