@@ -486,7 +486,7 @@ const ALL_TESTS: Test[] = [
 const DEFAULT_TESTS = ['randread', 'randwrite', 'randrw', 'read', 'write'];
 
 /** Drops the whole machine's clean page cache (after the sync before each cell), so a cell starts cold. */
-function dropPageCache(): void {
+function dropCleanPageCache(): void {
   fs.writeFileSync('/proc/sys/vm/drop_caches', '1');
 }
 
@@ -623,7 +623,7 @@ async function main(): Promise<void> {
   const wantTests = envList('STRATA_BENCH_TESTS');
   const tests = ALL_TESTS.filter((t) => (wantTests ?? DEFAULT_TESTS).includes(t.key));
   if (tests.some((t) => t.cold)) {
-    try { dropPageCache(); } catch (e) { throw new Error(`coldread drops the page cache and needs root: ${(e as Error).message}`); }
+    try { dropCleanPageCache(); } catch (e) { throw new Error(`coldread drops the page cache and needs root: ${(e as Error).message}`); }
   }
   if (tests.length === 0) throw new Error(`STRATA_BENCH_TESTS matches none of ${ALL_TESTS.map((t) => t.key).join(',')}`);
 
@@ -679,7 +679,7 @@ async function main(): Promise<void> {
             try {
               syncDisks();
               const u = await p.fresh(`${t.key}-${conns}`);
-              if (t.cold) { spawnSync('sync', { stdio: 'ignore' }); dropPageCache(); }
+              if (t.cold) { spawnSync('sync', { stdio: 'ignore' }); dropCleanPageCache(); }
               const pid = p.pid();
               const s0 = procCpu(pid), c0 = childrenCpu(), m0 = machineBusy(), w0 = performance.now();
               const r = await runFio(fioArgs(t, u, conns, SECONDS), (SECONDS + 120) * 1000, fioLog);
