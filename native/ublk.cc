@@ -323,6 +323,7 @@ class Queue {
   void Dispatch(uint16_t tag);
   void StartRead(uint16_t tag);
   void StartWrite(uint16_t tag);
+  void PrepSeg(uint16_t tag, uint8_t i, bool write, int fd, uint32_t o, uint32_t len, uint64_t off, int rwFlags);
   void TargetDone(uint16_t tag);
   void ToSlow(uint16_t tag);
   void Publish(uint16_t tag);
@@ -975,27 +976,12 @@ void Queue::PrepCopy(uint16_t tag, bool toDevice, uint8_t* buf, uint32_t len, Ki
 
 void Queue::StartRead(uint16_t tag) {
   TagState& t = tags_[tag];
-  uint8_t* buf = stage_ + size_t(tag) * maxIo_;
   uint32_t o = 0;
   for (uint32_t i = 0; i < t.plan.nseg; i++) {
     const Seg& s = t.plan.seg[i];
-    if (s.fd < 0 && !zc_) {
-      memset(buf + o, 0, s.len);
-    } else {
-      if (Linkable(t)) RoomForLink();
-      io_uring_sqe* sqe = Sqe();
-      if (zc_) {
-        // addr is an offset into the registered request buffer.
-        PrepRw(sqe, IORING_OP_READ_FIXED, s.fd < 0 ? dev_->zerofd : s.fd, o, s.len, s.fd < 0 ? 0 : s.off);
-        sqe->buf_index = tag;
-      } else {
-        io_uring_prep_read(sqe, s.fd, buf + o, s.len, s.off);
-      }
-      io_uring_sqe_set_data64(sqe, Ud(tag, K_TGT, uint8_t(i)));
-      inflight_++;
-      t.pending++;
-      if (Linkable(t)) LinkCommit(sqe, tag);
-    }
+    if (s.fd >= 0) PrepSeg(tag, uint8_t(i), false, s.fd, o, s.len, s.off, 0);
+    else if (zc_) PrepSeg(tag, uint8_t(i), false, dev_->zerofd, o, s.len, 0, 0);  // zeroes into the request's pages
+    else memset(Stage(tag) + o, 0, s.len);
     o += s.len;
   }
   if (t.pending == 0) TargetDone(tag);
@@ -1003,30 +989,37 @@ void Queue::StartRead(uint16_t tag) {
 
 void Queue::StartWrite(uint16_t tag) {
   TagState& t = tags_[tag];
-  uint8_t* buf = stage_ + size_t(tag) * maxIo_;
-  int rwFlags = (t.flags & IO_F_FUA) ? RWF_DSYNC : 0;  // FUA: durable before the ack
+  const int rwFlags = (t.flags & IO_F_FUA) ? RWF_DSYNC : 0;  // FUA: durable before the ack
   t.plan.sync = rwFlags != 0;
   uint32_t o = 0;
   for (uint32_t i = 0; i < t.plan.nseg; i++) {
     const Seg& s = t.plan.seg[i];
-    if (s.fd >= 0) {
-      if (Linkable(t)) RoomForLink();
-      io_uring_sqe* sqe = Sqe();
-      if (zc_) {
-        PrepRw(sqe, IORING_OP_WRITE_FIXED, s.fd, o, s.len, s.off);
-        sqe->buf_index = tag;
-      } else {
-        io_uring_prep_write(sqe, s.fd, buf + o, s.len, s.off);
-      }
-      sqe->rw_flags = rwFlags;
-      io_uring_sqe_set_data64(sqe, Ud(tag, K_TGT, uint8_t(i)));
-      inflight_++;
-      t.pending++;
-      if (Linkable(t)) LinkCommit(sqe, tag);
-    }
+    if (s.fd >= 0) PrepSeg(tag, uint8_t(i), true, s.fd, o, s.len, s.off, rwFlags);
     o += s.len;
   }
   if (t.pending == 0) TargetDone(tag);
+}
+
+// One planned segment's file I/O. Zero copy: READ/WRITE_FIXED on the tag's
+// registered request buffer, `o` bytes in; otherwise into the tag's staging
+// buffer. A one-segment zero-copy request links its COMMIT behind it.
+void Queue::PrepSeg(uint16_t tag, uint8_t i, bool write, int fd, uint32_t o, uint32_t len, uint64_t off, int rwFlags) {
+  TagState& t = tags_[tag];
+  if (Linkable(t)) RoomForLink();
+  io_uring_sqe* sqe = Sqe();
+  if (zc_) {
+    PrepRw(sqe, write ? IORING_OP_WRITE_FIXED : IORING_OP_READ_FIXED, fd, o, len, off);
+    sqe->buf_index = tag;
+  } else if (write) {
+    io_uring_prep_write(sqe, fd, Stage(tag) + o, len, off);
+  } else {
+    io_uring_prep_read(sqe, fd, Stage(tag) + o, len, off);
+  }
+  sqe->rw_flags = rwFlags;
+  io_uring_sqe_set_data64(sqe, Ud(tag, K_TGT, i));
+  inflight_++;
+  t.pending++;
+  if (Linkable(t)) LinkCommit(sqe, tag);
 }
 
 void Queue::TargetDone(uint16_t tag) {
