@@ -71,9 +71,10 @@ export interface UblkCreateOptions {
  * server died while holding every tag of a queue (all requests at the server,
  * no fetch left to cancel) only when one of those requests times out, so a
  * device waited the default 30 s before it could be recovered (measured
- * 29–31 s; under 2 s with this timeout: test/vm/ublk-recovery.ts). ublk's timeout handler only re-arms the timer while
- * the server lives (we never set UNPRIVILEGED_DEV, whose handler kills it),
- * so a short timeout costs a live device nothing. 7.x kernels detect the exit
+ * 29–31 s; under 2 s with this timeout: test/vm/ublk-recovery.ts). ublk's
+ * timeout handler only re-arms the timer while the server lives (we never
+ * set UNPRIVILEGED_DEV, whose handler kills it), so a short timeout costs a
+ * live device nothing. 7.x kernels detect the exit
  * when the char device is released and do not need it.
  */
 const REQUEST_TIMEOUT_MS = 2000;
@@ -115,7 +116,7 @@ export class UblkDevice {
 
   static async create(opts: UblkCreateOptions): Promise<UblkDevice> {
     const transport = opts.transport ?? transportFromEnv();
-    return UblkDevice.launch(opts, (n) => n.start(), opts.requestTimeoutMs, {
+    return UblkDevice.launch(opts, (n) => n.start(), {
       size: opts.size, queues: opts.queues, depth: opts.depth, maxIo: opts.maxIo, transport,
       recovery: opts.recovery, alwaysSlow: opts.alwaysSlow, partScan: opts.partScan, owner: opts.owner,
     });
@@ -126,14 +127,14 @@ export class UblkDevice {
    * START_USER_RECOVERY, fetch every tag, END_USER_RECOVERY.
    */
   static async recover(id: number, opts: Pick<UblkCreateOptions, 'target' | 'onSlow' | 'alwaysSlow' | 'requestTimeoutMs'>): Promise<UblkDevice> {
-    return UblkDevice.launch(opts, (n) => n.recover(id), opts.requestTimeoutMs, { alwaysSlow: opts.alwaysSlow });
+    return UblkDevice.launch(opts, (n) => n.recover(id), { alwaysSlow: opts.alwaysSlow });
   }
 
-  private static async launch(opts: Pick<UblkCreateOptions, 'target' | 'onSlow'>,
-    go: (n: NativeUblkDevice) => Promise<NativeDeviceInfo>, timeoutMs: number | undefined, nopts: object): Promise<UblkDevice> {
-    const timeout = timeoutMs ?? REQUEST_TIMEOUT_MS;
+  private static async launch(opts: Pick<UblkCreateOptions, 'target' | 'onSlow' | 'requestTimeoutMs'>,
+    go: (n: NativeUblkDevice) => Promise<NativeDeviceInfo>, nopts: object): Promise<UblkDevice> {
+    const timeout = opts.requestTimeoutMs ?? REQUEST_TIMEOUT_MS;
     if (!Number.isInteger(timeout) || timeout < 0) {
-      throw new UblkError(os.constants.errno.EINVAL, 'requestTimeoutMs', `requestTimeoutMs must be a whole number of ms >= 0, not ${timeoutMs}`);
+      throw new UblkError(os.constants.errno.EINVAL, 'requestTimeoutMs', `requestTimeoutMs must be a whole number of ms >= 0, not ${opts.requestTimeoutMs}`);
     }
     const handler: SlowHandler = opts.onSlow ?? opts.target.serveSlow?.bind(opts.target) ??
       (() => { throw new UblkError(EIO, 'slow path', 'target cannot plan this request and no onSlow handler was given'); });
