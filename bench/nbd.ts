@@ -30,12 +30,13 @@
 //   STRATA_BENCH_ROUNDS     interleaved rounds per cell, best run kept (default 2; the machine's run-to-run spread is ±15 %)
 //   STRATA_BENCH_RETRIES    re-runs of a cell during which other processes used > 0.3 CPU (default 2)
 import * as fs from 'fs';
-import * as http from 'http';
 import * as os from 'os';
 import * as net from 'net';
 import * as path from 'path';
 import { spawn, spawnSync, type ChildProcess } from 'child_process';
 import { medianOfRounds } from './rounds';
+import { ApiClient } from '../src/api/client';
+import { StrataError } from '../src/errors';
 
 const ROOT = path.join(__dirname, '..');
 const MiB = 1024 * 1024;
@@ -285,8 +286,9 @@ async function waitQuiet(maxSeconds: number): Promise<void> {
   }
 }
 
-function syncDisks(): void {
-  if (!SYNC) return;
+/** `sync` before a cell (forced for cold cells: only clean pages can be dropped). */
+function syncDisks(force = false): void {
+  if (!SYNC && !force) return;
   const t = performance.now();
   spawnSync('sync', { stdio: 'ignore' });
   const ms = performance.now() - t;
@@ -359,17 +361,10 @@ class StrataPeer implements Peer {
     return uri(`${this.layer}/${name}`, this.sock);
   }
 
-  /** DELETE /v1/devices/:id on the daemon's API socket (404: the cell never connected). */
-  private deleteDevice(id: string): Promise<void> {
-    return new Promise((resolve, reject) => {
-      const req = http.request({ socketPath: path.join(this.dir, 'strata', 'api.sock'), method: 'DELETE', path: `/v1/devices/${id}` }, (res) => {
-        let body = '';
-        res.on('data', (d) => { body += d; });
-        res.on('end', () => (res.statusCode === 204 || res.statusCode === 404 ? resolve() : reject(new Error(`deleting device ${id}: HTTP ${res.statusCode} ${body}`))));
-      });
-      req.on('error', reject);
-      req.end();
-    });
+  /** DELETE /v1/devices/:id through the daemon's API (ENOENT: the cell never connected). */
+  private async deleteDevice(id: string): Promise<void> {
+    const api = new ApiClient(path.join(this.dir, 'strata', 'api.sock'));
+    await api.request('DELETE', `/v1/devices/${id}`).catch((e: StrataError) => { if (e.code !== 'ENOENT') throw e; });
   }
 
   pid() { return this.child?.pid; }
@@ -677,9 +672,9 @@ async function main(): Promise<void> {
             }
             cell.attempts++;
             try {
-              syncDisks();
+              syncDisks(t.cold);
               const u = await p.fresh(`${t.key}-${conns}`);
-              if (t.cold) { spawnSync('sync', { stdio: 'ignore' }); dropCleanPageCache(); }
+              if (t.cold) dropCleanPageCache();
               const pid = p.pid();
               const s0 = procCpu(pid), c0 = childrenCpu(), m0 = machineBusy(), w0 = performance.now();
               const r = await runFio(fioArgs(t, u, conns, SECONDS), (SECONDS + 120) * 1000, fioLog);
