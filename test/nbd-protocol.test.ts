@@ -131,6 +131,10 @@ test('structured replies and base:allocation block status tell holes truthfully'
   assert.ok(r.data.equals(f.img.subarray(0, 16384)));
   const e = await c.read(f.img.length, 512);
   assert.is(e.error, ERR.EINVAL, 'errors arrive as error chunks');
+  // Structured replies let a client ask for more than the maximum payload;
+  // a server that will not fragment answers EOVERFLOW (retry smaller).
+  assert.is((await c.request(CMD.READ, 0, 64 * 1024 * 1024)).error, ERR.EOVERFLOW, 'structured read above max payload');
+  assert.is((await c.read(4096, 4096)).error, 0, 'and the connection keeps working');
   const bs = await c.request(CMD.BLOCK_STATUS, 0, 64 * 4096);
   assert.is(bs.error, 0);
   const p = bs.chunks[0].payload;

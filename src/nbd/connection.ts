@@ -383,7 +383,10 @@ export class NbdConnection {
     };
     switch (type) {
       case CMD.READ: {
-        if (length > this.maxPayload) return this.fail(req, ERR.EINVAL, 'read longer than the maximum payload');
+        // With simple replies such a read is a client error; structured
+        // replies allow asking for more, and a server that will not split
+        // the reply answers EOVERFLOW so the client retries smaller.
+        if (length > this.maxPayload) return this.fail(req, this.structured ? ERR.EOVERFLOW : ERR.EINVAL, 'read longer than the maximum payload');
         if (!rangeOk(ERR.EINVAL)) return;
         // Larger reads go out straight from the I/O buffer they were read into
         // (no copy); the buffer returns to the arena once the socket has taken
