@@ -20,6 +20,8 @@ const TEST_TOOLS = [
   { pkg: 'nbdkit', file: '/usr/bin/nbdkit' },
   { pkg: 'qemu-utils', file: '/usr/bin/qemu-img' },
   { pkg: 'e2fsprogs', file: '/sbin/mkfs.ext4' },
+  // The crash harness kills processes at exact system calls with it.
+  { pkg: 'strace', file: '/usr/bin/strace' },
 ];
 // The kernel VM lane (--vm): QEMU, a static busybox for the initramfs, the
 // nbd userspace client, and what run-in-vm.sh unpacks kernels with.

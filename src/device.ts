@@ -19,6 +19,8 @@ import { einval, StrataError } from './errors';
 import { writeLayer, type BlockRun, type Progress, type WriteLayerStats } from './layer-writer';
 import { NativePlane } from './native-plane';
 import { traced } from './tracing';
+import { crashPoint } from './crash-point';
+import { GroupSync } from './group-sync';
 import { loadNative, type NativeDeviceView, type NativeTarget, type NativeTargetStats } from './native';
 
 const BS = BLOCK_SIZE;
@@ -38,8 +40,12 @@ class Pinned {
 
 // zfd: the zero journal of a durable device's overlay (-1 otherwise): a
 // record per zeroed run, so a restarted process can tell zeroed blocks
-// (holes in the overlay) from never-written ones (holes too).
-interface Overlay { gen: number; file: string; fd: number; table: number; pin: Pinned; zfd: number; zlen: number; keep: { files: () => boolean } }
+// (holes in the overlay) from never-written ones (holes too). zsync: its
+// group-committed fdatasync (null without a journal).
+interface Overlay {
+  gen: number; file: string; fd: number; table: number; pin: Pinned; zfd: number; zlen: number; zsync: GroupSync | null;
+  keep: { files: () => boolean };
+}
 interface Base { header: LayerHeader; map: MappingTable; caches: Map<number, LayerCache>; pin: Pinned }
 interface View { cur: Overlay; frozen: Overlay[]; base: Base }
 
@@ -134,6 +140,7 @@ export class Device {
     }
     const header = await registry.header(m.layer);
     if (header.virtualSize !== m.size) throw new StrataError('EBADMSG', `device ${id}: manifest size ${m.size} differs from layer ${m.layer}`);
+    sweepOrphans(dir, id, m.gens);
     const base = await resolveBase(core, registry, header);
     const overlays: Overlay[] = [];
     try {
@@ -276,19 +283,31 @@ export class Device {
       if (offset < f0 * BS) await this.writeLocked(offset, f0 * BS - offset, null);
       if (f1 * BS < offset + length) await this.writeLocked(f1 * BS, offset + length - f1 * BS, null);
       const ov = this.cur;
-      // Free the overlay's space, then publish ZERO: readers of these blocks
-      // are excluded by the lock, so the order is not observable.
-      await this.core.uring.punch(ov.fd, f0 * BS, (f1 - f0) * BS);
-      if (ov.zfd >= 0) {
-        const rec = Buffer.alloc(16);
-        rec.writeBigUInt64LE(BigInt(f0), 0);
-        rec.writeBigUInt64LE(BigInt(f1 - f0), 8);
-        fs.writeSync(ov.zfd, rec, 0, 16, ov.zlen);
-        ov.zlen += 16;
+      // Write-ahead: the record is on disk before the hole is punched. A
+      // crash before the punch leaves the old data (allocated, so recovery
+      // takes it over the record); a hole without its record would read as
+      // the template after a restart, neither old nor new. Readers of these
+      // blocks are excluded by the lock, so ZERO is published last.
+      if (ov.zsync) {
+        this.appendZeroRecord(ov, f0, f1 - f0);
+        crashPoint('zero.journaled');
+        await ov.zsync.sync().catch((e: Error) => { this.lostWriteback(e); throw this.writebackError; });
+        crashPoint('zero.synced');
       }
+      await this.core.uring.punch(ov.fd, f0 * BS, (f1 - f0) * BS);
+      crashPoint('zero.punched');
       this.core.heap.wasm.stateFill(ov.table, f0, f1 - f0, S.ZERO);
       if (opts.fua) await this.syncFiles();
     }
+  }
+
+  /** Appends a zero journal record for blocks [b0, b0+n) (durable devices; the caller syncs). */
+  private appendZeroRecord(ov: Overlay, b0: number, n: number): void {
+    const rec = Buffer.alloc(16);
+    rec.writeBigUInt64LE(BigInt(b0), 0);
+    rec.writeBigUInt64LE(BigInt(n), 8);
+    fs.writeSync(ov.zfd, rec, 0, 16, ov.zlen);
+    ov.zlen += 16;
   }
 
   /** Trim: strata guarantees trimmed ranges read back as zeros. */
@@ -364,9 +383,11 @@ export class Device {
       try {
         await this.gated(true, () => {
           this.cur = this.newOverlay();
+          crashPoint('freeze.created');
           this.frozen.push(ov);
           this.publish();
           this.saveManifest();
+          crashPoint('freeze.saved');
         });
       } finally { unlock(); }
       const frozenMs = performance.now() - t0;
@@ -392,6 +413,7 @@ export class Device {
         virtualSize: this.size, parent, codec: opts.codec ?? this.opts.codec ?? parent.codec, level: opts.level,
         fd: ov.fd, dataRuns, zeroRuns, seed: true, onProgress: opts.onProgress,
       });
+      crashPoint('upload.stored');
       // Rebase: the new layer holds exactly base + this overlay, and its
       // frames are already in the local cache, so reads switch without
       // fetching. Readers that started earlier keep their pinned view (H14).
@@ -403,6 +425,7 @@ export class Device {
         this.publish();
         this.saveManifest();
       });
+      crashPoint('upload.rebased');
       ov.pin.retire();
       oldBase.pin.retire();
       this.stats.snapshots++;
@@ -452,7 +475,9 @@ export class Device {
             for (let x = b; x < e;) {
               const xe = w.runEnd(cur.table, x, e);
               if (w.stateGet(cur.table, x) === S.ABSENT) {
+                // cur holds no data here (ABSENT), so a ZERO run needs only its record.
                 if (st === S.DIRTY) await this.copyBlocks(fz.fd, cur.fd, x, xe);
+                else if (cur.zsync) this.appendZeroRecord(cur, x, xe - x);
                 w.stateFill(cur.table, x, xe - x, st);
               }
               x = xe;
@@ -461,9 +486,14 @@ export class Device {
           b = e;
         }
       }
+      // What was copied must be on disk before the manifest stops naming
+      // the frozen overlays it came from (their files go right after).
+      if (this.opts.durable && this.frozen.length) await this.syncFiles();
+      crashPoint('fold.copied');
       const folded = this.frozen.splice(0);
       this.publish();
       this.saveManifest();
+      crashPoint('fold.saved');
       for (const fz of folded) fz.pin.retire();
     }
   }
@@ -665,14 +695,19 @@ export class Device {
       this.lostWriteback(new StrataError('EIO', 'a synchronous (FUA) write to its overlay failed'));
     }
     if (this.writebackError) throw this.writebackError;
+    // Pinned: an upload finishing meanwhile retires (closes) a frozen
+    // overlay, and its fd number may be reused by another file.
     const ovs = [this.cur, ...this.frozen];
-    const jobs = ovs.map((o) => this.core.uring.fsync(o.fd));
-    for (const o of ovs) if (o.zfd >= 0) jobs.push(this.core.uring.fsync(o.zfd));
+    for (const o of ovs) o.pin.pin();
     try {
+      const jobs: Promise<unknown>[] = ovs.map((o) => this.core.uring.fsync(o.fd));
+      for (const o of ovs) if (o.zsync) jobs.push(o.zsync.sync());
       await Promise.all(jobs);
     } catch (e) {
       this.lostWriteback(e as Error);
       throw this.writebackError;
+    } finally {
+      for (const o of ovs) o.pin.unpin();
     }
   }
 
@@ -700,11 +735,14 @@ export class Device {
     const fd = fs.openSync(file, 'w+', 0o600);
     fs.ftruncateSync(fd, this.size);
     const zfd = this.opts.durable ? fs.openSync(zerosPath(this.dir, this.id, gen), 'w+', 0o600) : -1;
+    // Their size and emptiness are on disk before a manifest names them
+    // (saveManifest makes the directory entries durable).
+    if (zfd >= 0) { fs.fsyncSync(fd); fs.fsyncSync(zfd); }
     const heap = this.core.heap;
     const table = heap.alloc(this.blocks);
     heap.wasm.stateFill(table, 0, this.blocks, S.ABSENT);
     const keep = { files: () => this.keepFiles };
-    return { gen, file, fd, table, zfd, zlen: 0, keep, pin: overlayPin(heap, this.dir, this.id, gen, fd, zfd, table, keep) };
+    return { gen, file, fd, table, zfd, zlen: 0, zsync: zfd >= 0 ? new GroupSync(() => this.core.uring.fsync(zfd)) : null, keep, pin: overlayPin(heap, this.dir, this.id, gen, fd, zfd, table, keep) };
   }
 }
 
@@ -743,6 +781,15 @@ export function listManifests(dir: string): string[] {
   return names.filter((n) => n.endsWith('.json')).map((n) => n.slice(0, -5)).filter((id) => DEVICE_ID.test(id));
 }
 
+/** Deletes overlay files of `id` that a crash left and the manifest does not name (a freeze or fold-back cut short). */
+function sweepOrphans(dir: string, id: string, gens: number[]): void {
+  const re = new RegExp(`^${id}\\.(\\d+)\\.(overlay|zeros)$`);
+  for (const name of fs.readdirSync(dir)) {
+    const m = re.exec(name);
+    if (m && !gens.includes(Number(m[1]))) fs.rmSync(path.join(dir, name), { force: true });
+  }
+}
+
 /** Rebuilds an overlay's state table from its files (see Device.resume). */
 function recoverOverlay(core: Core, dir: string, id: string, gen: number, size: number): Overlay {
   const file = overlayPath(dir, id, gen);
@@ -774,7 +821,7 @@ function recoverOverlay(core: Core, dir: string, id: string, gen: number, size: 
   }
   // Until a device adopts it (a failed resume), a recovered overlay's files are kept.
   const keep = { files: () => true };
-  return { gen, file, fd, table, zfd, zlen, keep, pin: overlayPin(heap, dir, id, gen, fd, zfd, table, keep) };
+  return { gen, file, fd, table, zfd, zlen, zsync: new GroupSync(() => core.uring.fsync(zfd)), keep, pin: overlayPin(heap, dir, id, gen, fd, zfd, table, keep) };
 }
 
 /** fn's result as a promise (a throw becomes a rejection): no native plane to coordinate with. */
