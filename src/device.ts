@@ -71,7 +71,11 @@ export interface DeviceManifest {
   writebackError?: string;
 }
 
-export interface SnapshotOptions { codec?: Codec; level?: number; onProgress?: (p: Progress) => void }
+export interface SnapshotOptions {
+  codec?: Codec; level?: number; onProgress?: (p: Progress) => void;
+  /** Called once the snapshot point is taken, before the upload: e.g. to thaw a filesystem frozen for it. */
+  onFrozen?: () => void;
+}
 export interface SnapshotResult { id: string; header: LayerHeader; stats: WriteLayerStats; frozenMs: number }
 
 export interface Extent2 { offset: number; length: number; zero: boolean }
@@ -391,6 +395,7 @@ export class Device {
         });
       } finally { unlock(); }
       const frozenMs = performance.now() - t0;
+      opts.onFrozen?.();
       await prev.catch(() => {});
       if (!this.frozen.includes(ov)) {
         throw new StrataError('EIO', 'an earlier snapshot of this device failed; its changes and these are kept in the device');

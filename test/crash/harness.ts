@@ -31,7 +31,7 @@ export interface CrashRunOptions {
 
 export interface CrashRunStats {
   seed: number; points: number; opsAcked: number; inflightAtKill: number; blocksVerified: number;
-  snapshotsVerified: number; byKill: Record<string, number>; hookHits: number; ms: number;
+  snapshotsVerified: number; byKill: Record<string, number>; hookHits: Record<string, number>; ms: number;
 }
 
 export const straceAvailable = (): boolean => spawnSync('strace', ['-V']).status === 0;
@@ -44,7 +44,7 @@ export async function runEngineCrashes(o: CrashRunOptions): Promise<CrashRunStat
   const r = rng(o.seed ^ 0x5eed);
   const int = (n: number) => Math.floor(r() * n);
   const dir = tmpdir('crash');
-  const stats: CrashRunStats = { seed: o.seed, points: 0, opsAcked: 0, inflightAtKill: 0, blocksVerified: 0, snapshotsVerified: 0, byKill: {}, hookHits: 0, ms: 0 };
+  const stats: CrashRunStats = { seed: o.seed, points: 0, opsAcked: 0, inflightAtKill: 0, blocksVerified: 0, snapshotsVerified: 0, byKill: {}, hookHits: {}, ms: 0 };
   try {
     const img = makeImage(blocks, o.seed);
     fs.writeFileSync(`${dir}/img`, img);
@@ -74,17 +74,13 @@ export async function runEngineCrashes(o: CrashRunOptions): Promise<CrashRunStat
       const ops = opStream(o.seed, epoch, blocks, count);
       model.beginEpoch(epoch);
       const life = await runLife(cmd, argv, env, plan, model, ops, where);
-      if (life.hookHit) stats.hookHits++;
+      if (life.hookHit && env.STRATA_CRASH_AT) { const p = env.STRATA_CRASH_AT.split(':')[0]; stats.hookHits[p] = (stats.hookHits[p] ?? 0) + 1; }
       model.killed();
       stats.points++;
       stats.byKill[kill] = (stats.byKill[kill] ?? 0) + 1;
       log(`life ${epoch}: ${what}; ${life.acks}/${count} ops acked${life.verified ? '' : ', killed before it had read the device back'}`);
     }
-    // A last life only to check what the final crash left.
-    model.beginEpoch(0);
-    await runLife(process.execPath, ['-r', 'tsx/cjs', path.join(__dirname, 'engine-child.ts'),
-      JSON.stringify({ store: `${dir}/store`, cacheDir: `${dir}/cache`, layer, id: 'crashdev', seed: o.seed, epoch: 0, count: 0, window: 1, known: [...model.known] } satisfies ChildArgs)],
-    process.env, { acks: 0 }, model, [], `seed ${o.seed}, final check`, true);
+    await checkLife(`${dir}/store`, `${dir}/cache`, layer, 'crashdev', model, `seed ${o.seed}, final check`);
     Object.assign(stats, model.stats);
     stats.ms = Date.now() - t0;
     return stats;
@@ -93,8 +89,15 @@ export async function runEngineCrashes(o: CrashRunOptions): Promise<CrashRunStat
   }
 }
 
+/** A life that only reads the device (and new layers) back and checks them. */
+export function checkLife(store: string, cacheDir: string, layer: string, id: string, model: Model, where: string): Promise<unknown> {
+  model.beginEpoch(0);
+  const args: ChildArgs = { store, cacheDir, layer, id, seed: model.seed, epoch: 0, count: 0, window: 1, known: [...model.known] };
+  return runLife(process.execPath, ['-r', 'tsx/cjs', path.join(__dirname, 'engine-child.ts'), JSON.stringify(args)], process.env, { acks: 0 }, model, [], where, true);
+}
+
 /** One child life: feeds its reports to the model, kills it as planned. */
-function runLife(cmd: string, argv: string[], env: NodeJS.ProcessEnv, plan: { acks?: number; ms?: number },
+export function runLife(cmd: string, argv: string[], env: NodeJS.ProcessEnv, plan: { acks?: number; ms?: number },
   model: Model, ops: Op[], where: string, mustVerify = false): Promise<{ acks: number; verified: boolean; hookHit: boolean }> {
   return new Promise((resolve, reject) => {
     const child = spawn(cmd, argv, { env, stdio: ['ignore', 'pipe', 'pipe'] });

@@ -7,9 +7,11 @@
 //   - every acknowledged operation is present;
 //   - a block an operation in flight at the kill touched reads as its old
 //     contents or its new ones, never a third value;
-//   - a snapshot is absent or complete, and reads exactly as the device did
-//     at the snapshot call (operations in flight at the call: old or new,
-//     or, where the API promises it, new).
+//   - a snapshot is absent or complete and point-in-time: through the engine
+//     API it reads exactly as the device did at the call (operations issued
+//     before it included, as the API promises); through the daemon, where
+//     the HTTP call and the NBD requests race, each block reads as it was at
+//     some moment between the call and the acknowledgement.
 // The driver never has two data operations on one block in flight at once,
 // so "old" and "new" are always well defined.
 import { createHash } from 'crypto';
@@ -113,7 +115,10 @@ export async function drive(t: Target, seed: number, epoch: number, ops: Op[], w
   if (failure) throw failure;
 }
 
-/** Where a block's allowed contents come from: a base image and the ops that may (or must) have landed on it. */
+/**
+ * What a snapshot may hold: `base` (the acknowledged state at the call) and
+ * the ops that may (or, with mustApply, must) have landed on it, in order.
+ */
 interface Expectation { base: Buffer; ops: DataOp[]; mustApply: boolean; epoch: number }
 
 export function blockHashes(img: Uint8Array): string[] {
@@ -149,6 +154,8 @@ export class Model {
     if (op.kind === 'snapshot') {
       const e: Expectation = { base: Buffer.from(this.img), ops: [...this.inflight.values()].filter(isData), mustApply: this.snapshotIncludesEarlier, epoch: this.epoch };
       this.snapAt.set(op.i, e);
+    } else if (isData(op) && !this.snapshotIncludesEarlier) {
+      for (const e of this.snapAt.values()) e.ops.push(op); // may land before the freeze
     }
   }
 
@@ -157,7 +164,7 @@ export class Model {
     this.stats.opsAcked++;
     if (isData(op)) {
       const [b0, b1] = blocksOf(op);
-      for (let b = b0; b < b1; b++) this.applied(op, this.img, b, this.epoch).copy(this.img, b * B);
+      for (let b = b0; b < b1; b++) this.applied(op, this.block(this.img, b), b, this.epoch).copy(this.img, b * B);
     }
     if (op.kind === 'snapshot') {
       if (!snapshot) throw new Error(`snapshot op ${op.i} acked without a layer id`);
@@ -186,7 +193,7 @@ export class Model {
     for (let b = 0; b < this.blocks; b++) {
       if (hashes[b] === have[b]) continue;
       const u = this.undecided.find((x) => { const [b0, b1] = blocksOf(x.op); return b >= b0 && b < b1; });
-      const alt = u ? this.applied(u.op, this.img, b, u.epoch) : null;
+      const alt = u ? this.applied(u.op, this.block(this.img, b), b, u.epoch) : null;
       if (alt && blockHashes(alt)[0] === hashes[b]) { alt.copy(this.img, b * B); continue; }
       throw new Error(`block ${b}: read back ${hashes[b]}, expected ${have[b]} (acknowledged state)` +
         (u ? ` or ${blockHashes(alt!)[0]} (op ${u.op.i} ${u.op.kind} in flight at the kill)` : ' (no op in flight touched it)'));
@@ -204,10 +211,11 @@ export class Model {
       e = this.pendingSnap; what = 'snapshot in flight at the kill';
     }
     for (let b = 0; b < this.blocks; b++) {
-      const op = e.ops.find((o) => { const [b0, b1] = blocksOf(o); return b >= b0 && b < b1; });
-      const cands = [];
-      if (!op || !e.mustApply) cands.push(blockHashes(e.base.subarray(b * B, (b + 1) * B))[0]);
-      if (op) cands.push(blockHashes(this.applied(op, e.base, b, e.epoch))[0]);
+      const touching = e.ops.filter((o) => { const [b0, b1] = blocksOf(o); return b >= b0 && b < b1; });
+      let blk = this.block(e.base, b);
+      const cands: string[] = [];
+      if (!touching.length || !e.mustApply) cands.push(blockHashes(blk)[0]);
+      for (const op of touching) { blk = this.applied(op, blk, b, e.epoch); cands.push(blockHashes(blk)[0]); }
       if (!cands.includes(hashes[b])) throw new Error(`${what} ${id}, block ${b}: read ${hashes[b]}, expected one of ${cands.join(', ')} (not the device as it was at the snapshot call)`);
     }
     if (e === this.pendingSnap) this.pendingSnap = null;
@@ -222,9 +230,11 @@ export class Model {
     this.pendingSnap = null;
   }
 
-  /** Block b of `img` with `op` applied. */
-  private applied(op: DataOp, img: Buffer, b: number, epoch: number): Buffer {
-    const out = Buffer.from(img.subarray(b * B, (b + 1) * B));
+  private block(img: Buffer, b: number): Buffer { return img.subarray(b * B, (b + 1) * B); }
+
+  /** Block b (contents `blk`) with `op` applied. */
+  private applied(op: DataOp, blk: Buffer, b: number, epoch: number): Buffer {
+    const out = Buffer.from(blk);
     const from = Math.max(op.off, b * B), to = Math.min(op.off + op.len, (b + 1) * B);
     if (op.kind === 'write') payload(this.seed, epoch, op).copy(out, from - b * B, from - op.off, to - op.off);
     else out.fill(0, from - b * B, to - b * B);
