@@ -83,6 +83,31 @@ for (const mode of ['plain', 'hang-upload']) {
   });
 }
 
+test('a torn zero journal record (a crash mid-append) is ignored, and the next record takes its place', async () => {
+  const cache = `${dir}/c-torn`;
+  let e = await Engine.open({ store: `${dir}/store`, cacheDir: cache });
+  const d = await e.openDevice(base, { id: 'torn', durable: true });
+  await d.write(40 * B, Buffer.alloc(4 * B, 0x41));
+  await d.writeZeroes(40 * B, 2 * B);
+  await e.close();
+  const zeros = `${cache}/devices/torn.0.zeros`;
+  assert.is(fs.statSync(zeros).size, 16, 'one record');
+  fs.appendFileSync(zeros, Buffer.from([0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff])); // 7 bytes of a record that never finished
+  e = await Engine.open({ store: `${dir}/store`, cacheDir: cache });
+  let r = await e.resumeDevice('torn');
+  assert.ok((await r.read(40 * B, 2 * B)).equals(Buffer.alloc(2 * B)), 'the whole record still counts');
+  await r.writeZeroes(42 * B, B);
+  await e.close();
+  assert.is(fs.statSync(zeros).size, 32, 'the new record replaced the torn one');
+  e = await Engine.open({ store: `${dir}/store`, cacheDir: cache });
+  r = await e.resumeDevice('torn');
+  const got = await r.read(40 * B, 4 * B);
+  assert.ok(got.subarray(0, 3 * B).equals(Buffer.alloc(3 * B)), 'both zeroed runs');
+  assert.ok(got.subarray(3 * B).equals(Buffer.alloc(B, 0x41)), 'the written block after them');
+  await e.closeDevice(r);
+  await e.close();
+});
+
 test('bad manifests and missing overlays are refused with a reason, not served', async () => {
   const cache = `${dir}/c-bad`;
   let e = await Engine.open({ store: `${dir}/store`, cacheDir: cache });

@@ -10,7 +10,7 @@ node scripts/bootstrap.js --vm || exit $?
 kernels=${STRATA_VM_KERNELS:-"6.12 7.3"}
 tests=(test/vm/uring-wakeup.ts test/vm/nbd-kernel.ts
   test/vm/ublk-data.ts test/vm/ublk-lifecycle.ts test/vm/ublk-churn.ts test/vm/ublk-recovery.ts test/vm/ublk-strata.ts
-  test/vm/ublk-cold.ts test/vm/writeback-error.ts test/vm/daemon-ublk.ts)
+  test/vm/ublk-cold.ts test/vm/writeback-error.ts test/vm/daemon-ublk.ts test/vm/live-snapshot.ts)
 envs=()
 if [ "${1:-}" = "--smoke" ]; then
   envs=(--env STRATA_UBLK_SMOKE=1 --env STRATA_UBLK_CYCLES=20)
