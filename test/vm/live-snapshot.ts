@@ -79,13 +79,19 @@ async function liveSnapshots(engine: Engine, template: string, fe: Frontend): Pr
 
     // (a) frozen: the point is taken inside the freeze; thawed right after.
     const beforeA = logged();
+    const ts = Date.now();
+    await sh('fsfreeze -V');
+    const spawnMs = Date.now() - ts; // what starting fsfreeze alone costs here
     const tf = Date.now();
     await sh(`fsfreeze -f ${mnt}`);
-    let thawed: Promise<unknown> | null = null;
+    const frozenAt = Date.now();
+    let pointAt = 0;
+    let thawed: Promise<number> | null = null;
     const thaw = () => (thawed ??= sh(`fsfreeze -u ${mnt}`).then(() => Date.now()));
-    const snapA = await dev.snapshot({ onFrozen: () => { void thaw(); } }).finally(thaw);
-    const pauseMs = (await thawed!) as number - tf;
-    console.log(`${fe.name}: write pause of the frozen snapshot: ${pauseMs} ms (freeze + snapshot point + thaw; the point itself took ${snapA.frozenMs.toFixed(1)} ms)`);
+    const snapA = await dev.snapshot({ onFrozen: () => { pointAt = Date.now(); void thaw(); } }).finally(thaw);
+    const thawedAt = await thawed!;
+    console.log(`${fe.name}: write pause of the frozen snapshot ${thawedAt - tf} ms = fsfreeze -f ${frozenAt - tf} ms + snapshot point ${pointAt - frozenAt} ms` +
+      ` (${snapA.frozenMs.toFixed(1)} ms inside the engine) + fsfreeze -u ${thawedAt - pointAt} ms; starting fsfreeze alone takes ${spawnMs} ms here (TCG)`);
     await waitLines(logged, beforeA.length + 3);
 
     // (b) no freeze: crash-consistent.
