@@ -5,7 +5,7 @@ import * as fs from 'fs';
 import * as path from 'path';
 import { einval } from './errors';
 
-type Kind = 'string' | 'int' | 'frontend';
+type Kind = 'string' | 'int' | 'frontend' | 'onoff' | 'bool';
 interface Setting { key: string; flag: string; env: string; kind: Kind; doc: string }
 
 export const SETTINGS: Setting[] = [
@@ -14,6 +14,10 @@ export const SETTINGS: Setting[] = [
   { key: 'nbdSocket', flag: 'socket', env: 'STRATA_NBD_SOCKET', kind: 'string', doc: 'NBD unix socket; default DATA/nbd.sock' },
   { key: 'nbdPort', flag: 'tcp', env: 'STRATA_NBD_PORT', kind: 'int', doc: 'also serve NBD on this TCP port' },
   { key: 'nbdHost', flag: 'host', env: 'STRATA_NBD_HOST', kind: 'string', doc: 'NBD TCP address; default 127.0.0.1' },
+  { key: 'nbdMaxConnections', flag: 'nbd-max-connections', env: 'STRATA_NBD_MAX_CONNECTIONS', kind: 'int', doc: 'most NBD connections at once (later ones are refused with a reason); default 1000' },
+  { key: 'nbdByName', flag: 'nbd-by-name', env: 'STRATA_NBD_BY_NAME', kind: 'onoff', doc: 'open a device when a client names <layer>/<name> (GO/EXPORT_NAME only): on or off; default on, off when NBD listens beyond loopback' },
+  { key: 'nbdByNameMax', flag: 'nbd-by-name-max', env: 'STRATA_NBD_BY_NAME_MAX', kind: 'int', doc: 'most devices opened by name at once; default 64' },
+  { key: 'insecureNbd', flag: 'insecure-nbd', env: 'STRATA_INSECURE_NBD', kind: 'bool', doc: 'serve NBD beyond loopback without TLS (every device readable and writable by anyone who can connect)' },
   { key: 'apiSocket', flag: 'api-socket', env: 'STRATA_API_SOCKET', kind: 'string', doc: 'HTTP API unix socket (mode 0600); default DATA/api.sock' },
   { key: 'apiPort', flag: 'api-port', env: 'STRATA_API_PORT', kind: 'int', doc: 'serve the HTTP API on TCP instead of the unix socket' },
   { key: 'apiHost', flag: 'api-host', env: 'STRATA_API_HOST', kind: 'string', doc: 'HTTP API TCP address; default 127.0.0.1 (others need a token)' },
@@ -32,6 +36,7 @@ export interface Config {
   data: string; store: string; nbdSocket: string; nbdPort?: number; nbdHost: string;
   apiSocket: string; apiPort?: number; apiHost: string; apiToken?: string; importRoot?: string;
   frontend: 'auto' | 'nbd' | 'ublk'; maxDevices: number; import?: string; configFile?: string;
+  nbdMaxConnections: number; nbdByName?: boolean; nbdByNameMax: number; insecureNbd: boolean;
   cacheMaxBytes: number; cacheMinFreeBytes: number; sharedCache?: string; ublkOnStop: 'keep' | 'remove';
 }
 
@@ -44,6 +49,14 @@ function parse(s: Setting, v: unknown, from: string): unknown {
   }
   if (typeof v !== 'string' && typeof v !== 'boolean') throw einval(`${from}: ${s.key} must be a string`);
   const str = String(v);
+  if (s.kind === 'bool') {
+    if (!['true', '1', 'false', '0'].includes(str)) throw einval(`${from}: ${s.key} takes no value (or true/false), got ${JSON.stringify(v)}`);
+    return str === 'true' || str === '1';
+  }
+  if (s.kind === 'onoff') {
+    if (str !== 'on' && str !== 'off') throw einval(`${from}: ${s.key} must be on or off, got ${JSON.stringify(v)}`);
+    return str === 'on';
+  }
   if (s.kind === 'frontend' && !['auto', 'nbd', 'ublk'].includes(str)) throw einval(`${from}: frontend must be auto, nbd or ublk`);
   return str;
 }
@@ -79,6 +92,10 @@ export function loadConfig(args: Record<string, unknown>, env: NodeJS.ProcessEnv
     importRoot: raw.importRoot !== undefined ? path.resolve(String(raw.importRoot)) : undefined,
     frontend: (raw.frontend ?? 'auto') as Config['frontend'],
     maxDevices: (raw.maxDevices as number | undefined) ?? 1024,
+    nbdMaxConnections: (raw.nbdMaxConnections as number | undefined) ?? 1000,
+    nbdByName: raw.nbdByName as boolean | undefined,
+    nbdByNameMax: (raw.nbdByNameMax as number | undefined) ?? 64,
+    insecureNbd: raw.insecureNbd === true,
     import: raw.import as string | undefined,
     ublkOnStop: (() => {
       const v = String(raw.ublkOnStop ?? 'keep');

@@ -5,13 +5,15 @@
 //
 // NBD export names select devices:
 //   <device id>        a device created through the API
-//   <layer>            the device "default" on that layer  } opened on first
-//   <layer>/<device>   a named device on that layer        } use (legacy)
+//   <layer>            the device "default" on that layer  } opened when a client
+//   <layer>/<device>   a named device on that layer        } transmits on it (GO or
+//                                                           EXPORT_NAME; legacy, limited)
 import * as fs from 'fs';
 import * as path from 'path';
 import { Engine } from './engine';
 import { NbdServer } from './nbd/server';
-import type { ExportResolver, NbdExport } from './nbd/export';
+import type { ExportInfo, ExportResolver, NbdExport } from './nbd/export';
+import { isLoopbackAddress } from './net-address';
 import { parseArgs } from './cli';
 import { ID_RE } from './format';
 import { loadConfig, settingsHelp, type Config } from './config';
@@ -87,20 +89,45 @@ export async function main(argv: string[]): Promise<void> {
     io: (op, sec) => metrics.slowIoSeconds.observe({ op }, sec),
   };
 
-  // Legacy names open their device on first use; concurrent first uses share one open.
+  // Legacy names open their device when a client transmits on it (never on
+  // a query), up to their own limit; concurrent first uses share one open.
+  // Off by default when NBD listens beyond loopback (decided once bound).
+  let byName = cfg.nbdByName ?? true;
   const opening = new Map<string, Promise<NbdExport | undefined>>();
+  const legacy = (name: string): { layer: string; id: string } | null => {
+    const [layer, dev = 'default', extra] = name.split('/');
+    if (extra !== undefined || !ID_RE.test(layer) || !DEVICE_ID_RE.test(dev)) return null;
+    return { layer, id: `${layer.slice(0, 8)}-${dev}` };
+  };
   const resolver: ExportResolver = {
+    async describe(name): Promise<ExportInfo | undefined> {
+      const own = devices.get(name);
+      if (own) return own.exp;
+      const l = legacy(name);
+      if (!l) return undefined;
+      const have = devices.get(l.id);
+      if (have) return have.exp;
+      if (!byName) return undefined;
+      const h = await engine.inspect(l.layer).catch(() => null);
+      return h ? { size: h.virtualSize, description: `device ${l.id} on layer ${l.layer}, opened when a client transmits on it` } : undefined;
+    },
     get(name) {
       const own = devices.get(name);
       if (own) return own.exp;
-      const [layer, dev = 'default', extra] = name.split('/');
-      if (extra !== undefined || !ID_RE.test(layer) || !DEVICE_ID_RE.test(dev)) return undefined;
-      const id = `${layer.slice(0, 8)}-${dev}`;
+      const l = legacy(name);
+      if (!l) return undefined;
+      const { layer, id } = l;
       const have = devices.get(id);
       if (have) return have.exp;
+      if (!byName) return undefined;
       let p = opening.get(id);
       if (!p) {
-        p = devices.create(layer, { id, frontend: 'nbd' }).then((m) => { log('info', 'device opened', { device: id, layer }); return m.exp; })
+        const open = devices.list().filter((m) => m.byName).length + opening.size;
+        if (open >= cfg.nbdByNameMax) {
+          log('warn', 'cannot open device by name: limit reached', { device: id, limit: cfg.nbdByNameMax });
+          return undefined;
+        }
+        p = devices.create(layer, { id, frontend: 'nbd', byName: true }).then((m) => { log('info', 'device opened', { device: id, layer }); return m.exp; })
           .catch((err) => { log('warn', 'cannot open device', { device: id, error: String(err.message) }); return undefined; })
           .finally(() => opening.delete(id));
         opening.set(id, p);
@@ -109,7 +136,7 @@ export async function main(argv: string[]): Promise<void> {
     },
     list() { return devices.list().map((m) => ({ name: m.id, description: `strata device on layer ${m.dev.layerId}` })); },
   };
-  const server = new NbdServer({ exports: resolver, log: (m) => log('warn', m) });
+  const server = new NbdServer({ exports: resolver, log: (m) => log('warn', m), maxConnections: cfg.nbdMaxConnections });
   const restored = await devices.restore((id, e) => log('error', 'cannot resume device (left on disk)', { device: id, error: e.message }));
   if (restored.length) log('info', 'devices resumed', { devices: restored.map((m) => m.id) });
   if (ublk.frontend) {
@@ -125,9 +152,18 @@ export async function main(argv: string[]): Promise<void> {
 
   await server.listenUnix(cfg.nbdSocket);
   if (cfg.nbdPort !== undefined) {
-    const port = await server.listenTcp(cfg.nbdPort, cfg.nbdHost);
+    const a = await server.listenTcp(cfg.nbdPort, cfg.nbdHost);
+    const port = a.port;
+    if (!isLoopbackAddress(a.address)) {
+      if (!cfg.insecureNbd) {
+        await server.close(0);
+        throw new Error(`NBD on ${cfg.nbdHost} (${a.address}) is beyond loopback: without TLS every device there is readable and writable by anyone who can connect; pass --insecure-nbd to serve it anyway`);
+      }
+      log('warn', 'serving NBD beyond loopback without TLS (--insecure-nbd): every device is readable and writable by anyone who can connect', { host: cfg.nbdHost, address: a.address, port });
+      if (cfg.nbdByName === undefined) byName = false;
+    }
     frontends.nbd.tcp = { host: cfg.nbdHost, port };
-    log('info', 'nbd tcp listening', { host: cfg.nbdHost, port });
+    log('info', 'nbd tcp listening', { host: cfg.nbdHost, address: a.address, port, openByName: byName });
   }
   const router = routes({
     engine, devices, ops, importRoot: cfg.importRoot, ready: () => ready, version: VERSION,

@@ -6,6 +6,9 @@ import * as fs from 'fs';
 import * as path from 'path';
 import { spawn, execFile } from 'child_process';
 import { tmpdir, skip, makeImage } from './helpers/util';
+import { RawClient } from './helpers/nbd-client';
+import { ApiClient } from '../src/api/client';
+import { OPT, REP } from '../src/nbd/protocol';
 
 const hasNbdcopy = fs.existsSync('/usr/bin/nbdcopy');
 const run = (cmd: string, args: string[]) => new Promise<{ code: number; err: string }>((res) =>
@@ -76,7 +79,7 @@ test('daemon --tcp serves NBD over TCP on loopback only, unless --host says othe
   const img = makeImage(1024, 6);
   for (const host of [null, '0.0.0.0']) {
     const dir = tmpdir('daemon-tcp');
-    const { child, out: log, layer } = await startDaemon(dir, img, ['--tcp', '0', ...(host ? ['--host', host] : [])]);
+    const { child, out: log, layer } = await startDaemon(dir, img, ['--tcp', '0', ...(host ? ['--host', host, '--insecure-nbd', '--nbd-by-name', 'on'] : [])]);
     try {
       assert.ok(layer, `daemon did not import: ${log()}`);
       const line = log().split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l)).find((j) => j.msg === 'nbd tcp listening');
@@ -90,6 +93,66 @@ test('daemon --tcp serves NBD over TCP on loopback only, unless --host says othe
       child.kill('SIGKILL');
       fs.rmSync(dir, { recursive: true, force: true });
     }
+  }
+});
+
+test('questions create nothing: INFO, LIST and meta-context queries of <layer>/<name> open no device; GO does, up to --nbd-by-name-max', async () => {
+  const img = makeImage(256, 8);
+  const dir = tmpdir('daemon-query');
+  const { child, out: log, layer } = await startDaemon(dir, img, ['--nbd-by-name-max', '2']);
+  const sock = `${dir}/data/nbd.sock`;
+  const api = new ApiClient(`${dir}/data/api.sock`);
+  try {
+    assert.ok(layer, log());
+    for (let i = 0; i < 20; i++) {
+      const c = await RawClient.connect(sock);
+      await c.greeting();
+      c.sendOption(OPT.INFO, RawClient.infoRequest(`${layer}/q${i}`));
+      const reps = await c.optReplies();
+      assert.is(reps[reps.length - 1].type, REP.ACK, 'INFO answers with the size');
+      assert.is(reps[0].data.readBigUInt64BE(2), BigInt(img.length));
+      c.sendOption(OPT.STRUCTURED_REPLY); await c.optReplies();
+      c.sendOption(OPT.SET_META_CONTEXT, RawClient.metaRequest(`${layer}/q${i}`, ['base:allocation']));
+      assert.is((await c.optReplies()).pop()!.type, REP.ACK);
+      c.sendOption(OPT.LIST); await c.optReplies();
+      c.close();
+    }
+    assert.equal(await api.request('GET', '/v1/devices'), [], 'no device after 20 INFO-only connections');
+    assert.equal(fs.readdirSync(`${dir}/data/cache/devices`).filter((n) => n.endsWith('.json')), []);
+    const a = await RawClient.open(sock, `${layer}/g1`);
+    const b = await RawClient.open(sock, `${layer}/g2`);
+    assert.is((await a.read(0, 4096)).error, 0);
+    await new Promise((r) => setTimeout(r, 100));
+    await RawClient.open(sock, `${layer}/g3`).then(() => assert.unreachable('a third device by name'), (e: Error) => assert.match(e.message, /GO failed/));
+    for (let i = 0; i < 50 && !/limit reached/.test(log()); i++) await new Promise((r) => setTimeout(r, 20));
+    assert.match(log(), /cannot open device by name: limit reached/);
+    await api.request('POST', '/v1/devices', { layer, id: 'byapi', frontend: 'nbd' }); // the API's devices have their own limit
+    a.close(); b.close();
+  } finally {
+    child.kill('SIGKILL');
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('NBD beyond loopback: refused without --insecure-nbd (saying why); with it, naming <layer>/<name> opens nothing unless --nbd-by-name on', async () => {
+  const img = makeImage(256, 7);
+  let dir = tmpdir('daemon-beyond');
+  const refused = await startDaemon(dir, img, ['--tcp', '0', '--host', '0.0.0.0']);
+  const code = refused.child.exitCode ?? await new Promise((r) => refused.child.on('exit', r));
+  assert.is(code, 1, refused.out());
+  assert.match(refused.out(), /beyond loopback: without TLS every device .* --insecure-nbd/);
+  fs.rmSync(dir, { recursive: true, force: true });
+  dir = tmpdir('daemon-beyond');
+  const { child, out: log, layer } = await startDaemon(dir, img, ['--tcp', '0', '--host', '0.0.0.0', '--insecure-nbd']);
+  try {
+    assert.ok(layer, log());
+    assert.match(log(), /serving NBD beyond loopback without TLS/);
+    const r = await run('nbdinfo', [`nbd+unix:///${layer}/x?socket=${dir}/data/nbd.sock`]);
+    assert.is(r.code, 1, 'no device is opened by name');
+    assert.equal(fs.readdirSync(`${dir}/data/cache/devices`).filter((n) => n.endsWith('.json')), [], 'and none was created');
+  } finally {
+    child.kill('SIGKILL');
+    fs.rmSync(dir, { recursive: true, force: true });
   }
 });
 }

@@ -40,9 +40,13 @@ export interface ManagedDevice {
   exp: NbdExport;
   created: string;
   ublk?: UblkAttachment;
+  /** Opened by naming `<layer>/<name>` over NBD rather than through the API. */
+  byName: boolean;
 }
 
 export const DEVICE_ID_RE = /^[A-Za-z0-9_-]{1,64}$/;
+
+export interface CreateOptions { id?: string; frontend?: Frontend | 'auto'; byName?: boolean }
 
 export class DeviceManager {
   private devices = new Map<string, ManagedDevice>();
@@ -68,11 +72,11 @@ export class DeviceManager {
     return want;
   }
 
-  create(layer: string, opts: { id?: string; frontend?: Frontend | 'auto' } = {}): Promise<ManagedDevice> {
+  create(layer: string, opts: CreateOptions = {}): Promise<ManagedDevice> {
     return traced('strata.device.create', { 'strata.layer': layer, 'strata.device': opts.id ?? '' }, () => this.createUntraced(layer, opts));
   }
 
-  private async createUntraced(layer: string, opts: { id?: string; frontend?: Frontend | 'auto' }): Promise<ManagedDevice> {
+  private async createUntraced(layer: string, opts: CreateOptions): Promise<ManagedDevice> {
     const frontend = this.resolveFrontend(opts.frontend ?? this.defaultFrontend);
     const id = opts.id ?? randomBytes(6).toString('hex');
     if (!DEVICE_ID_RE.test(id)) throw new StrataError('EINVAL', `invalid device id ${JSON.stringify(id)}`);
@@ -83,8 +87,9 @@ export class DeviceManager {
     try {
       const created = new Date().toISOString();
       // Durable: a daemon restart (or crash) finds the device and its writes again.
-      const dev = await this.engine.openDevice(layer, { id, durable: true, meta: { frontend, created } });
-      const m: ManagedDevice = { id, dev, frontend, exp: this.timed(deviceExport(dev)), created };
+      const byName = !!opts.byName;
+      const dev = await this.engine.openDevice(layer, { id, durable: true, meta: { frontend, created, ...(byName ? { byName } : {}) } });
+      const m: ManagedDevice = { id, dev, frontend, exp: this.timed(deviceExport(dev)), created, byName };
       if (frontend === 'ublk') {
         try { m.ublk = await this.frontends.ublk!.attach(dev); } catch (e) { await this.engine.closeDevice(dev); throw e; }
         dev.updateMeta({ ublkId: m.ublk.id });
@@ -122,7 +127,7 @@ export class DeviceManager {
         const dev = await this.engine.resumeDevice(id);
         const meta = dev.meta ?? {};
         let frontend: Frontend = meta.frontend === 'ublk' ? 'ublk' : 'nbd';
-        const m: ManagedDevice = { id, dev, frontend, exp: this.timed(deviceExport(dev)), created: String(meta.created ?? new Date().toISOString()) };
+        const m: ManagedDevice = { id, dev, frontend, exp: this.timed(deviceExport(dev)), created: String(meta.created ?? new Date().toISOString()), byName: meta.byName === true };
         if (frontend === 'ublk') {
           const u = this.frontends.ublk;
           if (u) {

@@ -6,21 +6,15 @@ import * as http from 'http';
 import * as net from 'net';
 import { timingSafeEqual } from 'crypto';
 import { send, type Router } from './http';
+import { isLoopbackAddress } from '../net-address';
 
 export interface ApiListen { socket?: string; host?: string; port?: number; token?: string }
-
-const LOOPBACK = new Set(['127.0.0.1', '::1', 'localhost']);
-
-export function isLoopback(host: string): boolean { return LOOPBACK.has(host) || host.startsWith('127.'); }
 
 /** One line per request: id (from x-request-id or generated), method, path, status, duration. */
 export type AccessLog = (entry: { reqId: string; method: string; path: string; status: number; ms: number }) => void;
 
 export async function startApi(router: Router, listen: ApiListen, log: (e: unknown, what: string) => void,
   access: AccessLog = () => {}): Promise<{ server: http.Server; address: string }> {
-  if (listen.port !== undefined && !isLoopback(listen.host ?? '127.0.0.1') && !listen.token) {
-    throw new Error(`the API may listen on ${listen.host} (beyond loopback) only with a bearer token (--api-token or STRATA_API_TOKEN)`);
-  }
   const want = listen.token ? Buffer.from(`Bearer ${listen.token}`) : null;
   let seq = 0;
   const server = http.createServer((req, res) => {
@@ -46,6 +40,11 @@ export async function startApi(router: Router, listen: ApiListen, log: (e: unkno
     const host = listen.host ?? '127.0.0.1';
     await new Promise<void>((res, rej) => { server.once('error', rej); server.listen(listen.port, host, () => res()); });
     const a = server.address() as net.AddressInfo;
+    // Decided on the bound address: the name given may resolve anywhere.
+    if (!isLoopbackAddress(a.address) && !listen.token) {
+      await new Promise((r) => server.close(r));
+      throw new Error(`the API may listen on ${host} (${a.address}, beyond loopback) only with a bearer token (--api-token or STRATA_API_TOKEN)`);
+    }
     address = `http://${a.family === 'IPv6' ? `[${a.address}]` : a.address}:${a.port}`;
   } else {
     const sock = listen.socket!;

@@ -13,7 +13,7 @@ import {
   infoExport, infoString, nbdError, OPT, optReply, parseRequest, REP, REPLY_FLAG_DONE, REPLY_TYPE, Request,
   REQUEST_LEN, serverGreeting, simpleReply, STATE, TFLAG,
 } from './protocol';
-import type { ExportResolver, NbdExport } from './export';
+import type { ExportInfo, ExportResolver, NbdExport } from './export';
 import { loadNative, type NativeNbdWire } from '../native';
 
 export interface ConnectionOptions {
@@ -30,9 +30,21 @@ export interface ConnectionOptions {
    * native target (default: on, unless STRATA_NBD_NATIVE=0).
    */
   native?: boolean;
+  /** A client must finish the handshake within this (default 10 s, as qemu-nbd). */
+  handshakeTimeoutMs?: number;
+  /** Most options one handshake may send (default 4096). */
+  maxOptions?: number;
+  /** Set: every option is refused with this message (the server is at its connection limit). */
+  refuse?: string;
 }
 
 const MAX_OPTION_LEN = 64 * 1024;
+// During the handshake the connection reads no further than one whole
+// option ahead, and takes no new option while this many reply bytes are
+// unsent: a client that sends options and never reads the replies is
+// throttled by its own socket, not by the daemon's memory.
+const HANDSHAKE_AHEAD = MAX_OPTION_LEN + 16 + 4096;
+const HANDSHAKE_UNSENT = 256 * 1024;
 const TRACE = !!process.env.STRATA_NBD_TRACE;
 // Reads of VIEW_MIN..VIEW_MAX bytes are sent from their I/O buffer. Below
 // 32 KiB a write callback per reply costs more than the copy it saves
@@ -87,7 +99,10 @@ export class NbdConnection {
     this.maxQueued = opts.maxQueuedReplyBytes ?? 64 * 1024 * 1024;
     this.log = opts.log ?? (() => {});
     socket.setNoDelay?.(true);
-    socket.on('data', (b: Buffer) => { this.q.push(b); if (this.exp && !this.handingOff) this.pump(); });
+    socket.on('data', (b: Buffer) => {
+      this.q.push(b);
+      if (this.exp) { if (!this.handingOff) this.pump(); } else if (this.q.length > HANDSHAKE_AHEAD) this.socket.pause();
+    });
     socket.on('error', () => {});
     socket.on('close', () => { if (!this.handingOff) this.onClose(); });
     socket.on('drain', () => { if (this.paused) this.maybeResume(); });
@@ -95,13 +110,20 @@ export class NbdConnection {
 
   /** Runs the handshake; transmission then proceeds from socket events. */
   async start(): Promise<void> {
+    const ms = this.opts.handshakeTimeoutMs ?? 10_000;
+    const deadline = setTimeout(() => {
+      if (this.exp || this.closed) return;
+      this.log(`nbd: handshake not finished within ${ms} ms, closing connection`);
+      this.socket.destroy();
+    }, ms);
+    deadline.unref();
     try {
       this.socket.write(serverGreeting());
       await this.handshake();
     } catch (e) {
       if (!this.closed) this.log(`nbd: handshake ended: ${(e as Error).message}`);
       this.socket.destroy();
-    }
+    } finally { clearTimeout(deadline); }
   }
 
   /** Stop taking requests, finish the ones in flight, then close. */
@@ -118,6 +140,9 @@ export class NbdConnection {
     if (this.inflight === 0) return Promise.resolve();
     return new Promise((r) => this.drained.push(r));
   }
+
+  /** Reply bytes queued on the socket and not yet sent (JavaScript transmission and the handshake). */
+  get unsentBytes(): number { return this.wire ? 0 : this.socket.writableLength; }
 
   /** The export this connection transmits on (null during the handshake). */
   get export(): NbdExport | null { return this.exp; }
@@ -149,7 +174,10 @@ export class NbdConnection {
     const cflags = q.take(4).readUInt32BE(0);
     if (cflags & ~(CLIENT_FLAG.FIXED_NEWSTYLE | CLIENT_FLAG.NO_ZEROES)) throw new Error(`unknown client flags 0x${cflags.toString(16)}`);
     const noZeroes = (cflags & CLIENT_FLAG.NO_ZEROES) !== 0;
-    for (;;) {
+    const maxOptions = this.opts.maxOptions ?? 4096;
+    for (let n = 0; ; n++) {
+      if (this.socket.writableLength > HANDSHAKE_UNSENT) await this.writtenOut();
+      if (this.socket.isPaused() && q.length <= HANDSHAKE_AHEAD) this.socket.resume();
       await q.want(16);
       const h = q.take(16);
       if (h.readBigUInt64BE(0) !== IHAVEOPT) throw new Error('bad option magic');
@@ -160,6 +188,12 @@ export class NbdConnection {
       await q.want(len);
       const data = q.take(len);
       const reply = (type: number, d?: Buffer) => this.socket.write(optReply(opt, type, d));
+      const refusal = this.opts.refuse ?? (n >= maxOptions ? `more than ${maxOptions} options in one handshake` : null);
+      if (refusal) {
+        if (opt !== OPT.EXPORT_NAME) reply(REP.ERR_POLICY, Buffer.from(`strata: ${refusal}`));
+        this.socket.end();
+        throw new Error(refusal);
+      }
       switch (opt) {
         case OPT.EXPORT_NAME: {
           const exp = await this.resolve(data.toString('utf8'));
@@ -195,7 +229,8 @@ export class NbdConnection {
         case OPT.GO: {
           const parsed = parseInfoRequest(data);
           if (!parsed) { reply(REP.ERR_INVALID); break; }
-          const exp = await this.resolve(parsed.name);
+          // INFO only asks: it never opens a device; GO does.
+          const exp = opt === OPT.GO ? await this.resolve(parsed.name) : await this.query(parsed.name);
           if (!exp) { reply(REP.ERR_UNKNOWN, Buffer.from(`no export named ${parsed.name}`)); break; }
           reply(REP.INFO, infoExport(exp.size, this.transmissionFlags(exp)));
           // Always advertised: strata enforces 512-byte granularity, and a
@@ -204,7 +239,7 @@ export class NbdConnection {
           if (parsed.infos.includes(INFO.NAME)) reply(REP.INFO, infoString(INFO.NAME, parsed.name));
           if (parsed.infos.includes(INFO.DESCRIPTION) && exp.description) reply(REP.INFO, infoString(INFO.DESCRIPTION, exp.description));
           reply(REP.ACK);
-          if (opt === OPT.GO) { this.enter(exp); return; }
+          if (opt === OPT.GO) { this.enter(exp as NbdExport); return; }
           break;
         }
         case OPT.LIST_META_CONTEXT:
@@ -212,7 +247,7 @@ export class NbdConnection {
           if (!this.structured) { reply(REP.ERR_INVALID, Buffer.from('structured replies first')); break; }
           const parsed = parseMetaRequest(data);
           if (!parsed) { reply(REP.ERR_INVALID); break; }
-          if (!(await this.resolve(parsed.name))) { reply(REP.ERR_UNKNOWN); break; }
+          if (!(await this.query(parsed.name))) { reply(REP.ERR_UNKNOWN); break; }
           const matches = opt === OPT.LIST_META_CONTEXT && parsed.queries.length === 0
             ? true : parsed.queries.some((q) => q === BASE_ALLOCATION || q === 'base:');
           if (opt === OPT.SET_META_CONTEXT) this.metaContext = parsed.queries.includes(BASE_ALLOCATION);
@@ -234,6 +269,15 @@ export class NbdConnection {
     }
   }
 
+  /** Resolves once the socket has sent what is queued on it (or closed). */
+  private writtenOut(): Promise<void> {
+    return new Promise((resolve) => {
+      const done = () => { this.socket.off('drain', done); this.socket.off('close', done); resolve(); };
+      this.socket.on('drain', done);
+      this.socket.on('close', done);
+    });
+  }
+
   private async resolve(name: string): Promise<NbdExport | undefined> {
     try { return await this.opts.exports.get(name); } catch (e) {
       this.log(`nbd: export ${JSON.stringify(name)}: ${(e as Error).message}`);
@@ -241,7 +285,15 @@ export class NbdConnection {
     }
   }
 
-  private transmissionFlags(exp: NbdExport): number {
+  private async query(name: string): Promise<ExportInfo | undefined> {
+    const r = this.opts.exports;
+    try { return await (r.describe ? r.describe(name) : r.get(name)); } catch (e) {
+      this.log(`nbd: export ${JSON.stringify(name)}: ${(e as Error).message}`);
+      return undefined;
+    }
+  }
+
+  private transmissionFlags(exp: ExportInfo): number {
     let f = TFLAG.HAS_FLAGS | TFLAG.SEND_FLUSH | TFLAG.SEND_FUA | TFLAG.SEND_TRIM | TFLAG.SEND_WRITE_ZEROES |
       TFLAG.SEND_FAST_ZERO | TFLAG.CAN_MULTI_CONN | TFLAG.SEND_CACHE;
     if (this.structured) f |= TFLAG.SEND_DF;
@@ -263,6 +315,7 @@ export class NbdConnection {
       });
       return;
     }
+    this.socket.resume(); // the handshake may have paused it
     this.pump();
   }
 

@@ -26,9 +26,15 @@ export interface NbdExport {
   nativeTarget?(): NativeTarget;
 }
 
-/** Resolves export names for a server (possibly opening something). */
+/** What an NBD_OPT_INFO (or a meta-context query) tells about an export. */
+export type ExportInfo = Pick<NbdExport, 'size' | 'readOnly' | 'description'>;
+
+/** Resolves export names for a server. */
 export interface ExportResolver {
+  /** The export to transmit on (GO / EXPORT_NAME): this may open something. */
   get(name: string): NbdExport | undefined | Promise<NbdExport | undefined>;
+  /** For queries (INFO, meta contexts): must not create anything; defaults to get(). */
+  describe?(name: string): ExportInfo | undefined | Promise<ExportInfo | undefined>;
   list(): Array<{ name: string; description?: string }>;
 }
 

@@ -6,18 +6,27 @@ import * as fs from 'fs';
 import { NbdConnection, type ConnectionOptions } from './connection';
 import type { ExportResolver, NbdExport } from './export';
 
-export interface NbdServerOptions extends Omit<ConnectionOptions, 'exports'> {
+export interface NbdServerOptions extends Omit<ConnectionOptions, 'exports' | 'refuse'> {
   exports: ExportResolver;
+  /** Most connections at once (default 1000); the next ones are refused with a reason. */
   maxConnections?: number;
 }
+
+/** Refused connections kept open to tell the client why; beyond this they are just closed. */
+const MAX_REFUSING = 64;
 
 export class NbdServer {
   private servers: net.Server[] = [];
   private conns = new Set<NbdConnection>();
+  private refusing = 0;
+  private lastRefusalLog = 0;
 
   constructor(private readonly opts: NbdServerOptions) {}
 
   get connections(): number { return this.conns.size; }
+
+  /** Reply bytes queued in this process for clients that have not read them yet. */
+  get unsentBytes(): number { let n = 0; for (const c of this.conns) n += c.unsentBytes; return n; }
 
   /** Listens on a unix socket, replacing a stale socket file; mode 0600. */
   async listenUnix(path: string): Promise<string> {
@@ -31,16 +40,17 @@ export class NbdServer {
     return path;
   }
 
-  /** Listens on TCP; host defaults to loopback. Returns the bound port. */
-  async listenTcp(port = 0, host = '127.0.0.1'): Promise<number> {
+  /** Listens on TCP; host defaults to loopback. Returns the bound address (port and the address the host resolved to). */
+  async listenTcp(port = 0, host = '127.0.0.1'): Promise<net.AddressInfo> {
     const srv = this.makeServer();
     await new Promise<void>((res, rej) => { srv.once('error', rej); srv.listen(port, host, () => { srv.off('error', rej); res(); }); });
-    return (srv.address() as net.AddressInfo).port;
+    return srv.address() as net.AddressInfo;
   }
 
   private makeServer(): net.Server {
     const srv = net.createServer({ noDelay: true }, (socket) => {
-      if (this.opts.maxConnections && this.conns.size >= this.opts.maxConnections) { socket.destroy(); return; }
+      const max = this.opts.maxConnections ?? 1000;
+      if (this.conns.size >= max) { this.refuse(socket, max); return; }
       const c = new NbdConnection(socket, this.opts);
       this.conns.add(c);
       c.onClosed = () => { this.conns.delete(c); };
@@ -48,6 +58,21 @@ export class NbdServer {
     });
     this.servers.push(srv);
     return srv;
+  }
+
+  /** Over the limit: the client gets the greeting and a policy error naming the limit (NBD has no other way to say why). */
+  private refuse(socket: net.Socket, max: number): void {
+    const now = Date.now();
+    if (now - this.lastRefusalLog > 1000) {
+      this.lastRefusalLog = now;
+      this.opts.log?.(`nbd: refusing connections: ${this.conns.size} open, the limit is ${max}`);
+    }
+    if (this.refusing >= MAX_REFUSING) { socket.destroy(); return; }
+    this.refusing++;
+    const c = new NbdConnection(socket, { ...this.opts, handshakeTimeoutMs: 2000, log: () => {},
+      refuse: `too many NBD connections (the limit is ${max}); try again later` });
+    c.onClosed = () => { this.refusing--; };
+    void c.start();
   }
 
   /** Disconnects every client of an export (its device is going away). */
