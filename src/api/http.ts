@@ -58,7 +58,9 @@ export class Router {
       if (!route) throw new HttpError(405, `${method} is not allowed on ${url.pathname}`);
       const m = route.re.exec(url.pathname)!;
       const params: Record<string, string> = {};
-      route.keys.forEach((k, i) => { params[k] = decodeURIComponent(m[i + 1]); });
+      route.keys.forEach((k, i) => {
+        try { params[k] = decodeURIComponent(m[i + 1]); } catch { throw bad(`bad percent-encoding in ${JSON.stringify(m[i + 1])}`); }
+      });
       const body = method === 'POST' || method === 'PUT' || method === 'PATCH' ? await readJson(req) : undefined;
       out = await route.handler({ method, path: url.pathname, params, query: url.searchParams, body });
     } catch (e) {
@@ -116,7 +118,8 @@ export const bad = (m: string) => new HttpError(400, m);
 export function fields<T extends Record<string, (v: unknown, k: string) => unknown>>(body: unknown, spec: T):
   { [K in keyof T]: ReturnType<T[K]> } {
   const o = (body ?? {}) as Record<string, unknown>;
-  for (const k of Object.keys(o)) if (!(k in spec)) throw bad(`unknown field ${JSON.stringify(k)}`);
+  // Own properties only: "constructor" or "__proto__" are not fields because an object has them.
+  for (const k of Object.keys(o)) if (!Object.hasOwn(spec, k)) throw bad(`unknown field ${JSON.stringify(k)}`);
   const out: Record<string, unknown> = {};
   for (const [k, check] of Object.entries(spec)) out[k] = check(o[k], k);
   return out as { [K in keyof T]: ReturnType<T[K]> };
