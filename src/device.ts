@@ -136,7 +136,6 @@ export class Device {
    * short) are folded back, so every write is kept.
    */
   static async resume(core: Core, registry: LayerRegistry, id: string): Promise<Device> {
-    if (!DEVICE_ID.test(id)) throw einval(`invalid device id ${JSON.stringify(id)}`);
     const dir = path.join(core.cacheDir, 'devices');
     const m = readManifest(dir, id);
     if (m.writebackError) {
@@ -767,6 +766,7 @@ function overlayPin(heap: Core['heap'], dir: string, id: string, gen: number, fd
 }
 
 export function readManifest(dir: string, id: string): DeviceManifest {
+  if (!DEVICE_ID.test(id)) throw einval(`invalid device id ${JSON.stringify(id)}`);
   let m: DeviceManifest;
   try { m = JSON.parse(fs.readFileSync(manifestPath(dir, id), 'utf8')); } catch (e) {
     if ((e as NodeJS.ErrnoException).code === 'ENOENT') throw new StrataError('ENOENT', `no durable device ${id}`);

@@ -6,7 +6,8 @@ import * as path from 'path';
 import { createHash } from 'crypto';
 import { Core } from './core';
 import { LayerRegistry } from './layers';
-import { Device, listManifests, type DeviceOptions } from './device';
+import { Device, listManifests, readManifest, type DeviceOptions } from './device';
+import { RangeLock } from './range-lock';
 import { BLOCK_SIZE, Codec, ID_RE, keys, type LayerHeader, ZERO_LAYER } from './format';
 import { writeLayer, type Progress, type WriteLayerStats } from './layer-writer';
 import { openStore } from './store/open';
@@ -37,6 +38,8 @@ const heldLocks = new Set<string>();
 export class Engine {
   private devices = new Set<Device>();
   private readonly evictor: CacheEvictor;
+  /** Per layer: opening devices on it share, deleting it excludes (so the two never both succeed). */
+  private layerLocks = new Map<string, RangeLock>();
   private constructor(readonly core: Core, readonly layers: LayerRegistry, private readonly ownCacheDir: string | null,
     private readonly lockFile: string, limits: CacheLimits = {}) {
     this.evictor = new CacheEvictor(layers, core.cacheDir, limits, (layerId) => this.holdNatives(layerId));
@@ -157,7 +160,11 @@ export class Engine {
    * layer no longer exists for any reader, and a crash midway leaves only
    * unreferenced data objects behind, never a header without its data.
    */
-  async deleteLayer(id: string): Promise<void> {
+  deleteLayer(id: string): Promise<void> {
+    return this.withLayer(id, true, () => this.deleteLayerLocked(id));
+  }
+
+  private async deleteLayerLocked(id: string): Promise<void> {
     await this.layers.header(id); // ENOENT / EINVAL first
     for (const d of this.devices) {
       if (d.chain.includes(id)) throw new StrataError('EBUSY', `layer ${id} is in use by device ${d.id}`);
@@ -173,18 +180,33 @@ export class Engine {
     await this.store.delete(keys.data(id));
   }
 
-  async openDevice(layerId: string, opts: DeviceOptions = {}): Promise<Device> {
-    const d = await Device.open(this.core, this.layers, layerId, opts);
-    this.devices.add(d);
-    return d;
+  openDevice(layerId: string, opts: DeviceOptions = {}): Promise<Device> {
+    return this.withLayer(layerId, false, async () => {
+      const d = await Device.open(this.core, this.layers, layerId, opts);
+      this.devices.add(d);
+      return d;
+    });
   }
 
   /** Brings back a durable device (see Device.resume), also one a crashed process left. */
   async resumeDevice(id: string): Promise<Device> {
     for (const d of this.devices) if (d.id === id) throw new StrataError('EBUSY', `device ${id} is already open`);
-    const d = await Device.resume(this.core, this.layers, id);
-    this.devices.add(d);
-    return d;
+    const layer = readManifest(path.join(this.core.cacheDir, 'devices'), id).layer;
+    return this.withLayer(layer, false, async () => {
+      const d = await Device.resume(this.core, this.layers, id);
+      this.devices.add(d);
+      return d;
+    });
+  }
+
+  private async withLayer<T>(id: string, exclusive: boolean, fn: () => Promise<T>): Promise<T> {
+    let lock = this.layerLocks.get(id);
+    if (!lock) this.layerLocks.set(id, lock = new RangeLock());
+    const unlock = await lock.acquire(0, 1, exclusive);
+    try { return await fn(); } finally {
+      unlock();
+      if (lock.size === 0 && this.layerLocks.get(id) === lock) this.layerLocks.delete(id);
+    }
   }
 
   /** Durable devices kept in the cache directory and not open now. */

@@ -210,6 +210,39 @@ else test('API: import, device over NBD, write, snapshot, resume, read back; bad
   }
 });
 
+test('API: DELETE of a template racing POST /v1/devices on it never both succeed (100 races); the loser gets 409 or 404', async () => {
+  const dir = tmpdir('api-race');
+  fs.writeFileSync(`${dir}/img`, makeImage(4, 21));
+  const d = startDaemon(['--data', `${dir}/data`]);
+  const t = { socketPath: `${dir}/data/api.sock` };
+  try {
+    await waitFor(d, /"msg":"strata daemon started"/);
+    const tally = { created: 0, deleted: 0 };
+    for (let i = 0; i < 100; i++) {
+      const imp = await call(t, 'POST', '/v1/templates', { path: `${dir}/img` });
+      const tpl = (await finished(t, imp.json.id)).result.template.id as string;
+      const create = () => call(t, 'POST', '/v1/devices', { layer: tpl, id: `r${i}`, frontend: 'nbd' });
+      const remove = () => call(t, 'DELETE', `/v1/templates/${tpl}`);
+      const [c, del] = i % 2 ? await Promise.all([create(), remove()]) : await Promise.all([remove(), create()]).then(([a, b]) => [b, a]);
+      assert.ok(!(c.status === 201 && del.status === 204), `race ${i}: both succeeded`);
+      if (c.status === 201) {
+        tally.created++;
+        assert.is(del.status, 409, del.text);
+        assert.is((await call(t, 'DELETE', `/v1/devices/r${i}`)).status, 204);
+      } else {
+        tally.deleted++;
+        assert.is(del.status, 204, del.text);
+        assert.is(c.status, 404, c.text);
+      }
+    }
+    console.log(`100 API races: ${tally.created} created first, ${tally.deleted} deleted first`);
+    assert.not.match(d.out(), /"level":"error"/, 'no server errors');
+  } finally {
+    d.child.kill('SIGKILL');
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
 test('API beyond loopback needs a token; with one, requests without it get 401', async () => {
   const dir = tmpdir('apitok');
   try {

@@ -222,6 +222,33 @@ test('a durable device whose writeback failed is suspended with the failure in i
   } finally { await e.close(); }
 });
 
+test('deleting a layer races opening a device on it: never both succeed (300 races, random interleavings)', async () => {
+  fs.writeFileSync(`${dir}/small`, makeImage(4, 9));
+  let opened = 0, deleted = 0;
+  for (let i = 0; i < 300; i++) {
+    const layer = (await engine.importImage(`${dir}/small`)).id;
+    const delay = (n: number) => new Promise<void>((r) => { let k = n; const step = () => (k-- > 0 ? setImmediate(step) : r()); step(); });
+    const d = i % 5;
+    const [o, del] = await Promise.allSettled([
+      delay(i % 2 ? d : 0).then(() => engine.openDevice(layer)),
+      delay(i % 2 ? 0 : d).then(() => engine.deleteLayer(layer)),
+    ]);
+    assert.ok(o.status === 'rejected' || del.status === 'rejected', `race ${i}: the device opened and its layer was deleted`);
+    if (o.status === 'fulfilled') {
+      opened++;
+      assert.ok((await o.value.read(0, 4 * 4096)).equals(makeImage(4, 9)), `race ${i}: the device reads its layer`);
+      assert.match(String((del as PromiseRejectedResult).reason), /EBUSY/);
+      await engine.closeDevice(o.value);
+      await engine.deleteLayer(layer);
+    } else {
+      deleted++;
+      assert.match(String(o.reason), /ENOENT/);
+    }
+  }
+  console.log(`300 races: ${opened} opened first, ${deleted} deleted first`);
+  assert.ok(opened > 0 && deleted > 0, 'both orders happened');
+});
+
 test('a second engine cannot share a live cache directory', async () => {
   const cache = `${dir}/cache`;
   const a = await Engine.open({ store: `${dir}/store`, cacheDir: cache });
