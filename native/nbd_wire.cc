@@ -45,7 +45,9 @@ constexpr size_t kReqLen = 28;
 enum : uint16_t { CMD_READ = 0, CMD_WRITE = 1, CMD_DISC = 2 };
 constexpr uint16_t kFlagDF = 4;
 constexpr uint16_t kReplyDone = 1, kTypeOffsetData = 1, kTypeError = 32769;
+constexpr uint32_t kEPERM = 1;
 constexpr uint32_t kEIO = 5;
+constexpr uint32_t kENOSPC = 28;
 
 inline uint16_t Be16(const uint8_t* p) { return uint16_t(p[0] << 8 | p[1]); }
 inline uint32_t Be32(const uint8_t* p) { return uint32_t(p[0]) << 24 | uint32_t(p[1]) << 16 | uint32_t(p[2]) << 8 | p[3]; }
@@ -491,7 +493,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
     if (type == CMD_WRITE) {
       if (flags != 0 || opts_.readOnly) return false;
       if (!target_->plan(TOp::Write, off, len, plan_)) return false;
-      PutSimple(out_, cookie, WritePlanned(plan_, payload) ? 0 : kEIO);
+      PutSimple(out_, cookie, WritePlanned(plan_, payload));
       return true;
     }
     return false;
@@ -510,17 +512,17 @@ class Wire : public Napi::ObjectWrap<Wire> {
   /** Whether a whole READ request header sits at `at` in the input buffer. */
   bool ReadAt(size_t at) const { return in_.len - at >= kReqLen && Be16(in_.p + at + 6) == CMD_READ; }
 
-  /** Performs a planned write from `src` and finishes the plan; false on an I/O error. */
-  bool WritePlanned(const Plan& plan, const uint8_t* src) {
-    bool ok = true;
-    for (uint32_t i = 0; i < plan.nseg && ok; i++) {
+  /** Performs a planned write from `src` and finishes the plan; the NBD error (0: written). */
+  uint32_t WritePlanned(const Plan& plan, const uint8_t* src) {
+    int e = 0;
+    for (uint32_t i = 0; i < plan.nseg && !e; i++) {
       const Seg& sg = plan.seg[i];
-      ok = sg.fd >= 0 && WriteAll(sg.fd, src, sg.len, sg.off);
+      e = sg.fd >= 0 ? WriteAll(sg.fd, src, sg.len, sg.off) : EIO;
       src += sg.len;
     }
-    target_->finish(plan, ok);
+    target_->finish(plan, e == 0);
     fast_.fetch_add(1, std::memory_order_relaxed);
-    return ok;
+    return e ? NbdWriteErr(e) : 0;
   }
 
   // The writer thread: plans and performs queued WRITEs; replies (whole)
@@ -541,7 +543,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
       for (WriteJob& j : batch) {
         if (destroy_.load()) { done++; doneBytes += j.length; continue; }
         if (!target_->plan(TOp::Write, j.offset, j.length, plan)) { slow.push_back(std::move(j)); continue; }
-        PutSimple(replies, j.cookie, WritePlanned(plan, j.payload.data()) ? 0 : kEIO);
+        PutSimple(replies, j.cookie, WritePlanned(plan, j.payload.data()));
         done++;
         doneBytes += j.length;
       }
@@ -640,14 +642,21 @@ class Wire : public Napi::ObjectWrap<Wire> {
     return true;
   }
 
-  static bool WriteAll(int fd, const uint8_t* src, size_t len, uint64_t off) {
+  /** 0, or the errno of the failed pwrite. */
+  static int WriteAll(int fd, const uint8_t* src, size_t len, uint64_t off) {
     size_t done = 0;
     while (done < len) {
       ssize_t n = pwrite(fd, src + done, len - done, off_t(off + done));
-      if (n < 0) { if (errno == EINTR) continue; return false; }
+      if (n < 0) { if (errno == EINTR) continue; return errno; }
       done += size_t(n);
     }
-    return true;
+    return 0;
+  }
+
+  // The NBD error for a failed write, as nbdError() in src/nbd/protocol.ts
+  // maps it for the JavaScript path: a full disk is ENOSPC, not EIO.
+  static uint32_t NbdWriteErr(int e) {
+    return e == ENOSPC || e == EFBIG || e == EDQUOT ? kENOSPC : e == EROFS ? kEPERM : kEIO;
   }
 
   static void PutSimple(ByteBuf& b, const uint8_t* cookie, uint32_t err) {

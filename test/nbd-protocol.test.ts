@@ -12,6 +12,10 @@ import * as path from 'path';
 import { once } from 'events';
 import { loadNative } from '../src/native';
 import { FileTarget } from '../src/ublk';
+import { spawnSync } from 'child_process';
+import { Engine } from '../src/index';
+import { deviceExport } from '../src/nbd-export';
+import { skip } from './helpers/util';
 
 let f: Fixture;
 test.before(async () => { f = await nbdFixture('nbdproto'); await f.addDevice('d0'); await f.addDevice('d1'); });
@@ -150,6 +154,29 @@ test('structured replies and base:allocation block status tell holes truthfully'
   const one = await c.request(CMD.BLOCK_STATUS, 0, 64 * 4096, { flags: CMD_FLAG.REQ_ONE });
   assert.is(one.chunks[0].payload.length, 12, 'REQ_ONE gives one descriptor');
   c.close();
+});
+
+test('a write the overlay\'s filesystem has no room for is answered ENOSPC (the NBD error for it), not EIO', async () => {
+  const small = `${f.dir}/small-${process.env.STRATA_NBD_NATIVE === '0' ? 'js' : 'native'}`;
+  fs.mkdirSync(small, { recursive: true });
+  if (spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=4m', 'tmpfs', small]).status !== 0) { skip('cannot mount a small tmpfs here (needs root)'); return; }
+  const engine = await Engine.open({ store: `${f.dir}/store`, cacheDir: `${small}/cache` });
+  try {
+    const dev = await engine.openDevice(f.base);
+    f.exports.set('full', deviceExport(dev));
+    const c = await RawClient.open(f.sock, 'full');
+    const errors: number[] = [];
+    for (let off = 0; off < 8 << 20; off += 256 * 1024) errors.push((await c.write(off, Buffer.alloc(256 * 1024, 7))).error);
+    assert.is(errors[0], 0, 'the first writes fit');
+    const failed = errors.filter((e) => e !== 0);
+    assert.ok(failed.length > 0, '8 MiB cannot fit in 4 MiB');
+    assert.ok(failed.every((e) => e === ERR.ENOSPC), `errors: ${[...new Set(failed)].join(', ')}`);
+    c.close();
+    f.exports.delete('full');
+  } finally {
+    await engine.close();
+    spawnSync('umount', [small]);
+  }
 });
 
 test('wrong magic, oversized write and vanished clients close only that connection; acknowledged writes survive', async () => {
