@@ -22,6 +22,8 @@ const TEST_TOOLS = [
   { pkg: 'e2fsprogs', file: '/sbin/mkfs.ext4' },
   // The crash harness kills processes at exact system calls with it.
   { pkg: 'strace', file: '/usr/bin/strace' },
+  // The NBD TLS tests make their certificates with it.
+  { pkg: 'openssl', file: '/usr/bin/openssl' },
 ];
 // The kernel VM lane (--vm): QEMU, a static busybox for the initramfs, the
 // nbd userspace client, and what run-in-vm.sh unpacks kernels with.

@@ -76,7 +76,7 @@ export function parseArgs(argv: string[]): Args {
       const eq = a.indexOf('=');
       const [k, v] = eq < 0 ? [a.slice(2), undefined] : [a.slice(2, eq), a.slice(eq + 1)];
       if (v !== undefined) out[k] = v;
-      else if (i + 1 < argv.length && !argv[i + 1].startsWith('--') && !['json', 'help', 'insecure-nbd'].includes(k)) out[k] = argv[++i];
+      else if (i + 1 < argv.length && !argv[i + 1].startsWith('--') && !['json', 'help', 'insecure-nbd', 'tls-verify-peer'].includes(k)) out[k] = argv[++i];
       else out[k] = true;
     } else out._.push(a);
   }

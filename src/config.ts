@@ -5,7 +5,7 @@ import * as fs from 'fs';
 import * as path from 'path';
 import { einval } from './errors';
 
-type Kind = 'string' | 'int' | 'frontend' | 'onoff' | 'bool';
+type Kind = 'string' | 'int' | 'frontend' | 'onoff' | 'bool' | 'tls';
 interface Setting { key: string; flag: string; env: string; kind: Kind; doc: string }
 
 export const SETTINGS: Setting[] = [
@@ -17,6 +17,10 @@ export const SETTINGS: Setting[] = [
   { key: 'nbdMaxConnections', flag: 'nbd-max-connections', env: 'STRATA_NBD_MAX_CONNECTIONS', kind: 'int', doc: 'most NBD connections at once (later ones are refused with a reason); default 1000' },
   { key: 'nbdByName', flag: 'nbd-by-name', env: 'STRATA_NBD_BY_NAME', kind: 'onoff', doc: 'open a device when a client names <layer>/<name> (GO/EXPORT_NAME only): on or off; default on, off when NBD listens beyond loopback' },
   { key: 'nbdByNameMax', flag: 'nbd-by-name-max', env: 'STRATA_NBD_BY_NAME_MAX', kind: 'int', doc: 'most devices opened by name at once; default 64' },
+  { key: 'tls', flag: 'tls', env: 'STRATA_TLS', kind: 'tls', doc: 'NBD TLS (STARTTLS): off, on (offered) or require (on TCP; unix-socket clients are offered it); default off' },
+  { key: 'tlsCertificates', flag: 'tls-certificates', env: 'STRATA_TLS_CERTIFICATES', kind: 'string', doc: 'directory with server-cert.pem, server-key.pem (and ca-cert.pem), as nbdkit and qemu-nbd read it' },
+  { key: 'tlsPsk', flag: 'tls-psk', env: 'STRATA_TLS_PSK', kind: 'string', doc: 'pre-shared keys, one identity:hexkey per line (psktool format)' },
+  { key: 'tlsVerifyPeer', flag: 'tls-verify-peer', env: 'STRATA_TLS_VERIFY_PEER', kind: 'bool', doc: 'require client certificates signed by ca-cert.pem (their common name is the client identity)' },
   { key: 'insecureNbd', flag: 'insecure-nbd', env: 'STRATA_INSECURE_NBD', kind: 'bool', doc: 'serve NBD beyond loopback without TLS (every device readable and writable by anyone who can connect)' },
   { key: 'apiSocket', flag: 'api-socket', env: 'STRATA_API_SOCKET', kind: 'string', doc: 'HTTP API unix socket (mode 0600); default DATA/api.sock' },
   { key: 'apiPort', flag: 'api-port', env: 'STRATA_API_PORT', kind: 'int', doc: 'serve the HTTP API on TCP instead of the unix socket' },
@@ -37,6 +41,7 @@ export interface Config {
   apiSocket: string; apiPort?: number; apiHost: string; apiToken?: string; importRoot?: string;
   frontend: 'auto' | 'nbd' | 'ublk'; maxDevices: number; import?: string; configFile?: string;
   nbdMaxConnections: number; nbdByName?: boolean; nbdByNameMax: number; insecureNbd: boolean;
+  tls: 'off' | 'on' | 'require'; tlsCertificates?: string; tlsPsk?: string; tlsVerifyPeer: boolean;
   cacheMaxBytes: number; cacheMinFreeBytes: number; sharedCache?: string; ublkOnStop: 'keep' | 'remove';
 }
 
@@ -58,6 +63,7 @@ function parse(s: Setting, v: unknown, from: string): unknown {
     return str === 'on';
   }
   if (s.kind === 'frontend' && !['auto', 'nbd', 'ublk'].includes(str)) throw einval(`${from}: frontend must be auto, nbd or ublk`);
+  if (s.kind === 'tls' && !['off', 'on', 'require'].includes(str)) throw einval(`${from}: tls must be off, on or require`);
   return str;
 }
 
@@ -96,6 +102,10 @@ export function loadConfig(args: Record<string, unknown>, env: NodeJS.ProcessEnv
     nbdByName: raw.nbdByName as boolean | undefined,
     nbdByNameMax: (raw.nbdByNameMax as number | undefined) ?? 64,
     insecureNbd: raw.insecureNbd === true,
+    tls: (raw.tls ?? 'off') as Config['tls'],
+    tlsCertificates: raw.tlsCertificates !== undefined ? path.resolve(String(raw.tlsCertificates)) : undefined,
+    tlsPsk: raw.tlsPsk !== undefined ? path.resolve(String(raw.tlsPsk)) : undefined,
+    tlsVerifyPeer: raw.tlsVerifyPeer === true,
     import: raw.import as string | undefined,
     ublkOnStop: (() => {
       const v = String(raw.ublkOnStop ?? 'keep');

@@ -12,12 +12,13 @@ import * as fs from 'fs';
 import * as path from 'path';
 import { Engine } from './engine';
 import { NbdServer } from './nbd/server';
-import type { ExportInfo, ExportResolver, NbdExport } from './nbd/export';
+import type { ClientInfo, ExportInfo, ExportResolver, NbdExport } from './nbd/export';
+import { NbdTls } from './nbd/tls';
 import { isLoopbackAddress } from './net-address';
 import { parseArgs } from './cli';
 import { ID_RE } from './format';
 import { loadConfig, settingsHelp, type Config } from './config';
-import { DeviceManager, DEVICE_ID_RE, type Frontends } from './api/devices';
+import { DeviceManager, DEVICE_ID_RE, type Frontends, type ManagedDevice } from './api/devices';
 import { Operations } from './api/operations';
 import { routes } from './api/routes';
 import { startApi } from './api/server';
@@ -65,6 +66,7 @@ export async function main(argv: string[]): Promise<void> {
   const args = parseArgs(argv);
   if (args.help) { console.log(USAGE); return; }
   const cfg: Config = loadConfig(args);
+  const tls = NbdTls.load({ mode: cfg.tls, certificates: cfg.tlsCertificates, pskFile: cfg.tlsPsk, verifyPeer: cfg.tlsVerifyPeer });
   fs.mkdirSync(cfg.data, { recursive: true, mode: 0o700 });
   const cacheDir = path.join(cfg.data, 'cache');
   const engine = await Engine.open({
@@ -94,31 +96,34 @@ export async function main(argv: string[]): Promise<void> {
   // Off by default when NBD listens beyond loopback (decided once bound).
   let byName = cfg.nbdByName ?? true;
   const opening = new Map<string, Promise<NbdExport | undefined>>();
+  // A device with an owner is served over TCP only to that TLS identity
+  // (unix-socket clients are local: the socket's mode decides who they are).
+  const allowed = (m: ManagedDevice, c?: ClientInfo) => !m.client || !c || c.transport === 'unix' || c.identity === m.client;
   const legacy = (name: string): { layer: string; id: string } | null => {
     const [layer, dev = 'default', extra] = name.split('/');
     if (extra !== undefined || !ID_RE.test(layer) || !DEVICE_ID_RE.test(dev)) return null;
     return { layer, id: `${layer.slice(0, 8)}-${dev}` };
   };
   const resolver: ExportResolver = {
-    async describe(name): Promise<ExportInfo | undefined> {
+    async describe(name, c): Promise<ExportInfo | undefined> {
       const own = devices.get(name);
-      if (own) return own.exp;
+      if (own) return allowed(own, c) ? own.exp : undefined;
       const l = legacy(name);
       if (!l) return undefined;
       const have = devices.get(l.id);
-      if (have) return have.exp;
+      if (have) return allowed(have, c) ? have.exp : undefined;
       if (!byName) return undefined;
       const h = await engine.inspect(l.layer).catch(() => null);
       return h ? { size: h.virtualSize, description: `device ${l.id} on layer ${l.layer}, opened when a client transmits on it` } : undefined;
     },
-    get(name) {
+    get(name, c) {
       const own = devices.get(name);
-      if (own) return own.exp;
+      if (own) return allowed(own, c) ? own.exp : undefined;
       const l = legacy(name);
       if (!l) return undefined;
       const { layer, id } = l;
       const have = devices.get(id);
-      if (have) return have.exp;
+      if (have) return allowed(have, c) ? have.exp : undefined;
       if (!byName) return undefined;
       let p = opening.get(id);
       if (!p) {
@@ -127,16 +132,18 @@ export async function main(argv: string[]): Promise<void> {
           log('warn', 'cannot open device by name: limit reached', { device: id, limit: cfg.nbdByNameMax });
           return undefined;
         }
-        p = devices.create(layer, { id, frontend: 'nbd', byName: true }).then((m) => { log('info', 'device opened', { device: id, layer }); return m.exp; })
+        // Opened over TLS: its owner is the identity that opened it.
+        const client = c?.transport === 'tcp' && c.identity ? c.identity : undefined;
+        p = devices.create(layer, { id, frontend: 'nbd', byName: true, client }).then((m) => { log('info', 'device opened', { device: id, layer }); return m.exp; })
           .catch((err) => { log('warn', 'cannot open device', { device: id, error: String(err.message) }); return undefined; })
           .finally(() => opening.delete(id));
         opening.set(id, p);
       }
       return p;
     },
-    list() { return devices.list().map((m) => ({ name: m.id, description: `strata device on layer ${m.dev.layerId}` })); },
+    list(c) { return devices.list().filter((m) => allowed(m, c)).map((m) => ({ name: m.id, description: `strata device on layer ${m.dev.layerId}` })); },
   };
-  const server = new NbdServer({ exports: resolver, log: (m) => log('warn', m), maxConnections: cfg.nbdMaxConnections });
+  const server = new NbdServer({ exports: resolver, log: (m) => log('warn', m), maxConnections: cfg.nbdMaxConnections, tls });
   const restored = await devices.restore((id, e) => log('error', 'cannot resume device (left on disk)', { device: id, error: e.message }));
   if (restored.length) log('info', 'devices resumed', { devices: restored.map((m) => m.id) });
   if (ublk.frontend) {
@@ -155,11 +162,11 @@ export async function main(argv: string[]): Promise<void> {
     const a = await server.listenTcp(cfg.nbdPort, cfg.nbdHost);
     const port = a.port;
     if (!isLoopbackAddress(a.address)) {
-      if (!cfg.insecureNbd) {
+      if (tls.mode !== 'require' && !cfg.insecureNbd) {
         await server.close(0);
-        throw new Error(`NBD on ${cfg.nbdHost} (${a.address}) is beyond loopback: without TLS every device there is readable and writable by anyone who can connect; pass --insecure-nbd to serve it anyway`);
+        throw new Error(`NBD on ${cfg.nbdHost} (${a.address}) is beyond loopback: without TLS every device there is readable and writable by anyone who can connect; use --tls require (with --tls-certificates or --tls-psk), or pass --insecure-nbd to serve it anyway`);
       }
-      log('warn', 'serving NBD beyond loopback without TLS (--insecure-nbd): every device is readable and writable by anyone who can connect', { host: cfg.nbdHost, address: a.address, port });
+      if (tls.mode !== 'require') log('warn', 'serving NBD beyond loopback without TLS (--insecure-nbd): every device is readable and writable by anyone who can connect', { host: cfg.nbdHost, address: a.address, port });
       if (cfg.nbdByName === undefined) byName = false;
     }
     frontends.nbd.tcp = { host: cfg.nbdHost, port };

@@ -42,11 +42,20 @@ export interface ManagedDevice {
   ublk?: UblkAttachment;
   /** Opened by naming `<layer>/<name>` over NBD rather than through the API. */
   byName: boolean;
+  /** The TLS identity it is served to over TCP (undefined: any client the server accepts). */
+  client?: string;
 }
 
 export const DEVICE_ID_RE = /^[A-Za-z0-9_-]{1,64}$/;
 
-export interface CreateOptions { id?: string; frontend?: Frontend | 'auto'; byName?: boolean }
+/** What a TLS identity (PSK identity, certificate common name) may look like. */
+export const CLIENT_RE = /^[A-Za-z0-9._@-]{1,128}$/;
+
+export interface CreateOptions {
+  id?: string; frontend?: Frontend | 'auto'; byName?: boolean;
+  /** Only this TLS identity may open the device over TCP (unix-socket clients are local and may). */
+  client?: string;
+}
 
 export class DeviceManager {
   private devices = new Map<string, ManagedDevice>();
@@ -88,8 +97,10 @@ export class DeviceManager {
       const created = new Date().toISOString();
       // Durable: a daemon restart (or crash) finds the device and its writes again.
       const byName = !!opts.byName;
-      const dev = await this.engine.openDevice(layer, { id, durable: true, meta: { frontend, created, ...(byName ? { byName } : {}) } });
-      const m: ManagedDevice = { id, dev, frontend, exp: this.timed(deviceExport(dev)), created, byName };
+      const client = opts.client;
+      if (client !== undefined && !CLIENT_RE.test(client)) throw new StrataError('EINVAL', `invalid client identity ${JSON.stringify(client)}`);
+      const dev = await this.engine.openDevice(layer, { id, durable: true, meta: { frontend, created, ...(byName ? { byName } : {}), ...(client ? { client } : {}) } });
+      const m: ManagedDevice = { id, dev, frontend, exp: this.timed(deviceExport(dev)), created, byName, client };
       if (frontend === 'ublk') {
         try { m.ublk = await this.frontends.ublk!.attach(dev); } catch (e) { await this.engine.closeDevice(dev); throw e; }
         dev.updateMeta({ ublkId: m.ublk.id });
@@ -127,7 +138,10 @@ export class DeviceManager {
         const dev = await this.engine.resumeDevice(id);
         const meta = dev.meta ?? {};
         let frontend: Frontend = meta.frontend === 'ublk' ? 'ublk' : 'nbd';
-        const m: ManagedDevice = { id, dev, frontend, exp: this.timed(deviceExport(dev)), created: String(meta.created ?? new Date().toISOString()), byName: meta.byName === true };
+        const m: ManagedDevice = {
+          id, dev, frontend, exp: this.timed(deviceExport(dev)), created: String(meta.created ?? new Date().toISOString()),
+          byName: meta.byName === true, client: typeof meta.client === 'string' ? meta.client : undefined,
+        };
         if (frontend === 'ublk') {
           const u = this.frontends.ublk;
           if (u) {
@@ -174,7 +188,7 @@ export class DeviceManager {
     const { socket, tcp } = this.frontends.nbd;
     return {
       id: m.id, layer: m.dev.layerId, size: m.dev.size, frontend: m.frontend, created: m.created,
-      path: m.ublk?.path ?? null,
+      path: m.ublk?.path ?? null, client: m.client ?? null,
       nbd: {
         export: m.id, socket,
         uri: `nbd+unix:///${m.id}?socket=${socket}`,

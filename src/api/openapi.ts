@@ -26,6 +26,7 @@ export function openapi(version: string) {
           type: 'object', properties: {
             id: devId, layer: id, size: { type: 'integer' }, frontend: { type: 'string', enum: ['nbd', 'ublk'] }, created: { type: 'string', format: 'date-time' },
             path: { type: 'string', nullable: true, description: '/dev/ublkbN for ublk devices' },
+            client: { type: 'string', nullable: true, description: 'the TLS identity this device is served to over TCP (null: any)' },
             nbd: { type: 'object', properties: { export: { type: 'string' }, socket: { type: 'string' }, uri: { type: 'string' }, tcpUri: { type: 'string' } } },
             stats: { type: 'object' },
           },
@@ -63,7 +64,10 @@ export function openapi(version: string) {
         post: {
           summary: 'create a device on a template or snapshot', requestBody: body({
             type: 'object', required: ['layer'], additionalProperties: false,
-            properties: { layer: id, id: devId, frontend: { type: 'string', enum: ['nbd', 'ublk', 'auto'], default: 'auto' } },
+            properties: {
+              layer: id, id: devId, frontend: { type: 'string', enum: ['nbd', 'ublk', 'auto'], default: 'auto' },
+              client: { type: 'string', description: 'TLS identity (PSK identity or client certificate common name) that alone may open this device over TCP' },
+            },
           }), responses: { 201: json('Device', 'created'), ...errors, 501: err, 507: err },
         },
       },

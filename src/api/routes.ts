@@ -8,7 +8,7 @@ import { codecName, ID_RE, parseCodec, type LayerHeader } from '../format';
 import { StrataError } from '../errors';
 import { bad, fields, HttpError, int, oneOf, optional, Router, str } from './http';
 import type { Operations } from './operations';
-import { DEVICE_ID_RE, type DeviceManager } from './devices';
+import { CLIENT_RE, DEVICE_ID_RE, type DeviceManager } from './devices';
 import { openapi } from './openapi';
 
 export interface ApiContext {
@@ -94,8 +94,9 @@ export function routes(ctx: ApiContext): Router {
       layer: str(ID_RE, 'a layer id (32 hex digits)'),
       id: optional(str(DEVICE_ID_RE, '1-64 characters of [A-Za-z0-9_-]')),
       frontend: optional(oneOf('nbd', 'ublk', 'auto')),
+      client: optional(str(CLIENT_RE, 'a TLS identity: 1-128 characters of [A-Za-z0-9._@-]')),
     });
-    const m = await devices.create(b.layer, { id: b.id, frontend: b.frontend });
+    const m = await devices.create(b.layer, { id: b.id, frontend: b.frontend, client: b.client });
     return { status: 201, body: devices.describe(m) };
   });
   r.add('GET', '/v1/devices', () => ({ body: devices.list().map((m) => devices.describe(m)) }));

@@ -13,7 +13,8 @@ import {
   infoExport, infoString, nbdError, OPT, optReply, parseRequest, REP, REPLY_FLAG_DONE, REPLY_TYPE, Request,
   REQUEST_LEN, serverGreeting, simpleReply, STATE, TFLAG,
 } from './protocol';
-import type { ExportInfo, ExportResolver, NbdExport } from './export';
+import type { ClientInfo, ExportInfo, ExportResolver, NbdExport } from './export';
+import type { NbdTls } from './tls';
 import { loadNative, type NativeNbdWire } from '../native';
 
 export interface ConnectionOptions {
@@ -36,6 +37,10 @@ export interface ConnectionOptions {
   maxOptions?: number;
   /** Set: every option is refused with this message (the server is at its connection limit). */
   refuse?: string;
+  /** STARTTLS: offered (mode on) or required before anything else (mode require). */
+  tls?: NbdTls;
+  /** How the client reached us: a unix socket (local, trusted like the socket's mode) or TCP. */
+  transport?: ClientInfo['transport'];
 }
 
 const MAX_OPTION_LEN = 64 * 1024;
@@ -90,7 +95,13 @@ export class NbdConnection {
   private wireFlushQueued = false;
   private wireClosed: Promise<void> | null = null;
 
-  constructor(private readonly socket: Socket, private readonly opts: ConnectionOptions) {
+  private socket: Socket;
+  /** Who the client is, for the resolver (identity set by a TLS handshake). */
+  readonly client: ClientInfo;
+
+  constructor(socket: Socket, private readonly opts: ConnectionOptions) {
+    this.socket = socket;
+    this.client = { transport: opts.transport ?? 'unix', tls: false, identity: null };
     this.minBlock = opts.minBlock ?? 512;
     this.preferredBlock = opts.preferredBlock ?? 4096;
     this.maxPayload = opts.maxPayload ?? 32 * 1024 * 1024;
@@ -99,13 +110,44 @@ export class NbdConnection {
     this.maxQueued = opts.maxQueuedReplyBytes ?? 64 * 1024 * 1024;
     this.log = opts.log ?? (() => {});
     socket.setNoDelay?.(true);
-    socket.on('data', (b: Buffer) => {
-      this.q.push(b);
-      if (this.exp) { if (!this.handingOff) this.pump(); } else if (this.q.length > HANDSHAKE_AHEAD) this.socket.pause();
-    });
+    this.listen(socket);
+  }
+
+  private readonly onData = (b: Buffer) => {
+    this.q.push(b);
+    if (this.exp) { if (!this.handingOff) this.pump(); } else if (this.q.length > HANDSHAKE_AHEAD) this.socket.pause();
+  };
+  private readonly onSocketClose = () => { if (!this.handingOff && !this.upgrading) this.onClose(); };
+  private readonly onDrain = () => { if (this.paused) this.maybeResume(); };
+  private upgrading = false;
+
+  private listen(socket: Socket): void {
+    socket.on('data', this.onData);
     socket.on('error', () => {});
-    socket.on('close', () => { if (!this.handingOff) this.onClose(); });
-    socket.on('drain', () => { if (this.paused) this.maybeResume(); });
+    socket.on('close', this.onSocketClose);
+    socket.on('drain', this.onDrain);
+  }
+
+  /** STARTTLS: the TLS socket takes over the plain one; what was negotiated before is forgotten (as the spec says). */
+  private async startTls(tls: NbdTls): Promise<void> {
+    const plain = this.socket;
+    plain.off('data', this.onData);
+    plain.off('close', this.onSocketClose);
+    plain.off('drain', this.onDrain);
+    this.upgrading = true;
+    try {
+      const { socket, identity } = await tls.upgrade(plain);
+      this.socket = socket;
+      this.listen(socket);
+      this.client.tls = true;
+      this.client.identity = identity;
+      this.structured = false;
+      this.metaContext = false;
+    } catch (e) {
+      plain.destroy();
+      this.onClose();
+      throw e;
+    } finally { this.upgrading = false; }
   }
 
   /** Runs the handshake; transmission then proceeds from socket events. */
@@ -194,7 +236,23 @@ export class NbdConnection {
         this.socket.end();
         throw new Error(refusal);
       }
+      const tls = this.opts.tls;
+      if (tls && tls.mode === 'require' && !this.client.tls && opt !== OPT.STARTTLS && opt !== OPT.ABORT) {
+        if (opt === OPT.EXPORT_NAME) throw new Error('EXPORT_NAME before STARTTLS on a server that requires TLS');
+        reply(REP.ERR_TLS_REQD, Buffer.from('strata: this server requires TLS (STARTTLS) first'));
+        continue;
+      }
       switch (opt) {
+        case OPT.STARTTLS: {
+          if (!tls || tls.mode === 'off') { reply(REP.ERR_UNSUP); break; }
+          if (this.client.tls) { reply(REP.ERR_INVALID, Buffer.from('already TLS')); break; }
+          if (len !== 0) { reply(REP.ERR_INVALID); break; }
+          // Nothing may follow STARTTLS in the clear: the next bytes are the TLS handshake.
+          if (q.length) throw new Error('data after STARTTLS before its reply');
+          await new Promise<void>((resolve) => this.socket.write(optReply(opt, REP.ACK), () => resolve()));
+          await this.startTls(tls);
+          break;
+        }
         case OPT.EXPORT_NAME: {
           const exp = await this.resolve(data.toString('utf8'));
           if (!exp) throw new Error(`unknown export ${JSON.stringify(data.toString('utf8'))}`);
@@ -211,7 +269,7 @@ export class NbdConnection {
           return;
         case OPT.LIST:
           if (len !== 0) { reply(REP.ERR_INVALID); break; }
-          for (const e of this.opts.exports.list()) {
+          for (const e of this.opts.exports.list(this.client)) {
             const name = Buffer.from(e.name, 'utf8');
             const d = Buffer.alloc(4 + name.length);
             d.writeUInt32BE(name.length, 0);
@@ -262,7 +320,7 @@ export class NbdConnection {
           break;
         }
         default:
-          // Unknown (or unsupported: STARTTLS, EXTENDED_HEADERS) options are
+          // Unknown (or unsupported: EXTENDED_HEADERS) options are
           // answered without losing framing.
           reply(REP.ERR_UNSUP);
       }
@@ -279,7 +337,7 @@ export class NbdConnection {
   }
 
   private async resolve(name: string): Promise<NbdExport | undefined> {
-    try { return await this.opts.exports.get(name); } catch (e) {
+    try { return await this.opts.exports.get(name, this.client); } catch (e) {
       this.log(`nbd: export ${JSON.stringify(name)}: ${(e as Error).message}`);
       return undefined;
     }
@@ -287,7 +345,7 @@ export class NbdConnection {
 
   private async query(name: string): Promise<ExportInfo | undefined> {
     const r = this.opts.exports;
-    try { return await (r.describe ? r.describe(name) : r.get(name)); } catch (e) {
+    try { return await (r.describe ? r.describe(name, this.client) : r.get(name, this.client)); } catch (e) {
       this.log(`nbd: export ${JSON.stringify(name)}: ${(e as Error).message}`);
       return undefined;
     }
@@ -303,7 +361,8 @@ export class NbdConnection {
 
   private enter(exp: NbdExport): void {
     this.exp = exp;
-    if (exp.nativeTarget && (this.opts.native ?? process.env.STRATA_NBD_NATIVE !== '0')) {
+    // The native wire reads the socket's descriptor itself: never under TLS.
+    if (exp.nativeTarget && !this.client.tls && (this.opts.native ?? process.env.STRATA_NBD_NATIVE !== '0')) {
       this.handingOff = true;
       this.goNative(exp).catch((e) => {
         this.handingOff = false;

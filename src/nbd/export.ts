@@ -29,13 +29,21 @@ export interface NbdExport {
 /** What an NBD_OPT_INFO (or a meta-context query) tells about an export. */
 export type ExportInfo = Pick<NbdExport, 'size' | 'readOnly' | 'description'>;
 
-/** Resolves export names for a server. */
+/** Who is asking: how the client connected and, after STARTTLS, who it proved to be. */
+export interface ClientInfo {
+  transport: 'unix' | 'tcp';
+  tls: boolean;
+  /** PSK identity or client certificate common name; null without TLS (or without one). */
+  identity: string | null;
+}
+
+/** Resolves export names for a server; each call says which client asks. */
 export interface ExportResolver {
   /** The export to transmit on (GO / EXPORT_NAME): this may open something. */
-  get(name: string): NbdExport | undefined | Promise<NbdExport | undefined>;
+  get(name: string, client?: ClientInfo): NbdExport | undefined | Promise<NbdExport | undefined>;
   /** For queries (INFO, meta contexts): must not create anything; defaults to get(). */
-  describe?(name: string): ExportInfo | undefined | Promise<ExportInfo | undefined>;
-  list(): Array<{ name: string; description?: string }>;
+  describe?(name: string, client?: ClientInfo): ExportInfo | undefined | Promise<ExportInfo | undefined>;
+  list(client?: ClientInfo): Array<{ name: string; description?: string }>;
 }
 
 export class ExportMap implements ExportResolver {

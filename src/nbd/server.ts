@@ -5,8 +5,11 @@ import * as net from 'net';
 import * as fs from 'fs';
 import { NbdConnection, type ConnectionOptions } from './connection';
 import type { ExportResolver, NbdExport } from './export';
+import type { NbdTls } from './tls';
 
-export interface NbdServerOptions extends Omit<ConnectionOptions, 'exports' | 'refuse'> {
+export interface NbdServerOptions extends Omit<ConnectionOptions, 'exports' | 'refuse' | 'tls' | 'transport'> {
+  /** TLS for TCP connections (off, on, require); unix-socket connections are offered it when it is not off, never required to. */
+  tls?: NbdTls;
   exports: ExportResolver;
   /** Most connections at once (default 1000); the next ones are refused with a reason. */
   maxConnections?: number;
@@ -33,7 +36,7 @@ export class NbdServer {
     try {
       if (fs.lstatSync(path).isSocket()) fs.unlinkSync(path);
     } catch { /* absent */ }
-    const srv = this.makeServer();
+    const srv = this.makeServer('unix');
     const old = process.umask(0o177);
     try { await new Promise<void>((res, rej) => { srv.once('error', rej); srv.listen(path, () => { srv.off('error', rej); res(); }); }); } finally { process.umask(old); }
     fs.chmodSync(path, 0o600);
@@ -42,16 +45,18 @@ export class NbdServer {
 
   /** Listens on TCP; host defaults to loopback. Returns the bound address (port and the address the host resolved to). */
   async listenTcp(port = 0, host = '127.0.0.1'): Promise<net.AddressInfo> {
-    const srv = this.makeServer();
+    const srv = this.makeServer('tcp');
     await new Promise<void>((res, rej) => { srv.once('error', rej); srv.listen(port, host, () => { srv.off('error', rej); res(); }); });
     return srv.address() as net.AddressInfo;
   }
 
-  private makeServer(): net.Server {
+  private makeServer(transport: 'unix' | 'tcp'): net.Server {
+    // A unix socket is as private as its mode: TLS is offered there, never required.
+    const tls = transport === 'unix' && this.opts.tls?.mode === 'require' ? this.opts.tls.withMode('on') : this.opts.tls;
     const srv = net.createServer({ noDelay: true }, (socket) => {
       const max = this.opts.maxConnections ?? 1000;
       if (this.conns.size >= max) { this.refuse(socket, max); return; }
-      const c = new NbdConnection(socket, this.opts);
+      const c = new NbdConnection(socket, { ...this.opts, tls, transport });
       this.conns.add(c);
       c.onClosed = () => { this.conns.delete(c); };
       void c.start();
