@@ -407,12 +407,15 @@ test('READs that miss the page cache go to reader threads and come back whole an
   }
 });
 
-test('fuzz: 10,000 random and mutated messages; the server survives and keeps serving correctly', async () => {
+test('fuzz: 10,000 random and mutated messages (handshake and transmission); checked alive and correct after every batch; fds and RSS bounded', async () => {
   const seed = Number(process.env.STRATA_SEED ?? Math.floor(Math.random() * 2 ** 31));
   const r = rng(seed);
   const int = (n: number) => Math.floor(r() * n);
   await f.addDevice('fz');
-  let sent = 0;
+  const fds0 = fs.readdirSync('/proc/self/fd').length;
+  const rss0 = process.memoryUsage().rss;
+  const probe = await RawClient.open(f.sock, 'd0');
+  let sent = 0, batches = 0;
   while (sent < 10_000) {
     const c = r() < 0.3 ? await RawClient.connect(f.sock) : await RawClient.open(f.sock, 'fz');
     const handshake = !c.size;
@@ -441,14 +444,29 @@ test('fuzz: 10,000 random and mutated messages; the server survives and keeps se
     }
     await new Promise((res) => setTimeout(res, 2));
     c.close();
+    // After every batch: another connection still reads the right bytes.
+    const at = 65536 * int(f.img.length / 65536);
+    const got = await probe.read(at, 65536);
+    assert.is(got.error, 0, `seed ${seed}, batch ${batches}`);
+    assert.ok(got.data.equals(f.img.subarray(at, at + 65536)), `seed ${seed}, batch ${batches}: read at ${at}`);
+    batches++;
   }
+  probe.close();
+  for (let i = 0; i < 100 && f.server.connections > 0; i++) await new Promise((res) => setTimeout(res, 20));
+  assert.is(f.server.connections, 0, `seed ${seed}: every fuzzing connection is gone`);
+  // Native wires close their descriptors on their own threads: give them a moment.
+  let fds = fs.readdirSync('/proc/self/fd').length;
+  for (let i = 0; i < 100 && fds > fds0 + 4; i++) { await new Promise((res) => setTimeout(res, 20)); fds = fs.readdirSync('/proc/self/fd').length; }
+  assert.ok(fds <= fds0 + 4, `seed ${seed}: ${fds} fds open, ${fds0} before the fuzzing`);
+  const grew = (process.memoryUsage().rss - rss0) / 1048576;
+  assert.ok(grew < 256, `seed ${seed}: RSS grew ${grew.toFixed(0)} MiB`);
   // The server is alive, other exports are untouched and correct.
   const c = await RawClient.open(f.sock, 'd0');
   const rr = await c.read(0, 65536);
   assert.is(rr.error, 0, `seed ${seed}`);
   assert.ok(rr.data.equals(f.img.subarray(0, 65536)), `seed ${seed}`);
   c.close();
-  console.log(`  fuzz: ${sent} messages, seed ${seed}`);
+  console.log(`  fuzz: ${sent} messages in ${batches} connections, seed ${seed}; fds ${fds0} -> ${fds}, RSS +${grew.toFixed(0)} MiB`);
 });
 
 test.run();
