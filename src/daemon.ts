@@ -21,6 +21,7 @@ import { loadConfig, settingsHelp, type Config } from './config';
 import { DeviceManager, DEVICE_ID_RE, type Frontends, type ManagedDevice } from './api/devices';
 import { Operations } from './api/operations';
 import { routes } from './api/routes';
+import { serverFault } from './api/http';
 import { startApi } from './api/server';
 import { Metrics } from './api/metrics';
 import pino from 'pino';
@@ -179,7 +180,7 @@ export async function main(argv: string[]): Promise<void> {
   });
   const api = await startApi(router, { socket: cfg.apiSocket, port: cfg.apiPort, host: cfg.apiHost, token: cfg.apiToken },
     (e, what) => log('error', 'api request failed', { what, error: String((e as Error)?.stack ?? e) }),
-    (entry) => log(entry.status >= 500 ? 'error' : 'info', 'api', entry));
+    (entry) => log(serverFault(entry.status) ? 'error' : entry.status >= 400 ? 'warn' : 'info', 'api', entry));
   log('info', 'strata daemon started', {
     version: VERSION, data: cfg.data, store: cfg.store, nbdSocket: cfg.nbdSocket, api: api.address,
     frontend: cfg.frontend, ublk: ublk.status, config: cfg.configFile ?? null,

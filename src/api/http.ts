@@ -65,12 +65,18 @@ export class Router {
       out = await route.handler({ method, path: url.pathname, params, query: url.searchParams, body });
     } catch (e) {
       const status = statusFor(e);
-      if (status >= 500) log(e, `${method} ${url.pathname}`);
+      if (serverFault(status)) log(e, `${method} ${url.pathname}`);
       out = { status, body: { error: { status, code: (e as { code?: string }).code ?? httpCode(status), message: (e as Error).message } } };
     }
     send(res, out);
   }
 }
+
+/**
+ * A failure of the server itself (logged as an error). 501 (a frontend this
+ * host lacks) and 507 (a limit reached) answer what the client asked for.
+ */
+export const serverFault = (status: number): boolean => status >= 500 && status !== 501 && status !== 507;
 
 function httpCode(status: number): string {
   return ({ 400: 'bad_request', 401: 'unauthorized', 404: 'not_found', 405: 'method_not_allowed', 409: 'conflict', 413: 'too_large', 415: 'unsupported_media_type' } as Record<number, string>)[status] ?? 'error';
