@@ -18,6 +18,7 @@
 #include <poll.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -57,16 +58,19 @@ inline void Put32(uint8_t* p, uint32_t v) { p[0] = v >> 24; p[1] = uint8_t(v >> 
 inline void Put64(uint8_t* p, uint64_t v) { Put32(p, uint32_t(v >> 32)); Put32(p + 4, uint32_t(v)); }
 
 // A growable byte buffer that does not zero what it grows into.
+// Mapped straight from the kernel (mremap to grow, munmap to free): malloc
+// would keep a freed 64 MiB reply buffer resident for the next one, and a
+// connection whose client stopped reading would cost its peak for good.
 struct ByteBuf {
   uint8_t* p = nullptr;
   size_t len = 0, cap = 0;
-  ~ByteBuf() { free(p); }
+  ~ByteBuf() { if (p) munmap(p, cap); }
   uint8_t* grow(size_t n) {
     if (len + n > cap) {
       size_t c = cap ? cap : 64 * 1024;
       while (c < len + n) c *= 2;
-      void* q = realloc(p, c);
-      if (!q) throw std::bad_alloc();
+      void* q = p ? mremap(p, cap, c, MREMAP_MAYMOVE) : mmap(nullptr, c, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (q == MAP_FAILED) throw std::bad_alloc();
       p = static_cast<uint8_t*>(q);
       cap = c;
     }
@@ -75,7 +79,15 @@ struct ByteBuf {
     return at;
   }
   void append(const void* d, size_t n) { memcpy(grow(n), d, n); }
+  /** Gives a large buffer back to the allocator (its pages stay resident otherwise). */
+  void trim(size_t keep) {
+    if (len == 0 && cap > keep) { munmap(p, cap); p = nullptr; cap = 0; }
+  }
 };
+
+// Buffers above this are freed once empty, so a connection's memory follows
+// what it holds now, not the most it ever held.
+constexpr size_t kKeepBuf = 4u << 20;
 
 struct SlowReq {
   uint16_t type, flags;
@@ -196,17 +208,21 @@ class Wire : public Napi::ObjectWrap<Wire> {
     return out;
   }
 
-  // reply(bytes: Buffer | null, doneCount, doneBytes): complete replies of
-  // slow requests (queued whole), and how many slow requests finished.
+  // reply(bytes: Buffer[] | Buffer | null, doneCount, doneBytes): complete
+  // replies of slow requests (queued whole, copied here, so the caller may
+  // reuse the buffers at once), and how many slow requests finished.
   void Reply(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    Bytes b{};
-    if (!info[0].IsNull() && !info[0].IsUndefined()) b = GetBytes(env, info[0], "bytes");
+    std::vector<Bytes> parts;
+    if (info[0].IsArray()) {
+      Napi::Array a = info[0].As<Napi::Array>();
+      for (uint32_t i = 0; i < a.Length(); i++) parts.push_back(GetBytes(env, a.Get(i), "bytes"));
+    } else if (!info[0].IsNull() && !info[0].IsUndefined()) parts.push_back(GetBytes(env, info[0], "bytes"));
     const uint64_t n = ArgUint(info, 1, "doneCount", UINT32_MAX);
     const uint64_t bytes = ArgUint(info, 2, "doneBytes", 1ull << 53);
     {
       std::lock_guard<std::mutex> g(mu_);
-      if (b.len) fromJs_.append(b.data, b.len);
+      for (const Bytes& b : parts) if (b.len) fromJs_.append(b.data, b.len);
       doneN_ += n;
       doneBytes_ += bytes;
     }
@@ -231,6 +247,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
     o.Set("slow", double(slow_.load()));
     o.Set("pendingSlow", double(pending_.load()));
     o.Set("phase", double(phase_.load()));
+    o.Set("unsentBytes", double(unsent_.load(std::memory_order_relaxed)));
     return o;
   }
 
@@ -287,9 +304,13 @@ class Wire : public Napi::ObjectWrap<Wire> {
     tsfn_.Release();
   }
 
+  // Replies of requests in flight join the unsent ones when they finish, so
+  // both count against the unsent bound: a client that stops reading holds
+  // at most maxQueued (plus one request), not maxQueued + maxInflightBytes.
   bool Paused() const {
-    return slowN_ + offN_ >= opts_.maxInflight || slowBytes_ + offBytes_ >= opts_.maxInflightBytes ||
-           out_.len - sent_ > opts_.maxQueued;
+    const uint64_t inflight = slowBytes_ + offBytes_;
+    return slowN_ + offN_ >= opts_.maxInflight || inflight >= opts_.maxInflightBytes ||
+           out_.len - sent_ + inflight > opts_.maxQueued;
   }
 
   std::string Loop() {
@@ -312,6 +333,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
         }
       }
       pending_.store(slowN_, std::memory_order_relaxed);
+      unsent_.store(out_.len - sent_, std::memory_order_relaxed);
       phase_.store(peerGone ? 2 : reading ? 0 : 1, std::memory_order_relaxed);
       pollfd p[2] = {{efd_, POLLIN, 0}, {fd_, 0, 0}};
       if (!peerGone) {
@@ -341,6 +363,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
     if (fromJs_.len) {
       out_.append(fromJs_.p, fromJs_.len);
       fromJs_.len = 0;
+      fromJs_.trim(kKeepBuf);
     }
     slowN_ -= doneN_;
     slowBytes_ -= doneBytes_;
@@ -367,7 +390,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
 
   // false: the peer is gone (EOF or error).
   bool Recv() {
-    if (rpos_ == in_.len) rpos_ = in_.len = 0;
+    if (rpos_ == in_.len) { rpos_ = in_.len = 0; in_.trim(kKeepBuf); }
     size_t want = 1 << 20;
     if (in_.cap - in_.len < want / 4) {
       // Compact before growing: most of the buffer is usually consumed.
@@ -681,10 +704,20 @@ class Wire : public Napi::ObjectWrap<Wire> {
       ssize_t n = send(fd_, out_.p + sent_, out_.len - sent_, MSG_NOSIGNAL);
       if (n > 0) { sent_ += size_t(n); continue; }
       if (n < 0 && errno == EINTR) continue;
-      if (n < 0 && errno == EAGAIN) return true;
+      if (n < 0 && errno == EAGAIN) {
+        // A client that reads about as fast as replies come never empties
+        // the buffer: drop what was sent, or it grows without end.
+        if (sent_ >= kKeepBuf && sent_ >= out_.len - sent_) {
+          memmove(out_.p, out_.p + sent_, out_.len - sent_);
+          out_.len -= sent_;
+          sent_ = 0;
+        }
+        return true;
+      }
       return false;
     }
     sent_ = out_.len = 0;
+    out_.trim(kKeepBuf);
     return true;
   }
 
@@ -726,7 +759,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
   uint64_t offDone_ = 0, offDoneBytes_ = 0;  // writer and reader completions
   std::vector<WriteJob> wSlow_;          // writes the writer could not plan
   std::atomic<bool> shutdown_{false}, destroy_{false};
-  std::atomic<uint64_t> fast_{0}, slow_{0}, pending_{0}, cold_{0};
+  std::atomic<uint64_t> fast_{0}, slow_{0}, pending_{0}, cold_{0}, unsent_{0};
   std::atomic<int> phase_{0};  // diagnostics: 0 reading, 1 draining, 2 peer gone
 };
 

@@ -106,11 +106,12 @@ export interface WireRequest { type: number; flags: number; cookie: Buffer; offs
 export interface NativeNbdWire {
   take(): WireRequest[];
   /** Queues complete replies (whole, never interleaved) and retires slow requests. */
-  reply(bytes: Buffer | null, doneCount: number, doneBytes: number): void;
+  /** Copies the replies before it returns: their buffers may be reused at once. */
+  reply(bytes: Buffer[] | Buffer | null, doneCount: number, doneBytes: number): void;
   shutdown(): void;
   destroy(): void;
   /** coldReads: READs that missed the page cache and went to a reader thread. */
-  stats(): { fast: number; slow: number; pendingSlow: number; phase: number; coldReads: number };
+  stats(): { fast: number; slow: number; pendingSlow: number; phase: number; coldReads: number; unsentBytes: number };
 }
 
 export interface NbdWireOptions {

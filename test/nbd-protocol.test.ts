@@ -257,6 +257,22 @@ test('memory per connection is bounded: a client that never reads replies is thr
   assert.is(f.engine.core.arena.used, 0, 'I/O buffers leaked by a dropped connection');
 });
 
+test('per connection, replies a client never reads stay within the documented 64 MiB (requests in flight included), on both transmission paths', async () => {
+  const clients = await Promise.all([0, 1].map(() => RawClient.open(f.sock, 'd0')));
+  for (const c of clients) {
+    c.socket.pause(); // never read replies
+    const hdrs = [];
+    for (let i = 0; i < 1024; i++) hdrs.push(RawClient.header(CMD.READ, (i % 15) * (1 << 20), 1 << 20, BigInt(i + 1)));
+    c.socket.write(Buffer.concat(hdrs));
+  }
+  let peak = 0;
+  for (let i = 0; i < 30; i++) { await new Promise((r) => setTimeout(r, 100)); peak = Math.max(peak, f.server.unsentBytes); }
+  const perConn = peak / 2 / (1 << 20);
+  assert.ok(perConn > 32, `the clients' replies did pile up (${perConn.toFixed(0)} MiB each)`);
+  assert.ok(perConn <= 64 + 2, `${perConn.toFixed(1)} MiB of replies queued per connection (limit 64 MiB + one request)`);
+  for (const c of clients) c.close();
+});
+
 test('replies from the connection thread and the writer thread never interleave, also while the client stops reading', async () => {
   // Reads are answered by the connection thread, queued writes by the writer
   // thread; both send on one socket. With the client paused, the socket

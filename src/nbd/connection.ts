@@ -90,6 +90,8 @@ export class NbdConnection {
   private wire: NativeNbdWire | null = null;
   private handingOff = false;
   private wireOut: Buffer[] = [];
+  /** I/O buffers of replies in wireOut, given back once the wire has copied them. */
+  private wireRelease: Array<() => void> = [];
   private wireDone = 0;
   private wireDoneBytes = 0;
   private wireFlushQueued = false;
@@ -183,8 +185,8 @@ export class NbdConnection {
     return new Promise((r) => this.drained.push(r));
   }
 
-  /** Reply bytes queued on the socket and not yet sent (JavaScript transmission and the handshake). */
-  get unsentBytes(): number { return this.wire ? 0 : this.socket.writableLength; }
+  /** Reply bytes queued and not yet sent (on the socket, or in the native wire). */
+  get unsentBytes(): number { return this.wire ? this.wire.stats().unsentBytes : this.socket.writableLength; }
 
   /** The export this connection transmits on (null during the handshake). */
   get export(): NbdExport | null { return this.exp; }
@@ -425,11 +427,12 @@ export class NbdConnection {
     this.wireFlushQueued = true;
     process.nextTick(() => {
       this.wireFlushQueued = false;
-      const bufs = this.wireOut;
+      const bufs = this.wireOut, releases = this.wireRelease;
       this.wireOut = [];
+      this.wireRelease = [];
       const n = this.wireDone, bytes = this.wireDoneBytes;
       this.wireDone = this.wireDoneBytes = 0;
-      this.wire?.reply(bufs.length ? Buffer.concat(bufs) : null, n, bytes);
+      try { this.wire?.reply(bufs.length ? bufs : null, n, bytes); } finally { for (const r of releases) r(); }
     });
   }
 
@@ -472,7 +475,10 @@ export class NbdConnection {
     const cost = payload ? payload.length : req.type === CMD.READ ? Math.min(req.length, this.maxPayload) : 0;
     this.inflightBytes += cost;
     this.stats.requests++;
-    if (this.inflight >= this.maxInflight || this.inflightBytes >= this.maxInflightBytes) this.pause();
+    // Replies of requests in flight join the unsent ones, so both count
+    // against the unsent bound (as on the native wire).
+    if (this.inflight >= this.maxInflight || this.inflightBytes >= this.maxInflightBytes ||
+      this.socket.writableLength + this.inflightBytes > this.maxQueued) this.pause();
     this.handle(req, payload).catch((e) => this.replyError(req, e)).finally(() => {
       if (TRACE) this.log(`nbd: done type=${req.type} offset=${req.offset}`);
       this.inflight--;
@@ -505,7 +511,9 @@ export class NbdConnection {
         // it. Bounded per connection, so a client that stops reading cannot
         // pin the arena other connections need.
         let data: Buffer, release: (() => void) | undefined;
-        if (length >= VIEW_MIN && exp.readView && !this.wire && length <= VIEW_MAX && this.viewBytes + length <= VIEW_BUDGET) {
+        // A native wire copies replies at the end of the tick: its views
+        // come back at once, and its slow reads make no garbage.
+        if (length >= VIEW_MIN && exp.readView && length <= VIEW_MAX && this.viewBytes + length <= VIEW_BUDGET) {
           this.viewBytes += length; // reserved before the await: the budget holds under concurrency
           let v: { data: Buffer; release(): void };
           try { v = await exp.readView(offset, length); } catch (e) { this.viewBytes -= length; throw e; }
@@ -589,13 +597,13 @@ export class NbdConnection {
 
   /** Queues a reply payload; `done` runs once the socket no longer needs it. */
   private sendData(data: Buffer, done?: () => void): void {
-    if (this.wire) { this.send(data); done?.(); return; }
+    if (this.wire) { this.send(data); if (done) { this.wireRelease.push(done); this.wireFlush(); } return; }
     if (this.closed || this.socket.destroyed) { done?.(); return; }
     if (data.length === 0) { done?.(); return; }
     this.send();
     if (done) this.socket.write(data, () => done());
     else this.socket.write(data);
-    if (this.socket.writableLength > this.maxQueued) this.pause();
+    if (this.socket.writableLength + this.inflightBytes > this.maxQueued) this.pause();
   }
 
   /** Queues reply buffers; they go out together at the end of this tick. */
@@ -614,7 +622,7 @@ export class NbdConnection {
       process.nextTick(() => { this.corked = false; if (!this.socket.destroyed) this.socket.uncork(); });
     }
     for (const b of bufs) if (b.length) this.socket.write(b);
-    if (this.socket.writableLength > this.maxQueued) this.pause();
+    if (this.socket.writableLength + this.inflightBytes > this.maxQueued) this.pause();
   }
 
   private pause(): void {
@@ -626,7 +634,7 @@ export class NbdConnection {
   private maybeResume(): void {
     if (this.wire) return;
     if (this.inflight < this.maxInflight / 2 && this.inflightBytes < this.maxInflightBytes / 2 &&
-      this.socket.writableLength <= this.maxQueued / 2) {
+      this.socket.writableLength + this.inflightBytes <= this.maxQueued / 2) {
       this.paused = false;
       if (!this.disconnecting) { this.socket.resume(); this.pump(); }
     }
