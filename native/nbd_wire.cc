@@ -251,7 +251,10 @@ class Wire : public Napi::ObjectWrap<Wire> {
     return o;
   }
 
+  // From the JS thread (reply, shutdown, destroy) or this wire's own
+  // threads; efd_ is closed on the JS thread once those have ended.
   void Wake() {
+    if (efd_ < 0) return;
     uint64_t one = 1;
     ssize_t r = write(efd_, &one, 8);
     (void)r;
@@ -300,6 +303,9 @@ class Wire : public Napi::ObjectWrap<Wire> {
       self->target_.reset();
       self->targetRef_.Reset();
       self->self_.Reset();
+      // Not left to the destructor: a closed wire waits for garbage
+      // collection, and connection churn would pile up descriptors until then.
+      if (self->efd_ >= 0) { close(self->efd_); self->efd_ = -1; }
     });
     tsfn_.Release();
   }

@@ -473,7 +473,15 @@ test('fuzz: 10,000 random and mutated messages (handshake and transmission); che
   // Native wires close their descriptors on their own threads: give them a moment.
   let fds = fs.readdirSync('/proc/self/fd').length;
   for (let i = 0; i < 100 && fds > fds0 + 4; i++) { await new Promise((res) => setTimeout(res, 20)); fds = fs.readdirSync('/proc/self/fd').length; }
-  assert.ok(fds <= fds0 + 4, `seed ${seed}: ${fds} fds open, ${fds0} before the fuzzing`);
+  const kinds = () => {
+    const k: Record<string, number> = {};
+    for (const n of fs.readdirSync('/proc/self/fd')) {
+      let t = '?'; try { t = fs.readlinkSync(`/proc/self/fd/${n}`).replace(/\[\d+\]|:\d+$/, '').replace(/^\/.*/, 'file'); } catch { /* gone */ }
+      k[t] = (k[t] ?? 0) + 1;
+    }
+    return JSON.stringify(k);
+  };
+  assert.ok(fds <= fds0 + 4, `seed ${seed}: ${fds} fds open, ${fds0} before the fuzzing: ${kinds()}`);
   const grew = (process.memoryUsage().rss - rss0) / 1048576;
   assert.ok(grew < 256, `seed ${seed}: RSS grew ${grew.toFixed(0)} MiB`);
   // The server is alive, other exports are untouched and correct.
