@@ -170,6 +170,23 @@ test('a part that keeps failing aborts the upload: EIO and no visible object', a
   assert.equal(await s.list(''), []);
 });
 
+test('a multipart upload whose abort fails is remembered and aborted later, not left to cost storage', async () => {
+  const s = store({ partSize: 32 * 1024, concurrency: 2, retry: { maxAttempts: 2 } });
+  const isAbort = (r: Seen) => r.method === 'DELETE' && r.url.includes('uploadId=');
+  proxy.inject({ kind: 'status', status: 500 }, { match: (r) => isPart(r) && /partNumber=2\b/.test(r.url) });
+  const refused = proxy.inject({ kind: 'status', status: 503 }, { match: isAbort });
+  assert.is(await codeOf(s.put('st/data', chunks(200_000, 8192))), 'EIO');
+  assert.ok(refused.hits >= 1, 'the abort was tried');
+  assert.is(s.strandedUploads, 1, 'and remembered when it failed');
+  proxy.clear();
+  // This s3rver cannot abort (405): the proxy answers as a server that can.
+  const ok = proxy.inject({ kind: 'reply', status: 204 }, { match: isAbort });
+  assert.equal(await s.abortStranded(), { aborted: 1, left: 0 });
+  assert.is(ok.hits, 1);
+  assert.is(s.strandedUploads, 0);
+  assert.equal(await s.abortStranded(), { aborted: 0, left: 0 }, 'nothing left to do');
+});
+
 test('a source that fails mid-stream leaves no object and surfaces its own error', async () => {
   const s = store({ partSize: 16 * 1024 });
   async function* bad() { yield* chunks(50_000, 4096); throw new Error('source died'); }

@@ -28,6 +28,8 @@ export interface UploadTarget {
   contentMd5: boolean;
   /** Also compare the returned ETag with the MD5 (servers that ignore Content-MD5; not with SSE-KMS/SSE-C). */
   verifyEtag: boolean;
+  /** A multipart upload whose abort failed: its parts still cost storage until someone aborts it. */
+  onAbortFailed?: (uploadId: string) => void;
   onProgress?: (bytes: number, key: string) => void;
 }
 
@@ -164,14 +166,20 @@ async function sizeIs(t: UploadTarget, size: number, signal?: AbortSignal): Prom
 
 const QUICK: RetryPolicy = { maxAttempts: 3, baseDelayMs: 100, maxDelayMs: 1000, attemptTimeoutMs: 10_000, deadlineMs: 20_000 };
 
-/** Best effort: the put's own error is what the caller must see. Servers
- * that cannot abort keep the parts until a lifecycle rule
- * (AbortIncompleteMultipartUpload) removes them; they are never visible. */
+/** Best effort: the put's own error is what the caller must see. An abort
+ * that fails is handed to onAbortFailed (the store tries again later); the
+ * parts are never visible, and a lifecycle rule
+ * (AbortIncompleteMultipartUpload) is the last resort for them. */
 async function abortQuietly(t: UploadTarget, uploadId: string): Promise<void> {
+  if (!(await abortUpload(t, uploadId))) t.onAbortFailed?.(uploadId);
+}
+
+/** Aborts a multipart upload; true when it is gone (aborted now, or already). */
+export async function abortUpload(t: Pick<UploadTarget, 'client' | 'bucket' | 'key' | 'name'>, uploadId: string): Promise<boolean> {
   const what = `put ${t.name}: abort multipart upload`;
-  await withRetry(what, QUICK, (e) => classifyS3(what, e), (signal) =>
+  return withRetry(what, QUICK, (e) => classifyS3(what, e), (signal) =>
     t.client.send(new AbortMultipartUploadCommand({ Bucket: t.bucket, Key: t.key, UploadId: uploadId }), { abortSignal: signal }),
-  ).catch(() => {});
+  ).then(() => true, (e) => isNoSuchUpload(e));
 }
 
 async function deleteQuietly(t: UploadTarget): Promise<void> {

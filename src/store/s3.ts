@@ -13,7 +13,7 @@ import { StrataError, einval } from '../errors';
 import { validateKey } from './fs';
 import { DEFAULT_RETRY, TransientError, withRetry, type RetryPolicy } from './retry';
 import { classifyS3 } from './s3-errors';
-import { upload } from './s3-upload';
+import { abortUpload, upload } from './s3-upload';
 import type { ObjectInfo, ObjectStore } from './types';
 
 export interface S3StoreOptions {
@@ -54,6 +54,10 @@ export class S3ObjectStore implements ObjectStore {
   private readonly partSize: number;
   private readonly concurrency: number;
   private readonly pageSize: number;
+  /** Multipart uploads whose abort failed (upload id -> key), tried again later. */
+  private readonly stranded = new Map<string, string>();
+  private strandedTimer: NodeJS.Timeout | null = null;
+  private strandedDelayMs = 60_000;
 
   constructor(private readonly opts: S3StoreOptions) {
     // S3's naming rules, widened to what GCS allows too ('_', longer names).
@@ -94,7 +98,41 @@ export class S3ObjectStore implements ObjectStore {
       client: this.client, bucket: this.bucket, key: this.full(key), name: key, partSize: this.partSize,
       concurrency: this.concurrency, retry: this.retry, contentMd5: this.opts.contentMd5 ?? true,
       verifyEtag: this.opts.verifyEtag ?? false, onProgress: this.opts.onProgress,
+      onAbortFailed: (id) => this.strand(id, this.full(key)),
     }, data);
+  }
+
+  /** Multipart uploads whose abort failed and is still to be retried. */
+  get strandedUploads(): number { return this.stranded.size; }
+
+  private strand(uploadId: string, key: string): void {
+    this.stranded.set(uploadId, key);
+    this.scheduleAborts();
+  }
+
+  private scheduleAborts(): void {
+    if (this.strandedTimer || this.stranded.size === 0) return;
+    this.strandedTimer = setTimeout(() => {
+      this.strandedTimer = null;
+      void this.abortStranded().then(({ left }) => {
+        // Backing off up to an hour while the server keeps refusing.
+        this.strandedDelayMs = left ? Math.min(this.strandedDelayMs * 2, 3_600_000) : 60_000;
+        this.scheduleAborts();
+      });
+    }, this.strandedDelayMs);
+    this.strandedTimer.unref();
+  }
+
+  /** Tries again to abort the multipart uploads whose abort failed (also run on a timer). */
+  async abortStranded(): Promise<{ aborted: number; left: number }> {
+    let aborted = 0;
+    for (const [id, key] of [...this.stranded]) {
+      if (await abortUpload({ client: this.client, bucket: this.bucket, key, name: key.slice(this.prefix.length) }, id)) {
+        this.stranded.delete(id);
+        aborted++;
+      }
+    }
+    return { aborted, left: this.stranded.size };
   }
 
   async get(key: string, range?: { offset: number; length: number }): Promise<Buffer> {

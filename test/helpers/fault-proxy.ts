@@ -12,7 +12,9 @@ export type Fault =
   | { kind: 'delay'; ms: number }
   | { kind: 'reset' }
   | { kind: 'cutBody' }
-  | { kind: 'corruptRequest' };
+  | { kind: 'corruptRequest' }
+  /** Answer in the server's place with this status and no body (an operation the server lacks). */
+  | { kind: 'reply'; status: number };
 
 export interface Seen { method: string; url: string }
 export interface Rule { match: (r: Seen) => boolean; fault: Fault; times: number; hits: number }
@@ -61,6 +63,11 @@ export class FaultProxy {
         res.writeHead(f.status, { 'content-type': 'application/xml' });
         res.end(`<?xml version="1.0" encoding="UTF-8"?><Error><Code>${code}</Code><Message>injected</Message></Error>`);
       });
+      return;
+    }
+    if (f?.kind === 'reply') {
+      req.resume();
+      req.on('end', () => { res.writeHead(f.status); res.end(); });
       return;
     }
     if (f?.kind === 'delay') {
