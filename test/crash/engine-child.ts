@@ -41,5 +41,5 @@ const say = (line: string) => process.stdout.write(`${line}\n`);
     ack: (op, snap) => say(`a ${op.i}${snap ? ` ${snap}` : ''}`),
   });
   say('done');
-  await new Promise(() => {});
+  setInterval(() => {}, 1 << 30); // alive until the parent kills it (a pending promise alone lets the process exit)
 })().catch((e) => { say(`error ${String(e?.stack ?? e).replace(/\n/g, ' | ')}`); process.exit(1); });

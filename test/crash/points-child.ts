@@ -49,5 +49,5 @@ if (require.main === module) (async () => {
     say(`a ${op.i}`);
   }
   say('done');
-  await new Promise(() => {});
+  setInterval(() => {}, 1 << 30); // alive until the parent kills it (a pending promise alone lets the process exit)
 })().catch((e) => { say(`error ${String(e?.stack ?? e).replace(/\n/g, ' | ')}`); process.exit(1); });

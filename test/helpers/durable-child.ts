@@ -34,5 +34,5 @@ process.stdout.on('error', () => {});
     process.stdout.write('acked after-freeze\n');
   }
   process.stdout.write('ready\n');
-  await new Promise(() => {});
+  setInterval(() => {}, 1 << 30); // alive until the parent kills it (a pending promise alone lets the process exit)
 })();
