@@ -2,7 +2,9 @@
 // durable device (record appended and fdatasynced before the hole is
 // punched; requests in flight share one sync) against a device that is not
 // durable (punch only, no journal: what a durable zeroing cost before the
-// record had to reach the disk first). QD 1 and 16, rounds interleaved.
+// record had to reach the disk first), and on a durable device over blocks
+// it never wrote (a fresh device's discard: a record, no sync, no hole).
+// QD 1 and 16, rounds interleaved.
 //   node -r tsx/cjs bench/zeroes.ts   (STRATA_BENCH_SECONDS, STRATA_BENCH_ROUNDS)
 import * as fs from 'fs';
 import * as os from 'os';
@@ -13,9 +15,9 @@ const SECONDS = Number(process.env.STRATA_BENCH_SECONDS ?? 2);
 const ROUNDS = Number(process.env.STRATA_BENCH_ROUNDS ?? 3);
 const B = 4096, RUN = 16 * B, SIZE = 256 << 20;
 
-async function cell(dev: Device, qd: number): Promise<number> {
-  // Data first, so each zeroing frees real blocks.
-  await dev.write(0, Buffer.alloc(SIZE, 0x5a));
+async function cell(dev: Device, qd: number, written: boolean): Promise<number> {
+  // Data first, so each zeroing frees real blocks (or not: a fresh device's discard).
+  if (written) await dev.write(0, Buffer.alloc(SIZE, 0x5a));
   let n = 0, pos = 0;
   const end = performance.now() + SECONDS * 1000;
   await Promise.all(Array.from({ length: qd }, async () => {
@@ -38,10 +40,10 @@ async function cell(dev: Device, qd: number): Promise<number> {
     const res: Record<string, number[]> = {};
     for (let r = 0; r < ROUNDS; r++) {
       for (const qd of [1, 16]) {
-        for (const durable of [true, false]) {
+        for (const [durable, written] of [[true, true], [false, true], [true, false]]) {
           const dev = await engine.openDevice(layer, { durable });
-          const k = `${durable ? 'durable (journal synced first)' : 'not durable (punch only)'} QD${qd}`;
-          (res[k] ??= []).push(await cell(dev, qd));
+          const k = `${durable ? `durable (journal synced first)${written ? '' : ', over never-written blocks'}` : 'not durable (punch only)'} QD${qd}`;
+          (res[k] ??= []).push(await cell(dev, qd, written));
           await engine.closeDevice(dev);
         }
       }

@@ -286,6 +286,11 @@ export class Device {
       if (offset < f0 * BS) await this.writeLocked(offset, f0 * BS - offset, null);
       if (f1 * BS < offset + length) await this.writeLocked(f1 * BS, offset + length - f1 * BS, null);
       const ov = this.cur;
+      const w = this.core.heap.wasm;
+      // Only blocks this overlay holds data for need a hole (a first discard
+      // of a fresh device has none: a record is all it takes).
+      let holds = false;
+      for (let b = f0; b < f1 && !holds; b = w.runEnd(ov.table, b, f1)) holds = w.stateGet(ov.table, b) === S.DIRTY;
       // Write-ahead: the record is on disk before the hole is punched. A
       // crash before the punch leaves the old data (allocated, so recovery
       // takes it over the record); a hole without its record would read as
@@ -294,10 +299,10 @@ export class Device {
       if (ov.zsync) {
         this.appendZeroRecord(ov, f0, f1 - f0);
         crashPoint('zero.journaled');
-        await ov.zsync.sync().catch((e: Error) => { this.lostWriteback(e); throw this.writebackError; });
+        if (holds) await ov.zsync.sync().catch((e: Error) => { this.lostWriteback(e); throw this.writebackError; });
         crashPoint('zero.synced');
       }
-      await this.core.uring.punch(ov.fd, f0 * BS, (f1 - f0) * BS);
+      if (holds) await this.core.uring.punch(ov.fd, f0 * BS, (f1 - f0) * BS);
       crashPoint('zero.punched');
       this.core.heap.wasm.stateFill(ov.table, f0, f1 - f0, S.ZERO);
       if (opts.fua) await this.syncFiles();
