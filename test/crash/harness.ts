@@ -62,7 +62,9 @@ export async function runEngineCrashes(o: CrashRunOptions): Promise<CrashRunStat
       let argv = ['-r', 'tsx/cjs', path.join(__dirname, 'engine-child.ts'), JSON.stringify(args)];
       let what: string = kill;
       if (kill === 'hook') {
-        env.STRATA_CRASH_AT = `${CRASH_POINTS[int(CRASH_POINTS.length)]}:${1 + int(3)}`;
+        // Fold-back runs at most once per life (at resume): only its first pass can be hit.
+        const point = CRASH_POINTS[int(CRASH_POINTS.length)];
+        env.STRATA_CRASH_AT = `${point}:${point.startsWith('fold.') ? 1 : 1 + int(3)}`;
         what = `hook ${env.STRATA_CRASH_AT}`;
       } else if (kill === 'strace') {
         const n = 1 + int(40);

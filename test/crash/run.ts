@@ -17,7 +17,7 @@ const arg = (name: string, def: string) => {
   let n = 0;
   const log = (l: string) => { if (++n % 50 === 0 || process.env.VERBOSE) console.log(l); };
   const stats = process.argv.includes('--daemon') ? await runDaemonCrashes({ seed, points, log }) : await runEngineCrashes({ seed, points, kills, log });
-  console.log(JSON.stringify(stats));
+  console.log(`kills: ${JSON.stringify(stats.byKill)}; crash points reached: ${JSON.stringify(stats.hookHits)}`);
   console.log(`${stats.points} crash points, ${stats.opsAcked} ops acknowledged, ${stats.inflightAtKill} in flight at a kill, ` +
     `${stats.blocksVerified} blocks and ${stats.snapshotsVerified} snapshots verified, 0 failures (seed ${seed}, ${(stats.ms / 1000).toFixed(0)} s)`);
 })().catch((e) => { console.error(`FAIL: ${e.message}`); process.exit(1); });
