@@ -46,9 +46,7 @@ constexpr size_t kReqLen = 28;
 enum : uint16_t { CMD_READ = 0, CMD_WRITE = 1, CMD_DISC = 2 };
 constexpr uint16_t kFlagDF = 4;
 constexpr uint16_t kReplyDone = 1, kTypeOffsetData = 1, kTypeError = 32769;
-constexpr uint32_t kEPERM = 1;
 constexpr uint32_t kEIO = 5;
-constexpr uint32_t kENOSPC = 28;
 
 inline uint16_t Be16(const uint8_t* p) { return uint16_t(p[0] << 8 | p[1]); }
 inline uint32_t Be32(const uint8_t* p) { return uint32_t(p[0]) << 24 | uint32_t(p[1]) << 16 | uint32_t(p[2]) << 8 | p[3]; }
@@ -159,6 +157,12 @@ class Wire : public Napi::ObjectWrap<Wire> {
     opts_.maxInflight = static_cast<uint32_t>(num("maxInflight", 128));
     opts_.maxInflightBytes = static_cast<uint64_t>(num("maxInflightBytes", 64 << 20));
     opts_.maxQueued = static_cast<uint64_t>(num("maxQueuedReplyBytes", 64 << 20));
+    // errno -> NBD error, as src/nbd/protocol.ts maps it (the rule lives there only).
+    Napi::Value errs = o.Get("nbdErrors");
+    if (errs.IsTypedArray() && errs.As<Napi::TypedArray>().TypedArrayType() == napi_uint32_array) {
+      Napi::Uint32Array a = errs.As<Napi::Uint32Array>();
+      nbdErr_.assign(a.Data(), a.Data() + a.ElementLength());
+    }
     if (opts_.minBlock == 0) Fail(env, EINVAL, "minBlock must be >= 1");
     Bytes init = GetBytes(env, info[3], "initial");
     in_.append(init.data, init.len);
@@ -551,7 +555,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
     }
     target_->finish(plan, e == 0);
     fast_.fetch_add(1, std::memory_order_relaxed);
-    return e ? NbdWriteErr(e) : 0;
+    return e ? NbdErr(e) : 0;
   }
 
   // The writer thread: plans and performs queued WRITEs; replies (whole)
@@ -682,11 +686,8 @@ class Wire : public Napi::ObjectWrap<Wire> {
     return 0;
   }
 
-  // The NBD error for a failed write, as nbdError() in src/nbd/protocol.ts
-  // maps it for the JavaScript path: a full disk is ENOSPC, not EIO.
-  static uint32_t NbdWriteErr(int e) {
-    return e == ENOSPC || e == EFBIG || e == EDQUOT ? kENOSPC : e == EROFS ? kEPERM : kEIO;
-  }
+  /** The NBD error for an errno, from the table the JavaScript side gave (EIO without one). */
+  uint32_t NbdErr(int e) const { return e > 0 && size_t(e) < nbdErr_.size() ? nbdErr_[size_t(e)] : kEIO; }
 
   static void PutSimple(ByteBuf& b, const uint8_t* cookie, uint32_t err) {
     uint8_t* h = b.grow(16);
@@ -729,6 +730,7 @@ class Wire : public Napi::ObjectWrap<Wire> {
 
   int fd_ = -1, efd_ = -1;
   Opts opts_;
+  std::vector<uint32_t> nbdErr_;
   TargetRef target_;
   Napi::Reference<Napi::Value> targetRef_;
   Napi::ObjectReference self_;

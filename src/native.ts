@@ -117,6 +117,8 @@ export interface NativeNbdWire {
 export interface NbdWireOptions {
   structured: boolean; readOnly: boolean; size: number; minBlock: number; maxPayload: number;
   maxInflight: number; maxInflightBytes: number; maxQueuedReplyBytes: number;
+  /** NBD error by errno (index), for the requests the wire answers itself. */
+  nbdErrors?: Uint32Array;
 }
 
 export interface NativeAddon {

@@ -59,6 +59,8 @@ const VIEW_MAX = 1024 * 1024;
 const VIEW_BUDGET = 8 * 1024 * 1024; // arena bytes one connection may hold in unsent replies
 const KNOWN_CMD_FLAGS = 0x3f;
 const META_CONTEXT_ID = 1;
+/** nbdError() as a table by errno, for the native wire (which answers failed writes itself). */
+const NBD_ERRORS = Uint32Array.from({ length: 134 }, (_, e) => nbdError(e));
 
 export class NbdConnection {
   private q = new ByteQueue();
@@ -399,7 +401,7 @@ export class NbdConnection {
     this.wire = new (loadNative().NbdWire)(fd, target, {
       structured: this.structured, readOnly: !!exp.readOnly, size: exp.size, minBlock: this.minBlock,
       maxPayload: this.maxPayload, maxInflight: this.maxInflight, maxInflightBytes: this.maxInflightBytes,
-      maxQueuedReplyBytes: this.maxQueued,
+      maxQueuedReplyBytes: this.maxQueued, nbdErrors: NBD_ERRORS,
     }, Buffer.from(initial), (kind, message) => {
       if (kind === 'requests') { this.onWireRequests(); return; }
       if (message !== 'disconnected' && message !== 'client went away') this.log(`nbd: connection closed: ${message}`);

@@ -52,6 +52,7 @@ export function nbdError(errno: number | undefined): number {
     case ERR.EOVERFLOW: case ERR.ENOTSUP: case ERR.ESHUTDOWN: return errno;
     case 30: return ERR.EPERM; // EROFS
     case 27: return ERR.ENOSPC; // EFBIG
+    case 122: return ERR.ENOSPC; // EDQUOT
     default: return ERR.EIO;
   }
 }
