@@ -105,27 +105,25 @@ export async function main(argv: string[]): Promise<void> {
     if (extra !== undefined || !ID_RE.test(layer) || !DEVICE_ID_RE.test(dev)) return null;
     return { layer, id: `${layer.slice(0, 8)}-${dev}` };
   };
+  /** A device this client may use, or the `<layer>/<name>` device that transmitting would open. */
+  const lookup = (name: string, c?: ClientInfo): { exp: NbdExport } | { toOpen: { layer: string; id: string } } | undefined => {
+    const l = devices.get(name) ? null : legacy(name);
+    const m = devices.get(name) ?? (l ? devices.get(l.id) : undefined);
+    if (m) return allowed(m, c) ? { exp: m.exp } : undefined;
+    return l && byName ? { toOpen: l } : undefined;
+  };
   const resolver: ExportResolver = {
     async describe(name, c): Promise<ExportInfo | undefined> {
-      const own = devices.get(name);
-      if (own) return allowed(own, c) ? own.exp : undefined;
-      const l = legacy(name);
-      if (!l) return undefined;
-      const have = devices.get(l.id);
-      if (have) return allowed(have, c) ? have.exp : undefined;
-      if (!byName) return undefined;
-      const h = await engine.inspect(l.layer).catch(() => null);
-      return h ? { size: h.virtualSize, description: `device ${l.id} on layer ${l.layer}, opened when a client transmits on it` } : undefined;
+      const r = lookup(name, c);
+      if (!r || 'exp' in r) return r?.exp;
+      const { layer, id } = r.toOpen;
+      const h = await engine.inspect(layer).catch(() => null);
+      return h ? { size: h.virtualSize, description: `device ${id} on layer ${layer}, opened when a client transmits on it` } : undefined;
     },
     get(name, c) {
-      const own = devices.get(name);
-      if (own) return allowed(own, c) ? own.exp : undefined;
-      const l = legacy(name);
-      if (!l) return undefined;
-      const { layer, id } = l;
-      const have = devices.get(id);
-      if (have) return allowed(have, c) ? have.exp : undefined;
-      if (!byName) return undefined;
+      const r = lookup(name, c);
+      if (!r || 'exp' in r) return r?.exp;
+      const { layer, id } = r.toOpen;
       let p = opening.get(id);
       if (!p) {
         const open = devices.list().filter((m) => m.byName).length + opening.size;
