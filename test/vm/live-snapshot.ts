@@ -73,7 +73,7 @@ async function liveSnapshots(engine: Engine, template: string, fe: Frontend): Pr
     a = await fe.attach(dev, 0);
     await sh(`mkfs.ext4 -q -F ${a.path} && mount ${a.path} ${mnt} && mkdir ${mnt}/w`);
     // Each file's bytes follow from its name; logged only once dd's fsync returned.
-    writer = spawn('sh', ['-c', `i=0; while :; do n=f$i; yes $n | head -c ${FILE} | dd of=${mnt}/w/$n bs=${FILE} conv=fsync status=none 2>/dev/null && echo $n >> ${log}; i=$((i+1)); done`], { stdio: 'ignore' });
+    writer = spawn('sh', ['-c', `i=0; while :; do n=f$i; yes $n | head -c ${FILE} | dd of=${mnt}/w/$n bs=${FILE} conv=fsync status=none 2>/dev/null && echo $n >> ${log}; i=$((i+1)); done`], { stdio: 'ignore', detached: true });
     const logged = () => fs.readFileSync(log, 'utf8').split('\n').filter(Boolean);
     await waitLines(logged, 5);
 
@@ -98,7 +98,7 @@ async function liveSnapshots(engine: Engine, template: string, fe: Frontend): Pr
     const beforeB = logged();
     const snapB = await dev.snapshot();
     await waitLines(logged, beforeB.length + 2);
-    writer.kill('SIGKILL'); writer = undefined;
+    await stopWriter(writer); writer = undefined;
     await sh(`umount ${mnt}`);
     await a.detach(); a = undefined;
 
@@ -108,7 +108,7 @@ async function liveSnapshots(engine: Engine, template: string, fe: Frontend): Pr
     check(false, `${fe.name}: ${(e as Error).message}`);
     await sh(`umount ${mnt}`).catch(() => undefined);
   } finally {
-    writer?.kill('SIGKILL');
+    if (writer) await stopWriter(writer);
     await a?.detach().catch(() => undefined);
     await engine.closeDevice(dev);
   }
@@ -136,6 +136,30 @@ async function checkSnapshot(engine: Engine, fe: Frontend, layer: string, names:
     await a.detach();
     await engine.closeDevice(dev);
   }
+}
+
+// The writer's dd holds a file on the mount after its sh is gone (a umount then
+// says "target is busy"): kill the whole process group and wait for it to empty.
+async function stopWriter(writer: ReturnType<typeof spawn>): Promise<void> {
+  const pgid = writer.pid!;
+  try { process.kill(-pgid, 'SIGKILL'); } catch { /* already gone */ }
+  const end = Date.now() + 30_000;
+  for (;;) {
+    if (!groupAlive(pgid)) return;
+    if (Date.now() > end) throw new Error(`the writer's process group ${pgid} outlived SIGKILL by 30 s`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+// A member that is not a zombie (a reparented zombie may wait long for its reaper).
+function groupAlive(pgid: number): boolean {
+  for (const pid of fs.readdirSync('/proc').filter((d) => /^\d+$/.test(d))) {
+    let stat: string;
+    try { stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8'); } catch { continue; }
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' '); // state ppid pgrp ...
+    if (Number(f[2]) === pgid && f[0] !== 'Z') return true;
+  }
+  return false;
 }
 
 async function waitLines(lines: () => string[], n: number): Promise<void> {
