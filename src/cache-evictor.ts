@@ -4,8 +4,11 @@
 // layer cache's frames; engine reads and native reads both mark frames
 // referenced. Frames being read are pinned and never evicted; evicted frames
 // are refetched from the object store (which always holds them: a snapshot's
-// frames enter the cache only once its layer is committed).
+// frames enter the cache only once its layer is committed). Cache files an
+// earlier process left for layers not open now ("dormant") count too, and
+// go first, least recently used first, whole.
 import * as fs from 'fs';
+import * as path from 'path';
 import type { LayerRegistry } from './layers';
 import type { LayerCache } from './layer-cache';
 
@@ -16,11 +19,16 @@ export interface CacheLimits {
   minFreeBytes?: number;
   /** How often to check (default 250 ms). */
   intervalMs?: number;
+  /** Re-verify cached frames in the background at this rate (bytes per second; 0 or absent: never). */
+  scrubBytesPerSec?: number;
 }
+
+interface Dormant { id: string; bytes: number; mtimeMs: number }
 
 export class CacheEvictor {
   private timer: NodeJS.Timeout | null = null;
   private running: Promise<number> | null = null;
+  private dormantBytes = 0;
 
   constructor(private readonly registry: LayerRegistry, private readonly dir: string, private readonly limits: CacheLimits,
     private readonly closeGates: (layerId: string) => Promise<() => void>) {}
@@ -37,7 +45,25 @@ export class CacheEvictor {
     await this.running;
   }
 
-  get cachedBytes(): number { return this.registry.allCaches().reduce((n, c) => n + c.cachedBytes, 0); }
+  /** Cached bytes of open layers, plus the dormant ones as of the last pass. */
+  get cachedBytes(): number { return this.registry.allCaches().reduce((n, c) => n + c.cachedBytes, this.dormantBytes); }
+
+  /** Cache files of layers not open in this process, least recently used first. */
+  private dormant(): Dormant[] {
+    const dir = path.join(this.dir, 'layers');
+    const open = new Set(this.registry.allCaches().map((c) => c.id));
+    const out: Dormant[] = [];
+    for (const f of fs.readdirSync(dir)) {
+      const m = /^([0-9a-f]{32})\.cache$/.exec(f);
+      if (!m || open.has(m[1])) continue;
+      try {
+        const st = fs.statSync(path.join(dir, f));
+        out.push({ id: m[1], bytes: st.blocks * 512, mtimeMs: st.mtimeMs });
+      } catch { /* gone meanwhile */ }
+    }
+    this.dormantBytes = out.reduce((n, d) => n + d.bytes, 0);
+    return out.sort((a, b) => a.mtimeMs - b.mtimeMs);
+  }
 
   /** Bytes to free now (0 when within limits). */
   excess(): number {
@@ -70,8 +96,19 @@ export class CacheEvictor {
   }
 
   private async pass(): Promise<number> {
+    const dormant = this.dormant();
     let need = this.excess();
     if (need <= 0) return 0;
+    let freed = 0;
+    for (const d of dormant) {
+      if (need <= 0) break;
+      // Journal first: a crash between the two leaves a file nothing trusts.
+      fs.rmSync(path.join(this.dir, 'layers', `${d.id}.journal`), { force: true });
+      fs.rmSync(path.join(this.dir, 'layers', `${d.id}.cache`), { force: true });
+      this.dormantBytes -= d.bytes;
+      need -= d.bytes;
+      freed += d.bytes;
+    }
     const caches = this.registry.allCaches().filter((c) => c.frameCount > 0);
     const victims = new Map<LayerCache, number[]>();
     // At most two sweeps of every clock: the first may only clear references.
@@ -86,7 +123,6 @@ export class CacheEvictor {
       victims.set(c, list);
       need -= c.header.frames[i].uSize;
     }
-    let freed = 0;
     for (const [c, frames] of victims) freed += await c.evict(frames, () => this.closeGates(c.id));
     return freed;
   }

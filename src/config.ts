@@ -31,6 +31,7 @@ export const SETTINGS: Setting[] = [
   { key: 'ublkOnStop', flag: 'ublk-on-stop', env: 'STRATA_UBLK_ON_STOP', kind: 'string', doc: 'ublk devices at shutdown: keep (recoverable by the next start) or remove; default keep' },
   { key: 'maxDevices', flag: 'max-devices', env: 'STRATA_MAX_DEVICES', kind: 'int', doc: 'most devices at once; default 1024' },
   { key: 'cacheMaxMiB', flag: 'cache-max-mib', env: 'STRATA_CACHE_MAX_MIB', kind: 'int', doc: 'template cache size limit in MiB (0: none); default 0' },
+  { key: 'cacheScrubMiBps', flag: 'cache-scrub-mibps', env: 'STRATA_CACHE_SCRUB_MIBPS', kind: 'int', doc: 're-verify cached template data in the background at this rate in MiB/s (0: never); default 16' },
   { key: 'cacheMinFreeMiB', flag: 'cache-min-free-mib', env: 'STRATA_CACHE_MIN_FREE_MIB', kind: 'int', doc: 'evict cached template data while the cache disk has less free space; default 1024' },
   { key: 'sharedCache', flag: 'shared-cache', env: 'STRATA_SHARED_CACHE', kind: 'string', doc: 'directory shared by hosts (e.g. NFS) as a second frame cache tier' },
   { key: 'import', flag: 'import', env: 'STRATA_IMPORT', kind: 'string', doc: 'import this raw image at start and print its NBD URI' },
@@ -42,7 +43,7 @@ export interface Config {
   frontend: 'auto' | 'nbd' | 'ublk'; maxDevices: number; import?: string; configFile?: string;
   nbdMaxConnections: number; nbdByName?: boolean; nbdByNameMax: number; insecureNbd: boolean;
   tls: 'off' | 'on' | 'require'; tlsCertificates?: string; tlsPsk?: string; tlsVerifyPeer: boolean;
-  cacheMaxBytes: number; cacheMinFreeBytes: number; sharedCache?: string; ublkOnStop: 'keep' | 'remove';
+  cacheMaxBytes: number; cacheMinFreeBytes: number; cacheScrubBytesPerSec: number; sharedCache?: string; ublkOnStop: 'keep' | 'remove';
 }
 
 function parse(s: Setting, v: unknown, from: string): unknown {
@@ -115,6 +116,7 @@ export function loadConfig(args: Record<string, unknown>, env: NodeJS.ProcessEnv
     sharedCache: raw.sharedCache !== undefined ? path.resolve(String(raw.sharedCache)) : undefined,
     cacheMaxBytes: ((raw.cacheMaxMiB as number | undefined) ?? 0) * 1024 * 1024,
     cacheMinFreeBytes: ((raw.cacheMinFreeMiB as number | undefined) ?? 1024) * 1024 * 1024,
+    cacheScrubBytesPerSec: ((raw.cacheScrubMiBps as number | undefined) ?? 16) * 1024 * 1024,
     configFile: file,
   };
 }

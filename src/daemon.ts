@@ -72,7 +72,7 @@ export async function main(argv: string[]): Promise<void> {
   const cacheDir = path.join(cfg.data, 'cache');
   const engine = await Engine.open({
     store: cfg.store, cacheDir,
-    cache: { maxBytes: cfg.cacheMaxBytes, minFreeBytes: cfg.cacheMinFreeBytes }, sharedCacheDir: cfg.sharedCache,
+    cache: { maxBytes: cfg.cacheMaxBytes, minFreeBytes: cfg.cacheMinFreeBytes, scrubBytesPerSec: cfg.cacheScrubBytesPerSec }, sharedCacheDir: cfg.sharedCache,
   });
   let ready = false;
 

@@ -14,6 +14,7 @@ import { openStore } from './store/open';
 import type { ObjectStore } from './store/types';
 import { einval, StrataError } from './errors';
 import { CacheEvictor, type CacheLimits } from './cache-evictor';
+import { CacheScrub, type ScrubResult } from './cache-scrub';
 import { traced } from './tracing';
 import { isAlive } from './pid';
 
@@ -30,7 +31,11 @@ export interface EngineOptions {
   sharedCacheDir?: string;
 }
 
-export interface ImportOptions { codec?: Codec; level?: number; onProgress?: (p: Progress) => void }
+export interface ImportOptions {
+  codec?: Codec; level?: number; onProgress?: (p: Progress) => void;
+  /** Keep the imported data in the local cache, as if every frame had been fetched (default true: the importing host usually boots it next). */
+  seedCache?: boolean;
+}
 export interface ImportResult { id: string; header: LayerHeader; stats: WriteLayerStats; bytes: number }
 
 const heldLocks = new Set<string>();
@@ -38,11 +43,14 @@ const heldLocks = new Set<string>();
 export class Engine {
   private devices = new Set<Device>();
   private readonly evictor: CacheEvictor;
+  private readonly scrubber: CacheScrub;
   /** Per layer: opening devices on it share, deleting it excludes (so the two never both succeed). */
   private layerLocks = new Map<string, RangeLock>();
   private constructor(readonly core: Core, readonly layers: LayerRegistry, private readonly ownCacheDir: string | null,
     private readonly lockFile: string, limits: CacheLimits = {}) {
     this.evictor = new CacheEvictor(layers, core.cacheDir, limits, (layerId) => this.holdNatives(layerId));
+    this.scrubber = new CacheScrub(layers, (layerId) => this.holdNatives(layerId));
+    this.scrubber.start(limits.scrubBytesPerSec ?? 0);
     if (limits.maxBytes || limits.minFreeBytes) {
       this.evictor.start();
       // Size limits are also checked as frames arrive, not only on the timer.
@@ -64,13 +72,16 @@ export class Engine {
   /** Runs one cache eviction pass now (the engine also runs them on a timer when limits are set). */
   evictNow(): Promise<number> { return this.evictor.runFresh(); }
 
+  /** Re-verifies cached frames now (each at most once, up to `maxBytes`), dropping any that fail. */
+  scrub(maxBytes = Infinity): Promise<ScrubResult> { return this.scrubber.run(maxBytes); }
+
   static async open(opts: EngineOptions): Promise<Engine> {
     const store = typeof opts.store === 'string' ? openStore(opts.store) : opts.store;
     const own = opts.cacheDir ? null : fs.mkdtempSync(path.join(os.tmpdir(), 'strata-cache-'));
     const cacheDir = opts.cacheDir ?? own!;
     fs.mkdirSync(cacheDir, { recursive: true });
-    // Cache files are trusted only by the process that wrote them: refuse to
-    // share a cache directory with a live engine.
+    // One engine per cache directory: caches and overlays are written by one
+    // process at a time (a later one verifies what it reuses).
     const lockFile = path.join(cacheDir, 'engine.lock');
     if (heldLocks.has(path.resolve(lockFile))) throw new StrataError('EBUSY', `cache directory ${cacheDir} is in use by another engine in this process`);
     try {
@@ -104,7 +115,7 @@ export class Engine {
       const blocks = size / BLOCK_SIZE;
       const { header, stats } = await writeLayer(this.core, this.layers, {
         virtualSize: size, codec: opts.codec ?? Codec.Zstd, level: opts.level ?? 3, fd,
-        dataRuns: [{ devBlock: 0, count: blocks, fileBlock: 0 }], zeroRuns: [], onProgress: opts.onProgress,
+        dataRuns: [{ devBlock: 0, count: blocks, fileBlock: 0 }], zeroRuns: [], onProgress: opts.onProgress, seed: opts.seedCache ?? true,
       });
       return { id: header.chain[0], header, stats, bytes: size };
     } finally { fs.closeSync(fd); }
@@ -231,6 +242,7 @@ export class Engine {
 
   async close(): Promise<void> {
     await this.evictor.stop();
+    await this.scrubber.stop();
     await this.core.tier2?.idle();
     // Durable devices are kept for the next process; the others are dropped.
     // One device that cannot be suspended (a lost writeback) must not keep the others from it.
@@ -238,7 +250,7 @@ export class Engine {
     for (const d of [...this.devices]) {
       await (d.durable ? this.suspendDevice(d) : this.closeDevice(d)).catch((e: Error) => { failed.push(e); this.devices.delete(d); });
     }
-    this.layers.closeAll();
+    await this.layers.closeAll();
     await this.core.close();
     fs.rmSync(this.lockFile, { force: true });
     heldLocks.delete(path.resolve(this.lockFile));

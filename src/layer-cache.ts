@@ -4,6 +4,12 @@
 // Frames are fetched on first touch, once (single flight), and only marked
 // CACHED after the checksum verified and the bytes reached the file (H11,
 // H12): a failed or corrupt fetch is neither cached nor served.
+//
+// The file outlives the process: a journal (cache-journal.ts) names the
+// frames whose bytes were synced, with the xxh64 of their uncompressed
+// bytes. A later process trusts none of it until used: a frame the journal
+// names is read back and hashed on first touch, and fetched from the store
+// only when that fails. A scrub re-verifies cached frames in the background.
 import * as fs from 'fs';
 import * as path from 'path';
 import type { Core } from './core';
@@ -11,40 +17,69 @@ import { keys, type LayerHeader } from './format';
 import { S } from './wasm';
 import { ebadmsg, eio, StrataError } from './errors';
 import { traced } from './tracing';
+import { CacheJournal, RecordKind } from './cache-journal';
+
+/** How long fetched frames wait before one sync makes them durable and journaled. */
+const PERSIST_DELAY_MS = 200;
 
 export class LayerCache {
   readonly id: string;
   readonly fd: number;
   readonly file: string;
+  private readonly journal: CacheJournal;
   private readonly states: number; // heap offset, one byte per frame
   private readonly framesPtr: number;
   /** heap offset, one byte per frame: set on every read (also by native readers), cleared by the eviction clock. */
   private readonly refs: number;
   /** Frames JS readers are reading right now (never evicted). */
   private readonly pins: Int32Array;
+  /** xxh64 of each frame's uncompressed bytes, where known (cached, restored or seeded frames). */
+  private readonly sums: BigUint64Array;
+  /** Frames an earlier process cached: on disk, not yet verified, not CACHED until they are. */
+  private readonly restored = new Set<number>();
+  /** Frames cached but not yet synced and journaled. */
+  private unpersisted = new Set<number>();
+  private persistTimer: NodeJS.Timeout | null = null;
+  private persisting: Promise<void> = Promise.resolve();
   private inflight = new Map<number, Promise<void>>();
-  /** Bytes of frames in the CACHED state. */
+  /** Bytes of frames in the CACHED state, and of restored frames (they hold disk space too). */
   cachedBytes = 0;
-  /** The eviction clock's position. */
+  /** The eviction clock's position, and the scrub's. */
   hand = 0;
-  stats = { fetches: 0, fetchBytes: 0, fetchErrors: 0, hits: 0, evictions: 0, evictedBytes: 0 };
+  private scrubHand = 0;
+  stats = { fetches: 0, fetchBytes: 0, fetchErrors: 0, hits: 0, evictions: 0, evictedBytes: 0, restoredFrames: 0, restoredBytes: 0, restoreFailures: 0, scrubbed: 0, scrubFailures: 0 };
 
-  /** `seeded`: the writer of this new layer already filled the cache file. */
-  constructor(private readonly core: Core, readonly header: LayerHeader, seeded = false) {
+  /** `seed`: the writer of this new layer filled the cache file; these are its frames' uncompressed sums. */
+  constructor(private readonly core: Core, readonly header: LayerHeader, seed?: bigint[]) {
     this.id = header.chain[0];
     this.file = path.join(core.cacheDir, 'layers', `${this.id}.cache`);
-    // States live only in memory, so stale bytes from an earlier process
-    // must not be trusted: start from an empty sparse file.
-    this.fd = fs.openSync(this.file, seeded ? 'r+' : 'w+', 0o600);
-    fs.ftruncateSync(this.fd, header.dataSize);
     const n = Math.max(1, header.frames.length);
+    const journalFile = path.join(core.cacheDir, 'layers', `${this.id}.journal`);
+    this.fd = fs.openSync(this.file, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o600);
+    // A file of another size is not this layer's: nothing in it is trusted.
+    if (seed || fs.fstatSync(this.fd).size !== header.dataSize) fs.rmSync(journalFile, { force: true });
+    if (!seed && fs.fstatSync(this.fd).size !== header.dataSize) fs.ftruncateSync(this.fd, 0);
+    fs.ftruncateSync(this.fd, header.dataSize);
+    const { journal, cached, skipped } = CacheJournal.open(journalFile, this.id, header.frames.length, (b) => core.checksum(b));
+    this.journal = journal;
+    if (skipped) this.stats.restoreFailures += skipped;
     this.states = core.heap.alloc(n);
-    core.heap.wasm.stateFill(this.states, 0, n, seeded ? S.CACHED : S.ABSENT);
+    core.heap.wasm.stateFill(this.states, 0, n, seed ? S.CACHED : S.ABSENT);
     this.framesPtr = core.heap.alloc(n * 32);
     this.refs = core.heap.alloc(n);
     core.heap.wasm.stateFill(this.refs, 0, n, 0);
     this.pins = new Int32Array(n);
-    if (seeded) this.cachedBytes = header.dataSize;
+    this.sums = new BigUint64Array(n);
+    if (seed) {
+      seed.forEach((sum, i) => { this.sums[i] = sum; this.unpersisted.add(i); });
+      this.cachedBytes = header.dataSize;
+      this.schedulePersist();
+    }
+    for (const [i, sum] of cached) {
+      this.sums[i] = sum;
+      this.restored.add(i);
+      this.cachedBytes += header.frames[i].uSize;
+    }
     const v = new DataView(core.heap.buffer, this.framesPtr, n * 32);
     header.frames.forEach((f, i) => {
       v.setBigUint64(i * 32, BigInt(f.u), true);
@@ -54,6 +89,9 @@ export class LayerCache {
       v.setBigUint64(i * 32 + 24, f.checksum, true);
     });
   }
+
+  /** Frames on disk from an earlier process, not yet verified. */
+  get restoredFrames(): number { return this.restored.size; }
 
   frameOf(dataOff: number): number {
     return this.core.heap.wasm.findFrame(this.framesPtr, this.header.frames.length, BigInt(dataOff));
@@ -93,12 +131,16 @@ export class LayerCache {
       if (w.stateGet(this.states, i) === S.CACHED) return undefined;
     }
     const t0 = performance.now();
-    const p = traced('strata.fetch', { 'strata.layer': this.id, 'strata.frame': i }, () => this.fetch(i)).then(
-      () => {
+    // A restored frame's bytes are counted again once it is CACHED.
+    const restored = this.restored.delete(i);
+    if (restored) this.cachedBytes -= this.header.frames[i].uSize;
+    const p = traced('strata.fetch', { 'strata.layer': this.id, 'strata.frame': i }, () => this.fetch(i, restored)).then(
+      (local) => {
         // Publish CACHED before dropping the single-flight entry (H11).
         w.stateSet(this.states, i, S.CACHED);
         this.cachedBytes += this.header.frames[i].uSize;
         this.inflight.delete(i);
+        if (!local) { this.unpersisted.add(i); this.schedulePersist(); }
         this.core.observe.fetch((performance.now() - t0) / 1000, true);
         this.core.onCached();
       },
@@ -113,7 +155,8 @@ export class LayerCache {
     return p;
   }
 
-  private async fetch(i: number): Promise<void> {
+  /** Makes frame i's bytes present in the file; true when they were already there (restored and verified). */
+  private async fetch(i: number, restored: boolean): Promise<boolean> {
     const f = this.header.frames[i];
     const c = this.core;
     // The output buffer is taken first: the bounded bulk arena is what limits
@@ -124,11 +167,16 @@ export class LayerCache {
     const out = await c.bulk.acquire(f.uSize);
     let cPtr = -1;
     try {
+      if (restored) {
+        if (await this.verify(i, out)) { this.stats.restoredFrames++; this.stats.restoredBytes += f.uSize; return true; }
+        this.stats.restoreFailures++;
+        this.sums[i] = 0n;
+      }
       cPtr = c.heap.alloc(f.cSize);
       // The shared tier first; a frame from it that does not verify is
       // dropped there and fetched from the store instead.
       let fromTier = false;
-      let r: { ok: boolean; code?: string; message?: string } | null = null;
+      let r: { ok: boolean; code?: string; message?: string; uSum?: string } | null = null;
       const shared = c.tier2 ? await c.tier2.get(this.id, f) : null;
       if (shared) {
         c.heap.u8.set(shared, cPtr);
@@ -146,16 +194,55 @@ export class LayerCache {
         c.tier2?.put(this.id, f, bytes);
         this.stats.fetchBytes += f.cSize;
       }
+      this.sums[i] = BigInt('0x' + r!.uSum);
       await c.uring.writeFull(this.fd, f.u, f.uSize, out);
     } finally {
       if (cPtr >= 0) c.heap.free(cPtr);
       c.bulk.release(out);
     }
     this.stats.fetches++;
+    return false;
+  }
+
+  /** Reads frame i from the file into out and compares its hash with the known sum. */
+  private async verify(i: number, out: number): Promise<boolean> {
+    const f = this.header.frames[i];
+    const got = await this.core.uring.readFull(this.fd, f.u, f.uSize, out);
+    if (got < f.uSize) this.core.heap.wasm.zeroFill(out + got, f.uSize - got);
+    const sum = await this.core.run<string>({ op: 'hash', ptr: out, len: f.uSize });
+    return BigInt('0x' + sum) === this.sums[i];
+  }
+
+  private schedulePersist(): void {
+    if (this.persistTimer || !this.unpersisted.size) return;
+    this.persistTimer = setTimeout(() => { this.persistTimer = null; void this.persist(); }, PERSIST_DELAY_MS);
+    this.persistTimer.unref();
+  }
+
+  /**
+   * Makes cached frames durable, then journals them: one sync for every frame
+   * cached so far. A frame evicted meanwhile is left out (its DROPPED record
+   * may already be written).
+   */
+  persist(): Promise<void> {
+    this.persisting = this.persisting.then(async () => {
+      if (!this.unpersisted.size) return;
+      const batch = this.unpersisted;
+      this.unpersisted = new Set();
+      try {
+        await this.core.uring.fsync(this.fd);
+        const w = this.core.heap.wasm;
+        this.journal.append([...batch].filter((i) => w.stateGet(this.states, i) === S.CACHED)
+          .map((i) => ({ kind: RecordKind.Cached, frame: i, sum: this.sums[i] })));
+      } catch {
+        // Not journaled: a later process fetches these frames again.
+      }
+    });
+    return this.persisting;
   }
 
   /** Verifies (checksum) and decompresses the frame at cPtr into out, in a worker. */
-  private unframe(i: number, cPtr: number, out: number): Promise<{ ok: boolean; code?: string; message?: string }> {
+  private unframe(i: number, cPtr: number, out: number): Promise<{ ok: boolean; code?: string; message?: string; uSum?: string }> {
     const f = this.header.frames[i];
     return this.core.run({ op: 'unframe', codec: this.header.codec, cPtr, cSize: f.cSize, checksum: f.checksum.toString(16), outPtr: out, uSize: f.uSize });
   }
@@ -187,6 +274,7 @@ export class LayerCache {
     const i = this.hand;
     this.hand = (this.hand + 1) % this.frameCount;
     const w = this.core.heap.wasm;
+    if (this.restored.has(i) && !this.inflight.has(i)) return i; // never used by this process
     if (w.stateGet(this.states, i) !== S.CACHED || this.pins[i] > 0) return -1;
     if (w.stateGet(this.refs, i)) { w.stateSet(this.refs, i, 0); return -1; }
     return i;
@@ -204,7 +292,8 @@ export class LayerCache {
     const taken: Array<{ i: number; done: () => void }> = [];
     try {
       for (const i of frames) {
-        if (w.stateGet(this.states, i) !== S.CACHED || this.pins[i] > 0 || this.inflight.has(i)) continue;
+        if (this.pins[i] > 0 || this.inflight.has(i)) continue;
+        if (!this.restored.delete(i) && w.stateGet(this.states, i) !== S.CACHED) continue;
         w.stateSet(this.states, i, S.FETCHING);
         let done!: () => void;
         this.inflight.set(i, new Promise<void>((r) => { done = r; }));
@@ -216,6 +305,8 @@ export class LayerCache {
       const f = this.header.frames[i];
       try { await this.core.uring.punch(this.fd, f.u, f.uSize); } catch { /* the space stays used; the data is refetched either way */ }
       w.stateSet(this.states, i, S.ABSENT);
+      this.sums[i] = 0n;
+      this.unpersisted.delete(i);
       this.inflight.delete(i);
       this.cachedBytes -= f.uSize;
       freed += f.uSize;
@@ -223,7 +314,36 @@ export class LayerCache {
       this.stats.evictedBytes += f.uSize;
       done();
     }
+    try {
+      this.journal.append(taken.map(({ i }) => ({ kind: RecordKind.Dropped, frame: i, sum: 0n })));
+    } catch { /* a later process reads the hole, which fails verification */ }
     return freed;
+  }
+
+  /**
+   * Re-verifies the next cached frame (pinned meanwhile) and drops it when
+   * its bytes no longer match: returns the bytes read, 0 when no frame is
+   * CACHED, or -1 when the frame failed and was dropped.
+   */
+  async scrubNext(closeGates: () => Promise<() => void>): Promise<number> {
+    const w = this.core.heap.wasm;
+    const n = this.header.frames.length;
+    for (let k = 0; k < n; k++) {
+      const i = this.scrubHand;
+      this.scrubHand = (this.scrubHand + 1) % n;
+      if (w.stateGet(this.states, i) !== S.CACHED || this.inflight.has(i) || this.sums[i] === 0n) continue;
+      const f = this.header.frames[i];
+      const out = await this.core.bulk.acquire(f.uSize);
+      this.pins[i]++;
+      let ok: boolean;
+      try { ok = await this.verify(i, out); } finally { this.pins[i]--; this.core.bulk.release(out); }
+      this.stats.scrubbed++;
+      if (ok || w.stateGet(this.states, i) !== S.CACHED) return f.uSize;
+      this.stats.scrubFailures++;
+      await this.evict([i], closeGates);
+      return -1;
+    }
+    return 0;
   }
 
   /** Where native planners find this cache (see native/device_target.h). */
@@ -231,11 +351,29 @@ export class LayerCache {
     return { fd: this.fd, states: this.states, frames: this.framesPtr, nframes: this.header.frames.length, refs: this.refs };
   }
 
-  close(): void {
+  /** Lets go of the cache, keeping its file and journal for the next process (frames cached so far are synced and journaled first). */
+  async close(): Promise<void> {
+    if (this.persistTimer) clearTimeout(this.persistTimer);
+    this.persistTimer = null;
+    await this.persist();
+    this.release();
+  }
+
+  /** Drops the cache and its files (the layer is gone). */
+  destroy(): void {
+    if (this.persistTimer) clearTimeout(this.persistTimer);
+    this.persistTimer = null;
+    this.unpersisted.clear();
+    this.release();
+    fs.rmSync(this.file, { force: true });
+    fs.rmSync(this.journal.file, { force: true });
+  }
+
+  private release(): void {
+    this.journal.close();
     fs.closeSync(this.fd);
     this.core.heap.free(this.states);
     this.core.heap.free(this.framesPtr);
     this.core.heap.free(this.refs);
-    fs.rmSync(this.file, { force: true });
   }
 }

@@ -129,10 +129,11 @@ export async function writeLayer(core: Core, registry: LayerRegistry, input: Wri
   const seedFile = path.join(core.cacheDir, 'layers', `${id}.cache`);
   if (input.seed) { seedFd = fs.openSync(seedFile, 'w+', 0o600); fs.ftruncateSync(seedFd, dataSize); }
   let compressedBytes = 0, uPos = 0, cPos = 0, packed = 0;
+  const uSums: bigint[] = []; // the seeded cache keeps them to verify its frames in a later process
   const level = input.level ?? 1;
   const cCap = FRAME_MAX + FRAME_MAX / 255 + 65536;
   async function* frameStream(): AsyncGenerator<Uint8Array> {
-    const window: Array<Promise<{ bytes: Buffer; checksum: bigint; uSize: number }>> = [];
+    const window: Array<Promise<{ bytes: Buffer; checksum: bigint; uSize: number; uSum: bigint }>> = [];
     let next = 0;
     const start = (gi: number) => (async () => {
       const g = frameGroups[gi];
@@ -140,11 +141,11 @@ export async function writeLayer(core: Core, registry: LayerRegistry, input: Wri
       const ptr = await core.bulk.acquire(n * BS);
       const cPtr = core.heap.alloc(cCap);
       try {
-        const r = await core.run<{ cSize: number; checksum: string; uSize: number }>({
+        const r = await core.run<{ cSize: number; checksum: string; uSize: number; uSum: string }>({
           op: 'pack', fd: input.fd, runs: toRuns(g.map((fb) => ({ devBlock: 0, count: 1, fileBlock: fb }))), ptr, cPtr, cCap, codec: input.codec, level });
         const bytes = Buffer.from(core.heap.u8.subarray(cPtr, cPtr + r.cSize));
         if (seedFd >= 0) await core.uring.writeFull(seedFd, gi * FRAME_MAX, r.uSize, ptr);
-        return { bytes, checksum: BigInt('0x' + r.checksum), uSize: r.uSize };
+        return { bytes, checksum: BigInt('0x' + r.checksum), uSize: r.uSize, uSum: BigInt('0x' + r.uSum) };
       } finally { core.bulk.release(ptr); core.heap.free(cPtr); }
     })();
     while (next < frameGroups.length && window.length < workers * 2) window.push(start(next++));
@@ -152,6 +153,7 @@ export async function writeLayer(core: Core, registry: LayerRegistry, input: Wri
       const f = await window.shift()!;
       if (next < frameGroups.length) window.push(start(next++));
       frames.push({ u: uPos, c: cPos, uSize: f.uSize, cSize: f.bytes.length, checksum: f.checksum });
+      uSums.push(f.uSum);
       // Written through to the shared tier as it is produced.
       core.tier2?.put(id, { c: cPos, cSize: f.bytes.length }, f.bytes);
       uPos += f.uSize; cPos += f.bytes.length; compressedBytes += f.bytes.length;
@@ -173,7 +175,7 @@ export async function writeLayer(core: Core, registry: LayerRegistry, input: Wri
     if (seedFd >= 0) { fs.closeSync(seedFd); fs.rmSync(seedFile, { force: true }); }
     throw e;
   }
-  if (seedFd >= 0) { fs.closeSync(seedFd); registry.adoptSeeded(header); } else registry.remember(header);
+  if (seedFd >= 0) { fs.closeSync(seedFd); registry.adoptSeeded(header, uSums); } else registry.remember(header);
   return { header, stats: { candidateBlocks, zeroBlocks, dedupBlocks, storedBlocks: stored.length, compressedBytes, frames: frames.length } };
 }
 

@@ -48,10 +48,9 @@ export class LayerRegistry {
     return c;
   }
 
-  /** Takes over the cache file a layer writer filled while writing `h`. */
-  adoptSeeded(h: LayerHeader): LayerCache {
-    this.caches.get(h.chain[0])?.close();
-    const c = new LayerCache(this.core, h, true);
+  /** Takes over the cache file a layer writer filled while writing `h` (`sums`: its frames' uncompressed xxh64). */
+  adoptSeeded(h: LayerHeader, sums: bigint[]): LayerCache {
+    const c = new LayerCache(this.core, h, sums);
     this.caches.set(h.chain[0], c);
     this.remember(h);
     return c;
@@ -77,9 +76,9 @@ export class LayerRegistry {
   }
 
   stats() {
-    const s = { fetches: 0, fetchBytes: 0, fetchErrors: 0, hits: 0, evictions: 0, evictedBytes: 0, cachedBytes: 0 };
+    const s = { fetches: 0, fetchBytes: 0, fetchErrors: 0, hits: 0, evictions: 0, evictedBytes: 0, restoredFrames: 0, restoredBytes: 0, restoreFailures: 0, scrubbed: 0, scrubFailures: 0, cachedBytes: 0 };
     for (const c of this.caches.values()) {
-      for (const k of ['fetches', 'fetchBytes', 'fetchErrors', 'hits', 'evictions', 'evictedBytes'] as const) s[k] += c.stats[k];
+      for (const k of Object.keys(c.stats) as Array<keyof LayerCache['stats']>) s[k] += c.stats[k];
       s.cachedBytes += c.cachedBytes;
     }
     return s;
@@ -90,14 +89,16 @@ export class LayerRegistry {
 
   /** Drops everything cached about a deleted layer (header, cache file, index). */
   forget(id: string): void {
-    this.caches.get(id)?.close();
+    this.caches.get(id)?.destroy();
     this.caches.delete(id);
     this.headers.delete(id);
     this.indexes.delete(id);
   }
 
-  closeAll(): void {
-    for (const c of this.caches.values()) c.close();
+  /** Closes every cache, keeping their files for the next process. */
+  async closeAll(): Promise<void> {
+    const all = [...this.caches.values()];
     this.caches.clear();
+    await Promise.all(all.map((c) => c.close()));
   }
 }

@@ -37,7 +37,11 @@ function readRuns(fd: number, runs: Run[], ptr: number): number {
 export interface ScanTask { op: 'scan'; fd: number; runs: Run[]; ptr: number; hashPtr: number; zeroPtr: number; shaPtr: number }
 export interface PackTask { op: 'pack'; fd: number; runs: Run[]; ptr: number; cPtr: number; cCap: number; codec: Codec; level: number }
 export interface UnframeTask { op: 'unframe'; codec: Codec; cPtr: number; cSize: number; checksum: string; outPtr: number; uSize: number }
-export type Task = ScanTask | PackTask | UnframeTask;
+export interface HashTask { op: 'hash'; ptr: number; len: number }
+export type Task = ScanTask | PackTask | UnframeTask | HashTask;
+
+/** xxh64 (seed 0) of [ptr, ptr+len) as hex: frames' uncompressed sums, which the local cache keeps. */
+const hash = (ptr: number, len: number) => BigInt.asUintN(64, wasm.xxh64(ptr, len, 0n)).toString(16);
 
 /** Reads blocks and writes, per block: zero flag, xxh64 and a 16-byte sha-256 prefix. */
 function scan(t: ScanTask): number {
@@ -56,13 +60,13 @@ function scan(t: ScanTask): number {
  * Reads blocks into ptr (left there: the caller may seed a cache from them),
  * compresses them into [cPtr, cPtr+cCap) and returns the size and checksum.
  */
-function pack(t: PackTask): { cSize: number; checksum: string; uSize: number } {
+function pack(t: PackTask): { cSize: number; checksum: string; uSize: number; uSum: string } {
   const len = readRuns(t.fd, t.runs, t.ptr);
+  const uSum = hash(t.ptr, len);
   const out = compress(t.codec, view(t.ptr, len), t.level);
   if (out.length > t.cCap) throw new Error(`compressed frame of ${out.length} bytes exceeds its ${t.cCap}-byte slot`);
   new Uint8Array(memory.buffer).set(out, t.cPtr);
-  const checksum = BigInt.asUintN(64, wasm.xxh64(t.cPtr, out.length, 0n)).toString(16);
-  return { cSize: out.length, checksum, uSize: len };
+  return { cSize: out.length, checksum: hash(t.cPtr, out.length), uSize: len, uSum };
 }
 
 /**
@@ -70,13 +74,13 @@ function pack(t: PackTask): { cSize: number; checksum: string; uSize: number } {
  * Integrity failures come back as a value: thrown errors lose their errno
  * code crossing the thread boundary.
  */
-function unframe(t: UnframeTask): { ok: true; size: number } | { ok: false; code: string; message: string } {
+function unframe(t: UnframeTask): { ok: true; size: number; uSum: string } | { ok: false; code: string; message: string } {
   try {
-    const sum = BigInt.asUintN(64, wasm.xxh64(t.cPtr, t.cSize, 0n)).toString(16);
+    const sum = hash(t.cPtr, t.cSize);
     if (sum !== t.checksum) throw ebadmsg(`frame checksum mismatch (stored ${t.checksum}, computed ${sum})`);
     const out = decompress(t.codec, view(t.cPtr, t.cSize), t.uSize);
     new Uint8Array(memory.buffer).set(out, t.outPtr);
-    return { ok: true, size: out.length };
+    return { ok: true, size: out.length, uSum: hash(t.outPtr, out.length) };
   } catch (e) {
     const err = e as { code?: string; message: string };
     return { ok: false, code: err.code ?? 'EIO', message: err.message };
@@ -88,5 +92,6 @@ export default function run(t: Task): unknown {
     case 'scan': return scan(t);
     case 'pack': return pack(t);
     case 'unframe': return unframe(t);
+    case 'hash': return hash(t.ptr, t.len);
   }
 }
