@@ -53,7 +53,9 @@ export class CacheEvictor {
     const dir = path.join(this.dir, 'layers');
     const open = new Set(this.registry.allCaches().map((c) => c.id));
     const out: Dormant[] = [];
-    for (const f of fs.readdirSync(dir)) {
+    let names: string[] = [];
+    try { names = fs.readdirSync(dir); } catch { /* no layer caches */ }
+    for (const f of names) {
       const m = /^([0-9a-f]{32})\.cache$/.exec(f);
       if (!m || open.has(m[1])) continue;
       try {

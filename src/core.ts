@@ -9,6 +9,7 @@ import { IoArena } from './arena';
 import { Uring } from './uring';
 import type { ObjectStore } from './store/types';
 import { SharedFrameDir } from './shared-tier';
+import { FetchQueue } from './fetch-queue';
 import type { Task } from '../workers/codec-worker';
 
 export interface CoreOptions {
@@ -22,6 +23,10 @@ export interface CoreOptions {
   ringEntries?: number;
   /** A directory shared by hosts as a second frame cache tier (see shared-tier.ts). */
   sharedCacheDir?: string;
+  /** Frame fetches from the store at once (default 8; see bench/README.md, "Cold start"). */
+  fetchConcurrency?: number;
+  /** Frames fetched ahead of sequential misses (default 4; 0: no readahead). */
+  readaheadFrames?: number;
 }
 
 export class Core {
@@ -40,6 +45,9 @@ export class Core {
   readonly cacheDir: string;
   /** The shared second cache tier, when configured. */
   readonly tier2: SharedFrameDir | null;
+  /** Orders and bounds this host's frame fetches (demand, readahead, prefetch). */
+  readonly fetches: FetchQueue;
+  readonly readaheadFrames: number;
   /** Hooks for metrics (the daemon sets them; no-ops otherwise). */
   readonly observe = { fetch: (_seconds: number, _ok: boolean): void => {} };
   /** Called after a frame enters the cache (the engine's evictor checks its limits). */
@@ -53,6 +61,8 @@ export class Core {
     this.store = opts.store;
     this.cacheDir = opts.cacheDir;
     this.tier2 = opts.sharedCacheDir ? new SharedFrameDir(opts.sharedCacheDir) : null;
+    this.fetches = new FetchQueue(opts.fetchConcurrency ?? 8);
+    this.readaheadFrames = opts.readaheadFrames ?? 4;
     fs.mkdirSync(path.join(this.cacheDir, 'layers'), { recursive: true });
     fs.mkdirSync(path.join(this.cacheDir, 'devices'), { recursive: true });
     const arenaBytes = opts.arenaBytes ?? 64 * 1024 * 1024;

@@ -61,6 +61,8 @@ export interface DeviceOptions {
   durable?: boolean;
   /** Opaque JSON kept in a durable device's manifest (e.g. the daemon's frontend). */
   meta?: Record<string, unknown>;
+  /** Called once a snapshot's layer is committed, before snapshot() resolves (the engine gives it a boot profile). */
+  onSnapshot?: (device: Device, child: LayerHeader) => Promise<void>;
 }
 
 /** A durable device's manifest (devices/<id>.json). */
@@ -135,7 +137,7 @@ export class Device {
    * punches holes). Overlays a crash left frozen (a snapshot upload cut
    * short) are folded back, so every write is kept.
    */
-  static async resume(core: Core, registry: LayerRegistry, id: string): Promise<Device> {
+  static async resume(core: Core, registry: LayerRegistry, id: string, hooks: Pick<DeviceOptions, 'onSnapshot'> = {}): Promise<Device> {
     const dir = path.join(core.cacheDir, 'devices');
     const m = readManifest(dir, id);
     if (m.writebackError) {
@@ -153,12 +155,13 @@ export class Device {
       base.pin.retire();
       throw e;
     }
-    const d = new Device(core, registry, base, { id, codec: m.codec, durable: true, meta: m.meta }, overlays);
+    const d = new Device(core, registry, base, { id, codec: m.codec, durable: true, meta: m.meta, ...hooks }, overlays);
     if (d.frozen.length) await d.foldBack();
     return d;
   }
 
   get durable(): boolean { return !!this.opts.durable; }
+  get isClosed(): boolean { return this.closed; }
   get meta(): Record<string, unknown> | undefined { return this.opts.meta; }
 
   /** Merges into the meta kept in a durable device's manifest (saved at once). */
@@ -438,6 +441,7 @@ export class Device {
       ov.pin.retire();
       oldBase.pin.retire();
       this.stats.snapshots++;
+      await this.opts.onSnapshot?.(this, header);
       return { id: header.chain[0], header, stats, frozenMs };
     } catch (e) {
       await this.foldBack();

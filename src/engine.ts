@@ -15,6 +15,7 @@ import type { ObjectStore } from './store/types';
 import { einval, StrataError } from './errors';
 import { CacheEvictor, type CacheLimits } from './cache-evictor';
 import { CacheScrub, type ScrubResult } from './cache-scrub';
+import { BootProfiles, type ProfileOptions } from './boot-profile';
 import { traced } from './tracing';
 import { isAlive } from './pid';
 
@@ -29,6 +30,11 @@ export interface EngineOptions {
   cache?: CacheLimits;
   /** A directory shared by hosts (e.g. NFS) as a second frame cache tier. */
   sharedCacheDir?: string;
+  /** Frame fetches from the store at once (default 8) and frames read ahead of sequential misses (default 4). */
+  fetchConcurrency?: number;
+  readaheadFrames?: number;
+  /** Boot profiles: record each device's first reads, prefetch them for the next (default on; false: off). */
+  profiles?: ProfileOptions | false;
 }
 
 export interface ImportOptions {
@@ -44,10 +50,13 @@ export class Engine {
   private devices = new Set<Device>();
   private readonly evictor: CacheEvictor;
   private readonly scrubber: CacheScrub;
+  /** null when profiles are off. */
+  readonly profiles: BootProfiles | null;
   /** Per layer: opening devices on it share, deleting it excludes (so the two never both succeed). */
   private layerLocks = new Map<string, RangeLock>();
   private constructor(readonly core: Core, readonly layers: LayerRegistry, private readonly ownCacheDir: string | null,
-    private readonly lockFile: string, limits: CacheLimits = {}) {
+    private readonly lockFile: string, limits: CacheLimits = {}, profiles: ProfileOptions | false = {}) {
+    this.profiles = profiles === false ? null : new BootProfiles(core, layers, profiles);
     this.evictor = new CacheEvictor(layers, core.cacheDir, limits, (layerId) => this.holdNatives(layerId));
     this.scrubber = new CacheScrub(layers, (layerId) => this.holdNatives(layerId));
     this.scrubber.start(limits.scrubBytesPerSec ?? 0);
@@ -94,8 +103,9 @@ export class Engine {
       fs.writeFileSync(lockFile, String(process.pid));
     }
     heldLocks.add(path.resolve(lockFile));
-    const core = new Core({ store, cacheDir, workers: opts.workers, arenaBytes: opts.arenaBytes, sharedCacheDir: opts.sharedCacheDir });
-    return new Engine(core, new LayerRegistry(core), own, lockFile, opts.cache);
+    const core = new Core({ store, cacheDir, workers: opts.workers, arenaBytes: opts.arenaBytes, sharedCacheDir: opts.sharedCacheDir,
+      fetchConcurrency: opts.fetchConcurrency, readaheadFrames: opts.readaheadFrames });
+    return new Engine(core, new LayerRegistry(core), own, lockFile, opts.cache, opts.profiles);
   }
 
   get store(): ObjectStore { return this.core.store; }
@@ -193,8 +203,9 @@ export class Engine {
 
   openDevice(layerId: string, opts: DeviceOptions = {}): Promise<Device> {
     return this.withLayer(layerId, false, async () => {
-      const d = await Device.open(this.core, this.layers, layerId, opts);
+      const d = await Device.open(this.core, this.layers, layerId, { ...opts, ...this.profileHooks() });
       this.devices.add(d);
+      await this.profiles?.start(d);
       return d;
     });
   }
@@ -204,10 +215,17 @@ export class Engine {
     for (const d of this.devices) if (d.id === id) throw new StrataError('EBUSY', `device ${id} is already open`);
     const layer = readManifest(path.join(this.core.cacheDir, 'devices'), id).layer;
     return this.withLayer(layer, false, async () => {
-      const d = await Device.resume(this.core, this.layers, id);
+      const d = await Device.resume(this.core, this.layers, id, this.profileHooks());
       this.devices.add(d);
+      await this.profiles?.start(d);
       return d;
     });
+  }
+
+  /** Each committed snapshot gets the boot profile of the device's layer, refined by what the device read. */
+  private profileHooks(): Pick<DeviceOptions, 'onSnapshot'> {
+    const p = this.profiles;
+    return p ? { onSnapshot: (d, child) => p.inherit(d, child) } : {};
   }
 
   private async withLayer<T>(id: string, exclusive: boolean, fn: () => Promise<T>): Promise<T> {
@@ -237,12 +255,18 @@ export class Engine {
   }
 
   stats() {
-    return { cache: this.layers.stats(), shared: this.core.tier2 ? { ...this.core.tier2.stats } : null, uring: { ...this.core.uring.stats }, arenaUsed: this.core.arena.used };
+    const f = this.core.fetches;
+    return {
+      cache: this.layers.stats(), shared: this.core.tier2 ? { ...this.core.tier2.stats } : null, uring: { ...this.core.uring.stats }, arenaUsed: this.core.arena.used,
+      fetches: { limit: f.limit, active: f.active, queued: f.queued, demand: f.stats.started[0], readahead: f.stats.started[1], prefetch: f.stats.started[2], promoted: f.stats.promoted, peak: f.stats.peakRunning },
+      profiles: this.profiles ? { ...this.profiles.stats } : null,
+    };
   }
 
   async close(): Promise<void> {
     await this.evictor.stop();
     await this.scrubber.stop();
+    await this.profiles?.flush();
     await this.core.tier2?.idle();
     // Durable devices are kept for the next process; the others are dropped.
     // One device that cannot be suspended (a lost writeback) must not keep the others from it.

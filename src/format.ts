@@ -161,4 +161,5 @@ export const keys = {
   header: (id: string) => `layers/${id}/header`,
   data: (id: string) => `layers/${id}/data`,
   index: (id: string) => `layers/${id}/index`,
+  profile: (id: string) => `layers/${id}/profile`,
 };

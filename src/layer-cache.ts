@@ -18,6 +18,7 @@ import { S } from './wasm';
 import { ebadmsg, eio, StrataError } from './errors';
 import { traced } from './tracing';
 import { CacheJournal, RecordKind } from './cache-journal';
+import { Priority, type Ticket } from './fetch-queue';
 
 /** How long fetched frames wait before one sync makes them durable and journaled. */
 const PERSIST_DELAY_MS = 200;
@@ -42,6 +43,10 @@ export class LayerCache {
   private persistTimer: NodeJS.Timeout | null = null;
   private persisting: Promise<void> = Promise.resolve();
   private inflight = new Map<number, Promise<void>>();
+  /** The fetch-queue ticket of each frame being fetched (promoted when a reader needs it). */
+  private tickets = new Map<number, Ticket>();
+  /** The last frame a reader missed on (sequential misses start readahead). */
+  private lastMiss = -2;
   /** Bytes of frames in the CACHED state, and of restored frames (they hold disk space too). */
   cachedBytes = 0;
   /** The eviction clock's position, and the scrub's. */
@@ -111,22 +116,38 @@ export class LayerCache {
     // ABSENT (to be fetched again) when its wait ends.
     for (;;) {
       let waits: Promise<void>[] | undefined;
+      let missed: number[] | undefined;
       for (let i = first; i <= last; i++) {
         const w = this.ensureFrame(i);
-        if (w) (waits ??= []).push(w);
+        if (w) { (waits ??= []).push(w); (missed ??= []).push(i); }
       }
       if (!waits) return;
+      // After the demand fetches are queued: readahead never goes first.
+      for (const i of missed!) this.missed(i);
       await Promise.all(waits);
     }
   }
 
+  /**
+   * Starts fetching frame i in the background (readahead, profile prefetch)
+   * unless it is cached or on its way; resolves when it is there, never rejects.
+   */
+  prefetchFrame(i: number, prio: Priority.Readahead | Priority.Prefetch): Promise<void> {
+    if (i < 0 || i >= this.header.frames.length) return Promise.resolve();
+    return (this.ensureFrame(i, prio) ?? Promise.resolve()).catch(() => {});
+  }
+
   /** undefined when the frame is already cached, else the shared fetch. */
-  private ensureFrame(i: number): Promise<void> | undefined {
+  private ensureFrame(i: number, prio = Priority.Demand): Promise<void> | undefined {
     const w = this.core.heap.wasm;
     const st = w.stateGet(this.states, i);
-    if (st === S.CACHED) { this.stats.hits++; return undefined; }
+    if (st === S.CACHED) { if (prio === Priority.Demand) this.stats.hits++; return undefined; }
     const running = this.inflight.get(i);
-    if (running) return running;
+    if (running) {
+      const t = this.tickets.get(i);
+      if (t) this.core.fetches.promote(t, prio);
+      return running;
+    }
     if (w.stateCas(this.states, i, S.ABSENT, S.FETCHING) !== S.ABSENT) {
       if (w.stateGet(this.states, i) === S.CACHED) return undefined;
     }
@@ -134,8 +155,11 @@ export class LayerCache {
     // A restored frame's bytes are counted again once it is CACHED.
     const restored = this.restored.delete(i);
     if (restored) this.cachedBytes -= this.header.frames[i].uSize;
-    const p = traced('strata.fetch', { 'strata.layer': this.id, 'strata.frame': i }, () => this.fetch(i, restored)).then(
+    const ticket: Ticket = { prio };
+    this.tickets.set(i, ticket);
+    const p = traced('strata.fetch', { 'strata.layer': this.id, 'strata.frame': i }, () => this.fetch(i, restored, ticket)).then(
       (local) => {
+        this.tickets.delete(i);
         // Publish CACHED before dropping the single-flight entry (H11).
         w.stateSet(this.states, i, S.CACHED);
         this.cachedBytes += this.header.frames[i].uSize;
@@ -145,6 +169,7 @@ export class LayerCache {
         this.core.onCached();
       },
       (e) => {
+        this.tickets.delete(i);
         w.stateSet(this.states, i, S.ABSENT);
         this.inflight.delete(i);
         this.stats.fetchErrors++;
@@ -155,23 +180,35 @@ export class LayerCache {
     return p;
   }
 
+  /** A demand miss on frame i: the second of two in a row starts fetching the frames after it. */
+  private missed(i: number): void {
+    const sequential = i === this.lastMiss + 1;
+    this.lastMiss = i;
+    if (!sequential) return;
+    for (let k = 1; k <= this.core.readaheadFrames; k++) void this.prefetchFrame(i + k, Priority.Readahead);
+  }
+
   /** Makes frame i's bytes present in the file; true when they were already there (restored and verified). */
-  private async fetch(i: number, restored: boolean): Promise<boolean> {
+  private async fetch(i: number, restored: boolean, ticket: Ticket): Promise<boolean> {
     const f = this.header.frames[i];
     const c = this.core;
-    // The output buffer is taken first: the bounded bulk arena is what limits
-    // how many fetches run at once (and so how much compressed data sits in
-    // memory), however many frames a caller asks for (a whole-disk CACHE).
-    const room = c.beforeFetch();
-    if (room) await room;
-    const out = await c.bulk.acquire(f.uSize);
-    let cPtr = -1;
-    try {
-      if (restored) {
+    if (restored) {
+      const out = await c.bulk.acquire(f.uSize);
+      try {
         if (await this.verify(i, out)) { this.stats.restoredFrames++; this.stats.restoredBytes += f.uSize; return true; }
-        this.stats.restoreFailures++;
-        this.sums[i] = 0n;
-      }
+      } finally { c.bulk.release(out); }
+      this.stats.restoreFailures++;
+      this.sums[i] = 0n;
+    }
+    // A store slot first (demand before readahead before prefetch), then the
+    // output buffer: the bounded bulk arena also limits how much compressed
+    // data sits in memory, however many frames a caller asks for.
+    const slot = await c.fetches.acquire(ticket);
+    let out = -1, cPtr = -1;
+    try {
+      const room = c.beforeFetch();
+      if (room) await room;
+      out = await c.bulk.acquire(f.uSize);
       cPtr = c.heap.alloc(f.cSize);
       // The shared tier first; a frame from it that does not verify is
       // dropped there and fetched from the store instead.
@@ -198,7 +235,8 @@ export class LayerCache {
       await c.uring.writeFull(this.fd, f.u, f.uSize, out);
     } finally {
       if (cPtr >= 0) c.heap.free(cPtr);
-      c.bulk.release(out);
+      if (out >= 0) c.bulk.release(out);
+      slot();
     }
     this.stats.fetches++;
     return false;
@@ -264,6 +302,16 @@ export class LayerCache {
   }
 
   get frameCount(): number { return this.header.frames.length; }
+
+  /** Clears every frame's referenced mark (a boot profile starts recording). */
+  clearRefs(): void { this.core.heap.wasm.stateFill(this.refs, 0, Math.max(1, this.header.frames.length), 0); }
+
+  /** Frames read (by any reader, native ones too) since their mark was last cleared. */
+  referenced(): number[] {
+    const u8 = this.core.heap.u8, out: number[] = [];
+    for (let i = 0; i < this.header.frames.length; i++) if (u8[this.refs + i]) out.push(i);
+    return out;
+  }
 
   /**
    * One step of the eviction clock at the hand: a frame that is CACHED,
