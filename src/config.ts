@@ -33,6 +33,10 @@ export const SETTINGS: Setting[] = [
   { key: 'cacheMaxMiB', flag: 'cache-max-mib', env: 'STRATA_CACHE_MAX_MIB', kind: 'int', doc: 'template cache size limit in MiB (0: none); default 0' },
   { key: 'cacheScrubMiBps', flag: 'cache-scrub-mibps', env: 'STRATA_CACHE_SCRUB_MIBPS', kind: 'int', doc: 're-verify cached template data in the background at this rate in MiB/s (0: never); default 16' },
   { key: 'cacheMinFreeMiB', flag: 'cache-min-free-mib', env: 'STRATA_CACHE_MIN_FREE_MIB', kind: 'int', doc: 'evict cached template data while the cache disk has less free space; default 1024' },
+  { key: 'fetchConcurrency', flag: 'fetch-concurrency', env: 'STRATA_FETCH_CONCURRENCY', kind: 'int', doc: 'frame fetches from the object store at once on this host (guest misses first, then readahead, then boot-profile prefetch); default 8' },
+  { key: 'readaheadFrames', flag: 'readahead-frames', env: 'STRATA_READAHEAD_FRAMES', kind: 'int', doc: '2 MiB frames fetched ahead of sequential misses (0: none); default 4' },
+  { key: 'bootProfiles', flag: 'boot-profiles', env: 'STRATA_BOOT_PROFILES', kind: 'onoff', doc: 'record the frames a device reads first and prefetch them for the next device on that layer: on or off; default on' },
+  { key: 'bootProfileWindowS', flag: 'boot-profile-window', env: 'STRATA_BOOT_PROFILE_WINDOW', kind: 'int', doc: 'seconds of a new device\'s reads a boot profile records; default 60' },
   { key: 'sharedCache', flag: 'shared-cache', env: 'STRATA_SHARED_CACHE', kind: 'string', doc: 'directory shared by hosts (e.g. NFS) as a second frame cache tier' },
   { key: 'import', flag: 'import', env: 'STRATA_IMPORT', kind: 'string', doc: 'import this raw image at start and print its NBD URI' },
 ];
@@ -43,7 +47,8 @@ export interface Config {
   frontend: 'auto' | 'nbd' | 'ublk'; maxDevices: number; import?: string; configFile?: string;
   nbdMaxConnections: number; nbdByName?: boolean; nbdByNameMax: number; insecureNbd: boolean;
   tls: 'off' | 'on' | 'require'; tlsCertificates?: string; tlsPsk?: string; tlsVerifyPeer: boolean;
-  cacheMaxBytes: number; cacheMinFreeBytes: number; cacheScrubBytesPerSec: number; sharedCache?: string; ublkOnStop: 'keep' | 'remove';
+  cacheMaxBytes: number; cacheMinFreeBytes: number; cacheScrubBytesPerSec: number;
+  fetchConcurrency: number; readaheadFrames: number; bootProfiles: boolean; bootProfileWindowMs: number; sharedCache?: string; ublkOnStop: 'keep' | 'remove';
 }
 
 function parse(s: Setting, v: unknown, from: string): unknown {
@@ -117,11 +122,20 @@ export function loadConfig(args: Record<string, unknown>, env: NodeJS.ProcessEnv
     cacheMaxBytes: ((raw.cacheMaxMiB as number | undefined) ?? 0) * 1024 * 1024,
     cacheMinFreeBytes: ((raw.cacheMinFreeMiB as number | undefined) ?? 1024) * 1024 * 1024,
     cacheScrubBytesPerSec: ((raw.cacheScrubMiBps as number | undefined) ?? 16) * 1024 * 1024,
+    fetchConcurrency: (() => {
+      const n = (raw.fetchConcurrency as number | undefined) ?? 8;
+      if (n < 1 || n > 1024) throw einval(`fetchConcurrency must be 1..1024, got ${n}`);
+      return n;
+    })(),
+    readaheadFrames: (raw.readaheadFrames as number | undefined) ?? 4,
+    bootProfiles: (raw.bootProfiles as boolean | undefined) ?? true,
+    bootProfileWindowMs: ((raw.bootProfileWindowS as number | undefined) ?? 60) * 1000,
     configFile: file,
   };
 }
 
 export function settingsHelp(): string {
   const w = Math.max(...SETTINGS.map((s) => s.flag.length)) + 4;
-  return SETTINGS.map((s) => `  --${s.flag.padEnd(w)}${s.env.padEnd(22)}${s.doc}`).join('\n');
+  const v = Math.max(...SETTINGS.map((s) => s.env.length)) + 2;
+  return SETTINGS.map((s) => `  --${s.flag.padEnd(w)}${s.env.padEnd(v)}${s.doc}`).join('\n');
 }

@@ -73,6 +73,8 @@ export async function main(argv: string[]): Promise<void> {
   const engine = await Engine.open({
     store: cfg.store, cacheDir,
     cache: { maxBytes: cfg.cacheMaxBytes, minFreeBytes: cfg.cacheMinFreeBytes, scrubBytesPerSec: cfg.cacheScrubBytesPerSec }, sharedCacheDir: cfg.sharedCache,
+    fetchConcurrency: cfg.fetchConcurrency, readaheadFrames: cfg.readaheadFrames,
+    profiles: cfg.bootProfiles ? { windowMs: cfg.bootProfileWindowMs, onWarning: (msg, fields) => log('warn', msg, fields) } : false,
   });
   let ready = false;
 

@@ -49,6 +49,18 @@ export class Metrics {
     cache('strata_cache_fetch_bytes_total', 'compressed bytes fetched', 'fetchBytes');
     cache('strata_cache_fetch_errors_total', 'failed or corrupt fetches', 'fetchErrors');
     cache('strata_cache_hits_total', 'frame lookups already cached (engine path)', 'hits');
+    const counter = (name: string, help: string, pick: (s: ReturnType<Engine['stats']>) => number) =>
+      new client.Counter({ name, help, registers: [r], collect() { this.reset(); this.inc(pick(engine.stats())); } });
+    counter('strata_cache_restored_frames_total', 'frames an earlier process cached, verified on first use instead of fetched', (s) => s.cache.restoredFrames);
+    counter('strata_cache_restore_failures_total', 'cached frames from an earlier process that failed verification (fetched again)', (s) => s.cache.restoreFailures);
+    counter('strata_cache_scrubbed_frames_total', 'cached frames re-verified by the scrub', (s) => s.cache.scrubbed);
+    counter('strata_cache_scrub_failures_total', 'cached frames the scrub found damaged and dropped', (s) => s.cache.scrubFailures);
+    counter('strata_fetch_readahead_total', 'frame fetches started as readahead', (s) => s.fetches.readahead);
+    counter('strata_fetch_prefetch_total', 'frame fetches started for a boot profile', (s) => s.fetches.prefetch);
+    counter('strata_profile_prefetched_frames_total', 'boot-profile frames made present (fetched or already cached)', (s) => s.profiles?.prefetched ?? 0);
+    counter('strata_profiles_written_total', 'boot profiles stored (recorded or inherited by a snapshot)', (s) => s.profiles?.written ?? 0);
+    counter('strata_profiles_invalid_total', 'boot profiles ignored as corrupt or invalid', (s) => s.profiles?.invalid ?? 0);
+    new client.Gauge({ name: 'strata_fetch_queued', help: 'frame fetches waiting for a slot', registers: [r], collect() { this.set(engine.stats().fetches.queued); } });
     r.registerMetric(nativeLatency(devices) as unknown as client.Metric);
     new client.Gauge({
       name: 'strata_cache_hit_ratio', help: 'cached frame lookups / all lookups (engine path)', registers: [r],
