@@ -5,6 +5,7 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import * as net from 'net';
 import { spawn } from 'child_process';
+import { once } from 'events';
 import { RawClient } from './helpers/nbd-client';
 import { nbdFixture, type Fixture } from './helpers/nbd-fixture';
 import { NbdServer } from '../src/nbd/server';
@@ -95,6 +96,42 @@ test('over the connection limit a client is told why, and served again once a co
     const again = await RawClient.open(sock, 'd0');
     assert.is((await again.read(0, 512)).error, 0);
     for (const c of [...held.slice(1), again]) c.close();
+  } finally { await srv.close(500); }
+});
+
+test('ABORT closes the connection, also when the client sends more after it and vanishes, or never closes its end', async () => {
+  const { srv, sock } = await server({}, 'abort');
+  const gone = async (what: string) => {
+    for (let i = 0; i < 100 && srv.connections > 0; i++) await new Promise((r) => setTimeout(r, 20));
+    assert.is(srv.connections, 0, `${what}: the server still holds the connection`);
+  };
+  const abort = Buffer.alloc(16);
+  abort.writeBigUInt64BE(0x49484156454f5054n, 0); abort.writeUInt32BE(OPT.ABORT, 8);
+  try {
+    // ABORT and then more than a handshake reads ahead (the server stops
+    // reading there); the client closes without reading anything.
+    const c = await RawClient.connect(sock);
+    await c.greeting();
+    c.socket.write(Buffer.concat([abort, Buffer.alloc(256 * 1024, 0x41)]));
+    await new Promise((r) => setTimeout(r, 50));
+    c.close();
+    await gone('ABORT with more data after it, then the client closed');
+    // ABORT from a client that reads the ACK and keeps its end open: the server still closes.
+    const h = net.createConnection({ path: sock, allowHalfOpen: true });
+    h.on('error', () => {});
+    try {
+      await once(h, 'connect');
+      const ended = new Promise<void>((r) => h.once('end', () => r()));
+      let got = Buffer.alloc(0);
+      h.on('data', (b: Buffer) => { got = Buffer.concat([got, b]); });
+      while (got.length < 18) await new Promise((r) => setTimeout(r, 5));
+      const flags = Buffer.alloc(4); flags.writeUInt32BE(3, 0);
+      h.write(Buffer.concat([flags, abort]));
+      await ended;
+      assert.is(got.length, 18 + 20, 'greeting and the ACK');
+      assert.is(got.readUInt32BE(18 + 12), REP.ACK);
+      await gone('ABORT, the client keeps its end open');
+    } finally { h.destroy(); }
   } finally { await srv.close(500); }
 });
 

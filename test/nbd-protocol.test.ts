@@ -16,6 +16,7 @@ import { spawnSync } from 'child_process';
 import { Engine } from '../src/index';
 import { deviceExport } from '../src/nbd-export';
 import { skip } from './helpers/util';
+import { NbdServer } from '../src/nbd/server';
 
 let f: Fixture;
 test.before(async () => { f = await nbdFixture('nbdproto'); await f.addDevice('d0'); await f.addDevice('d1'); });
@@ -200,6 +201,42 @@ test('wrong magic, oversized write and vanished clients close only that connecti
   assert.ok(r.data.every((x) => x === 0x31), 'acknowledged write intact, connection alive');
   assert.ok((await good.read(400 * 4096, 65536)).data.equals(f.img.subarray(400 * 4096, 400 * 4096 + 65536)), 'the truncated write was not applied');
   good.close();
+});
+
+test('NBD_CMD_DISC: the connection closes once its replies are out, also when the client sends more after it or vanishes at once (fuzz seed 641625235)', async () => {
+  // A server of its own, so its connection count is this test's alone.
+  const srv = new NbdServer({ exports: f.exports });
+  const sock = await srv.listenUnix(`${f.dir}/disc.sock`);
+  const gone = async (what: string) => {
+    for (let i = 0; i < 100 && srv.connections > 0; i++) await new Promise((r) => setTimeout(r, 20));
+    assert.is(srv.connections, 0, `${what}: the server still holds the connection`);
+  };
+  try {
+    // A polite client: a read, DISC, and it waits for the server to close.
+    const a = await RawClient.open(sock, 'd0');
+    const r = a.read(0, 65536);
+    a.socket.write(RawClient.header(CMD.DISC, 0, 0, 2n));
+    assert.is((await r).error, 0, 'the request before DISC is answered');
+    assert.ok(await a.closedWithin(2000), 'the server closes after DISC');
+    await gone('DISC, then the client waited');
+    // The fuzz's sequence: DISC, then more requests and payload than one
+    // socket read takes (the server stopped reading there: the client's close
+    // stayed queued behind bytes never consumed). No reply is pending, so no
+    // failed send closes the connection by chance.
+    const junk = Buffer.concat([RawClient.header(CMD.READ, 0, 4096, 3n), RawClient.header(CMD.WRITE, 0, 65536, 4n), Buffer.alloc(256 * 1024, 0x31)]);
+    for (const wait of [false, true]) {
+      const b = await RawClient.open(sock, 'd0');
+      assert.is((await b.read(4096, 4096)).error, 0);
+      b.socket.write(Buffer.concat([RawClient.header(CMD.DISC, 0, 0, 2n), junk]));
+      if (wait) assert.ok(await b.closedWithin(2000), 'the server closes after DISC');
+      else { await new Promise((res) => setTimeout(res, 2)); b.close(); }
+      await gone(`DISC with more requests after it, then the client ${wait ? 'saw the server close' : 'closed at once'}`);
+    }
+    const chk = await RawClient.open(sock, 'd0');
+    assert.ok((await chk.read(0, 65536)).data.equals(f.img.subarray(0, 65536)), 'nothing sent after DISC was applied');
+    chk.close();
+    await gone('the check read');
+  } finally { await srv.close(500); }
 });
 
 test('H3: a client stalled mid-payload does not block reads or writes of the same blocks on other connections', async () => {

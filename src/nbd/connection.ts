@@ -118,12 +118,16 @@ export class NbdConnection {
   }
 
   private readonly onData = (b: Buffer) => {
+    // After DISC or ABORT (or a server shutdown) input is read and dropped:
+    // it is never acted on, and reading on is what lets the client's close be seen.
+    if (this.disconnecting) return;
     this.q.push(b);
     if (this.exp) { if (!this.handingOff) this.pump(); } else if (this.q.length > HANDSHAKE_AHEAD) this.socket.pause();
   };
   private readonly onSocketClose = () => { if (!this.handingOff && !this.upgrading) this.onClose(); };
   private readonly onDrain = () => { if (this.paused) this.maybeResume(); };
   private upgrading = false;
+  private deadline: NodeJS.Timeout | null = null;
 
   private listen(socket: Socket): void {
     socket.on('data', this.onData);
@@ -157,29 +161,57 @@ export class NbdConnection {
   /** Runs the handshake; transmission then proceeds from socket events. */
   async start(): Promise<void> {
     const ms = this.opts.handshakeTimeoutMs ?? 10_000;
-    const deadline = setTimeout(() => {
+    // Runs until transmission starts or the connection is gone, also past an
+    // ABORT: a client that never reads its ACK cannot keep the connection.
+    this.deadline = setTimeout(() => {
       if (this.exp || this.closed) return;
       this.log(`nbd: handshake not finished within ${ms} ms, closing connection`);
       this.socket.destroy();
     }, ms);
-    deadline.unref();
+    this.deadline.unref();
     try {
       this.socket.write(serverGreeting());
       await this.handshake();
     } catch (e) {
       if (!this.closed) this.log(`nbd: handshake ended: ${(e as Error).message}`);
       this.socket.destroy();
-    } finally { clearTimeout(deadline); }
+    }
+  }
+
+  private clearDeadline(): void {
+    if (this.deadline) { clearTimeout(this.deadline); this.deadline = null; }
+  }
+
+  /**
+   * Closes once the replies queued on the socket are sent (after DISC or
+   * ABORT, as the native wire does). Until then the socket keeps reading and
+   * onData drops what comes: a paused socket holds the client's later bytes
+   * unconsumed, its EOF never surfaces behind them, and the connection (fd,
+   * buffers) would outlive the client. Nor can a client keep it half-open.
+   */
+  private closeWhenSent(): void {
+    this.disconnecting = true;
+    this.q.skip(this.q.length);
+    this.pendingWrite = null;
+    const socket = this.socket;
+    socket.resume();
+    socket.end(() => socket.destroy());
   }
 
   /** Stop taking requests, finish the ones in flight, then close. */
   async shutdown(): Promise<void> {
     this.disconnecting = true;
     if (this.wire) { this.wire.shutdown(); await this.wireClosed; return; }
-    this.socket.pause();
     if (!this.exp) { this.socket.destroy(); return; }
+    // No new requests: what is queued or still arriving is dropped (onData),
+    // and the socket keeps reading so a client that leaves is noticed now.
+    this.q.skip(this.q.length);
+    this.pendingWrite = null;
+    if (!this.handingOff) this.socket.resume(); // mid hand-off the native wire is about to own the descriptor
     await this.idle();
-    this.socket.end();
+    const wire = this.wire as NativeNbdWire | null; // set meanwhile if a hand-off was under way
+    if (wire) { wire.shutdown(); await this.wireClosed; return; }
+    this.closeWhenSent();
   }
 
   private idle(): Promise<void> {
@@ -205,6 +237,7 @@ export class NbdConnection {
   private onClose(): void {
     if (this.closed) return;
     this.closed = true;
+    this.clearDeadline();
     this.onClosed();
     // Writes still queued on a dead socket may never call back: give their
     // I/O buffers back now (release is idempotent).
@@ -269,7 +302,7 @@ export class NbdConnection {
         }
         case OPT.ABORT:
           reply(REP.ACK);
-          this.socket.end();
+          this.closeWhenSent();
           return;
         case OPT.LIST:
           if (len !== 0) { reply(REP.ERR_INVALID); break; }
@@ -365,6 +398,7 @@ export class NbdConnection {
 
   private enter(exp: NbdExport): void {
     this.exp = exp;
+    this.clearDeadline();
     // The native wire reads the socket's descriptor itself: never under TLS.
     if (exp.nativeTarget && !this.client.tls && (this.opts.native ?? process.env.STRATA_NBD_NATIVE !== '0')) {
       this.handingOff = true;
@@ -628,7 +662,8 @@ export class NbdConnection {
   }
 
   private pause(): void {
-    if (this.paused || this.wire) return; // the wire applies its own limits
+    // The wire applies its own limits; once disconnecting, input is only dropped (and must be read to see the client go).
+    if (this.paused || this.wire || this.disconnecting) return;
     this.paused = true;
     this.socket.pause();
   }
