@@ -31,7 +31,7 @@ export interface ProfileOptions {
   maxEntries?: number;
   /** How often the recorder looks at which frames were read (default 20 ms). */
   sampleMs?: number;
-  /** Profile prefetches a device keeps in flight (default 4). */
+  /** Profile prefetches a device keeps queued (default 32; the fetch queue decides how many run). */
   depth?: number;
   onWarning?: (msg: string, fields: Record<string, unknown>) => void;
 }
@@ -183,7 +183,7 @@ export class Session {
 
   /** Fetches the profile's frames in order, `depth` at a time, until done or the device closes. */
   private async prefetch(entries: ProfileEntry[]): Promise<void> {
-    const depth = this.owner.opts.depth ?? 4;
+    const depth = this.owner.opts.depth ?? 32;
     let next = 0;
     const lane = async () => {
       while (next < entries.length && !this.d.isClosed) {

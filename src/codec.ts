@@ -67,6 +67,30 @@ export function decompress(codec: Codec, data: Uint8Array, expectSize: number): 
   return out;
 }
 
+let dctx: { decompress(dst: Uint8Array, src: Uint8Array): number } | undefined;
+
+/**
+ * Decompresses straight into `dst` (a view of shared memory: no allocation,
+ * no copy; native zstd writes there itself) and checks the size. Returns the
+ * bytes written. Any decoder failure becomes EBADMSG.
+ */
+export function decompressInto(codec: Codec, data: Uint8Array, dst: Uint8Array): number {
+  if (codec === Codec.Zstd && zstd()) {
+    let n: number;
+    try {
+      dctx ??= new (require('zstd-napi/binding') as { DCtx: new () => typeof dctx }).DCtx()!;
+      n = dctx.decompress(dst, data);
+    } catch (e) {
+      throw ebadmsg(`zstd frame does not decode: ${(e as Error).message}`);
+    }
+    if (n !== dst.length) throw ebadmsg(`zstd frame decoded to ${n} bytes, expected ${dst.length}`);
+    return n;
+  }
+  const out = decompress(codec, data, dst.length);
+  dst.set(out);
+  return out.length;
+}
+
 // zstd-codec is emscripten and initialises asynchronously; it is only a
 // fallback, so it is loaded lazily and used through its streaming API (its
 // Simple API returns null for frames without a content size).

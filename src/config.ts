@@ -33,7 +33,7 @@ export const SETTINGS: Setting[] = [
   { key: 'cacheMaxMiB', flag: 'cache-max-mib', env: 'STRATA_CACHE_MAX_MIB', kind: 'int', doc: 'template cache size limit in MiB (0: none); default 0' },
   { key: 'cacheScrubMiBps', flag: 'cache-scrub-mibps', env: 'STRATA_CACHE_SCRUB_MIBPS', kind: 'int', doc: 're-verify cached template data in the background at this rate in MiB/s (0: never); default 16' },
   { key: 'cacheMinFreeMiB', flag: 'cache-min-free-mib', env: 'STRATA_CACHE_MIN_FREE_MIB', kind: 'int', doc: 'evict cached template data while the cache disk has less free space; default 1024' },
-  { key: 'fetchConcurrency', flag: 'fetch-concurrency', env: 'STRATA_FETCH_CONCURRENCY', kind: 'int', doc: 'frame fetches from the object store at once on this host (guest misses first, then readahead, then boot-profile prefetch); default 8' },
+  { key: 'fetchConcurrency', flag: 'fetch-concurrency', env: 'STRATA_FETCH_CONCURRENCY', kind: 'int', doc: 'frame fetches from the object store at once on this host (guest misses first, then readahead, then boot-profile prefetch); default 16' },
   { key: 'readaheadFrames', flag: 'readahead-frames', env: 'STRATA_READAHEAD_FRAMES', kind: 'int', doc: '2 MiB frames fetched ahead of sequential misses (0: none); default 4' },
   { key: 'bootProfiles', flag: 'boot-profiles', env: 'STRATA_BOOT_PROFILES', kind: 'onoff', doc: 'record the frames a device reads first and prefetch them for the next device on that layer: on or off; default on' },
   { key: 'bootProfileWindowS', flag: 'boot-profile-window', env: 'STRATA_BOOT_PROFILE_WINDOW', kind: 'int', doc: 'seconds of a new device\'s reads a boot profile records; default 60' },
@@ -123,7 +123,7 @@ export function loadConfig(args: Record<string, unknown>, env: NodeJS.ProcessEnv
     cacheMinFreeBytes: ((raw.cacheMinFreeMiB as number | undefined) ?? 1024) * 1024 * 1024,
     cacheScrubBytesPerSec: ((raw.cacheScrubMiBps as number | undefined) ?? 16) * 1024 * 1024,
     fetchConcurrency: (() => {
-      const n = (raw.fetchConcurrency as number | undefined) ?? 8;
+      const n = (raw.fetchConcurrency as number | undefined) ?? 16;
       if (n < 1 || n > 1024) throw einval(`fetchConcurrency must be 1..1024, got ${n}`);
       return n;
     })(),

@@ -18,12 +18,12 @@ export interface CoreOptions {
   cacheDir: string;
   /** Codec/hash worker threads (default: number of CPUs). */
   workers?: number;
-  /** Bytes of registered I/O buffer memory (default 64 MiB, a quarter of it for fetches). */
+  /** Bytes of registered I/O buffer memory (default 48 MiB for requests plus 2 MiB per concurrent fetch, at least 16 MiB). */
   arenaBytes?: number;
   ringEntries?: number;
   /** A directory shared by hosts as a second frame cache tier (see shared-tier.ts). */
   sharedCacheDir?: string;
-  /** Frame fetches from the store at once (default 8; see bench/README.md, "Cold start"). */
+  /** Frame fetches from the store at once (default 16; see bench/README.md, "Cold start"). */
   fetchConcurrency?: number;
   /** Frames fetched ahead of sequential misses (default 4; 0: no readahead). */
   readaheadFrames?: number;
@@ -61,15 +61,19 @@ export class Core {
     this.store = opts.store;
     this.cacheDir = opts.cacheDir;
     this.tier2 = opts.sharedCacheDir ? new SharedFrameDir(opts.sharedCacheDir) : null;
-    this.fetches = new FetchQueue(opts.fetchConcurrency ?? 8);
-    this.readaheadFrames = opts.readaheadFrames ?? 4;
     fs.mkdirSync(path.join(this.cacheDir, 'layers'), { recursive: true });
     fs.mkdirSync(path.join(this.cacheDir, 'devices'), { recursive: true });
-    const arenaBytes = opts.arenaBytes ?? 64 * 1024 * 1024;
+    // Requests get 48 MiB by default; fetches enough for every one the queue
+    // lets run at once (a 2 MiB frame each).
+    const fetchConcurrency = opts.fetchConcurrency ?? 16;
+    const bulkWant = Math.max(16 << 20, fetchConcurrency * (2 << 20));
+    const arenaBytes = opts.arenaBytes ?? (48 << 20) + bulkWant;
+    this.fetches = new FetchQueue(fetchConcurrency);
+    this.readaheadFrames = opts.readaheadFrames ?? 4;
     // Reserve the low 64 KiB, then the arena at a fixed place so its
     // registration stays valid when the heap above it grows.
     this.heap = new SharedHeap({ reserveBytes: 65536 + arenaBytes, initialBytes: 65536 + arenaBytes + (16 << 20) });
-    const bulkBytes = Math.min(Math.max(8 << 20, Math.floor(arenaBytes / 4)), Math.floor(arenaBytes / 2));
+    const bulkBytes = Math.min(Math.max(8 << 20, Math.floor(arenaBytes / 4), bulkWant), Math.floor(arenaBytes / 2));
     this.arena = new IoArena(65536, arenaBytes - bulkBytes);
     this.bulk = new IoArena(65536 + arenaBytes - bulkBytes, bulkBytes);
     this.uring = new Uring(this.heap.memory, { offset: 65536, length: arenaBytes }, opts.ringEntries ?? 256);

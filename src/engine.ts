@@ -30,7 +30,7 @@ export interface EngineOptions {
   cache?: CacheLimits;
   /** A directory shared by hosts (e.g. NFS) as a second frame cache tier. */
   sharedCacheDir?: string;
-  /** Frame fetches from the store at once (default 8) and frames read ahead of sequential misses (default 4). */
+  /** Frame fetches from the store at once (default 16) and frames read ahead of sequential misses (default 4). */
   fetchConcurrency?: number;
   readaheadFrames?: number;
   /** Boot profiles: record each device's first reads, prefetch them for the next (default on; false: off). */

@@ -6,7 +6,7 @@ import { workerData } from 'worker_threads';
 import * as fs from 'fs';
 import { createHash } from 'crypto';
 import { instantiate, WasmExports } from '../src/wasm';
-import { compress, decompress } from '../src/codec';
+import { compress, decompressInto } from '../src/codec';
 import { Codec } from '../src/format';
 import { ebadmsg } from '../src/errors';
 
@@ -78,9 +78,8 @@ function unframe(t: UnframeTask): { ok: true; size: number; uSum: string } | { o
   try {
     const sum = hash(t.cPtr, t.cSize);
     if (sum !== t.checksum) throw ebadmsg(`frame checksum mismatch (stored ${t.checksum}, computed ${sum})`);
-    const out = decompress(t.codec, view(t.cPtr, t.cSize), t.uSize);
-    new Uint8Array(memory.buffer).set(out, t.outPtr);
-    return { ok: true, size: out.length, uSum: hash(t.outPtr, out.length) };
+    const size = decompressInto(t.codec, view(t.cPtr, t.cSize), view(t.outPtr, t.uSize));
+    return { ok: true, size, uSum: hash(t.outPtr, size) };
   } catch (e) {
     const err = e as { code?: string; message: string };
     return { ok: false, code: err.code ?? 'EIO', message: err.message };
