@@ -19,6 +19,7 @@ export const FLAG_INHERITED = 1;
 export const MAX_ENTRIES = 65536;
 const HEAD = 24; // magic 8, version 4, flags 4, count 4, reserved 4
 const ENTRY = 12; // chain index 4, frame 4, ms 4
+const MAX_BYTES = HEAD + MAX_ENTRIES * ENTRY + 8;
 
 /** A frame of one of the chain's layers, first read `ms` after the device opened. */
 export interface ProfileEntry { layer: string; frame: number; ms: number }
@@ -99,17 +100,21 @@ export class BootProfiles {
 
   constructor(private readonly core: Core, private readonly registry: LayerRegistry, readonly opts: ProfileOptions = {}) {}
 
-  /** Starts a device's session: prefetch its layer's profile, record its first reads. Never throws. */
-  async start(d: ProfiledDevice): Promise<void> {
-    const profile = await this.load(d.layerId);
-    const s = new Session(this, d, profile);
+  /**
+   * Starts a device's session: records its first reads at once, and
+   * prefetches its layer's profile once loaded (the device does not wait for
+   * the store). Never throws.
+   */
+  start(d: ProfiledDevice): void {
+    const s = new Session(this, d);
     this.sessions.set(d, s);
-    s.begin();
+    s.begin(this.load(d.layerId));
   }
 
   /** A snapshot of `d` was committed as `child`: it gets the profile its parent has, refined by what `d` read. */
   async inherit(d: ProfiledDevice, child: LayerHeader): Promise<void> {
     const s = this.sessions.get(d);
+    await s?.whenLoaded();
     const entries = mergeEntries(s?.recorded() ?? [], s?.profile?.entries ?? []);
     if (entries.length) await this.save(child, { inherited: true, entries });
   }
@@ -118,7 +123,10 @@ export class BootProfiles {
   async load(layerId: string): Promise<Profile | null> {
     let bytes: Buffer;
     try {
-      if (!(await this.core.store.head(keys.profile(layerId)))) return null;
+      const head = await this.core.store.head(keys.profile(layerId));
+      if (!head) return null;
+      // Refused before reading: a huge object must not be pulled into memory.
+      if (head.size > MAX_BYTES) throw ebadmsg(`profile object of ${head.size} bytes is over the ${MAX_BYTES}-byte limit`);
       bytes = await this.core.store.get(keys.profile(layerId));
     } catch (e) {
       this.warn('cannot read boot profile; booting without it', { layer: layerId, error: (e as Error).message });
@@ -167,19 +175,28 @@ export class Session {
   private readonly layer: string;
   private readonly chain: readonly string[];
 
-  constructor(private readonly owner: BootProfiles, private readonly d: ProfiledDevice, readonly profile: Profile | null) {
+  /** The layer's profile when the device opened (null until loaded, or when it has none). */
+  profile: Profile | null = null;
+
+  constructor(private readonly owner: BootProfiles, private readonly d: ProfiledDevice) {
     this.layer = d.layerId;
     this.chain = d.chain;
   }
 
   recorded(): ProfileEntry[] { return this.entries; }
+  whenLoaded(): Promise<void> { return this.loaded; }
 
-  begin(): void {
-    if (this.profile?.entries.length) void this.prefetch(this.profile.entries);
+  begin(loading: Promise<Profile | null>): void {
     // Always recorded (a snapshot inherits what its device read); stored only
     // for a layer without a profile of its own.
+    this.loaded = loading.then((p) => {
+      this.profile = p;
+      if (p?.entries.length) void this.prefetch(p.entries);
+    });
     void this.record();
   }
+
+  private loaded: Promise<void> = Promise.resolve();
 
   /** Fetches the profile's frames in order, `depth` at a time, until done or the device closes. */
   private async prefetch(entries: ProfileEntry[]): Promise<void> {
@@ -224,6 +241,7 @@ export class Session {
   private async store(): Promise<void> {
     this.owner.recording.delete(this);
     if (this.timer) clearInterval(this.timer);
+    await this.loaded; // whether the layer has a profile of its own
     if (!this.entries.length) return;
     this.owner.stats.recorded++;
     if (this.profile && !this.profile.inherited) return; // the layer's own profile is kept

@@ -205,7 +205,7 @@ export class Engine {
     return this.withLayer(layerId, false, async () => {
       const d = await Device.open(this.core, this.layers, layerId, { ...opts, ...this.profileHooks() });
       this.devices.add(d);
-      await this.profiles?.start(d);
+      this.profiles?.start(d);
       return d;
     });
   }
@@ -217,7 +217,7 @@ export class Engine {
     return this.withLayer(layer, false, async () => {
       const d = await Device.resume(this.core, this.layers, id, this.profileHooks());
       this.devices.add(d);
-      await this.profiles?.start(d);
+      this.profiles?.start(d);
       return d;
     });
   }
