@@ -21,6 +21,7 @@ import * as path from 'path';
 import { spawnSync } from 'child_process';
 import { Engine, type Device } from '../src/index';
 import { parseCodec, codecName } from '../src/format';
+import { compress } from '../src/codec';
 import { FsObjectStore } from '../src/store/fs';
 import type { ObjectInfo, ObjectStore } from '../src/store/types';
 
@@ -30,7 +31,7 @@ const ROUNDS = Number(opt('--rounds', process.env.STRATA_BENCH_ROUNDS ?? '3'));
 const LATENCIES = opt('--latency', '20,50').split(',').map(Number);
 const MIBPS = Number(opt('--mibps', '64'));
 const CONCURRENCY = opt('--concurrency', '8').split(',').map(Number);
-const CODEC = parseCodec(opt('--codec', 'zstd'));
+const CODEC = parseCodec(opt('--codec', 'zstd')); // the child cells only warm their workers with it
 // The trace was recorded under TCG, where guest code runs ~17x slower than
 // under KVM: paced replays keep the guest's think time divided by this.
 const PACE = 1 / Number(opt('--tcg-factor', '17'));
@@ -101,11 +102,51 @@ const MODES: Array<[string, number]> = [[' (I/O-bound)', 0], [` (paced: think ti
 
 /** A running daemon's workers are warm: give a fresh engine's pool some work first (WASM tier-up, codec load). */
 async function warmWorkers(e: Engine): Promise<void> {
-  const p = e.core.heap.alloc(2 << 20);
-  try { for (let i = 0; i < 40; i++) await e.core.run({ op: 'hash', ptr: p, len: 2 << 20 }); } finally { e.core.heap.free(p); }
+  const h = e.core.heap;
+  const p = h.alloc(2 << 20), out = h.alloc(2 << 20);
+  const frame = Buffer.from(compress(CODEC, Buffer.alloc(2 << 20, 1), 3));
+  h.u8.set(frame, p);
+  const checksum = e.core.checksum(frame).toString(16);
+  try {
+    // Both workers load the codec and tier up their WASM, as in a daemon that has been running.
+    for (let i = 0; i < 40; i++) {
+      await Promise.all([0, 1].map(() => e.core.run({ op: 'unframe', codec: CODEC, cPtr: p, cSize: frame.length, checksum, outPtr: out, uSize: 2 << 20 })));
+      await Promise.all([0, 1].map(() => e.core.run({ op: 'hash', ptr: out, len: 2 << 20 })));
+    }
+  } finally { h.free(p); h.free(out); }
+}
+
+interface CellSpec { cacheDir: string; warmFirst: boolean; pace: number; latencyMs: number; readahead: number; profile: boolean; concurrency: number }
+interface CellResult { ms: number; frames: number; bytes: number }
+
+/**
+ * Each cell runs in a process of its own (this file with --cell): engines an
+ * earlier cell closed (their threads, their shared memory) cannot slow it.
+ */
+type FullSpec = CellSpec & { storeDir: string; layer: string; traceFile: string; mibps: number };
+function runCell(spec: FullSpec): CellResult {
+  const r = spawnSync(process.execPath, ['-r', 'tsx/cjs', __filename, '--cell', JSON.stringify(spec)], { encoding: 'utf8', maxBuffer: 1 << 24 });
+  const line = r.stdout.split('\n').find((l) => l.startsWith('{'));
+  if (r.status !== 0 || !line) throw new Error(`cell ${JSON.stringify(spec)} failed (exit ${r.status}): ${r.stderr.slice(-1500)}`);
+  return JSON.parse(line) as CellResult;
+}
+
+async function cellMain(spec: FullSpec): Promise<void> {
+  const bs = batches((JSON.parse(fs.readFileSync(spec.traceFile, 'utf8')) as { requests: Req[] }).requests);
+  const s = new SlowStore(new FsObjectStore(spec.storeDir), spec.latencyMs, spec.mibps * MiB);
+  const e = await Engine.open({ store: s, cacheDir: spec.cacheDir, profiles: spec.profile ? { windowMs: 1 } : false,
+    readaheadFrames: spec.readahead, fetchConcurrency: spec.concurrency });
+  try {
+    await warmWorkers(e);
+    if (spec.warmFirst) await replay(await e.openDevice(spec.layer), bs);
+    const fetches = e.stats().cache.fetches, bytes = s.bytes;
+    const ms = await replay(await e.openDevice(spec.layer), bs, spec.pace);
+    process.stdout.write(`${JSON.stringify({ ms, frames: e.stats().cache.fetches - fetches, bytes: s.bytes - bytes })}\n`);
+  } finally { await e.close(); }
 }
 
 (async () => {
+  if (argv[0] === '--cell') return cellMain(JSON.parse(argv[1]));
   const image = sandboxImage();
   const traceFile = path.join(path.dirname(image), 'boot-trace.json');
   if (!fs.existsSync(traceFile)) {
@@ -136,35 +177,25 @@ async function warmWorkers(e: Engine): Promise<void> {
     const profileBytes = fs.statSync(path.join(storeDir, 'layers', layer, 'profile')).size;
 
     const cells = new Map<string, Cell>();
-    const add = (k: string, ms: number, s: SlowStore | null, frames: number) => {
+    const add = (k: string, r: CellResult) => {
       const c = cells.get(k) ?? { ms: [], frames: [], bytes: [] };
-      c.ms.push(ms); c.frames.push(frames); c.bytes.push(s ? s.bytes : 0);
+      c.ms.push(r.ms); c.frames.push(r.frames); c.bytes.push(r.bytes);
       cells.set(k, c);
     };
     let n = 0;
     const fresh = () => path.join(dir, `c${n++}`);
+    const run = (spec: CellSpec) => runCell({ ...spec, storeDir, layer, traceFile, mibps: MIBPS });
     for (let round = 0; round < ROUNDS; round++) {
-      // (a) warm, then (d) the same cache after a restart
+      // (a) warm (the first replay warms the cache), then (d) the same cache after a restart
       const warmDir = fresh();
-      e = await Engine.open({ store: storeDir, cacheDir: warmDir, profiles: false, readaheadFrames: 0 });
-      await replay(await e.openDevice(layer), bs);
-      for (const [mode, pace] of MODES) add(`a warm cache${mode}`, await replay(await e.openDevice(layer), bs, pace), null, 0);
-      await e.close();
-      const slowAfter = new SlowStore(new FsObjectStore(storeDir), LATENCIES[0], MIBPS * MiB);
-      e = await Engine.open({ store: slowAfter, cacheDir: warmDir, profiles: false, readaheadFrames: 0 });
-      add(`d warm cache after a restart, ${LATENCIES[0]} ms store`, await replay(await e.openDevice(layer), bs), slowAfter, e.stats().cache.fetches);
-      await e.close();
+      for (const [mode, pace] of MODES) add(`a warm cache${mode}`, run({ cacheDir: warmDir, warmFirst: true, pace, latencyMs: 0, readahead: 0, profile: false, concurrency: 16 }));
+      add(`d warm cache after a restart, ${LATENCIES[0]} ms store`, run({ cacheDir: warmDir, warmFirst: false, pace: 0, latencyMs: LATENCIES[0], readahead: 0, profile: false, concurrency: 16 }));
       for (const [mode, pace] of MODES) {
         for (const lat of LATENCIES) {
           for (const conc of CONCURRENCY) {
-            for (const [tag, ra, prof] of [['b cold, fetch on miss only', 0, false], ['r cold, readahead', 4, false], ['c cold, boot profile + readahead', 4, true]] as const) {
-              const s = new SlowStore(new FsObjectStore(storeDir), lat, MIBPS * MiB);
-              e = await Engine.open({ store: s, cacheDir: fresh(), profiles: prof ? { windowMs: 1 } : false, readaheadFrames: ra, fetchConcurrency: conc });
-              await warmWorkers(e);
-              const dev = await e.openDevice(layer);
-              const ms = await replay(dev, bs, pace);
-              add(`${tag}, ${lat} ms store${CONCURRENCY.length > 1 ? `, ${conc} fetches at once` : ''}${mode}`, ms, s, e.stats().cache.fetches);
-              await e.close();
+            for (const [tag, readahead, profile] of [['b cold, fetch on miss only', 0, false], ['r cold, readahead', 4, false], ['c cold, boot profile + readahead', 4, true]] as const) {
+              add(`${tag}, ${lat} ms store${CONCURRENCY.length > 1 ? `, ${conc} fetches at once` : ''}${mode}`,
+                run({ cacheDir: fresh(), warmFirst: false, pace, latencyMs: lat, readahead, profile, concurrency: conc }));
             }
           }
         }

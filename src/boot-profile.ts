@@ -105,10 +105,10 @@ export class BootProfiles {
    * prefetches its layer's profile once loaded (the device does not wait for
    * the store). Never throws.
    */
-  start(d: ProfiledDevice): void {
+  start(d: ProfiledDevice, loading = this.load(d.layerId)): void {
     const s = new Session(this, d);
     this.sessions.set(d, s);
-    s.begin(this.load(d.layerId));
+    s.begin(loading);
   }
 
   /** A snapshot of `d` was committed as `child`: it gets the profile its parent has, refined by what `d` read. */

@@ -203,9 +203,11 @@ export class Engine {
 
   openDevice(layerId: string, opts: DeviceOptions = {}): Promise<Device> {
     return this.withLayer(layerId, false, async () => {
+      // The profile is fetched alongside the layer's header, not after it.
+      const profile = this.profiles?.load(layerId);
       const d = await Device.open(this.core, this.layers, layerId, { ...opts, ...this.profileHooks() });
       this.devices.add(d);
-      this.profiles?.start(d);
+      this.profiles?.start(d, profile);
       return d;
     });
   }
