@@ -75,6 +75,56 @@ test('daemon serves imported layers over a 0600 unix socket, no TCP unless asked
   }
 });
 
+/** Sums of the daemon's Prometheus counters by name (over its API unix socket). */
+function metrics(sock: string): Promise<Record<string, number>> {
+  return new Promise((resolve, reject) => {
+    require('http').get({ socketPath: sock, path: '/metrics' }, (res: import('http').IncomingMessage) => {
+      let t = '';
+      res.on('data', (d) => { t += d; });
+      res.on('end', () => {
+        const m: Record<string, number> = {};
+        for (const line of t.split('\n')) {
+          const x = /^([a-z_]+)(?:\{[^}]*\})? ([0-9.eE+-]+)$/.exec(line);
+          if (x) m[x[1]] = (m[x[1]] ?? 0) + Number(x[2]);
+        }
+        resolve(m);
+      });
+    }).on('error', reject);
+  });
+}
+
+test('a daemon SIGKILLed after serving a template leaves its cache to the next one: nothing is fetched again', async () => {
+  const dir = tmpdir('daemon-cache');
+  const img = makeImage(4096, 9); // 16 MiB
+  const first = await startDaemon(dir, img, ['--store', `${dir}/store`]);
+  let second: ReturnType<typeof spawn> | null = null;
+  try {
+    assert.ok(first.layer, `daemon did not import: ${first.out()}`);
+    const sock = `${dir}/data/nbd.sock`;
+    assert.is((await run('nbdcopy', [`nbd+unix:///${first.layer}/a?socket=${sock}`, `${dir}/out`])).code, 0);
+    assert.ok(fs.readFileSync(`${dir}/out`).equals(img));
+    await new Promise((r) => setTimeout(r, 600)); // past the cache's persist delay
+    first.child.kill('SIGKILL');
+    await new Promise((r) => first.child.once('exit', r));
+    second = spawn(process.execPath, [path.join(__dirname, '..', 'src', 'server.js'), '--data', `${dir}/data`, '--store', `${dir}/store`], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    second.stdout!.on('data', (d) => { out += d; });
+    second.stderr!.on('data', (d) => { out += d; });
+    for (let i = 0; i < 300 && !/strata daemon started/.test(out); i++) await new Promise((r) => setTimeout(r, 50));
+    const r = await run('nbdcopy', [`nbd+unix:///${first.layer}/b?socket=${sock}`, `${dir}/out2`]);
+    assert.is(r.code, 0, `${r.err}\n${out}`);
+    assert.ok(fs.readFileSync(`${dir}/out2`).equals(img), 'the restarted daemon serves the same bytes');
+    const m = await metrics(`${dir}/data/api.sock`);
+    assert.is(m.strata_cache_fetches_total, 0, 'no frame fetched from the store');
+    assert.ok(m.strata_cache_restored_frames_total > 0, `frames verified from the cache the killed daemon left (${m.strata_cache_restored_frames_total})`);
+    assert.is(m.strata_cache_restore_failures_total, 0);
+  } finally {
+    first.child.kill('SIGKILL');
+    second?.kill('SIGKILL');
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
 test('daemon --tcp serves NBD over TCP on loopback only, unless --host says otherwise', async () => {
   const img = makeImage(1024, 6);
   for (const host of [null, '0.0.0.0']) {
