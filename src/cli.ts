@@ -14,6 +14,10 @@ const USAGE = `usage:
   strata inspect LAYER --store STORE [--json]
   strata layers --store STORE
   strata dedup-report LAYER... --store STORE [--json]  how much block dedup at 4/16/64/128 KiB would save
+  strata gc --store STORE [--apply] [--grace 24h] [--shared-cache DIR] [--json]
+                                                       objects nothing references (failed uploads, unfinished deletes,
+                                                       run-out leases, shared-tier leftovers) older than the grace
+                                                       period: a report (dry run) unless --apply
   strata devices [--api SOCKET|URL] [--json]           devices of a running daemon
   strata snapshots [--api SOCKET|URL] [--json]         snapshots in the daemon's store
   strata snapshot DEVICE [--api SOCKET|URL]            snapshot a device (waits, shows progress; prints the layer id)
@@ -67,6 +71,13 @@ async function daemonCommand(cmd: string, rest: string[], args: Args): Promise<n
   }
 }
 
+/** "90s", "30m", "24h", "7d" (or plain seconds) in ms. */
+export function parseDuration(s: string): number {
+  const m = /^(\d+)(s|m|h|d)?$/.exec(s);
+  if (!m) throw new StrataError('EINVAL', `bad duration ${JSON.stringify(s)} (e.g. 90m, 24h, 7d)`);
+  return Number(m[1]) * { s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 }[(m[2] ?? 's') as 's' | 'm' | 'h' | 'd'];
+}
+
 export function parseArgs(argv: string[]): Args {
   const out: Args = { _: [] };
   for (let i = 0; i < argv.length; i++) {
@@ -76,7 +87,7 @@ export function parseArgs(argv: string[]): Args {
       const eq = a.indexOf('=');
       const [k, v] = eq < 0 ? [a.slice(2), undefined] : [a.slice(2, eq), a.slice(eq + 1)];
       if (v !== undefined) out[k] = v;
-      else if (i + 1 < argv.length && !argv[i + 1].startsWith('--') && !['json', 'help', 'insecure-nbd', 'tls-verify-peer'].includes(k)) out[k] = argv[++i];
+      else if (i + 1 < argv.length && !argv[i + 1].startsWith('--') && !['json', 'help', 'insecure-nbd', 'tls-verify-peer', 'apply'].includes(k)) out[k] = argv[++i];
       else out[k] = true;
     } else out._.push(a);
   }
@@ -92,7 +103,7 @@ export async function main(argv: string[]): Promise<number> {
   if (!store) { console.error(`strata ${cmd}: --store STORE is required\n${USAGE}`); return 2; }
   let engine: Engine | undefined;
   try {
-    engine = await Engine.open({ store });
+    engine = await Engine.open({ store, profiles: false, sharedCacheDir: typeof args['shared-cache'] === 'string' ? args['shared-cache'] : undefined });
     switch (cmd) {
       case 'import': {
         if (rest.length !== 1) throw new StrataError('EINVAL', 'import takes one IMAGE');
@@ -141,6 +152,27 @@ export async function main(argv: string[]): Promise<number> {
         const r = await dedupReport(engine, rest, p);
         p.end();
         console.log(args.json ? JSON.stringify(r, null, 2) : formatDedupReport(r));
+        return 0;
+      }
+      case 'gc': {
+        const graceMs = parseDuration(typeof args.grace === 'string' ? args.grace : '24h');
+        const p = progressPrinter('gc', 1);
+        const r = await engine.gc({ dryRun: !args.apply, graceMs, onProgress: p, onWarning: (m, f) => console.error(`warning: ${m} ${JSON.stringify(f)}`) });
+        p.end();
+        if (args.json) { console.log(JSON.stringify(r, null, 2)); return 0; }
+        const byReason = new Map<string, { n: number; bytes: number }>();
+        for (const i of r.removed) {
+          const x = byReason.get(i.reason) ?? { n: 0, bytes: 0 };
+          x.n++; x.bytes += i.bytes;
+          byReason.set(i.reason, x);
+        }
+        const mib = (b: number) => `${(b / 1048576).toFixed(1)} MiB`;
+        console.log(`${r.dryRun ? 'dry run (--apply removes them): would remove' : 'removed'} ${r.removed.length} objects, ${mib(r.bytes)}; ` +
+          `${r.layers} layers and ${r.leases} leases seen; grace period ${(r.graceMs / 3_600_000).toFixed(1)} h`);
+        for (const [reason, x] of byReason) console.log(`  ${String(x.n).padStart(6)}  ${mib(x.bytes).padStart(12)}  ${reason}`);
+        for (const k of r.kept) console.log(`  kept ${k.layer}: ${k.reason}`);
+        for (const i of r.removed.slice(0, 50)) console.log(`  ${i.key}`);
+        if (r.removed.length > 50) console.log(`  ... and ${r.removed.length - 50} more (--json lists them all)`);
         return 0;
       }
       default:

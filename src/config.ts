@@ -37,6 +37,8 @@ export const SETTINGS: Setting[] = [
   { key: 'readaheadFrames', flag: 'readahead-frames', env: 'STRATA_READAHEAD_FRAMES', kind: 'int', doc: '2 MiB frames fetched ahead of sequential misses (0: none); default 4' },
   { key: 'bootProfiles', flag: 'boot-profiles', env: 'STRATA_BOOT_PROFILES', kind: 'onoff', doc: 'record the frames a device reads first and prefetch them for the next device on that layer: on or off; default on' },
   { key: 'bootProfileWindowS', flag: 'boot-profile-window', env: 'STRATA_BOOT_PROFILE_WINDOW', kind: 'int', doc: 'seconds of a new device\'s reads a boot profile records; default 60' },
+  { key: 'hostId', flag: 'host-id', env: 'STRATA_HOST_ID', kind: 'string', doc: 'this host\'s name in the store\'s leases (letters, digits, ._-); default: made once and kept in DATA/host-id' },
+  { key: 'leaseTtlS', flag: 'lease-ttl', env: 'STRATA_LEASE_TTL', kind: 'int', doc: 'seconds a host\'s lease on the layers it uses counts after it was last written (renewed every third); default 120' },
   { key: 'sharedCache', flag: 'shared-cache', env: 'STRATA_SHARED_CACHE', kind: 'string', doc: 'directory shared by hosts (e.g. NFS) as a second frame cache tier' },
   { key: 'import', flag: 'import', env: 'STRATA_IMPORT', kind: 'string', doc: 'import this raw image at start and print its NBD URI' },
 ];
@@ -48,7 +50,8 @@ export interface Config {
   nbdMaxConnections: number; nbdByName?: boolean; nbdByNameMax: number; insecureNbd: boolean;
   tls: 'off' | 'on' | 'require'; tlsCertificates?: string; tlsPsk?: string; tlsVerifyPeer: boolean;
   cacheMaxBytes: number; cacheMinFreeBytes: number; cacheScrubBytesPerSec: number;
-  fetchConcurrency: number; readaheadFrames: number; bootProfiles: boolean; bootProfileWindowMs: number; sharedCache?: string; ublkOnStop: 'keep' | 'remove';
+  fetchConcurrency: number; readaheadFrames: number; bootProfiles: boolean; bootProfileWindowMs: number;
+  hostId?: string; leaseTtlMs: number; sharedCache?: string; ublkOnStop: 'keep' | 'remove';
 }
 
 function parse(s: Setting, v: unknown, from: string): unknown {
@@ -130,6 +133,12 @@ export function loadConfig(args: Record<string, unknown>, env: NodeJS.ProcessEnv
     readaheadFrames: (raw.readaheadFrames as number | undefined) ?? 4,
     bootProfiles: (raw.bootProfiles as boolean | undefined) ?? true,
     bootProfileWindowMs: ((raw.bootProfileWindowS as number | undefined) ?? 60) * 1000,
+    hostId: raw.hostId as string | undefined,
+    leaseTtlMs: (() => {
+      const n = (raw.leaseTtlS as number | undefined) ?? 120;
+      if (n < 1) throw einval(`leaseTtlS must be at least 1, got ${n}`);
+      return n * 1000;
+    })(),
     configFile: file,
   };
 }

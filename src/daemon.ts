@@ -10,6 +10,7 @@
 //                                                           EXPORT_NAME; legacy, limited)
 import * as fs from 'fs';
 import * as path from 'path';
+import { newHostId } from './leases';
 import { Engine } from './engine';
 import { NbdServer } from './nbd/server';
 import type { ClientInfo, ExportInfo, ExportResolver, NbdExport } from './nbd/export';
@@ -30,6 +31,16 @@ import { serveUblk, recoverUblk } from './ublk-export';
 
 // Structured JSON logs (pino): one line per event, with device / operation ids as fields.
 const logger = pino({ base: { pid: process.pid }, timestamp: pino.stdTimeFunctions.isoTime, formatters: { level: (label) => ({ level: label }) } });
+/** This host's name in the store's leases: the setting, else one made once and kept in the data directory. */
+function hostIdOf(cfg: Config): string {
+  if (cfg.hostId) return cfg.hostId;
+  const file = path.join(cfg.data, 'host-id');
+  try { return fs.readFileSync(file, 'utf8').trim(); } catch { /* first start */ }
+  const id = newHostId();
+  fs.writeFileSync(file, `${id}\n`, { mode: 0o600 });
+  return id;
+}
+
 const log = (level: 'info' | 'warn' | 'error', msg: string, extra: Record<string, unknown> = {}) => logger[level](extra, msg);
 
 const USAGE = `usage: node src/server.js [options]   (flags win over environment, which wins over --config FILE)
@@ -75,6 +86,7 @@ export async function main(argv: string[]): Promise<void> {
     cache: { maxBytes: cfg.cacheMaxBytes, minFreeBytes: cfg.cacheMinFreeBytes, scrubBytesPerSec: cfg.cacheScrubBytesPerSec }, sharedCacheDir: cfg.sharedCache,
     fetchConcurrency: cfg.fetchConcurrency, readaheadFrames: cfg.readaheadFrames,
     profiles: cfg.bootProfiles ? { windowMs: cfg.bootProfileWindowMs, onWarning: (msg, fields) => log('warn', msg, fields) } : false,
+    leases: { hostId: hostIdOf(cfg), ttlMs: cfg.leaseTtlMs, onWarning: (msg, fields) => log('warn', msg, fields) },
   });
   let ready = false;
 

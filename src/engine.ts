@@ -16,6 +16,8 @@ import { einval, StrataError } from './errors';
 import { CacheEvictor, type CacheLimits } from './cache-evictor';
 import { CacheScrub, type ScrubResult } from './cache-scrub';
 import { BootProfiles, type ProfileOptions } from './boot-profile';
+import { LeaseKeeper, tombstoneKey, TOMBSTONE_MS, type LeaseOptions } from './leases';
+import { collectGarbage, type GcOptions, type GcReport } from './gc';
 import { traced } from './tracing';
 import { isAlive } from './pid';
 
@@ -35,6 +37,12 @@ export interface EngineOptions {
   readaheadFrames?: number;
   /** Boot profiles: record each device's first reads, prefetch them for the next (default on; false: off). */
   profiles?: ProfileOptions | false;
+  /**
+   * Leases in the store naming the layers this engine's devices use, so
+   * engines on other hosts refuse to delete them (src/leases.ts). Off unless
+   * given (the daemon turns them on); every engine sharing a store should.
+   */
+  leases?: LeaseOptions;
 }
 
 export interface ImportOptions {
@@ -52,6 +60,8 @@ export class Engine {
   private readonly scrubber: CacheScrub;
   /** null when profiles are off. */
   readonly profiles: BootProfiles | null;
+  /** null when leases are off. */
+  leases: LeaseKeeper | null = null;
   /** Per layer: opening devices on it share, deleting it excludes (so the two never both succeed). */
   private layerLocks = new Map<string, RangeLock>();
   private constructor(readonly core: Core, readonly layers: LayerRegistry, private readonly ownCacheDir: string | null,
@@ -105,10 +115,56 @@ export class Engine {
     heldLocks.add(path.resolve(lockFile));
     const core = new Core({ store, cacheDir, workers: opts.workers, arenaBytes: opts.arenaBytes, sharedCacheDir: opts.sharedCacheDir,
       fetchConcurrency: opts.fetchConcurrency, readaheadFrames: opts.readaheadFrames });
-    return new Engine(core, new LayerRegistry(core), own, lockFile, opts.cache, opts.profiles);
+    const e = new Engine(core, new LayerRegistry(core), own, lockFile, opts.cache, opts.profiles);
+    if (opts.leases) {
+      e.leases = new LeaseKeeper(store, () => e.layersInUse(), opts.leases);
+      try { await e.leases.start(); } catch (err) { await e.close(); throw err; }
+    }
+    return e;
+  }
+
+  /** Layers this engine's devices read through, open or saved (durable devices to resume). */
+  layersInUse(): Set<string> {
+    const s = new Set<string>();
+    for (const d of this.devices) for (const l of d.chain) s.add(l);
+    for (const id of this.savedDevices()) {
+      try { s.add(readManifest(path.join(this.core.cacheDir, 'devices'), id).layer); } catch { /* unreadable: resume reports it */ }
+    }
+    return s;
+  }
+
+  /**
+   * Before a device opens on `layer`: this host's lease names it, and no
+   * delete of it is under way (leases.ts: the lease first, then the tombstone check).
+   */
+  private async leaseFor(layer: string): Promise<() => void> {
+    if (!this.leases) return () => {};
+    const release = await this.leases.hold([layer]);
+    try {
+      // A delete under way either finishes (the header goes) or, seeing this
+      // lease, takes its tombstone back: wait for one or the other.
+      const until = Date.now() + 10_000;
+      for (;;) {
+        const t = (await this.store.list(tombstoneKey(layer))).find((o) => o.key === tombstoneKey(layer));
+        if (!t || (t.modified !== undefined && Date.now() - t.modified >= TOMBSTONE_MS)) break;
+        if (Date.now() > until) throw new StrataError('ETIMEDOUT', `layer ${layer} is being deleted by another host`);
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      // Another host may have deleted it since this one read its header.
+      if (!(await this.store.head(keys.header(layer)))) {
+        this.layers.forget(layer);
+        throw new StrataError('ENOENT', `layer ${layer} not found (deleted)`);
+      }
+    } catch (e) { release(); throw e; }
+    return release;
   }
 
   get store(): ObjectStore { return this.core.store; }
+
+  /** Collects garbage in the store and the shared tier (src/gc.ts); a dry run unless `dryRun: false`. */
+  gc(opts: Omit<GcOptions, 'sharedTierDir'> = {}): Promise<GcReport> {
+    return collectGarbage(this.store, this.leases, { ...opts, sharedTierDir: this.core.tier2?.root });
+  }
 
   /** Imports a raw disk image (size a multiple of 4 KiB) as a new base layer. */
   importImage(imagePath: string, opts: ImportOptions = {}): Promise<ImportResult> {
@@ -190,24 +246,57 @@ export class Engine {
     for (const d of this.devices) {
       if (d.chain.includes(id)) throw new StrataError('EBUSY', `layer ${id} is in use by device ${d.id}`);
     }
-    for (const other of await this.listLayers()) {
-      if (other === id) continue;
-      const h = await this.layers.header(other).catch(() => null);
-      if (h?.chain.includes(id)) throw new StrataError('EBUSY', `layer ${id} is a parent of layer ${other}`);
+    for (const saved of this.savedDevices()) {
+      const m = readManifest(path.join(this.core.cacheDir, 'devices'), saved);
+      const h = await this.layers.header(m.layer).catch(() => null);
+      if (!h || h.chain.includes(id)) throw new StrataError('EBUSY', `layer ${id} is used by the saved device ${saved} (resume or delete it first)`);
+    }
+    // Other hosts: a tombstone first, then their leases (an open racing this
+    // one writes its lease first, then looks for the tombstone).
+    const t0 = Date.now();
+    if (this.leases) {
+      await this.store.put(tombstoneKey(id), Buffer.from(JSON.stringify({ host: this.leases.host, at: new Date().toISOString() })));
+      try {
+        const holders = (await this.leases.holders(id)).filter((l) => l.host !== this.leases!.host);
+        if (holders.length) {
+          const l = holders[0];
+          throw new StrataError('EBUSY', `layer ${id} is in use on host ${l.host} (${l.hostname}, pid ${l.pid}; lease written ${Math.round((Date.now() - l.written) / 1000)} s ago, counts for ${Math.round(l.ttlMs / 1000)} s)` +
+            (holders.length > 1 ? ` and ${holders.length - 1} other host(s)` : ''));
+        }
+      } catch (e) { await this.store.delete(tombstoneKey(id)).catch(() => {}); throw e; }
+    }
+    try {
+      for (const other of await this.listLayers()) {
+        if (other === id) continue;
+        const h = await this.layers.header(other).catch(() => null);
+        if (h?.chain.includes(id)) throw new StrataError('EBUSY', `layer ${id} is a parent of layer ${other}`);
+      }
+      // A delete that took longer than opens trust a tombstone would race them.
+      if (Date.now() - t0 > TOMBSTONE_MS / 2) throw new StrataError('ETIMEDOUT', `deleting layer ${id} took too long to be safe against other hosts; try again`);
+    } catch (e) {
+      if (this.leases) await this.store.delete(tombstoneKey(id)).catch(() => {});
+      throw e;
     }
     await this.store.delete(keys.header(id));
     this.layers.forget(id);
     await this.store.delete(keys.index(id));
+    await this.store.delete(keys.profile(id));
     await this.store.delete(keys.data(id));
+    if (this.leases) await this.store.delete(tombstoneKey(id));
   }
 
   openDevice(layerId: string, opts: DeviceOptions = {}): Promise<Device> {
     return this.withLayer(layerId, false, async () => {
-      // The profile is fetched alongside the layer's header, not after it.
-      const profile = this.profiles?.load(layerId);
-      const d = await Device.open(this.core, this.layers, layerId, { ...opts, ...this.profileHooks() });
-      this.devices.add(d);
-      this.profiles?.start(d, profile);
+      const release = await this.leaseFor(layerId);
+      let d: Device;
+      try {
+        // The profile is fetched alongside the layer's header, not after it.
+        const profile = this.profiles?.load(layerId);
+        d = await Device.open(this.core, this.layers, layerId, { ...opts, ...this.profileHooks() });
+        this.devices.add(d);
+        this.profiles?.start(d, profile);
+      } finally { release(); }
+      await this.leases?.renew(false).catch(() => {}); // its whole chain
       return d;
     });
   }
@@ -217,9 +306,14 @@ export class Engine {
     for (const d of this.devices) if (d.id === id) throw new StrataError('EBUSY', `device ${id} is already open`);
     const layer = readManifest(path.join(this.core.cacheDir, 'devices'), id).layer;
     return this.withLayer(layer, false, async () => {
-      const d = await Device.resume(this.core, this.layers, id, this.profileHooks());
-      this.devices.add(d);
-      this.profiles?.start(d);
+      const release = await this.leaseFor(layer);
+      let d: Device;
+      try {
+        d = await Device.resume(this.core, this.layers, id, this.profileHooks());
+        this.devices.add(d);
+        this.profiles?.start(d);
+      } finally { release(); }
+      await this.leases?.renew(false).catch(() => {});
       return d;
     });
   }
@@ -227,7 +321,12 @@ export class Engine {
   /** Each committed snapshot gets the boot profile of the device's layer, refined by what the device read. */
   private profileHooks(): Pick<DeviceOptions, 'onSnapshot'> {
     const p = this.profiles;
-    return p ? { onSnapshot: (d, child) => p.inherit(d, child) } : {};
+    return {
+      onSnapshot: async (d, child) => {
+        await this.leases?.renew(false).catch(() => {}); // the device now reads through the new layer
+        await p?.inherit(d, child);
+      },
+    };
   }
 
   private async withLayer<T>(id: string, exclusive: boolean, fn: () => Promise<T>): Promise<T> {
@@ -254,6 +353,7 @@ export class Engine {
   async closeDevice(d: Device): Promise<void> {
     await d.close();
     this.devices.delete(d);
+    void this.leases?.renew(false).catch(() => {}); // no longer naming what nothing here uses
   }
 
   stats() {
@@ -275,6 +375,14 @@ export class Engine {
     const failed: Error[] = [];
     for (const d of [...this.devices]) {
       await (d.durable ? this.suspendDevice(d) : this.closeDevice(d)).catch((e: Error) => { failed.push(e); this.devices.delete(d); });
+    }
+    // Saved durable devices keep their layers leased until the lease runs
+    // out (a restart within the ttl finds them still protected); otherwise
+    // nothing of this host is in use.
+    if (this.leases) {
+      const keep = this.savedDevices().length > 0;
+      if (keep) await this.leases.renew(true).catch(() => {});
+      await this.leases.stop(!keep);
     }
     await this.layers.closeAll();
     await this.core.close();

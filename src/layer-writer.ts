@@ -22,7 +22,7 @@ const BS = BLOCK_SIZE;
 const FRAME_BLOCKS = FRAME_MAX / BS;
 
 export interface BlockRun { devBlock: number; count: number; fileBlock: number }
-export interface Progress { phase: 'scan' | 'pack' | 'commit'; done: number; total: number }
+export interface Progress { phase: 'scan' | 'pack' | 'commit' | 'sweep'; done: number; total: number }
 
 export interface WriteLayerInput {
   virtualSize: number;

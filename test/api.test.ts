@@ -112,6 +112,17 @@ else test('API: import, device over NBD, write, snapshot, resume, read back; bad
     assert.is(r.code, 0, r.err);
     assert.ok(fs.readFileSync(`${dir}/back`).equals(data), 'resumed device holds the snapshot');
 
+    // GC: a dry run by default, as an operation; the grace period has a floor.
+    assert.is((await call(t, 'POST', '/v1/gc', { graceSeconds: 5 })).status, 400);
+    assert.is((await call(t, 'POST', '/v1/gc', { dryRun: 'no' })).status, 400);
+    const gc = await call(t, 'POST', '/v1/gc', {});
+    assert.is(gc.status, 202, gc.text);
+    const gcDone = await finished(t, gc.json.id);
+    assert.is(gcDone.state, 'succeeded', JSON.stringify(gcDone));
+    assert.is(gcDone.result.dryRun, true);
+    assert.ok(gcDone.result.layers >= 2 && gcDone.result.leases === 1, JSON.stringify(gcDone.result)); // this daemon's own lease
+    assert.is(gcDone.result.removedCount, 0);
+
     // The CLI's daemon commands.
     const cli = (...a: string[]) => spawnSync(process.execPath, [path.join(__dirname, '..', 'bin', 'strata'), ...a, '--api', t.socketPath], { encoding: 'utf8' });
     const ls = cli('devices');

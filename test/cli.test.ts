@@ -125,6 +125,30 @@ test('CLI: bad input gives a clear message and a non-zero exit', () => {
   const r4 = strata('import', '/etc/hostname');
   assert.is(r4.status, 2);
   assert.match(r4.stderr, /--store STORE is required/);
+  const r5 = strata('gc', '--store', path.join(dir, 'store2'), '--grace', 'soon');
+  assert.is.not(r5.status, 0);
+  assert.match(r5.stderr, /bad duration "soon"/);
+});
+
+test('gc: a dry run by default says what would go; --apply removes it', () => {
+  const store = path.join(dir, 'gcstore');
+  const leftover = path.join(store, 'layers', 'ab'.repeat(16), 'data'); // a failed upload's data, no header
+  fs.mkdirSync(path.dirname(leftover), { recursive: true });
+  fs.writeFileSync(leftover, Buffer.alloc(3 << 20));
+  const old = new Date(Date.now() - 3 * 86_400_000);
+  fs.utimesSync(leftover, old, old);
+  const dry = strata('gc', '--store', store);
+  assert.is(dry.status, 0, dry.stderr);
+  assert.match(dry.stdout, /dry run .*would remove 1 objects, 3\.0 MiB/);
+  assert.match(dry.stdout, /layer without a header/);
+  assert.ok(fs.existsSync(leftover));
+  const young = strata('gc', '--store', store, '--grace', '7d', '--apply');
+  assert.match(young.stdout, /removed 0 objects/);
+  assert.ok(fs.existsSync(leftover), 'younger than a 7-day grace period: kept');
+  const apply = strata('gc', '--store', store, '--apply', '--json');
+  assert.is(apply.status, 0, apply.stderr);
+  assert.is(JSON.parse(apply.stdout).removed.length, 1);
+  assert.not.ok(fs.existsSync(leftover));
 });
 
 test.run();

@@ -144,6 +144,11 @@ export const oneOf = <T extends string>(...vals: T[]) => (v: unknown, k: string)
   return v as T;
 };
 
+export const bool = (v: unknown, k: string): boolean => {
+  if (typeof v !== 'boolean') throw bad(`${k} must be true or false`);
+  return v;
+};
+
 export const int = (min: number, max: number) => (v: unknown, k: string): number => {
   if (typeof v !== 'number' || !Number.isInteger(v) || v < min || v > max) throw bad(`${k} must be an integer in [${min}, ${max}]`);
   return v;

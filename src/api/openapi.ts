@@ -86,6 +86,12 @@ export function openapi(version: string) {
         get: { summary: 'inspect a snapshot', responses: { 200: json('Layer'), ...errors } },
         delete: { summary: 'delete a snapshot (refused while devices or later snapshots use it)', responses: { 204: { description: 'deleted' }, ...errors } },
       },
+      '/v1/gc': {
+        post: {
+          summary: 'collect garbage in the store: objects of layers without a header, unfinished deletes, run-out leases, shared-tier leftovers, older than the grace period (dryRun: true by default; graceSeconds: 86400 by default, at least 600)',
+          responses: { 202: json('Operation'), ...errors },
+        },
+      },
       '/v1/operations': { get: { summary: 'list operations', responses: { 200: list('Operation') } } },
       '/v1/operations/{id}': {
         parameters: [pathId('id', { type: 'string', pattern: '^[0-9a-f]{16}$' })],

@@ -6,7 +6,7 @@ import * as path from 'path';
 import type { Engine } from '../engine';
 import { codecName, ID_RE, parseCodec, type LayerHeader } from '../format';
 import { StrataError } from '../errors';
-import { bad, fields, HttpError, int, oneOf, optional, Router, str } from './http';
+import { bad, bool, fields, HttpError, int, oneOf, optional, Router, str } from './http';
 import type { Operations } from './operations';
 import { CLIENT_RE, DEVICE_ID_RE, type DeviceManager } from './devices';
 import { openapi } from './openapi';
@@ -136,6 +136,16 @@ export function routes(ctx: ApiContext): Router {
     if (h.chain.length === 1) throw new HttpError(409, `${h.chain[0]} is a template; delete it under /v1/templates`);
     await engine.deleteLayer(h.chain[0]);
     return { status: 204 };
+  });
+
+  // ------------------------------------------------------------------- gc
+  r.add('POST', '/v1/gc', (req) => {
+    const b = fields(req.body, { dryRun: optional(bool), graceSeconds: optional(int(600, 10 * 365 * 86400)) });
+    const op = ops.start('gc', undefined, async (progress) => {
+      const rep = await engine.gc({ dryRun: b.dryRun ?? true, graceMs: (b.graceSeconds ?? 86400) * 1000, onProgress: (p) => progress({ ...p }) });
+      return { ...rep, removed: rep.removed.slice(0, 1000), removedCount: rep.removed.length };
+    });
+    return { status: 202, body: op };
   });
 
   // ----------------------------------------------------------- operations

@@ -89,7 +89,10 @@ export class FsObjectStore implements ObjectStore {
         if (e.name.startsWith('.tmp-')) continue;
         const k = rel ? `${rel}/${e.name}` : e.name;
         if (e.isDirectory()) await walk(path.join(dir, e.name), k);
-        else if (k.startsWith(prefix)) out.push({ key: k, size: (await fsp.stat(path.join(dir, e.name))).size });
+        else if (k.startsWith(prefix)) {
+          const st = await fsp.stat(path.join(dir, e.name)).catch(() => null); // deleted meanwhile
+          if (st) out.push({ key: k, size: st.size, modified: st.mtimeMs });
+        }
       }
     };
     await walk(this.root, '');
@@ -98,6 +101,26 @@ export class FsObjectStore implements ObjectStore {
 
   async delete(key: string): Promise<void> {
     await fsp.rm(this.file(key), { force: true });
+  }
+
+  /** Temporary files of puts that never finished (a crash mid-put), older than `olderThanMs` (GC). */
+  sweepTemporary(olderThanMs: number, dryRun: boolean): Array<{ key: string; bytes: number; reason: string }> {
+    const out: Array<{ key: string; bytes: number; reason: string }> = [];
+    const walk = (dir: string, rel: string) => {
+      let ents: fs.Dirent[];
+      try { ents = fs.readdirSync(dir, { withFileTypes: true }); } catch { return; }
+      for (const e of ents) {
+        const p = path.join(dir, e.name), k = rel ? `${rel}/${e.name}` : e.name;
+        if (e.isDirectory()) { walk(p, k); continue; }
+        if (!e.name.startsWith('.tmp-')) continue;
+        const st = fs.statSync(p, { throwIfNoEntry: false });
+        if (!st || Date.now() - st.mtimeMs <= olderThanMs) continue;
+        if (!dryRun) fs.rmSync(p, { force: true });
+        out.push({ key: k, bytes: st.size, reason: 'temporary file of a put that never finished' });
+      }
+    };
+    walk(this.root, '');
+    return out;
   }
 }
 

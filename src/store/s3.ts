@@ -180,7 +180,7 @@ export class S3ObjectStore implements ObjectStore {
         Bucket: this.bucket, Prefix: this.prefix + prefix, ContinuationToken: token, MaxKeys: this.pageSize,
       }), { abortSignal: signal }));
       for (const o of page.Contents ?? []) {
-        if (o.Key?.startsWith(this.prefix)) out.push({ key: o.Key.slice(this.prefix.length), size: o.Size ?? 0 });
+        if (o.Key?.startsWith(this.prefix)) out.push({ key: o.Key.slice(this.prefix.length), size: o.Size ?? 0, modified: o.LastModified?.getTime() });
       }
       token = page.IsTruncated ? page.NextContinuationToken : undefined;
       if (page.IsTruncated && !token) throw new StrataError('EIO', `list ${prefix}: truncated page without a continuation token`);

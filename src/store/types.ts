@@ -2,7 +2,11 @@
 // implements. Objects are immutable once put; put is atomic (readers see the
 // whole object or nothing).
 
-export interface ObjectInfo { key: string; size: number }
+export interface ObjectInfo {
+  key: string; size: number;
+  /** When the object was stored (ms since the epoch), where the backend says (listings do; GC's grace period needs it). */
+  modified?: number;
+}
 
 export interface ObjectStore {
   /** Atomically store `data` (a buffer or a stream of chunks) under `key`. */
