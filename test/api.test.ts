@@ -11,54 +11,11 @@ import { spawn, spawnSync, execFile, type ChildProcess } from 'child_process';
 import { randomBytes } from 'crypto';
 import { tmpdir, skip, makeImage } from './helpers/util';
 import { loadConfig } from '../src/config';
+import { call, finished, startDaemon, waitFor } from './helpers/daemon';
 
-const SERVER = path.join(__dirname, '..', 'src', 'server.js');
 const hasNbdcopy = fs.existsSync('/usr/bin/nbdcopy');
 const run = (cmd: string, args: string[]) => new Promise<{ code: number; err: string }>((res) =>
   execFile(cmd, args, { timeout: 60_000 }, (e, _o, err) => res({ code: e ? 1 : 0, err: String(err) })));
-
-interface Daemon { child: ChildProcess; out(): string; exited: Promise<number | null> }
-
-function startDaemon(args: string[]): Daemon {
-  const child = spawn(process.execPath, [SERVER, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let out = '';
-  child.stdout!.on('data', (d) => { out += d; });
-  child.stderr!.on('data', (d) => { out += d; });
-  const exited = new Promise<number | null>((r) => child.on('exit', (c) => r(c)));
-  return { child, out: () => out, exited };
-}
-
-async function waitFor(d: Daemon, re: RegExp, ms = 30_000): Promise<void> {
-  const t0 = Date.now();
-  while (!re.test(d.out()) && Date.now() - t0 < ms) await new Promise((r) => setTimeout(r, 50));
-  if (!re.test(d.out())) throw new Error(`daemon never logged ${re}: ${d.out()}`);
-}
-
-type Target = { socketPath: string } | { host: string; port: number };
-function call(t: Target, method: string, p: string, body?: unknown, headers: Record<string, string> = {}):
-  Promise<{ status: number; json: any; text: string }> {
-  return new Promise((resolve, reject) => {
-    const data = body === undefined ? undefined : typeof body === 'string' ? body : JSON.stringify(body);
-    const req = http.request({ ...t, method, path: p, headers: { ...(data ? { 'content-type': 'application/json', 'content-length': Buffer.byteLength(data) } : {}), ...headers } }, (res) => {
-      let text = '';
-      res.on('data', (c) => { text += c; });
-      res.on('end', () => { let json: any; try { json = JSON.parse(text); } catch { json = undefined; } resolve({ status: res.statusCode!, json, text }); });
-    });
-    req.on('error', reject);
-    if (data) req.write(data);
-    req.end();
-  });
-}
-
-async function finished(t: Target, opId: string): Promise<any> {
-  for (let i = 0; i < 600; i++) {
-    const r = await call(t, 'GET', `/v1/operations/${opId}`);
-    assert.is(r.status, 200);
-    if (r.json.state !== 'running') return r.json;
-    await new Promise((res) => setTimeout(res, 50));
-  }
-  throw new Error(`operation ${opId} did not finish`);
-}
 
 if (!hasNbdcopy) skip('api: nbdcopy (libnbd-bin) not installed');
 else test('API: import, device over NBD, write, snapshot, resume, read back; bad input gets 4xx', async () => {
