@@ -13,7 +13,7 @@ import * as path from 'path';
 import type { Core } from './core';
 import type { LayerRegistry } from './layers';
 import { BLOCK_SIZE, Codec, encodeHeader, Extent, Frame, FRAME_MAX, keys, LayerHeader, MAX_CHAIN, validateHeader, ZERO_LAYER } from './format';
-import { DedupIndex, encodeIndex, Fingerprint } from './fingerprint';
+import { DedupIndex, encodeIndex, type Fingerprint, type Location } from './fingerprint';
 import { normalize, overlay, shiftForChild } from './mapping';
 import { einval } from './errors';
 import type { Run } from '../workers/codec-worker';
@@ -78,11 +78,16 @@ export async function writeLayer(core: Core, registry: LayerRegistry, input: Wri
     } finally { core.heap.free(ptr); }
   });
 
-  // ---- decide: zero, dedup reference or new data, in device order
-  const dedup = new DedupIndex();
+  // ---- decide: zero, dedup reference or new data, in device order.
+  // The chain is asked only about this layer's non-zero blocks (the index
+  // buckets they fall in): the cost follows the change, not the chain.
+  const dedup = new DedupIndex(); // this layer's own new blocks
+  const inChain = new Map<Fingerprint, Location>();
   if (parent) {
-    const idx = await Promise.all(parent.chain.map((pid) => registry.index(pid)));
-    idx.forEach((fps, j) => fps.forEach((fp, i) => dedup.add(fp, { layer: j + 1, data: i * BS })));
+    const asked: Fingerprint[] = [];
+    for (const s of scans) s.fps.forEach((fp, k) => { if (!s.zero[k]) asked.push(fp); });
+    const found = await registry.lookup(parent.chain, asked);
+    asked.forEach((fp, i) => { if (found[i]) inChain.set(fp, found[i]!); });
   }
   const changes: Extent[] = [];
   const push = (dev: number, layer: number, data: number) => {
@@ -99,7 +104,7 @@ export async function writeLayer(core: Core, registry: LayerRegistry, input: Wri
       for (let b = 0; b < p.count; b++, k++) {
         const dev = (p.devBlock + b) * BS;
         if (s.zero[k]) { zeroBlocks++; push(dev, ZERO_LAYER, 0); continue; }
-        const hit = dedup.find(s.fps[k]);
+        const hit = inChain.get(s.fps[k]) ?? dedup.find(s.fps[k]);
         if (hit) { dedupBlocks++; push(dev, hit.layer, hit.data); continue; }
         const data = stored.length * BS;
         stored.push(p.fileBlock + b);

@@ -4,12 +4,19 @@ import type { Core } from './core';
 import { decodeHeader, ID_RE, keys, MAX_HEADER, type LayerHeader } from './format';
 import { LayerCache } from './layer-cache';
 import { einval, StrataError } from './errors';
-import { decodeIndex, type Fingerprint } from './fingerprint';
+import * as fs from 'fs';
+import * as path from 'path';
+import { LayerIndex, type Fingerprint, type Location } from './fingerprint';
+
+/** Layers whose index directory stays in memory (least recently used ones go). */
+const INDEXES_KEPT = 64;
+/** A lookup touching more buckets of one index than this downloads the whole index to the cache directory instead. */
+const RANGED_BUCKETS_MAX = 256;
 
 export class LayerRegistry {
   private headers = new Map<string, Promise<LayerHeader>>();
   private caches = new Map<string, LayerCache>();
-  private indexes = new Map<string, Promise<Fingerprint[]>>();
+  private indexes = new Map<string, Promise<LayerIndex>>();
 
   constructor(private readonly core: Core) {}
 
@@ -65,14 +72,54 @@ export class LayerRegistry {
     return out;
   }
 
-  index(id: string): Promise<Fingerprint[]> {
+  /** A layer's dedup index (its directory in memory, bounded: see LayerIndex). */
+  index(id: string): Promise<LayerIndex> {
     let p = this.indexes.get(id);
-    if (!p) {
-      p = this.core.store.get(keys.index(id)).then((b) => decodeIndex(b, (x) => this.core.checksum(x), id));
-      this.indexes.set(id, p);
-      p.catch(() => this.indexes.delete(id));
-    }
+    if (p) { this.indexes.delete(id); this.indexes.set(id, p); return p; } // most recently used last
+    p = (async () => {
+      const idx = await LayerIndex.open(this.core.store, keys.index(id), id, (x) => this.core.checksum(x));
+      const local = this.indexFile(id);
+      if (fs.existsSync(local) && fs.statSync(local).size === idx.bytes) idx.useLocalCopy(local);
+      return idx;
+    })();
+    this.indexes.set(id, p);
+    p.catch(() => this.indexes.delete(id));
+    while (this.indexes.size > INDEXES_KEPT) this.indexes.delete(this.indexes.keys().next().value!);
     return p;
+  }
+
+  private indexFile(id: string): string { return path.join(this.core.cacheDir, 'layers', `${id}.index`); }
+
+  /**
+   * Where each fingerprint's bytes are already stored in `chain` (nearest
+   * layer first; chain index i is Location.layer i + 1, as in a child of
+   * that chain). Reads only the index buckets the fingerprints fall in; a
+   * lookup that would touch most of an index takes a local copy of it once.
+   */
+  async lookup(chain: readonly string[], fps: Fingerprint[]): Promise<Array<Location | undefined>> {
+    const out: Array<Location | undefined> = new Array(fps.length);
+    let rest = fps.map((_, i) => i);
+    for (let j = 0; j < chain.length && rest.length; j++) {
+      const idx = await this.index(chain[j]);
+      const want = rest.map((i) => fps[i]);
+      if (idx.bucketsFor(want) > RANGED_BUCKETS_MAX) await this.localCopy(chain[j], idx);
+      const blocks = await idx.lookup(want);
+      const next: number[] = [];
+      rest.forEach((i, k) => { if (blocks[k] >= 0) out[i] = { layer: j + 1, data: blocks[k] * 4096 }; else next.push(i); });
+      rest = next;
+    }
+    return out;
+  }
+
+  private async localCopy(id: string, idx: LayerIndex): Promise<void> {
+    const file = this.indexFile(id);
+    if (fs.existsSync(file) && fs.statSync(file).size === idx.bytes) return;
+    const bytes = await this.core.store.get(keys.index(id));
+    if (bytes.length !== idx.bytes) return; // changed under us: keep reading ranges
+    const tmp = `${file}.tmp`;
+    fs.writeFileSync(tmp, bytes, { mode: 0o600 });
+    fs.renameSync(tmp, file);
+    idx.useLocalCopy(file); // every bucket read from it is still checked against the directory
   }
 
   stats() {
@@ -90,6 +137,7 @@ export class LayerRegistry {
   /** Drops everything cached about a deleted layer (header, cache file, index). */
   forget(id: string): void {
     this.caches.get(id)?.destroy();
+    fs.rmSync(this.indexFile(id), { force: true });
     this.caches.delete(id);
     this.headers.delete(id);
     this.indexes.delete(id);
