@@ -39,6 +39,7 @@ export const SETTINGS: Setting[] = [
   { key: 'bootProfileWindowS', flag: 'boot-profile-window', env: 'STRATA_BOOT_PROFILE_WINDOW', kind: 'int', doc: 'seconds of a new device\'s reads a boot profile records; default 60' },
   { key: 'hostId', flag: 'host-id', env: 'STRATA_HOST_ID', kind: 'string', doc: 'this host\'s name in the store\'s leases (letters, digits, ._-); default: made once and kept in DATA/host-id' },
   { key: 'leaseTtlS', flag: 'lease-ttl', env: 'STRATA_LEASE_TTL', kind: 'int', doc: 'seconds a host\'s lease on the layers it uses counts after it was last written (renewed every third); default 120' },
+  { key: 'maxChain', flag: 'max-chain', env: 'STRATA_MAX_CHAIN', kind: 'int', doc: 'chain length at which a snapshot compacts (stores the blocks of small ancestors itself, keeps the template and big layers); default 32' },
   { key: 'sharedCache', flag: 'shared-cache', env: 'STRATA_SHARED_CACHE', kind: 'string', doc: 'directory shared by hosts (e.g. NFS) as a second frame cache tier' },
   { key: 'import', flag: 'import', env: 'STRATA_IMPORT', kind: 'string', doc: 'import this raw image at start and print its NBD URI' },
 ];
@@ -51,7 +52,7 @@ export interface Config {
   tls: 'off' | 'on' | 'require'; tlsCertificates?: string; tlsPsk?: string; tlsVerifyPeer: boolean;
   cacheMaxBytes: number; cacheMinFreeBytes: number; cacheScrubBytesPerSec: number;
   fetchConcurrency: number; readaheadFrames: number; bootProfiles: boolean; bootProfileWindowMs: number;
-  hostId?: string; leaseTtlMs: number; sharedCache?: string; ublkOnStop: 'keep' | 'remove';
+  hostId?: string; leaseTtlMs: number; maxChain?: number; sharedCache?: string; ublkOnStop: 'keep' | 'remove';
 }
 
 function parse(s: Setting, v: unknown, from: string): unknown {
@@ -134,6 +135,7 @@ export function loadConfig(args: Record<string, unknown>, env: NodeJS.ProcessEnv
     bootProfiles: (raw.bootProfiles as boolean | undefined) ?? true,
     bootProfileWindowMs: ((raw.bootProfileWindowS as number | undefined) ?? 60) * 1000,
     hostId: raw.hostId as string | undefined,
+    maxChain: raw.maxChain as number | undefined,
     leaseTtlMs: (() => {
       const n = (raw.leaseTtlS as number | undefined) ?? 120;
       if (n < 1) throw einval(`leaseTtlS must be at least 1, got ${n}`);

@@ -87,6 +87,7 @@ export async function main(argv: string[]): Promise<void> {
     fetchConcurrency: cfg.fetchConcurrency, readaheadFrames: cfg.readaheadFrames,
     profiles: cfg.bootProfiles ? { windowMs: cfg.bootProfileWindowMs, onWarning: (msg, fields) => log('warn', msg, fields) } : false,
     leases: { hostId: hostIdOf(cfg), ttlMs: cfg.leaseTtlMs, onWarning: (msg, fields) => log('warn', msg, fields) },
+    maxChain: cfg.maxChain,
   });
   let ready = false;
 

@@ -19,6 +19,7 @@ import { einval, StrataError } from './errors';
 import { writeLayer, type BlockRun, type Progress, type WriteLayerStats } from './layer-writer';
 import { NativePlane } from './native-plane';
 import { traced } from './tracing';
+import { compactionPlan, copyUp, MAX_CHAIN_DEFAULT } from './compaction';
 import { crashPoint } from './crash-point';
 import { GroupSync } from './group-sync';
 import { loadNative, type NativeDeviceView, type NativeTarget, type NativeTargetStats } from './native';
@@ -61,6 +62,8 @@ export interface DeviceOptions {
   durable?: boolean;
   /** Opaque JSON kept in a durable device's manifest (e.g. the daemon's frontend). */
   meta?: Record<string, unknown>;
+  /** Chain length at which a snapshot compacts (src/compaction.ts; default 32). */
+  maxChain?: number;
   /** Called once a snapshot's layer is committed, before snapshot() resolves (the engine gives it a boot profile). */
   onSnapshot?: (device: Device, child: LayerHeader) => Promise<void>;
 }
@@ -137,7 +140,7 @@ export class Device {
    * punches holes). Overlays a crash left frozen (a snapshot upload cut
    * short) are folded back, so every write is kept.
    */
-  static async resume(core: Core, registry: LayerRegistry, id: string, hooks: Pick<DeviceOptions, 'onSnapshot'> = {}): Promise<Device> {
+  static async resume(core: Core, registry: LayerRegistry, id: string, hooks: Pick<DeviceOptions, 'onSnapshot' | 'maxChain'> = {}): Promise<Device> {
     const dir = path.join(core.cacheDir, 'devices');
     const m = readManifest(dir, id);
     if (m.writebackError) {
@@ -421,9 +424,12 @@ export class Device {
     try {
       const { dataRuns, zeroRuns } = this.changedRuns(ov);
       const parent = this.base.header;
+      // A chain about to grow past its limit is compacted (src/compaction.ts).
+      const keep = compactionPlan(parent, this.opts.maxChain ?? MAX_CHAIN_DEFAULT);
+      if (keep) dataRuns.push(...await copyUp(this.core, parent, this.base.caches, keep, ov.table, ov.fd));
       const { header, stats } = await writeLayer(this.core, this.registry, {
         virtualSize: this.size, parent, codec: opts.codec ?? this.opts.codec ?? parent.codec, level: opts.level,
-        fd: ov.fd, dataRuns, zeroRuns, seed: true, onProgress: opts.onProgress,
+        fd: ov.fd, dataRuns, zeroRuns, seed: true, onProgress: opts.onProgress, keep: keep ?? undefined,
       });
       crashPoint('upload.stored');
       // Rebase: the new layer holds exactly base + this overlay, and its

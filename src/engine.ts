@@ -8,7 +8,7 @@ import { Core } from './core';
 import { LayerRegistry } from './layers';
 import { Device, listManifests, readManifest, type DeviceOptions } from './device';
 import { RangeLock } from './range-lock';
-import { BLOCK_SIZE, Codec, ID_RE, keys, type LayerHeader, ZERO_LAYER } from './format';
+import { BLOCK_SIZE, Codec, ID_RE, keys, type LayerHeader, ZERO_LAYER, MAX_CHAIN } from './format';
 import { writeLayer, type Progress, type WriteLayerStats } from './layer-writer';
 import { openStore } from './store/open';
 import type { ObjectStore } from './store/types';
@@ -43,6 +43,8 @@ export interface EngineOptions {
    * given (the daemon turns them on); every engine sharing a store should.
    */
   leases?: LeaseOptions;
+  /** Chain length at which snapshots compact (src/compaction.ts; default 32, at least 2). */
+  maxChain?: number;
 }
 
 export interface ImportOptions {
@@ -62,6 +64,7 @@ export class Engine {
   readonly profiles: BootProfiles | null;
   /** null when leases are off. */
   leases: LeaseKeeper | null = null;
+  private maxChain: number | undefined;
   /** Per layer: opening devices on it share, deleting it excludes (so the two never both succeed). */
   private layerLocks = new Map<string, RangeLock>();
   private constructor(readonly core: Core, readonly layers: LayerRegistry, private readonly ownCacheDir: string | null,
@@ -116,6 +119,11 @@ export class Engine {
     const core = new Core({ store, cacheDir, workers: opts.workers, arenaBytes: opts.arenaBytes, sharedCacheDir: opts.sharedCacheDir,
       fetchConcurrency: opts.fetchConcurrency, readaheadFrames: opts.readaheadFrames });
     const e = new Engine(core, new LayerRegistry(core), own, lockFile, opts.cache, opts.profiles);
+    if (opts.maxChain !== undefined && !(Number.isInteger(opts.maxChain) && opts.maxChain >= 2 && opts.maxChain <= MAX_CHAIN)) {
+      await e.close();
+      throw einval(`maxChain must be an integer in [2, ${MAX_CHAIN}], not ${opts.maxChain}`);
+    }
+    e.maxChain = opts.maxChain;
     if (opts.leases) {
       e.leases = new LeaseKeeper(store, () => e.layersInUse(), opts.leases);
       try { await e.leases.start(); } catch (err) { await e.close(); throw err; }
@@ -292,7 +300,7 @@ export class Engine {
       try {
         // The profile is fetched alongside the layer's header, not after it.
         const profile = this.profiles?.load(layerId);
-        d = await Device.open(this.core, this.layers, layerId, { ...opts, ...this.profileHooks() });
+        d = await Device.open(this.core, this.layers, layerId, { ...this.profileHooks(), ...opts });
         this.devices.add(d);
         this.profiles?.start(d, profile);
       } finally { release(); }
@@ -319,9 +327,10 @@ export class Engine {
   }
 
   /** Each committed snapshot gets the boot profile of the device's layer, refined by what the device read. */
-  private profileHooks(): Pick<DeviceOptions, 'onSnapshot'> {
+  private profileHooks(): Pick<DeviceOptions, 'onSnapshot' | 'maxChain'> {
     const p = this.profiles;
     return {
+      maxChain: this.maxChain,
       onSnapshot: async (d, child) => {
         await this.leases?.renew(false).catch(() => {}); // the device now reads through the new layer
         await p?.inherit(d, child);

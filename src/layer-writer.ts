@@ -14,8 +14,8 @@ import type { Core } from './core';
 import type { LayerRegistry } from './layers';
 import { BLOCK_SIZE, Codec, encodeHeader, Extent, Frame, FRAME_MAX, keys, LayerHeader, MAX_CHAIN, validateHeader, ZERO_LAYER } from './format';
 import { DedupIndex, encodeIndex, type Fingerprint, type Location } from './fingerprint';
-import { normalize, overlay, shiftForChild } from './mapping';
-import { einval } from './errors';
+import { DROPPED_LAYER, normalize, overlay, remapForChild, shiftForChild } from './mapping';
+import { einval, StrataError } from './errors';
 import type { Run } from '../workers/codec-worker';
 
 const BS = BLOCK_SIZE;
@@ -36,6 +36,12 @@ export interface WriteLayerInput {
   zeroRuns: Array<{ devBlock: number; count: number }>;
   /** Also install the frames into this host's cache for the new layer. */
   seed?: boolean;
+  /**
+   * Compaction: the parent-chain indexes (in order) the new layer keeps
+   * referencing; its chain is [new, ...those]. Every block mapped to a layer
+   * left out must be among `dataRuns` (src/compaction.ts puts them there).
+   */
+  keep?: number[];
   onProgress?: (p: Progress) => void;
 }
 
@@ -50,9 +56,11 @@ export async function writeLayer(core: Core, registry: LayerRegistry, input: Wri
   const { virtualSize, parent } = input;
   if (virtualSize % BS || virtualSize <= 0) throw einval(`virtual size ${virtualSize} is not a positive multiple of ${BS}`);
   if (parent && parent.virtualSize !== virtualSize) throw einval('a layer must have its parent\'s virtual size');
-  if (parent && parent.chain.length + 1 > MAX_CHAIN) throw einval(`chain would exceed ${MAX_CHAIN} layers`);
+  const keep = parent ? input.keep ?? parent.chain.map((_, i) => i) : [];
+  if (parent && keep.length + 1 > MAX_CHAIN) throw einval(`chain would exceed ${MAX_CHAIN} layers`);
   const id = randomBytes(16).toString('hex');
-  const chain = parent ? [id, ...parent.chain] : [id];
+  const kept = parent ? keep.map((i) => parent.chain[i]) : [];
+  const chain = [id, ...kept];
   const workers = core.pool.maxThreads;
   const progress = input.onProgress ?? (() => {});
 
@@ -86,7 +94,7 @@ export async function writeLayer(core: Core, registry: LayerRegistry, input: Wri
   if (parent) {
     const asked: Fingerprint[] = [];
     for (const s of scans) s.fps.forEach((fp, k) => { if (!s.zero[k]) asked.push(fp); });
-    const found = await registry.lookup(parent.chain, asked);
+    const found = await registry.lookup(kept, asked);
     asked.forEach((fp, i) => { if (found[i]) inChain.set(fp, found[i]!); });
   }
   const changes: Extent[] = [];
@@ -116,8 +124,10 @@ export async function writeLayer(core: Core, registry: LayerRegistry, input: Wri
   }
   for (const z of input.zeroRuns) changes.push({ dev: z.devBlock * BS, len: z.count * BS, layer: ZERO_LAYER, data: 0 });
   changes.sort((a, b) => a.dev - b.dev);
-  const base = parent ? shiftForChild(parent.extents) : [{ dev: 0, len: virtualSize, layer: ZERO_LAYER, data: 0 }];
+  const base = parent ? (input.keep ? remapForChild(parent.extents, keep) : shiftForChild(parent.extents)) : [{ dev: 0, len: virtualSize, layer: ZERO_LAYER, data: 0 }];
   const extents = normalize(core.heap, overlay(base, normalize(core.heap, changes)));
+  const stray = extents.find((e) => e.layer === DROPPED_LAYER);
+  if (stray) throw new StrataError('EIO', `compaction left ${stray.dev}+${stray.len} mapped to a dropped layer (a bug: nothing was uploaded)`);
   const dataSize = stored.length * BS;
 
   // Validate the final shape before uploading anything (H13: never upload a

@@ -9,6 +9,19 @@ export function shiftForChild(parent: Extent[]): Extent[] {
   return parent.map((e) => ({ ...e, layer: e.layer === ZERO_LAYER ? ZERO_LAYER : e.layer + 1 }));
 }
 
+/** Marks extents of layers a compacted child drops; the child's changes must cover every one. */
+export const DROPPED_LAYER = 0xfffffffe;
+
+/**
+ * The parent's extents as seen from a compacted child whose chain is
+ * [child, ...keep.map(i => parent chain[i])]: kept layers get their new
+ * index, the others DROPPED_LAYER.
+ */
+export function remapForChild(parent: Extent[], keep: readonly number[]): Extent[] {
+  const to = new Map(keep.map((i, k) => [i, k + 1]));
+  return parent.map((e) => ({ ...e, layer: e.layer === ZERO_LAYER ? ZERO_LAYER : to.get(e.layer) ?? DROPPED_LAYER }));
+}
+
 /**
  * Lays `changes` (sorted, non-overlapping, block aligned) over `base` (sorted,
  * covering the device). Parts of base extents that a change hides are cut,

@@ -18,7 +18,8 @@ const say = (line: string) => process.stdout.write(`${line}\n`);
 (async () => {
   const a: ChildArgs = JSON.parse(process.argv[2]);
   say(`pid ${process.pid}`);
-  const engine = await Engine.open({ store: a.store, cacheDir: a.cacheDir });
+  // A short chain limit: snapshots compact (copy blocks into the frozen overlay) under the kills too.
+  const engine = await Engine.open({ store: a.store, cacheDir: a.cacheDir, maxChain: 4 });
   const dev = engine.savedDevices().includes(a.id) ? await engine.resumeDevice(a.id) : await engine.openDevice(a.layer, { id: a.id, durable: true });
   say(`dev ${blockHashes(await dev.read(0, dev.size)).join(',')}`);
   const known = new Set([a.layer, ...a.known]);
