@@ -60,41 +60,10 @@ flock -w 3600 9 || die "cannot lock $OUT/.lock"
 need_root() { [ "$(id -u)" = 0 ] || missing "root: $1 needs it"; }
 
 # ------------------------------------------------------------------- mirror
-# Debian sources of this machine ("deb [signed-by=K] URI SUITE main" lines for
-# bookworm suites), from one-line and deb822 files.
-host_bookworm_sources() {
-  local f
-  for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
-    [ -f "$f" ] || continue
-    sed -e 's/#.*//' "$f" | awk '
-      $1 == "deb" {
-        sb = ""; i = 2
-        if ($2 ~ /^\[/) {
-          while (i <= NF) { if ($i ~ /signed-by=/) { sb = $i; sub(/.*signed-by=/, "", sb); sub(/\]$/, "", sb) }
-                            if ($i ~ /\]$/) { i++; break }; i++ }
-        }
-        print $i, $(i+1), (sb == "" ? "-" : sb)
-      }'
-  done
-  for f in /etc/apt/sources.list.d/*.sources; do
-    [ -f "$f" ] || continue
-    awk -v RS= -F '\n' '
-      {
-        types = ""; uris = ""; suites = ""; sb = "-"; enabled = "yes"
-        for (i = 1; i <= NF; i++) {
-          line = $i; if (line ~ /^#/) continue
-          split(line, kv, ":[ \t]*"); key = tolower(kv[1]); val = substr(line, index(line, ":") + 1)
-          gsub(/^[ \t]+|[ \t]+$/, "", val)
-          if (key == "types") types = val; else if (key == "uris") uris = val
-          else if (key == "suites") suites = val; else if (key == "signed-by") sb = val
-          else if (key == "enabled") enabled = tolower(val)
-        }
-        if (types !~ /(^| )deb( |$)/ || enabled == "no" || uris == "") next
-        split(uris, u, /[ \t]+/); n = split(suites, s, /[ \t]+/)
-        for (j = 1; j <= n; j++) print u[1], s[j], sb
-      }' "$f"
-  done
-}
+# Debian sources of this machine ("URI SUITE SIGNED_BY" lines), from one-line
+# and deb822 files: host_debian_sources, shared with the kernel lane.
+# shellcheck source=../lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 
 # ------------------------------------------------------------------- image
 build_image() {
@@ -109,7 +78,7 @@ build_image() {
   while read -r uri suite sb; do
     [[ $suite =~ ^bookworm(-updates|-security)?$ ]] || continue
     if [ "$sb" = - ]; then mirrors+=("deb $uri $suite main"); else mirrors+=("deb [signed-by=$sb] $uri $suite main"); fi
-  done < <(host_bookworm_sources | sort -u)
+  done < <(host_debian_sources | sort -u)
   [ ${#mirrors[@]} -gt 0 ] || missing "a bookworm source in /etc/apt/sources* (cannot pick a mirror)"
   local tmp root
   tmp=$(mktemp -d "$OUT/.build.XXXXXX")
@@ -291,34 +260,10 @@ if [ "$REBUILD" = 1 ] || [ ! -s "$INITRD" ]; then
   mkdir -p "$tmp"/{bin,dev,proc,sys,newroot,lib/modules}
   cp "$BUSYBOX" "$tmp/bin/busybox"
   printf '%s\n' "$INIT" > "$tmp/init"; chmod 755 "$tmp/init"
-  declare -A FILE DEPS SEEN
-  while IFS= read -r line; do
-    path=${line%%:*}; deps=${line#*:}
-    name=${path##*/}; name=${name%%.ko*}; name=${name//-/_}
-    FILE[$name]=$path; DEPS[$name]=$deps
-  done < "$MODDIR/modules.dep"
-  ORDER=()
-  add_mod() {
-    local n=${1//-/_} d
-    [ -z "${SEEN[$n]:-}" ] || return 0; SEEN[$n]=1
-    [ -n "${FILE[$n]:-}" ] || return 0          # built in, or not in this kernel
-    for d in ${DEPS[$n]}; do d=${d##*/}; add_mod "${d%%.ko*}"; done
-    ORDER+=("$n")
-  }
-  for m in $INIT_MODULES; do add_mod "$m"; done
-  [ -n "${FILE[ext4]:-}" ] || grep -q '/ext4.ko' "$MODDIR/modules.builtin" || die "kernel $ABI has no ext4"
-  : > "$tmp/lib/modules/load.list"
-  for m in "${ORDER[@]}"; do
-    p=$MODDIR/${FILE[$m]}
-    case $p in
-      *.ko.xz) xz -dc "$p" > "$tmp/lib/modules/$m.ko";;
-      *.ko.zst) zstd -qdc "$p" > "$tmp/lib/modules/$m.ko";;
-      *.ko.gz) gzip -dc "$p" > "$tmp/lib/modules/$m.ko";;
-      *) cp "$p" "$tmp/lib/modules/$m.ko";;
-    esac
-    echo "$m" >> "$tmp/lib/modules/load.list"
-  done
-  note "initramfs for $ABI: modules ${ORDER[*]}"
+  grep -q '/ext4.ko' "$MODDIR/modules.dep" "$MODDIR/modules.builtin" || die "kernel $ABI has no ext4"
+  # shellcheck disable=SC2086
+  copy_modules "$MODDIR" "$tmp/lib/modules" $INIT_MODULES
+  note "initramfs for $ABI: modules $(tr '\n' ' ' < "$tmp/lib/modules/load.list")"
   rm -f "$OUT"/initramfs-"$ABI"-*.gz
   ( cd "$tmp" && find . | cpio -o -H newc --quiet | gzip -1 ) > "$INITRD.tmp" && mv "$INITRD.tmp" "$INITRD"
 fi
