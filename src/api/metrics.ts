@@ -60,6 +60,9 @@ export class Metrics {
     counter('strata_profile_prefetched_frames_total', 'boot-profile frames made present (fetched or already cached)', (s) => s.profiles?.prefetched ?? 0);
     counter('strata_profiles_written_total', 'boot profiles stored (recorded or inherited by a snapshot)', (s) => s.profiles?.written ?? 0);
     counter('strata_profiles_invalid_total', 'boot profiles ignored as corrupt or invalid', (s) => s.profiles?.invalid ?? 0);
+    new client.Gauge({ name: 'strata_shared_memory_bytes', help: 'size of the engine\'s one WebAssembly shared memory (4 GiB at most)', registers: [r], collect() { this.set(engine.core.heap.memory.buffer.byteLength); } });
+    new client.Gauge({ name: 'strata_shared_memory_reserved_bytes', help: 'bytes at the start of the shared memory set aside for the registered I/O arena', registers: [r], collect() { this.set(engine.core.heap.heap.base); } });
+    new client.Gauge({ name: 'strata_shared_memory_used_bytes', help: 'bytes of the shared memory allocated (state tables, mappings, I/O arena)', registers: [r], collect() { this.set(engine.core.heap.heap.used); } });
     new client.Gauge({ name: 'strata_fetch_queued', help: 'frame fetches waiting for a slot', registers: [r], collect() { this.set(engine.stats().fetches.queued); } });
     r.registerMetric(nativeLatency(devices) as unknown as client.Metric);
     new client.Gauge({
