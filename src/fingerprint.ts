@@ -19,6 +19,8 @@ const V1_ENTRY = 24;
 const V2_HEAD = 24; // magic 8, version 4, count 4, bucket bits 4, reserved 4
 const DIR_ENTRY = 12; // first entry u32, bucket checksum u64
 export const V2_ENTRY = 32; // xxh64 u64, sha-256 prefix 16, data block u32, reserved u32
+const RUN_BYTES = 1 << 20; // most index bytes one read brings in
+const GAP_BYTES = 16 << 10; // unasked-for bytes a read may span to join two runs
 
 /** Bucket bits for n entries: about 64 entries a bucket, at least 2^4 buckets, at most 2^22. */
 export const bucketBits = (n: number) => Math.min(22, Math.max(4, Math.ceil(Math.log2(Math.max(1, n) / 64))));
@@ -145,28 +147,38 @@ export class LayerIndex {
     const start = (b: number) => (b < nb ? dir.readUInt32LE(V2_HEAD + b * DIR_ENTRY) : this.count);
     const byBucket = new Map<number, number[]>();
     fps.forEach((f, i) => { const b = bucketOf(f.xx, this.bits); const l = byBucket.get(b); if (l) l.push(i); else byBucket.set(b, [i]); });
-    // Adjacent buckets are read together (one request per run).
+    // Nearby buckets are read together — one request per run of up to 1 MiB,
+    // skipping gaps of up to 16 KiB, a few runs at a time (bounded memory).
     const buckets = [...byBucket.keys()].sort((a, b) => a - b).filter((b) => start(b + 1) > start(b));
     const runs: Array<[number, number]> = [];
     for (const b of buckets) {
       const last = runs[runs.length - 1];
-      if (last && last[1] + 1 === b) last[1] = b; else runs.push([b, b]);
+      if (last && (start(b) - start(last[1] + 1)) * V2_ENTRY <= GAP_BYTES && (start(b + 1) - start(last[0])) * V2_ENTRY <= RUN_BYTES) last[1] = b;
+      else runs.push([b, b]);
     }
-    await Promise.all(runs.map(async ([b0, b1]) => {
-      const first = start(b0), end = start(b1 + 1);
-      const bytes = await this.src.read(entries + first * V2_ENTRY, (end - first) * V2_ENTRY);
-      for (let b = b0; b <= b1; b++) {
-        const s = (start(b) - first) * V2_ENTRY, e = (start(b + 1) - first) * V2_ENTRY;
-        const part = bytes.subarray(s, e);
-        if (dir.readBigUInt64LE(V2_HEAD + b * DIR_ENTRY + 4) !== this.checksum(part)) throw ebadmsg(`layer ${this.id} index: bucket ${b} checksum mismatch`);
-        for (const i of byBucket.get(b)!) {
-          const f = fps[i];
-          for (let o = 0; o < part.length; o += V2_ENTRY) {
-            if (part.readBigUInt64LE(o) === f.xx && part.subarray(o + 8, o + 24).equals(f.sha.subarray(0, 16))) { out[i] = part.readUInt32LE(o + 24); break; }
+    // xxh64 halves as numbers: the scan compares 32-bit words, not BigInts.
+    const lo = fps.map((f) => Number(f.xx & 0xffffffffn)), hi = fps.map((f) => Number(f.xx >> 32n));
+    let next = 0;
+    const worker = async () => {
+      while (next < runs.length) {
+        const [b0, b1] = runs[next++];
+        const first = start(b0), end = start(b1 + 1);
+        const bytes = await this.src.read(entries + first * V2_ENTRY, (end - first) * V2_ENTRY);
+        for (let b = b0; b <= b1; b++) {
+          if (!byBucket.has(b)) continue; // read only because it sits between two that are asked about
+          const s = (start(b) - first) * V2_ENTRY, e = (start(b + 1) - first) * V2_ENTRY;
+          const part = bytes.subarray(s, e);
+          if (dir.readBigUInt64LE(V2_HEAD + b * DIR_ENTRY + 4) !== this.checksum(part)) throw ebadmsg(`layer ${this.id} index: bucket ${b} checksum mismatch`);
+          for (const i of byBucket.get(b)!) {
+            const sha = fps[i].sha;
+            for (let o = 0; o < part.length; o += V2_ENTRY) {
+              if (part.readUInt32LE(o) === lo[i] && part.readUInt32LE(o + 4) === hi[i] && part.compare(sha, 0, 16, o + 8, o + 24) === 0) { out[i] = part.readUInt32LE(o + 24); break; }
+            }
           }
         }
       }
-    }));
+    };
+    await Promise.all(Array.from({ length: Math.min(4, runs.length) }, worker));
     return out;
   }
 }

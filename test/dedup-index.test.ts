@@ -44,7 +44,7 @@ test('a damaged bucket is an error on lookup, never a wrong location', async () 
   bytes[bytes.length - 5 * V2_ENTRY + 25] ^= 1; // a data block number in the last buckets
   await store.put('idx', bytes);
   const idx = await LayerIndex.open(store, 'idx', 'l2', sum);
-  await rejects(idx.lookup(fps.slice(-40)), /bucket \d+ checksum mismatch/);
+  await rejects(idx.lookup(fps), /bucket \d+ checksum mismatch/); // every bucket is asked about
   const dirDamaged = Buffer.from(encodeIndex(fps, sum));
   dirDamaged[40] ^= 1;
   await store.put('idx2', dirDamaged);
