@@ -862,5 +862,5 @@ function forExtents(base: Base, pos: number, end: number, fn: (e: Extent, pos: n
 async function resolveBase(core: Core, registry: LayerRegistry, header: LayerHeader): Promise<Base> {
   const caches = await registry.referenced(header);
   const map = new MappingTable(core.heap, header.extents);
-  return { header, map, caches, pin: new Pinned(() => map.free()) };
+  return { header, map, caches, pin: new Pinned(() => { map.free(); registry.release(caches.values()); }) };
 }

@@ -41,6 +41,9 @@ export class LayerCache {
   /** Frames cached but not yet synced and journaled. */
   private unpersisted = new Set<number>();
   private persistTimer: NodeJS.Timeout | null = null;
+  /** Set by close(): no new background work (prefetch, scrub, profile sampling) starts. */
+  private closed = false;
+  private scrubbing: Promise<void> = Promise.resolve();
   private persisting: Promise<void> = Promise.resolve();
   private inflight = new Map<number, Promise<void>>();
   /** The fetch-queue ticket of each frame being fetched (promoted when a reader needs it). */
@@ -133,7 +136,7 @@ export class LayerCache {
    * unless it is cached or on its way; resolves when it is there, never rejects.
    */
   prefetchFrame(i: number, prio: Priority.Readahead | Priority.Prefetch): Promise<void> {
-    if (i < 0 || i >= this.header.frames.length) return Promise.resolve();
+    if (i < 0 || i >= this.header.frames.length || this.closed) return Promise.resolve();
     return (this.ensureFrame(i, prio) ?? Promise.resolve()).catch(() => {});
   }
 
@@ -308,6 +311,7 @@ export class LayerCache {
 
   /** Frames read (by any reader, native ones too) since their mark was last cleared. */
   referenced(): number[] {
+    if (this.closed) return [];
     const u8 = this.core.heap.u8, out: number[] = [];
     for (let i = 0; i < this.header.frames.length; i++) if (u8[this.refs + i]) out.push(i);
     return out;
@@ -373,7 +377,14 @@ export class LayerCache {
    * its bytes no longer match: returns the bytes read, 0 when no frame is
    * CACHED, or -1 when the frame failed and was dropped.
    */
-  async scrubNext(closeGates: () => Promise<() => void>): Promise<number> {
+  scrubNext(closeGates: () => Promise<() => void>): Promise<number> {
+    if (this.closed) return Promise.resolve(0);
+    const p = this.scrubNextOpen(closeGates);
+    this.scrubbing = p.then(() => {}, () => {});
+    return p;
+  }
+
+  private async scrubNextOpen(closeGates: () => Promise<() => void>): Promise<number> {
     const w = this.core.heap.wasm;
     const n = this.header.frames.length;
     for (let k = 0; k < n; k++) {
@@ -399,16 +410,24 @@ export class LayerCache {
     return { fd: this.fd, states: this.states, frames: this.framesPtr, nframes: this.header.frames.length, refs: this.refs };
   }
 
-  /** Lets go of the cache, keeping its file and journal for the next process (frames cached so far are synced and journaled first). */
+  /**
+   * Lets go of the cache, keeping its file and journal for the next user
+   * (frames cached so far are synced and journaled first). Fetches,
+   * evictions and a scrub step under way finish first: they touch its tables.
+   */
   async close(): Promise<void> {
+    this.closed = true;
     if (this.persistTimer) clearTimeout(this.persistTimer);
     this.persistTimer = null;
+    while (this.inflight.size) await Promise.allSettled([...this.inflight.values()]);
+    await this.scrubbing;
     await this.persist();
     this.release();
   }
 
   /** Drops the cache and its files (the layer is gone). */
   destroy(): void {
+    this.closed = true;
     if (this.persistTimer) clearTimeout(this.persistTimer);
     this.persistTimer = null;
     this.unpersisted.clear();

@@ -190,7 +190,11 @@ export async function writeLayer(core: Core, registry: LayerRegistry, input: Wri
     if (seedFd >= 0) { fs.closeSync(seedFd); fs.rmSync(seedFile, { force: true }); }
     throw e;
   }
-  if (seedFd >= 0) { fs.closeSync(seedFd); registry.adoptSeeded(header, uSums); } else registry.remember(header);
+  if (seedFd >= 0) fs.closeSync(seedFd);
+  // A layer that stores nothing (only zeroes and references) needs no cache:
+  // nothing would ever read it, or release it.
+  if (seedFd >= 0 && frames.length) registry.adoptSeeded(header, uSums);
+  else { if (seedFd >= 0) fs.rmSync(seedFile, { force: true }); registry.remember(header); }
   return { header, stats: { candidateBlocks, zeroBlocks, dedupBlocks, storedBlocks: stored.length, compressedBytes, frames: frames.length } };
 }
 

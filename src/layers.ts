@@ -16,6 +16,10 @@ const RANGED_BUCKETS_MAX = 256;
 export class LayerRegistry {
   private headers = new Map<string, Promise<LayerHeader>>();
   private caches = new Map<string, LayerCache>();
+  /** How many device views (bases) use each cache: one no view uses is closed (its files stay). */
+  private refs = new Map<string, number>();
+  private closing = new Map<string, Promise<void>>();
+  private closedStats = { fetches: 0, fetchBytes: 0, fetchErrors: 0, hits: 0, evictions: 0, evictedBytes: 0, restoredFrames: 0, restoredBytes: 0, restoreFailures: 0, scrubbed: 0, scrubFailures: 0 };
   private indexes = new Map<string, Promise<LayerIndex>>();
 
   constructor(private readonly core: Core) {}
@@ -46,6 +50,7 @@ export class LayerRegistry {
   remember(h: LayerHeader): void { this.headers.set(h.chain[0], Promise.resolve(h)); }
 
   async cache(id: string): Promise<LayerCache> {
+    await this.closing.get(id); // one LayerCache per file at a time
     let c = this.caches.get(id);
     if (!c) {
       const h = await this.header(id);
@@ -63,13 +68,33 @@ export class LayerRegistry {
     return c;
   }
 
-  /** Headers of every layer the mapping of `h` references, by chain index. */
+  /**
+   * The caches of every layer the mapping of `h` references, by chain index,
+   * held for a device view until `release()`: a long-lived device that
+   * snapshots every minute must not keep a cache (two files, its tables) open
+   * for every layer it ever read through.
+   */
   async referenced(h: LayerHeader): Promise<Map<number, LayerCache>> {
     const used = new Set<number>();
     for (const e of h.extents) if (e.layer !== 0xffffffff) used.add(e.layer);
     const out = new Map<number, LayerCache>();
     await Promise.all([...used].map(async (i) => { out.set(i, await this.cache(h.chain[i])); }));
+    for (const c of out.values()) this.refs.set(c.id, (this.refs.get(c.id) ?? 0) + 1);
     return out;
+  }
+
+  /** A device view is done with these caches (see referenced()). */
+  release(caches: Iterable<LayerCache>): void {
+    for (const c of caches) {
+      const n = (this.refs.get(c.id) ?? 1) - 1;
+      if (n > 0) { this.refs.set(c.id, n); continue; }
+      this.refs.delete(c.id);
+      if (this.caches.get(c.id) !== c) continue;
+      this.caches.delete(c.id);
+      for (const k of Object.keys(c.stats) as Array<keyof LayerCache['stats']>) this.closedStats[k] += c.stats[k]; // counters stay monotonic
+      const p = c.close().catch(() => {}).finally(() => { if (this.closing.get(c.id) === p) this.closing.delete(c.id); });
+      this.closing.set(c.id, p);
+    }
   }
 
   /** A layer's dedup index (its directory in memory, bounded: see LayerIndex). */
@@ -123,7 +148,7 @@ export class LayerRegistry {
   }
 
   stats() {
-    const s = { fetches: 0, fetchBytes: 0, fetchErrors: 0, hits: 0, evictions: 0, evictedBytes: 0, restoredFrames: 0, restoredBytes: 0, restoreFailures: 0, scrubbed: 0, scrubFailures: 0, cachedBytes: 0 };
+    const s = { ...this.closedStats, cachedBytes: 0 };
     for (const c of this.caches.values()) {
       for (const k of Object.keys(c.stats) as Array<keyof LayerCache['stats']>) s[k] += c.stats[k];
       s.cachedBytes += c.cachedBytes;
@@ -136,7 +161,15 @@ export class LayerRegistry {
 
   /** Drops everything cached about a deleted layer (header, cache file, index). */
   forget(id: string): void {
-    this.caches.get(id)?.destroy();
+    const c = this.caches.get(id);
+    if (c) c.destroy();
+    else {
+      // Not open (or closing): its files may still be on disk.
+      const rm = () => { for (const ext of ['cache', 'journal']) fs.rmSync(path.join(this.core.cacheDir, 'layers', `${id}.${ext}`), { force: true }); };
+      const closing = this.closing.get(id);
+      if (closing) void closing.then(rm); else rm();
+    }
+    this.refs.delete(id);
     fs.rmSync(this.indexFile(id), { force: true });
     this.caches.delete(id);
     this.headers.delete(id);
@@ -147,6 +180,7 @@ export class LayerRegistry {
   async closeAll(): Promise<void> {
     const all = [...this.caches.values()];
     this.caches.clear();
-    await Promise.all(all.map((c) => c.close()));
+    this.refs.clear();
+    await Promise.all([...all.map((c) => c.close()), ...this.closing.values()]);
   }
 }

@@ -13,10 +13,13 @@ import { randomBytes } from 'crypto';
 import { tmpdir, skip, makeImage } from './helpers/util';
 import { s3rverMissing, startS3Server, type S3Server } from './helpers/s3-server';
 import { call, finished, startDaemon, waitFor, type Daemon } from './helpers/daemon';
+import { openStore } from '../src/store/open';
 
 const BUCKET = 'hosts';
 const TTL_S = 3;
-const env = { ...process.env, AWS_ACCESS_KEY_ID: 'S3RVER', AWS_SECRET_ACCESS_KEY: 'S3RVER', AWS_EC2_METADATA_DISABLED: 'true', AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED: 'true' };
+// s3rver's fixed credentials, for the daemons and for this process's own store client.
+Object.assign(process.env, { AWS_ACCESS_KEY_ID: 'S3RVER', AWS_SECRET_ACCESS_KEY: 'S3RVER', AWS_EC2_METADATA_DISABLED: 'true', AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED: 'true' });
+const env = process.env;
 const nbdcopy = (a: string, b: string) => new Promise<{ code: number; err: string }>((res) =>
   execFile('nbdcopy', [a, b], { timeout: 60_000 }, (e, _o, err) => res({ code: e ? 1 : 0, err: String(err) })));
 
@@ -109,6 +112,34 @@ else test('two daemons on one S3 store and one shared tier: devices on both, sna
     const gc2 = await finished(A, (await call(A, 'POST', '/v1/gc', {})).json.id);
     assert.is(gc2.result.removedCount, 0);
     assert.ok(gc2.result.leases >= 2, JSON.stringify(gc2.result));
+
+    // Orphans (a failed upload's objects) and B's run-out lease, once older than the grace period, are collected; nothing else.
+    const s3 = openStore(store);
+    const orphan = 'f0'.repeat(16);
+    await s3.put(`layers/${orphan}/data`, Buffer.alloc(5000, 1));
+    await s3.put(`layers/${orphan}/index`, Buffer.alloc(100, 2));
+    // s3rver's LastModified is its files' mtime: two days back for the orphan's and B's lease.
+    const age = (p: string, only = '') => {
+      for (const f of fs.readdirSync(p, { recursive: true }) as string[]) {
+        if (!f.includes(only)) continue;
+        const t = new Date(Date.now() - 2 * 86_400_000);
+        fs.utimesSync(path.join(p, f), t, t);
+      }
+    };
+    age(path.join(dir, 's3', BUCKET, 'fleet', 'layers', orphan));
+    age(path.join(dir, 's3', BUCKET, 'fleet', 'leases'), 'host-b');
+    const before = (await s3.list('')).map((o) => o.key);
+    const gc3 = await finished(A, (await call(A, 'POST', '/v1/gc', { dryRun: false, graceSeconds: 86_400 })).json.id);
+    assert.is(gc3.state, 'succeeded', JSON.stringify(gc3));
+    const removed = gc3.result.removed.map((i: { key: string }) => i.key).sort();
+    assert.equal(removed, [`layers/${orphan}/data`, `layers/${orphan}/index`, 'leases/host-b'].sort(), JSON.stringify(gc3.result));
+    const after = (await s3.list('')).map((o) => o.key);
+    assert.equal(after.sort(), before.filter((k) => !removed.includes(k)).sort(), 'nothing else went');
+    assert.ok(after.includes('leases/host-a'), 'the live host\'s lease stays');
+    const again = await call(A, 'POST', '/v1/devices', { layer: tpl, id: 'a9' });
+    assert.is(again.status, 201, again.text);
+    assert.is((await nbdcopy(again.json.nbd.uri, `${dir}/a9.out`)).code, 0);
+    assert.ok(fs.readFileSync(`${dir}/a9.out`).equals(img), 'the template still reads after GC');
   } finally {
     for (const d of daemons) d.child.kill('SIGKILL');
     await server?.stop();
