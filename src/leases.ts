@@ -36,7 +36,12 @@ export interface LeaseOptions {
   onWarning?: (msg: string, fields: Record<string, unknown>) => void;
 }
 
-export function newHostId(): string { return `${os.hostname().replace(/[^A-Za-z0-9._-]/g, '-').slice(0, 40) || 'host'}-${randomBytes(4).toString('hex')}`; }
+/** A host id from the hostname (what the id may hold of it) and random bytes. */
+export function newHostId(hostname = os.hostname()): string {
+  // A guest without a hostname says "(none)": the id must still start with a letter or digit.
+  const name = hostname.replace(/[^A-Za-z0-9._-]+/g, '-').replace(/^[^A-Za-z0-9]+|[^A-Za-z0-9]+$/g, '').slice(0, 40) || 'host';
+  return `${name}-${randomBytes(4).toString('hex')}`;
+}
 
 /** Parses a lease object; null (with the reason) for anything not a lease. */
 export function parseLease(bytes: Buffer, key: string, modified: number | undefined): Lease | string {

@@ -8,7 +8,7 @@ import * as assert from 'uvu/assert';
 import * as fs from 'fs';
 import { spawn } from 'child_process';
 import { Engine, Codec } from '../src/index';
-import { leaseKey } from '../src/leases';
+import { leaseKey, LeaseKeeper, newHostId } from '../src/leases';
 import { keys } from '../src/format';
 import { makeImage, tmpdir, rejects } from './helpers/util';
 
@@ -104,6 +104,14 @@ test('a saved durable device keeps its layer from being deleted on its own host'
   const r = await a.resumeDevice('saved1');
   assert.ok((await r.read(0, img.length)).equals(img));
   await a.closeDevice(r);
+});
+
+test('host ids made from any hostname are valid ones (a VM without a hostname says "(none)")', () => {
+  for (const name of ['(none)', '', '---', 'web-1.example.com', 'ünïcode host', 'x'.repeat(100)]) {
+    const id = newHostId(name);
+    assert.ok(new LeaseKeeper(hosts[0]?.store ?? ({} as never), () => new Set(), { hostId: id }).host === id, `${JSON.stringify(name)} -> ${id}`);
+  }
+  assert.match(newHostId('(none)'), /^none-[0-9a-f]{8}$/);
 });
 
 test.run();
