@@ -9,6 +9,7 @@ import { tmpdir, skip, makeImage } from './helpers/util';
 import { RawClient } from './helpers/nbd-client';
 import { ApiClient } from '../src/api/client';
 import { OPT, REP } from '../src/nbd/protocol';
+import { metrics } from './helpers/daemon';
 
 const hasNbdcopy = fs.existsSync('/usr/bin/nbdcopy');
 const run = (cmd: string, args: string[]) => new Promise<{ code: number; err: string }>((res) =>
@@ -75,24 +76,6 @@ test('daemon serves imported layers over a 0600 unix socket, no TCP unless asked
   }
 });
 
-/** Sums of the daemon's Prometheus counters by name (over its API unix socket). */
-function metrics(sock: string): Promise<Record<string, number>> {
-  return new Promise((resolve, reject) => {
-    require('http').get({ socketPath: sock, path: '/metrics' }, (res: import('http').IncomingMessage) => {
-      let t = '';
-      res.on('data', (d) => { t += d; });
-      res.on('end', () => {
-        const m: Record<string, number> = {};
-        for (const line of t.split('\n')) {
-          const x = /^([a-z_]+)(?:\{[^}]*\})? ([0-9.eE+-]+)$/.exec(line);
-          if (x) m[x[1]] = (m[x[1]] ?? 0) + Number(x[2]);
-        }
-        resolve(m);
-      });
-    }).on('error', reject);
-  });
-}
-
 test('a daemon SIGKILLed after serving a template leaves its cache to the next one: nothing is fetched again', async () => {
   const dir = tmpdir('daemon-cache');
   const img = makeImage(4096, 9); // 16 MiB
@@ -114,7 +97,7 @@ test('a daemon SIGKILLed after serving a template leaves its cache to the next o
     const r = await run('nbdcopy', [`nbd+unix:///${first.layer}/b?socket=${sock}`, `${dir}/out2`]);
     assert.is(r.code, 0, `${r.err}\n${out}`);
     assert.ok(fs.readFileSync(`${dir}/out2`).equals(img), 'the restarted daemon serves the same bytes');
-    const m = await metrics(`${dir}/data/api.sock`);
+    const m = await metrics({ socketPath: `${dir}/data/api.sock` });
     assert.is(m.strata_cache_fetches_total, 0, 'no frame fetched from the store');
     assert.ok(m.strata_cache_restored_frames_total > 0, `frames verified from the cache the killed daemon left (${m.strata_cache_restored_frames_total})`);
     assert.is(m.strata_cache_restore_failures_total, 0);

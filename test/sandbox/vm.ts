@@ -4,10 +4,10 @@
 // agent on a unix socket), and the guest's file contents.
 import * as fs from 'fs';
 import * as net from 'net';
-import * as http from 'http';
 import * as path from 'path';
 import * as crypto from 'crypto';
 import { execFile, spawn, type ChildProcess } from 'child_process';
+import { call, finished, metrics, type Reply } from '../helpers/daemon';
 
 // ------------------------------------------------------------------ checks
 export let passed = 0, failed = 0, skipped = 0;
@@ -83,33 +83,10 @@ export class Daemon {
     return /"msg":"strata daemon started"/.test(this.log);
   }
 
-  request(method: string, p: string, body?: unknown): Promise<{ status: number; json: any; text: string }> {
-    return new Promise((resolve, reject) => {
-      const data = body === undefined ? undefined : JSON.stringify(body);
-      const req = http.request({ socketPath: this.api, method, path: p, headers: data ? { 'content-type': 'application/json' } : {} }, (res) => {
-        let t = '';
-        res.setEncoding('utf8');
-        res.on('data', (c) => { t += c; });
-        res.on('end', () => { let json: any; try { json = JSON.parse(t); } catch { json = undefined; } resolve({ status: res.statusCode!, json, text: t }); });
-      });
-      req.setTimeout(120_000, () => req.destroy(new Error(`${method} ${p}: no answer in 120 s`)));
-      req.on('error', reject);
-      if (data) req.write(data);
-      req.end();
-    });
-  }
+  request(method: string, p: string, body?: unknown): Promise<Reply> { return call({ socketPath: this.api }, method, p, body); }
 
   /** Polls an operation until it is no longer running. */
-  async operation(id: string, ms = 600_000): Promise<any> {
-    const end = Date.now() + ms;
-    for (;;) {
-      const r = await this.request('GET', `/v1/operations/${encodeURIComponent(id)}`);
-      if (r.status !== 200) throw new Error(`GET /v1/operations/${id}: HTTP ${r.status} ${r.text}`);
-      if (r.json.state !== 'running' && r.json.state !== 'queued') return r.json;
-      if (Date.now() > end) throw new Error(`operation ${id} still ${r.json.state} after ${ms / 1000} s`);
-      await sleep(200);
-    }
-  }
+  operation(id: string, ms = 600_000): Promise<any> { return finished({ socketPath: this.api }, id, ms); }
 
   /** POST that answers with an operation (202), polled to its end; throws with the API's words otherwise. */
   async longOp(p: string, body?: unknown): Promise<any> {
@@ -133,15 +110,8 @@ export class Daemon {
   }
 
   /** Prometheus counters, by name (labels dropped, values summed). */
-  async metrics(): Promise<Record<string, number>> {
-    const r = await this.request('GET', '/metrics');
-    const m: Record<string, number> = {};
-    for (const line of r.text.split('\n')) {
-      const x = /^([a-z_]+)(?:\{[^}]*\})? ([0-9.eE+-]+)$/.exec(line);
-      if (x) m[x[1]] = (m[x[1]] ?? 0) + Number(x[2]);
-    }
-    return m;
-  }
+  metrics(): Promise<Record<string, number>> { return metrics({ socketPath: this.api }); }
+
 
   /** SIGTERM, then SIGKILL after `ms`; resolves with the exit code. */
   async stop(ms = 60_000): Promise<number | null> {
