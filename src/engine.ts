@@ -171,7 +171,7 @@ export class Engine {
 
   /** Collects garbage in the store and the shared tier (src/gc.ts); a dry run unless `dryRun: false`. */
   gc(opts: Omit<GcOptions, 'sharedTierDir'> = {}): Promise<GcReport> {
-    return collectGarbage(this.store, this.leases, { ...opts, sharedTierDir: this.core.tier2?.root });
+    return collectGarbage(this.store, { ...opts, sharedTierDir: this.core.tier2?.root });
   }
 
   /** Imports a raw disk image (size a multiple of 4 KiB) as a new base layer. */

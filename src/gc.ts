@@ -15,7 +15,7 @@
 import * as fs from 'fs';
 import * as path from 'path';
 import { ID_RE, keys } from './format';
-import { LEASE_PREFIX, parseLease, TOMBSTONE_MS, type LeaseKeeper } from './leases';
+import { readLeases, TOMBSTONE_MS } from './leases';
 import type { ObjectInfo, ObjectStore } from './store/types';
 import type { Progress } from './layer-writer';
 
@@ -43,7 +43,7 @@ export interface GcReport {
 
 export const MIN_GRACE_MS = 10 * 60_000;
 
-export async function collectGarbage(store: ObjectStore, leases: LeaseKeeper | null, opts: GcOptions = {}): Promise<GcReport> {
+export async function collectGarbage(store: ObjectStore, opts: GcOptions = {}): Promise<GcReport> {
   const graceMs = Math.max(MIN_GRACE_MS, opts.graceMs ?? 24 * 3_600_000);
   const dryRun = opts.dryRun ?? true;
   const now = Date.now();
@@ -59,16 +59,12 @@ export async function collectGarbage(store: ObjectStore, leases: LeaseKeeper | n
     if (!ID_RE.test(id)) continue; // not ours: left alone
     byLayer.set(id, [...(byLayer.get(id) ?? []), o]);
   }
-  const leaseObjs = await store.list(LEASE_PREFIX);
   const leased = new Set<string>();
   const expired: ObjectInfo[] = [];
-  for (const o of leaseObjs) {
-    let l;
-    try { l = parseLease(await store.get(o.key), o.key, o.modified); } catch { continue; } // gone meanwhile
-    if (typeof l === 'string') { opts.onWarning?.('gc: ignoring a lease object that is not one (left alone)', { key: o.key, reason: l }); continue; }
+  for (const { lease: l, info } of await readLeases(store, opts.onWarning)) {
     report.leases++;
     if (l.written + l.ttlMs > now) for (const id of l.layers) leased.add(id);
-    else if (now - (l.written + l.ttlMs) > graceMs) expired.push(o);
+    else if (now - (l.written + l.ttlMs) > graceMs) expired.push(info);
   }
   report.layers = byLayer.size;
 

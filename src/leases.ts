@@ -10,7 +10,7 @@
 // and open, one of them always sees the other.
 import * as os from 'os';
 import { randomBytes } from 'crypto';
-import type { ObjectStore } from './store/types';
+import type { ObjectInfo, ObjectStore } from './store/types';
 
 export const LEASE_PREFIX = 'leases/';
 export const leaseKey = (host: string) => `${LEASE_PREFIX}${host}`;
@@ -53,6 +53,22 @@ export function parseLease(bytes: Buffer, key: string, modified: number | undefi
   if (!Array.isArray(j.layers) || !j.layers.every((l) => typeof l === 'string' && /^[0-9a-f]{32}$/.test(l))) return 'bad layer list';
   if (typeof j.ttlMs !== 'number' || !(j.ttlMs > 0) || typeof j.written !== 'number') return 'bad ttl or time';
   return { host, hostname: String(j.hostname ?? ''), pid: Number(j.pid ?? 0), ttlMs: j.ttlMs, layers: j.layers as string[], written: modified ?? j.written };
+}
+
+/**
+ * Every lease object in the store, parsed (live or run out); objects under
+ * `leases/` that are not leases are warned about and skipped, never acted on.
+ */
+export async function readLeases(store: ObjectStore, onWarning?: (msg: string, fields: Record<string, unknown>) => void): Promise<Array<{ lease: Lease; info: ObjectInfo }>> {
+  const out: Array<{ lease: Lease; info: ObjectInfo }> = [];
+  for (const o of await store.list(LEASE_PREFIX)) {
+    let bytes: Buffer;
+    try { bytes = await store.get(o.key); } catch { continue; } // removed meanwhile: a host that stopped
+    const l = parseLease(bytes, o.key, o.modified);
+    if (typeof l === 'string') { onWarning?.('ignoring a lease object that is not one (left alone)', { key: o.key, reason: l }); continue; }
+    out.push({ lease: l, info: o });
+  }
+  return out;
 }
 
 export class LeaseKeeper {
@@ -131,19 +147,9 @@ export class LeaseKeeper {
 
   /** Every lease in the store that counts now; corrupt or foreign objects are warned about and skipped. */
   async all(): Promise<Lease[]> {
-    const out: Lease[] = [];
-    for (const o of await this.store.list(LEASE_PREFIX)) {
-      let bytes: Buffer;
-      try { bytes = await this.store.get(o.key); } catch { continue; } // removed meanwhile: a host that stopped
-      const l = parseLease(bytes, o.key, o.modified);
-      if (typeof l === 'string') {
-        this.stats.ignored++;
-        this.opts.onWarning?.('ignoring a lease object that is not one', { key: o.key, reason: l });
-        continue;
-      }
-      if (l.written + l.ttlMs > Date.now()) out.push(l);
-    }
-    return out;
+    const now = Date.now();
+    const leases = await readLeases(this.store, (msg, fields) => { this.stats.ignored++; this.opts.onWarning?.(msg, fields); });
+    return leases.map((x) => x.lease).filter((l) => l.written + l.ttlMs > now);
   }
 
   /** The hosts (other than none) whose live lease names `layer`. */

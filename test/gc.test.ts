@@ -95,11 +95,11 @@ test('the grace period has a floor, and the first store error stops the sweep', 
   const ids = [fake(), fake(), fake()];
   for (const id of ids) { await store.put(`layers/${id}/data`, Buffer.alloc(10)); age(path.join(root, 'layers', id, 'data'), 20 * 60_000); }
   // 20 minutes old: under a 1-minute grace asked for, the 10-minute floor still lets them go...
-  const r = await collectGarbage(store, null, { graceMs: 60_000 });
+  const r = await collectGarbage(store, { graceMs: 60_000 });
   assert.is(r.graceMs, 10 * 60_000);
   assert.is(r.removed.length, 3);
   // ...and the sweep stops at the second delete's failure.
-  await rejects(collectGarbage(store, null, { graceMs: 60_000, dryRun: false }), /injected store failure/);
+  await rejects(collectGarbage(store, { graceMs: 60_000, dryRun: false }), /injected store failure/);
   assert.is(store.deletes, 2);
   assert.is((await store.list('layers/')).length, 2, 'one removed, then it stopped');
 });
