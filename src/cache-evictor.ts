@@ -10,7 +10,7 @@
 import * as fs from 'fs';
 import * as path from 'path';
 import type { LayerRegistry } from './layers';
-import type { LayerCache } from './layer-cache';
+import { removeCacheFiles, type LayerCache } from './layer-cache';
 
 export interface CacheLimits {
   /** Most bytes of cached template data (0 or absent: no size limit). */
@@ -104,9 +104,7 @@ export class CacheEvictor {
     let freed = 0;
     for (const d of dormant) {
       if (need <= 0) break;
-      // Journal first: a crash between the two leaves a file nothing trusts.
-      fs.rmSync(path.join(this.dir, 'layers', `${d.id}.journal`), { force: true });
-      fs.rmSync(path.join(this.dir, 'layers', `${d.id}.cache`), { force: true });
+      removeCacheFiles(this.dir, d.id);
       this.dormantBytes -= d.bytes;
       need -= d.bytes;
       freed += d.bytes;

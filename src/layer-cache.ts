@@ -20,6 +20,19 @@ import { traced } from './tracing';
 import { CacheJournal, RecordKind } from './cache-journal';
 import { Priority, type Ticket } from './fetch-queue';
 
+/** Where a layer's cache file and journal live in a cache directory. */
+export function cacheFiles(cacheDir: string, id: string): { data: string; journal: string } {
+  const base = path.join(cacheDir, 'layers', id);
+  return { data: `${base}.cache`, journal: `${base}.journal` };
+}
+
+/** Removes a layer's cache files: the journal first, so a crash between the two leaves a file nothing trusts. */
+export function removeCacheFiles(cacheDir: string, id: string): void {
+  const f = cacheFiles(cacheDir, id);
+  fs.rmSync(f.journal, { force: true });
+  fs.rmSync(f.data, { force: true });
+}
+
 /** How long fetched frames wait before one sync makes them durable and journaled. */
 const PERSIST_DELAY_MS = 200;
 
@@ -60,9 +73,10 @@ export class LayerCache {
   /** `seed`: the writer of this new layer filled the cache file; these are its frames' uncompressed sums. */
   constructor(private readonly core: Core, readonly header: LayerHeader, seed?: bigint[]) {
     this.id = header.chain[0];
-    this.file = path.join(core.cacheDir, 'layers', `${this.id}.cache`);
+    const files = cacheFiles(core.cacheDir, this.id);
+    this.file = files.data;
     const n = Math.max(1, header.frames.length);
-    const journalFile = path.join(core.cacheDir, 'layers', `${this.id}.journal`);
+    const journalFile = files.journal;
     this.fd = fs.openSync(this.file, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o600);
     // A file of another size is not this layer's: nothing in it is trusted.
     if (seed || fs.fstatSync(this.fd).size !== header.dataSize) fs.rmSync(journalFile, { force: true });
@@ -432,8 +446,7 @@ export class LayerCache {
     this.persistTimer = null;
     this.unpersisted.clear();
     this.release();
-    fs.rmSync(this.file, { force: true });
-    fs.rmSync(this.journal.file, { force: true });
+    removeCacheFiles(this.core.cacheDir, this.id);
   }
 
   private release(): void {

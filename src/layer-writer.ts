@@ -17,6 +17,7 @@ import { DedupIndex, encodeIndex, type Fingerprint, type Location } from './fing
 import { DROPPED_LAYER, normalize, overlay, remapForChild, shiftForChild } from './mapping';
 import { einval, StrataError } from './errors';
 import type { Run } from '../workers/codec-worker';
+import { cacheFiles } from './layer-cache';
 
 const BS = BLOCK_SIZE;
 const FRAME_BLOCKS = FRAME_MAX / BS;
@@ -141,7 +142,7 @@ export async function writeLayer(core: Core, registry: LayerRegistry, input: Wri
 
   // ---- pass 2: pack frames and stream them out in order
   let seedFd = -1;
-  const seedFile = path.join(core.cacheDir, 'layers', `${id}.cache`);
+  const seedFile = cacheFiles(core.cacheDir, id).data;
   if (input.seed) { seedFd = fs.openSync(seedFile, 'w+', 0o600); fs.ftruncateSync(seedFd, dataSize); }
   let compressedBytes = 0, uPos = 0, cPos = 0, packed = 0;
   const uSums: bigint[] = []; // the seeded cache keeps them to verify its frames in a later process

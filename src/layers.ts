@@ -2,7 +2,7 @@
 // local caches, and the dedup fingerprint indexes.
 import type { Core } from './core';
 import { decodeHeader, ID_RE, keys, MAX_HEADER, type LayerHeader } from './format';
-import { LayerCache } from './layer-cache';
+import { LayerCache, removeCacheFiles } from './layer-cache';
 import { einval, StrataError } from './errors';
 import * as fs from 'fs';
 import * as path from 'path';
@@ -165,7 +165,7 @@ export class LayerRegistry {
     if (c) c.destroy();
     else {
       // Not open (or closing): its files may still be on disk.
-      const rm = () => { for (const ext of ['cache', 'journal']) fs.rmSync(path.join(this.core.cacheDir, 'layers', `${id}.${ext}`), { force: true }); };
+      const rm = () => removeCacheFiles(this.core.cacheDir, id);
       const closing = this.closing.get(id);
       if (closing) void closing.then(rm); else rm();
     }
