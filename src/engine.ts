@@ -294,40 +294,38 @@ export class Engine {
   }
 
   openDevice(layerId: string, opts: DeviceOptions = {}): Promise<Device> {
-    return this.withLayer(layerId, false, async () => {
-      const release = await this.leaseFor(layerId);
-      let d: Device;
-      try {
-        // The profile is fetched alongside the layer's header, not after it.
-        const profile = this.profiles?.load(layerId);
-        d = await Device.open(this.core, this.layers, layerId, { ...this.profileHooks(), ...opts });
-        this.devices.add(d);
-        this.profiles?.start(d, profile);
-      } finally { release(); }
-      await this.leases?.renew(false).catch(() => {}); // its whole chain
-      return d;
-    });
+    return this.opening(layerId, () => Device.open(this.core, this.layers, layerId, { ...this.deviceHooks(), ...opts }));
   }
 
   /** Brings back a durable device (see Device.resume), also one a crashed process left. */
   async resumeDevice(id: string): Promise<Device> {
     for (const d of this.devices) if (d.id === id) throw new StrataError('EBUSY', `device ${id} is already open`);
     const layer = readManifest(path.join(this.core.cacheDir, 'devices'), id).layer;
+    return this.opening(layer, () => Device.resume(this.core, this.layers, id, this.deviceHooks()));
+  }
+
+  /**
+   * What every device open goes through: the layer's lock (against a delete
+   * here), its lease (against one on another host), its boot profile
+   * (fetched alongside the header), and a lease naming the whole chain once open.
+   */
+  private opening(layer: string, open: () => Promise<Device>): Promise<Device> {
     return this.withLayer(layer, false, async () => {
       const release = await this.leaseFor(layer);
       let d: Device;
       try {
-        d = await Device.resume(this.core, this.layers, id, this.profileHooks());
+        const profile = this.profiles?.load(layer);
+        d = await open();
         this.devices.add(d);
-        this.profiles?.start(d);
+        this.profiles?.start(d, profile);
       } finally { release(); }
       await this.leases?.renew(false).catch(() => {});
       return d;
     });
   }
 
-  /** Each committed snapshot gets the boot profile of the device's layer, refined by what the device read. */
-  private profileHooks(): Pick<DeviceOptions, 'onSnapshot' | 'maxChain'> {
+  /** The engine's part in every device: its chain limit, and after each committed snapshot a lease on the new layer and its inherited boot profile. */
+  private deviceHooks(): Pick<DeviceOptions, 'onSnapshot' | 'maxChain'> {
     const p = this.profiles;
     return {
       maxChain: this.maxChain,
