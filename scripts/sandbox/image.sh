@@ -219,11 +219,23 @@ if LC_ALL=C readelf -l "$BUSYBOX" 2>/dev/null | grep -q INTERP; then
   missing "a static busybox: $BUSYBOX is dynamically linked (apt-get install busybox-static)"
 fi
 
-# Modules to mount an ext4 root on virtio-blk. virtio_pci is built in on both
-# lane kernels; crc32c for ext4's metadata checksums is a crypto module on 6.12
-# (loaded on demand, which this initramfs cannot do) and a built-in library on
-# 7.x. Names missing from modules.dep are built in (or absent): skipped.
-INIT_MODULES="virtio_pci virtio_blk crc32c_generic crc32c_intel crc32c_cryptoapi ext4"
+# Modules to mount an ext4 root on virtio-blk or on the kernel's nbd driver
+# over virtio-net. virtio_pci is built in on both lane kernels; crc32c for
+# ext4's metadata checksums is a crypto module on 6.12 (loaded on demand, which
+# this initramfs cannot do) and a built-in library on 7.x. Names missing from
+# modules.dep are built in (or absent): skipped.
+INIT_MODULES="virtio_pci virtio_blk virtio_net nbd crc32c_generic crc32c_intel crc32c_cryptoapi ext4"
+
+# The kernel nbd driver's root needs a userspace client to hand it the
+# connected socket: Debian's nbd-client (the host's, with its libraries).
+NBD_CLIENT=$(command -v nbd-client || true)
+[ -n "$NBD_CLIENT" ] || NBD_CLIENT=$( [ -x /usr/sbin/nbd-client ] && echo /usr/sbin/nbd-client || true)
+if [ -z "$NBD_CLIENT" ]; then
+  note "nbd-client is missing; installing it with apt-get"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nbd-client; } >&2 \
+    || missing "nbd-client (apt-get could not install it: apt-get install nbd-client)"
+  NBD_CLIENT=/usr/sbin/nbd-client
+fi
 
 IFS= read -r -d '' INIT <<'EOF_INIT' || true
 #!/bin/busybox sh
@@ -236,10 +248,20 @@ fail() { echo "strata-initramfs: FATAL: $*"; sleep 1; poweroff -f; sleep 10; }
 while read -r m; do
   [ -n "$m" ] && { insmod "/lib/modules/$m.ko" || echo "strata-initramfs: insmod $m failed"; }
 done < /lib/modules/load.list
-ROOT=/dev/vda RW=rw
+ROOT=/dev/vda RW=rw NBD=""
 for a in $(cat /proc/cmdline); do
-  case $a in root=/dev/*) ROOT=${a#root=};; ro) RW=ro;; rw) RW=rw;; esac
+  case $a in root=/dev/*) ROOT=${a#root=};; ro) RW=ro;; rw) RW=rw;; strata.nbd=*) NBD=${a#strata.nbd=};; esac
 done
+# strata.nbd=HOST:PORT/EXPORT: the root is /dev/nbd0, the kernel's nbd driver
+# connected over eth0 (QEMU user networking: the guest is 10.0.2.15, the host
+# 10.0.2.2) to that export.
+if [ -n "$NBD" ]; then
+  ip link set lo up; ip link set eth0 up || fail "no eth0 for strata.nbd"
+  ip addr add 10.0.2.15/24 dev eth0
+  h=${NBD%%:*}; p=${NBD#*:}; e=${p#*/}; p=${p%%/*}
+  nbd-client "$h" "$p" /dev/nbd0 -N "$e" -b 4096 || fail "nbd-client $NBD failed"
+  ROOT=/dev/nbd0
+fi
 i=0
 while [ ! -b "$ROOT" ] && [ $i -lt 300 ]; do sleep 0.1 2>/dev/null || sleep 1; i=$((i + 1)); done
 [ -b "$ROOT" ] || fail "$ROOT did not appear"
@@ -251,7 +273,7 @@ umount /proc /sys
 exec switch_root /newroot /sbin/init
 EOF_INIT
 
-IKEY=$( { printf '%s\n' "$KEY" "$ABI" "$INIT_MODULES"; cksum < "$BUSYBOX"; } | cksum | cut -d' ' -f1)
+IKEY=$( { printf '%s\n' "$KEY" "$ABI" "$INIT_MODULES"; cksum < "$BUSYBOX"; cksum < "$NBD_CLIENT"; } | cksum | cut -d' ' -f1)
 INITRD=$OUT/initramfs-$ABI-$IKEY.gz
 if [ "$REBUILD" = 1 ] || [ ! -s "$INITRD" ]; then
   command -v cpio >/dev/null || missing "cpio (apt-get install cpio)"
@@ -259,6 +281,11 @@ if [ "$REBUILD" = 1 ] || [ ! -s "$INITRD" ]; then
   trap 'rm -rf "$tmp"' EXIT
   mkdir -p "$tmp"/{bin,dev,proc,sys,newroot,lib/modules}
   cp "$BUSYBOX" "$tmp/bin/busybox"
+  # nbd-client and the shared libraries it loads (the dynamic loader too)
+  cp "$NBD_CLIENT" "$tmp/bin/nbd-client"
+  for lib in $(ldd "$NBD_CLIENT" | grep -o '/[^ ]*'); do
+    mkdir -p "$tmp$(dirname "$lib")"; cp -L "$lib" "$tmp$lib"
+  done
   printf '%s\n' "$INIT" > "$tmp/init"; chmod 755 "$tmp/init"
   grep -q '/ext4.ko' "$MODDIR/modules.dep" "$MODDIR/modules.builtin" || die "kernel $ABI has no ext4"
   # shellcheck disable=SC2086

@@ -63,9 +63,10 @@ for (const sig of ['SIGINT', 'SIGTERM'] as const) {
 interface Boot { label: string; ms: number; uptime: number; fetches: number; fetchBytes: number }
 
 /** Boots a guest on `uri`, waits for the ready marker and reports it (cache fetches during the boot from `d`). */
-async function boot(d: Daemon, name: string, dir: string, spec: GuestSpec, uri: string, label: string, trace?: string): Promise<{ g: Guest; b: Boot }> {
+async function boot(d: Daemon, name: string, dir: string, spec: GuestSpec, uri: string, label: string,
+  opts: { trace?: string; kernelNbd?: boolean } = {}): Promise<{ g: Guest; b: Boot }> {
   const m0 = await d.metrics();
-  const g = new Guest(name, dir, spec, uri, trace);
+  const g = new Guest(name, dir, spec, uri, opts);
   try {
     const r = await g.ready();
     const m1 = await d.metrics();
@@ -99,7 +100,8 @@ async function writeFiles(g: Guest, files: Array<[string, string, number]>): Pro
 }
 
 /** The host's check of one snapshot through daemon `d`: copy out, fsck, every expected file by content. */
-async function checkSnapshot(d: Daemon, tmp: string, label: string, layer: string, crash: boolean,
+async function checkSnapshot(d: Daemon, tmp: string, label: string, layer: string,
+  why: 'crash-consistent' | 'taken frozen' | 'taken after a clean shutdown',
   expect: Map<string, Buffer | null>): Promise<void> {
   const dev = await d.createDevice(layer, `check-${label}`);
   const img = path.join(tmp, `snapshot-${label}.img`);
@@ -107,18 +109,18 @@ async function checkSnapshot(d: Daemon, tmp: string, label: string, layer: strin
   const copier = which('nbdcopy')
     ? await run('nbdcopy', [dev.uri, img], 600_000)
     : await run('qemu-img', ['convert', '-f', 'raw', '-O', 'raw', dev.uri, img], 600_000);
-  check(copier.code === 0, `snapshot ${label}: copied out of daemon B over NBD in ${secs(Date.now() - t)}${copier.code ? `: ${copier.out.trim()}` : ''}`);
+  check(copier.code === 0, `snapshot ${label}: copied out of daemon ${d.name} over NBD in ${secs(Date.now() - t)}${copier.code ? `: ${copier.out.trim()}` : ''}`);
   check((await d.deleteDevice(dev.id)) === 204, `snapshot ${label}: DELETE its check device`);
   if (copier.code !== 0) return;
   onCleanup(`rm ${img}`, () => fs.rmSync(img, { force: true }));
   const features = (await sh(`dumpe2fs -h ${img} 2>/dev/null | grep -i '^Filesystem features'`).catch(() => '')).trim();
   const dirty = /needs_recovery/.test(features);
-  if (crash) {
+  if (why === 'crash-consistent') {
     note(`snapshot ${label}: journal ${dirty ? 'needs recovery (replaying it on the copy)' : 'is clean'}`);
     const r = await run('e2fsck', ['-y', '-E', 'journal_only', img]);
     check(r.code === 0 || r.code === 1, `snapshot ${label}: e2fsck -E journal_only replayed the journal (exit ${r.code})${r.code > 1 ? `: ${r.out.trim().slice(-800)}` : ''}`);
   } else {
-    check(!dirty, `snapshot ${label}: taken frozen, the filesystem needs no journal recovery${dirty ? ` (${features})` : ''}`);
+    check(!dirty, `snapshot ${label}: ${why}, the filesystem needs no journal recovery${dirty ? ` (${features})` : ''}`);
   }
   const fsck = await run('e2fsck', ['-fn', img]);
   check(fsck.code === 0, `snapshot ${label}: e2fsck -fn is clean (exit ${fsck.code})${fsck.code ? `:\n${fsck.out.trim().slice(-1500)}` : ''}`);
@@ -217,7 +219,7 @@ async function main(): Promise<void> {
   // guest's block requests, kept for the cold-start benchmark (bench/coldstart.ts)
   const devW = await a.createDevice(tpl, 'sandbox-2');
   const traceLog = path.join(tmp, 'vm2.trace');
-  const warm = await boot(a, 'vm2', vmDir, spec, devW.uri, 'daemon A, template, fresh device, warm cache', traceLog);
+  const warm = await boot(a, 'vm2', vmDir, spec, devW.uri, 'daemon A, template, fresh device, warm cache', { trace: traceLog });
   boots.push(warm.b);
   saveTrace(traceLog, path.join(path.dirname(env.SANDBOX_IMAGE), 'boot-trace.json'), { kernel: env.SANDBOX_ABI, image: env.SANDBOX_IMAGE, bootMs: warm.b.ms });
   check((await warm.g.sh(`ls ${GUEST_DIR} | wc -l`)).trim() === '0', 'vm2: a fresh device on the template has none of vm1\'s files');
@@ -248,17 +250,18 @@ async function main(): Promise<void> {
   // host-side checks of both snapshots, through daemon B
   const expectA = new Map<string, Buffer | null>(FILES_A.map(([f, n]) => [f, fileContent(f, n)]));
   for (const [f] of FILES_B) if (!expectA.has(f)) expectA.set(f, null);
-  await checkSnapshot(b, tmp, 'A', snapA!, false, expectA);
+  await checkSnapshot(b, tmp, 'A', snapA!, 'taken frozen', expectA);
   const expectB = new Map<string, Buffer | null>(FILES_A.map(([f, n]) => [f, fileContent(f, n)]));
   for (const [f, seed, n] of FILES_B) expectB.set(f, fileContent(seed, n));
-  await checkSnapshot(b, tmp, 'B', snapB, true, expectB);
+  await checkSnapshot(b, tmp, 'B', snapB, 'crash-consistent', expectB);
   check((await b.stop()) === 0, 'daemon B: SIGTERM, exit 0');
 
   // ---------------------------------------------------------- daemon C: cold, with the boot profile
   // Snapshot A inherited a profile from what vm1 read before it was taken.
-  const c = new Daemon('C', path.join(tmp, 'data-c'), store, path.join(tmp, 'daemon-c.log'));
+  // C also serves NBD on a loopback TCP port, for the kernel nbd driver's boot below.
+  const c = new Daemon('C', path.join(tmp, 'data-c'), store, path.join(tmp, 'daemon-c.log'), ['--tcp', '0']);
   daemons.push(c);
-  if (!check(await c.started(), 'daemon C started on the same store (empty data dir, boot profiles on)')) { console.log(c.out().slice(-2000)); return; }
+  if (!check(await c.started(), 'daemon C started on the same store (empty data dir, boot profiles on, --tcp 0)')) { console.log(c.out().slice(-2000)); return; }
   const devP = await c.createDevice(snapA!, 'resumed-2');
   const prof = await boot(c, 'vm4', vmDir, spec, devP.uri, 'daemon C (empty data dir), snapshot A, cold cache, boot profile');
   boots.push(prof.b);
@@ -268,6 +271,36 @@ async function main(): Promise<void> {
   for (const [f, n] of FILES_A) check(sumsP.includes(`${sha256(fileContent(f, n))}  ${f}`), `vm4: ${f} reads back with its content`);
   check(await prof.g.poweroff(), 'vm4: poweroff, QEMU exited');
   check((await c.deleteDevice('resumed-2')) === 204, 'DELETE resumed-2');
+
+  // ---------------------------------------------------------- the kernel nbd driver
+  // A guest whose root is /dev/nbd0: its initramfs connects the guest
+  // kernel's nbd driver to daemon C over TCP (nbd-client), on snapshot B (the
+  // crash-consistent one: the mount replays its journal). It reads B's files,
+  // writes one more and powers off; a snapshot of the device shows that file
+  // from the host.
+  const devK = await c.createDevice(snapB, 'resumed-3');
+  const tcpUri = devK.json?.nbd?.tcpUri as string | undefined;
+  if (check(typeof tcpUri === 'string', `daemon C: device resumed-3 on snapshot B, served on TCP: ${tcpUri}`)) {
+    const kb = await boot(c, 'vm5', vmDir, spec, tcpUri!, 'daemon C, snapshot B, root on the guest kernel\'s nbd driver', { kernelNbd: true });
+    boots.push(kb.b);
+    const src = (await kb.g.sh('findmnt -no SOURCE /')).trim();
+    check(src === '/dev/nbd0', `vm5: / is mounted from /dev/nbd0 (${src})`);
+    const size = Number((await kb.g.sh('cat /sys/block/nbd0/size')).trim()) * 512;
+    check(size === fs.statSync(env.SANDBOX_IMAGE).size, `vm5: /dev/nbd0 has the template's size (${size} bytes)`);
+    const expectK = new Map<string, Buffer>(FILES_A.map(([f, n]) => [f, fileContent(f, n)]));
+    for (const [f, seed, n] of FILES_B) expectK.set(f, fileContent(seed, n));
+    const sumsK = await kb.g.sh(`cd ${GUEST_DIR} && sha256sum ${[...expectK.keys()].join(' ')}`);
+    for (const [f, want] of expectK) check(sumsK.includes(`${sha256(want)}  ${f}`), `vm5: ${f} reads back with snapshot B's content`);
+    await writeFiles(kb.g, [['k1', 'k1', 5 * MiB]]);
+    check(await kb.g.poweroff(), 'vm5: poweroff, QEMU exited');
+    t = Date.now();
+    const snapK = (await c.longOp('/v1/devices/resumed-3/snapshots'))?.snapshot?.id as string;
+    check(typeof snapK === 'string', `snapshot K of resumed-3 after the guest's poweroff in ${secs(Date.now() - t)}: ${snapK}`);
+    check((await c.deleteDevice('resumed-3')) === 204, 'DELETE resumed-3');
+    expectK.set('k1', fileContent('k1', 5 * MiB));
+    // the guest shut down cleanly: its root filesystem was unmounted, nothing to replay
+    await checkSnapshot(c, tmp, 'K', snapK, 'taken after a clean shutdown', expectK);
+  }
   check((await c.stop()) === 0, 'daemon C: SIGTERM, exit 0');
 
   console.log('');

@@ -172,22 +172,36 @@ export class Guest {
   private agentConn: Agent | null = null;
   private stderr = '';
 
-  /** Boots a guest whose root disk /dev/vda is the NBD export `uri` (QEMU's own NBD client). */
-  /** `trace`: a file QEMU logs the guest's block requests to (blk_co_preadv / blk_co_pwritev trace events). */
-  constructor(readonly name: string, dir: string, spec: GuestSpec, uri: string, trace?: string) {
+  /**
+   * Boots a guest on the NBD export `uri`. With QEMU's own NBD client (the
+   * default) it is the guest's virtio-blk /dev/vda; with `kernelNbd` the
+   * guest's initramfs connects its kernel's nbd driver to it (/dev/nbd0) over
+   * QEMU user networking, so `uri` must be an nbd:// TCP one on the host.
+   * `trace`: a file QEMU logs the guest's block requests to (blk_co_preadv /
+   * blk_co_pwritev trace events; QEMU's client only).
+   */
+  constructor(readonly name: string, dir: string, spec: GuestSpec, uri: string, opts: { trace?: string; kernelNbd?: boolean } = {}) {
     fs.mkdirSync(dir, { recursive: true });
     this.console = path.join(dir, `${name}.console.log`);
     this.agentSock = path.join(dir, `${name}.agent.sock`);
     const q = (s: string) => s.replace(/,/g, ',,');
+    let root = 'root=/dev/vda', disk = ['-drive', `file=${q(uri)},format=raw,if=virtio`];
+    if (opts.kernelNbd) {
+      // the guest reaches the host's loopback as 10.0.2.2 (slirp); no other network
+      const m = /^nbd:\/\/(?:127\.0\.0\.1|localhost):(\d+)\/(.+)$/.exec(uri);
+      if (!m) throw new Error(`kernel nbd root: ${uri} is not an nbd:// URI on the host's loopback`);
+      root = `root=/dev/nbd0 strata.nbd=10.0.2.2:${m[1]}/${m[2]}`;
+      disk = ['-netdev', 'user,id=n0,restrict=off,ipv6=off', '-device', 'virtio-net-pci,netdev=n0,romfile='];
+    }
     const args = [
       '-nodefaults', '-no-user-config', '-display', 'none', '-monitor', 'none', '-no-reboot',
       '-machine', 'pc', '-accel', 'tcg', '-cpu', 'max', '-m', String(spec.mem ?? 768), '-smp', String(spec.smp ?? 1),
       '-kernel', spec.kernel, '-initrd', spec.initrd,
-      '-append', 'root=/dev/vda rw console=ttyS0 quiet panic=-1 mitigations=off tsc=reliable',
+      '-append', `${root} rw console=ttyS0 quiet panic=-1 mitigations=off tsc=reliable`,
       '-chardev', `file,id=con,path=${q(this.console)}`, '-serial', 'chardev:con',
       '-chardev', `socket,id=agent,path=${q(this.agentSock)},server=on,wait=off`, '-serial', 'chardev:agent',
-      '-drive', `file=${q(uri)},format=raw,if=virtio`,
-      ...(trace ? ['-trace', 'enable=blk_co_preadv', '-trace', 'enable=blk_co_pwritev', '-D', trace, '-msg', 'timestamp=on'] : []),
+      ...disk,
+      ...(opts.trace ? ['-trace', 'enable=blk_co_preadv', '-trace', 'enable=blk_co_pwritev', '-D', opts.trace, '-msg', 'timestamp=on'] : []),
     ];
     this.t0 = Date.now();
     this.child = spawn(process.env.QEMU ?? 'qemu-system-x86_64', args, { stdio: ['ignore', 'ignore', 'pipe'] });
