@@ -17,7 +17,7 @@ export const enum RecordKind { Cached = 1, Dropped = 2 }
 export interface CacheRecord { kind: RecordKind; frame: number; sum: bigint }
 
 export class CacheJournal {
-  private constructor(readonly file: string, private fd: number, private readonly hash: (b: Buffer) => bigint) {}
+  private constructor(readonly file: string, private fdNo: number, private readonly hash: (b: Buffer) => bigint) {}
 
   /**
    * Opens (or starts) the journal of layer `id` with `frames` frames and
@@ -61,15 +61,18 @@ export class CacheJournal {
     return { journal: new CacheJournal(file, fd, hash), cached, skipped };
   }
 
+  /** The journal's descriptor (-1 once closed), for syncing its records. */
+  get fd(): number { return this.fdNo; }
+
   /** Appends records (one write; a torn one is skipped when read back). */
   append(recs: CacheRecord[]): void {
-    if (!recs.length || this.fd < 0) return;
-    fs.writeSync(this.fd, Buffer.concat(recs.map((r) => encodeRecord(r, this.hash))));
+    if (!recs.length || this.fdNo < 0) return;
+    fs.writeSync(this.fdNo, Buffer.concat(recs.map((r) => encodeRecord(r, this.hash))));
   }
 
   close(): void {
-    if (this.fd >= 0) fs.closeSync(this.fd);
-    this.fd = -1;
+    if (this.fdNo >= 0) fs.closeSync(this.fdNo);
+    this.fdNo = -1;
   }
 }
 

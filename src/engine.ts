@@ -19,7 +19,7 @@ import { BootProfiles, type ProfileOptions } from './boot-profile';
 import { LeaseKeeper, tombstoneKey, TOMBSTONE_MS, type LeaseOptions } from './leases';
 import { collectGarbage, type GcOptions, type GcReport } from './gc';
 import { traced } from './tracing';
-import { isAlive } from './pid';
+import { liveOwner, ownerToken } from './pid';
 
 export interface EngineOptions {
   /** An object store, or a spec for openStore: a directory (local filesystem store), file://… or s3://bucket/prefix?…. */
@@ -108,12 +108,14 @@ export class Engine {
     if (heldLocks.has(path.resolve(lockFile))) throw new StrataError('EBUSY', `cache directory ${cacheDir} is in use by another engine in this process`);
     try {
       const fd = fs.openSync(lockFile, 'wx');
-      fs.writeSync(fd, String(process.pid));
+      fs.writeSync(fd, ownerToken());
       fs.closeSync(fd);
     } catch {
-      const pid = Number(fs.readFileSync(lockFile, 'utf8'));
-      if (pid && pid !== process.pid && isAlive(pid)) throw new StrataError('EBUSY', `cache directory ${cacheDir} is in use by process ${pid}`);
-      fs.writeFileSync(lockFile, String(process.pid));
+      // Left by a process that is gone (killed, or before a reboot: its pid
+      // may name another process now, so the boot and start time count too).
+      const pid = liveOwner(fs.readFileSync(lockFile, 'utf8'));
+      if (pid !== null && pid !== process.pid) throw new StrataError('EBUSY', `cache directory ${cacheDir} is in use by process ${pid}`);
+      fs.writeFileSync(lockFile, ownerToken());
     }
     heldLocks.add(path.resolve(lockFile));
     const core = new Core({ store, cacheDir, workers: opts.workers, arenaBytes: opts.arenaBytes, sharedCacheDir: opts.sharedCacheDir,

@@ -68,7 +68,7 @@ export class LayerCache {
   /** The eviction clock's position, and the scrub's. */
   hand = 0;
   private scrubHand = 0;
-  stats = { fetches: 0, fetchBytes: 0, fetchErrors: 0, hits: 0, evictions: 0, evictedBytes: 0, restoredFrames: 0, restoredBytes: 0, restoreFailures: 0, scrubbed: 0, scrubFailures: 0 };
+  stats = { fetches: 0, fetchBytes: 0, fetchErrors: 0, hits: 0, evictions: 0, evictedBytes: 0, restoredFrames: 0, restoredBytes: 0, restoreFailures: 0, scrubbed: 0, scrubFailures: 0, persistedFrames: 0 };
 
   /** `seed`: the writer of this new layer filled the cache file; these are its frames' uncompressed sums. */
   constructor(private readonly core: Core, readonly header: LayerHeader, seed?: bigint[]) {
@@ -287,8 +287,13 @@ export class LayerCache {
       try {
         await this.core.uring.fsync(this.fd);
         const w = this.core.heap.wasm;
-        this.journal.append([...batch].filter((i) => w.stateGet(this.states, i) === S.CACHED)
-          .map((i) => ({ kind: RecordKind.Cached, frame: i, sum: this.sums[i] })));
+        const recs = [...batch].filter((i) => w.stateGet(this.states, i) === S.CACHED)
+          .map((i) => ({ kind: RecordKind.Cached, frame: i, sum: this.sums[i] }));
+        this.journal.append(recs);
+        // The records too: a host reboot loses unsynced pages, and with them
+        // every frame whose record was still in the page cache.
+        await this.core.uring.fsync(this.journal.fd);
+        this.stats.persistedFrames += recs.length;
       } catch {
         // Not journaled: a later process fetches these frames again.
       }

@@ -19,7 +19,7 @@ export class LayerRegistry {
   /** How many device views (bases) use each cache: one no view uses is closed (its files stay). */
   private refs = new Map<string, number>();
   private closing = new Map<string, Promise<void>>();
-  private closedStats = { fetches: 0, fetchBytes: 0, fetchErrors: 0, hits: 0, evictions: 0, evictedBytes: 0, restoredFrames: 0, restoredBytes: 0, restoreFailures: 0, scrubbed: 0, scrubFailures: 0 };
+  private closedStats = { fetches: 0, fetchBytes: 0, fetchErrors: 0, hits: 0, evictions: 0, evictedBytes: 0, restoredFrames: 0, restoredBytes: 0, restoreFailures: 0, scrubbed: 0, scrubFailures: 0, persistedFrames: 0 };
   private indexes = new Map<string, Promise<LayerIndex>>();
 
   constructor(private readonly core: Core) {}

@@ -8,7 +8,8 @@ import * as assert from 'uvu/assert';
 import * as fs from 'fs';
 import { spawn } from 'child_process';
 import { Engine, Codec } from '../src/index';
-import { CountingStore, makeImage, tmpdir } from './helpers/util';
+import { CountingStore, makeImage, tmpdir, rejects } from './helpers/util';
+import { bootId, startTime } from '../src/pid';
 
 const B = 4096;
 const MiB = 1 << 20;
@@ -158,4 +159,27 @@ test('cache files of layers no device has open count too, and are deleted whole 
   } finally { await e.close(); }
 });
 
+test('the cache directory lock: a live owner refuses a second engine; one from before a reboot or whose pid was reused does not', async () => {
+  const c = `${dir}/lock`;
+  fs.mkdirSync(c, { recursive: true });
+  const lock = `${c}/engine.lock`;
+  const open = () => Engine.open({ store: `${dir}/store`, cacheDir: c });
+  const parent = process.ppid; // alive for the whole test
+  // The live owner, as a lock names it: same boot, same start time.
+  fs.writeFileSync(lock, `${parent} ${bootId()} ${startTime(parent)}`);
+  await rejects(open(), new RegExp(`in use by process ${parent}`));
+  fs.writeFileSync(lock, String(parent)); // the older form: a bare pid, by liveness
+  await rejects(open(), /in use by process/);
+  // After a host reboot the recorded pid can name another live process (pid 1 here).
+  for (const stale of [`1 00000000-0000-4000-8000-000000000000 ${startTime(1)}`, `${parent} ${bootId()} 1${startTime(parent)}`, '999999999 - -']) {
+    fs.writeFileSync(lock, stale);
+    const e = await open();
+    try {
+      const mine = fs.readFileSync(lock, 'utf8').split(' ');
+      assert.equal(mine.slice(0, 2), [String(process.pid), bootId()], `the lock is taken over (${stale})`);
+    } finally { await e.close(); }
+  }
+});
+
 test.run();
+

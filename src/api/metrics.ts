@@ -52,6 +52,7 @@ export class Metrics {
     const counter = (name: string, help: string, pick: (s: ReturnType<Engine['stats']>) => number) =>
       new client.Counter({ name, help, registers: [r], collect() { this.reset(); this.inc(pick(engine.stats())); } });
     counter('strata_cache_restored_frames_total', 'frames an earlier process cached, verified on first use instead of fetched', (s) => s.cache.restoredFrames);
+    counter('strata_cache_persisted_frames_total', 'fetched frames made durable and journaled (a later process, after a crash or reboot, uses them without a fetch)', (s) => s.cache.persistedFrames);
     counter('strata_cache_restore_failures_total', 'cached frames from an earlier process that failed verification (fetched again)', (s) => s.cache.restoreFailures);
     counter('strata_cache_scrubbed_frames_total', 'cached frames re-verified by the scrub', (s) => s.cache.scrubbed);
     counter('strata_cache_scrub_failures_total', 'cached frames the scrub found damaged and dropped', (s) => s.cache.scrubFailures);
