@@ -13,7 +13,7 @@
 // issued together (within 0.2 ms) go out together and the next batch waits
 // for them; the guest's think time between batches is dropped, so the replay
 // is I/O-bound (the harsher case for a cold cache). Rounds interleave cells.
-//   npm run bench:coldstart [-- --rounds N --latency 20,50 --mibps 64 --concurrency 8]
+//   npm run bench:coldstart [-- --rounds N --latency 20,50 --mibps 64 --concurrency 16]
 //   (the trace comes from npm run test:sandbox, run first when absent)
 import * as fs from 'fs';
 import * as os from 'os';
@@ -30,7 +30,7 @@ const opt = (name: string, def: string) => { const i = argv.indexOf(name); retur
 const ROUNDS = Number(opt('--rounds', process.env.STRATA_BENCH_ROUNDS ?? '3'));
 const LATENCIES = opt('--latency', '20,50').split(',').map(Number);
 const MIBPS = Number(opt('--mibps', '64'));
-const CONCURRENCY = opt('--concurrency', '8').split(',').map(Number);
+const CONCURRENCY = opt('--concurrency', '16').split(',').map(Number);
 const CODEC = parseCodec(opt('--codec', 'zstd')); // the child cells only warm their workers with it
 // The trace was recorded under TCG, where guest code runs ~17x slower than
 // under KVM: paced replays keep the guest's think time divided by this.
