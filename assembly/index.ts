@@ -5,17 +5,12 @@
 // no static data and allocates nothing: the host (src/wasm.ts) owns the
 // layout and passes byte offsets. Multi-byte records are little-endian.
 
-// ---------------------------------------------------------------- states
-// One byte per block. A device overlay uses ABSENT/DIRTY/ZERO/CLEAN; a layer's
-// frame cache uses ABSENT/FETCHING/CACHED. Transitions that can race between
-// threads go through cmpxchg.
-export const ABSENT: u8 = 0;
-export const FETCHING: u8 = 1;
-export const CACHED: u8 = 2; // frame verified and present in the layer cache file
-export const DIRTY: u8 = 3; // block written by the device, lives in the overlay file
-export const ZERO: u8 = 4; // block trimmed / zero-written, no data anywhere
-export const CLEAN: u8 = 5; // overlay holds a verified copy of the base block
+import { EXTENT_SIZE, EXT_DEV, EXT_LEN, EXT_LAYER, EXT_DATA, ZERO_LAYER, FRAME_SIZE, FRAME_U, FRAME_USIZE, extentPut } from './layout';
+export * from './layout';
 
+// ---------------------------------------------------------------- states
+// One byte per block (values and record layouts: ./layout.ts). Transitions
+// that can race between threads go through cmpxchg.
 export function stateGet(table: usize, i: u32): u8 {
   return atomic.load<u8>(table + <usize>i);
 }
@@ -184,22 +179,17 @@ export function equalBytes(a: usize, b: usize, len: usize): bool {
 }
 
 // ---------------------------------------------------------------- mapping
-// Extent record, 32 bytes: u64 devOffset, u64 length, u32 layer (0xFFFFFFFF =
-// zero), u32 reserved, u64 dataOffset. Extents are sorted and cover the
-// device without gaps.
-export const EXTENT_SIZE: u32 = 32;
-export const ZERO_LAYER: u32 = 0xffffffff;
-
+// Extent records (./layout.ts) are sorted and cover the device without gaps.
 /** Index of the extent holding byte `off`, or -1. Binary search. */
 export function findExtent(ext: usize, count: u32, off: u64): i32 {
   let lo: i32 = 0;
   let hi: i32 = <i32>count - 1;
   while (lo <= hi) {
     const mid = (lo + hi) >>> 1;
-    const r = ext + <usize>mid * 32;
-    const start = load<u64>(r);
+    const r = ext + <usize>mid * EXTENT_SIZE;
+    const start = load<u64>(r + EXT_DEV);
     if (off < start) hi = mid - 1;
-    else if (off >= start + load<u64>(r + 8)) lo = mid + 1;
+    else if (off >= start + load<u64>(r + EXT_LEN)) lo = mid + 1;
     else return mid;
   }
   return -1;
@@ -215,29 +205,24 @@ export function findExtent(ext: usize, count: u32, off: u64): i32 {
 export function normalize(ext: usize, count: u32): u32 {
   let w: u32 = 0;
   for (let i: u32 = 0; i < count; i++) {
-    const r = ext + <usize>i * 32;
-    const dev = load<u64>(r);
-    const len = load<u64>(r + 8);
-    const layer = load<u32>(r + 16);
-    const data = load<u64>(r + 24);
+    const r = ext + <usize>i * EXTENT_SIZE;
+    const dev = load<u64>(r + EXT_DEV);
+    const len = load<u64>(r + EXT_LEN);
+    const layer = load<u32>(r + EXT_LAYER);
+    const data = load<u64>(r + EXT_DATA);
     if (len == 0) continue;
     if (w > 0) {
-      const p = ext + <usize>(w - 1) * 32;
-      const pDev = load<u64>(p);
-      const pLen = load<u64>(p + 8);
-      const pLayer = load<u32>(p + 16);
-      const pData = load<u64>(p + 24);
+      const p = ext + <usize>(w - 1) * EXTENT_SIZE;
+      const pDev = load<u64>(p + EXT_DEV);
+      const pLen = load<u64>(p + EXT_LEN);
+      const pLayer = load<u32>(p + EXT_LAYER);
+      const pData = load<u64>(p + EXT_DATA);
       if (pDev + pLen == dev && pLayer == layer && (layer == ZERO_LAYER || pData + pLen == data)) {
-        store<u64>(p + 8, pLen + len);
+        store<u64>(p + EXT_LEN, pLen + len);
         continue;
       }
     }
-    const o = ext + <usize>w * 32;
-    store<u64>(o, dev);
-    store<u64>(o + 8, len);
-    store<u32>(o + 16, layer);
-    store<u32>(o + 20, 0);
-    store<u64>(o + 24, layer == ZERO_LAYER ? 0 : data);
+    extentPut(ext, w, dev, len, layer, data);
     w++;
   }
   return w;
@@ -247,11 +232,11 @@ export function normalize(ext: usize, count: u32): u32 {
 export function validateExtents(ext: usize, count: u32, size: u64, layers: u32): bool {
   let pos: u64 = 0;
   for (let i: u32 = 0; i < count; i++) {
-    const r = ext + <usize>i * 32;
-    if (load<u64>(r) != pos) return false;
-    const len = load<u64>(r + 8);
+    const r = ext + <usize>i * EXTENT_SIZE;
+    if (load<u64>(r + EXT_DEV) != pos) return false;
+    const len = load<u64>(r + EXT_LEN);
     if (len == 0) return false;
-    const layer = load<u32>(r + 16);
+    const layer = load<u32>(r + EXT_LAYER);
     if (layer != ZERO_LAYER && layer >= layers) return false;
     pos += len;
   }
@@ -259,18 +244,17 @@ export function validateExtents(ext: usize, count: u32, size: u64, layers: u32):
 }
 
 // ---------------------------------------------------------------- frames
-// Frame record, 32 bytes: u64 uOffset, u64 cOffset, u32 uSize, u32 cSize,
-// u64 checksum. Sorted by uOffset, contiguous.
+// Frame records: ./layout.ts.
 /** Index of the frame holding uncompressed byte `off`, or -1. */
 export function findFrame(frames: usize, count: u32, off: u64): i32 {
   let lo: i32 = 0;
   let hi: i32 = <i32>count - 1;
   while (lo <= hi) {
     const mid = (lo + hi) >>> 1;
-    const r = frames + <usize>mid * 32;
-    const start = load<u64>(r);
+    const r = frames + <usize>mid * FRAME_SIZE;
+    const start = load<u64>(r + FRAME_U);
     if (off < start) hi = mid - 1;
-    else if (off >= start + <u64>load<u32>(r + 16)) lo = mid + 1;
+    else if (off >= start + <u64>load<u32>(r + FRAME_USIZE)) lo = mid + 1;
     else return mid;
   }
   return -1;

@@ -1,6 +1,6 @@
 // device_target.cc — see device_target.h. Layouts (extent and frame records,
-// state values) are the ones src/mapping.ts, src/layer-cache.ts and
-// assembly/index.ts use; docs/architecture.md describes the gate.
+// state values) come from assembly/layout.ts through the generated
+// strata_layout.h; docs/architecture.md describes the gate.
 #include "device_target.h"
 
 #include <napi.h>
@@ -11,23 +11,23 @@
 #include <algorithm>
 
 #include "napi_util.h"
+#include "strata_layout.h"
 #include "target_js.h"
 
 namespace strata {
 namespace {
 
-enum : uint8_t { ABSENT = 0, FETCHING = 1, CACHED = 2, DIRTY = 3, ZERO = 4 };
-constexpr uint32_t kZeroLayer = 0xffffffffu;
+using namespace layout;
 
 inline uint64_t U64(const uint8_t* p) { uint64_t v; memcpy(&v, p, 8); return v; }
 inline uint32_t U32(const uint8_t* p) { uint32_t v; memcpy(&v, p, 4); return v; }
 
-// Index of the last record whose first u64 (start) is <= key.
-int64_t FindLE(const uint8_t* recs, uint32_t n, uint64_t key) {
+// Index of the last record (of `size` bytes) whose u64 at `field` is <= key.
+int64_t FindLE(const uint8_t* recs, uint32_t n, uint32_t size, uint32_t field, uint64_t key) {
   int64_t lo = 0, hi = static_cast<int64_t>(n) - 1, ans = -1;
   while (lo <= hi) {
     int64_t mid = (lo + hi) >> 1;
-    if (U64(recs + mid * 32) <= key) { ans = mid; lo = mid + 1; } else hi = mid - 1;
+    if (U64(recs + mid * size + field) <= key) { ans = mid; lo = mid + 1; } else hi = mid - 1;
   }
   return ans;
 }
@@ -170,15 +170,15 @@ bool DeviceTarget::planRead(const DeviceView& v, uint64_t off, uint32_t len, Pla
 // all CACHED (cold frames are fetched by the engine).
 bool DeviceTarget::planBase(const DeviceView& v, uint64_t pos, uint64_t end, Plan& p) {
   const uint8_t* ext = heap_ + v.ext;
-  int64_t i = FindLE(ext, v.nExt, pos);
+  int64_t i = FindLE(ext, v.nExt, EXTENT_SIZE, EXT_DEV, pos);
   if (i < 0) return false;
   for (; pos < end && i < v.nExt; i++) {
-    const uint8_t* r = ext + i * 32;
-    const uint64_t dev = U64(r), elen = U64(r + 8), data = U64(r + 24);
-    const uint32_t layer = U32(r + 16);
+    const uint8_t* r = ext + i * EXTENT_SIZE;
+    const uint64_t dev = U64(r + EXT_DEV), elen = U64(r + EXT_LEN), data = U64(r + EXT_DATA);
+    const uint32_t layer = U32(r + EXT_LAYER);
     if (pos < dev || pos >= dev + elen) return false;
     const uint64_t take = std::min(end, dev + elen) - pos;
-    if (layer == kZeroLayer) {
+    if (layer == ZERO_LAYER) {
       if (!AddSeg(p, -1, 0, take)) return false;
     } else {
       if (layer >= v.layers.size()) return false;
@@ -186,13 +186,13 @@ bool DeviceTarget::planBase(const DeviceView& v, uint64_t pos, uint64_t end, Pla
       if (L.fd < 0 || L.nframes == 0) return false;
       const uint64_t d0 = data + (pos - dev);
       const uint8_t* fr = heap_ + L.frames;
-      int64_t f = FindLE(fr, L.nframes, d0);
+      int64_t f = FindLE(fr, L.nframes, FRAME_SIZE, FRAME_U, d0);
       if (f < 0) return false;
       for (uint64_t at = d0; at < d0 + take; f++) {
         if (f >= L.nframes) return false;
-        const uint8_t* rec = fr + f * 32;
-        const uint64_t u = U64(rec);
-        const uint32_t us = U32(rec + 16);
+        const uint8_t* rec = fr + f * FRAME_SIZE;
+        const uint64_t u = U64(rec + FRAME_U);
+        const uint32_t us = U32(rec + FRAME_USIZE);
         if (at < u || at >= u + us) return false;
         if (__atomic_load_n(heap_ + L.states + f, __ATOMIC_ACQUIRE) != CACHED) return false;
         // Tell the eviction clock this frame is in use (store only when it changes).

@@ -14,7 +14,7 @@ import * as fs from 'fs';
 import * as path from 'path';
 import type { Core } from './core';
 import { keys, type LayerHeader } from './format';
-import { S } from './wasm';
+import { S, layout } from './wasm';
 import { ebadmsg, eio, StrataError } from './errors';
 import { traced } from './tracing';
 import { CacheJournal, RecordKind } from './cache-journal';
@@ -87,7 +87,7 @@ export class LayerCache {
     if (skipped) this.stats.restoreFailures += skipped;
     this.states = core.heap.alloc(n);
     core.heap.wasm.stateFill(this.states, 0, n, seed ? S.CACHED : S.ABSENT);
-    this.framesPtr = core.heap.alloc(n * 32);
+    this.framesPtr = core.heap.alloc(n * layout().FRAME_SIZE);
     this.refs = core.heap.alloc(n);
     core.heap.wasm.stateFill(this.refs, 0, n, 0);
     this.pins = new Int32Array(n);
@@ -102,14 +102,7 @@ export class LayerCache {
       this.restored.add(i);
       this.cachedBytes += header.frames[i].uSize;
     }
-    const v = new DataView(core.heap.buffer, this.framesPtr, n * 32);
-    header.frames.forEach((f, i) => {
-      v.setBigUint64(i * 32, BigInt(f.u), true);
-      v.setBigUint64(i * 32 + 8, BigInt(f.c), true);
-      v.setUint32(i * 32 + 16, f.uSize, true);
-      v.setUint32(i * 32 + 20, f.cSize, true);
-      v.setBigUint64(i * 32 + 24, f.checksum, true);
-    });
+    header.frames.forEach((f, i) => core.heap.wasm.framePut(this.framesPtr, i, BigInt(f.u), BigInt(f.c), f.uSize, f.cSize, f.checksum));
   }
 
   /** Frames on disk from an earlier process, not yet verified. */

@@ -2,7 +2,7 @@
 // parent's mapping, and normalizing (done in WASM, see assembly normalize()).
 import type { Extent } from './format';
 import { ZERO_LAYER } from './format';
-import type { SharedHeap } from './wasm';
+import { layout, type SharedHeap } from './wasm';
 
 /** The parent's extents as seen from a child: every layer index moves up by one. */
 export function shiftForChild(parent: Extent[]): Extent[] {
@@ -54,38 +54,29 @@ function cut(e: Extent, from: number, to: number): Extent {
 /** Merges neighbours (only storage-contiguous runs, H13) using the WASM normalizer. */
 export function normalize(heap: SharedHeap, ext: Extent[]): Extent[] {
   if (ext.length === 0) return ext;
-  const ptr = heap.alloc(ext.length * 32);
+  const w = heap.wasm;
+  const ptr = heap.alloc(ext.length * layout().EXTENT_SIZE);
   try {
-    const v = storeExtents(heap, ptr, ext);
-    const n = heap.wasm.normalize(ptr, ext.length);
+    storeExtents(heap, ptr, ext);
+    const n = w.normalize(ptr, ext.length);
     const out: Extent[] = [];
     for (let i = 0; i < n; i++) {
-      out.push({
-        dev: Number(v.getBigUint64(i * 32, true)), len: Number(v.getBigUint64(i * 32 + 8, true)),
-        layer: v.getUint32(i * 32 + 16, true), data: Number(v.getBigUint64(i * 32 + 24, true)),
-      });
+      out.push({ dev: Number(w.extentDev(ptr, i)), len: Number(w.extentLen(ptr, i)), layer: w.extentLayer(ptr, i) >>> 0, data: Number(w.extentData(ptr, i)) });
     }
     return out;
   } finally { heap.free(ptr); }
 }
 
-/** Writes extents as 32-byte records (see docs/format.md) at ptr. */
-function storeExtents(heap: SharedHeap, ptr: number, ext: Extent[]): DataView {
-  const v = new DataView(heap.buffer, ptr, Math.max(1, ext.length) * 32);
-  ext.forEach((e, i) => {
-    v.setBigUint64(i * 32, BigInt(e.dev), true);
-    v.setBigUint64(i * 32 + 8, BigInt(e.len), true);
-    v.setUint32(i * 32 + 16, e.layer, true);
-    v.setBigUint64(i * 32 + 24, BigInt(e.data), true);
-  });
-  return v;
+/** Writes extents as records (assembly/layout.ts) at ptr. */
+function storeExtents(heap: SharedHeap, ptr: number, ext: Extent[]): void {
+  ext.forEach((e, i) => heap.wasm.extentPut(ptr, i, BigInt(e.dev), BigInt(e.len), e.layer, BigInt(e.data)));
 }
 
 /** Extents copied into shared memory for WASM binary search during reads. */
 export class MappingTable {
   readonly ptr: number;
   constructor(private readonly heap: SharedHeap, readonly extents: Extent[]) {
-    this.ptr = heap.alloc(Math.max(1, extents.length) * 32);
+    this.ptr = heap.alloc(Math.max(1, extents.length) * layout().EXTENT_SIZE);
     storeExtents(heap, this.ptr, extents);
   }
 

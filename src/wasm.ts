@@ -6,9 +6,13 @@ import * as fs from 'fs';
 import * as path from 'path';
 import { RangeAllocator } from './alloc';
 
+/** The layout constants assembly/layout.ts exports (as globals). */
+const LAYOUT_NAMES = ['ABSENT', 'FETCHING', 'CACHED', 'DIRTY', 'ZERO', 'CLEAN',
+  'EXTENT_SIZE', 'EXT_DEV', 'EXT_LEN', 'EXT_LAYER', 'EXT_DATA', 'ZERO_LAYER',
+  'FRAME_SIZE', 'FRAME_U', 'FRAME_C', 'FRAME_USIZE', 'FRAME_CSIZE', 'FRAME_SUM'] as const;
+export type LayoutName = typeof LAYOUT_NAMES[number];
+
 export interface WasmExports {
-  ABSENT: WebAssembly.Global; FETCHING: WebAssembly.Global; CACHED: WebAssembly.Global;
-  DIRTY: WebAssembly.Global; ZERO: WebAssembly.Global; CLEAN: WebAssembly.Global;
   stateGet(table: number, i: number): number;
   stateSet(table: number, i: number, v: number): void;
   stateCas(table: number, i: number, expect: number, desired: number): number;
@@ -24,11 +28,13 @@ export interface WasmExports {
   normalize(ext: number, count: number): number;
   validateExtents(ext: number, count: number, size: bigint, layers: number): number;
   findFrame(frames: number, count: number, off: bigint): number;
+  extentPut(ext: number, i: number, dev: bigint, len: bigint, layer: number, data: bigint): void;
+  extentDev(ext: number, i: number): bigint;
+  extentLen(ext: number, i: number): bigint;
+  extentLayer(ext: number, i: number): number;
+  extentData(ext: number, i: number): bigint;
+  framePut(frames: number, i: number, u: bigint, c: bigint, uSize: number, cSize: number, sum: bigint): void;
 }
-
-/** Block states, mirrored from assembly/index.ts. */
-export const S = { ABSENT: 0, FETCHING: 1, CACHED: 2, DIRTY: 3, ZERO: 4, CLEAN: 5 } as const;
-export const ZERO_LAYER = 0xffffffff;
 
 export const PAGE = 65536;
 const WASM_PATH = path.join(__dirname, '..', 'build', 'strata.wasm');
@@ -46,6 +52,29 @@ export function instantiate(memory: WebAssembly.Memory): WasmExports {
   const inst = new WebAssembly.Instance(wasmModule(), { env: { memory } });
   return inst.exports as unknown as WasmExports;
 }
+
+let layoutValues: Record<LayoutName, number> | undefined;
+/** The layout constants of assembly/layout.ts, as the compiled module exports them (u32 values unsigned). */
+export function layout(): Record<LayoutName, number> {
+  if (!layoutValues) {
+    const memory = new WebAssembly.Memory({ initial: 1, maximum: 1, shared: true });
+    const ex = new WebAssembly.Instance(wasmModule(), { env: { memory } }).exports as Record<string, unknown>;
+    const out = {} as Record<LayoutName, number>;
+    for (const k of LAYOUT_NAMES) {
+      const g = ex[k];
+      if (!(g instanceof WebAssembly.Global)) throw new Error(`build/strata.wasm exports no ${k}: rebuild it (npm run setup)`);
+      out[k] = Number(g.value) >>> 0;
+    }
+    layoutValues = out;
+  }
+  return layoutValues;
+}
+
+/** Block and frame states (assembly/layout.ts). */
+export const S = (() => {
+  const l = layout();
+  return { ABSENT: l.ABSENT, FETCHING: l.FETCHING, CACHED: l.CACHED, DIRTY: l.DIRTY, ZERO: l.ZERO, CLEAN: l.CLEAN } as const;
+})();
 
 /**
  * One shared memory plus its allocator and a view cache. `u8` is refreshed

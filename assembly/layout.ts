@@ -1,0 +1,59 @@
+// The shared-memory layouts of strata's data plane, defined here once: block
+// and frame states, and the 32-byte extent and frame records. The WASM module
+// exports them; TypeScript reads them from the instance (src/wasm.ts) and
+// writes records through the accessors below; the native addon includes a
+// header generated from the same exports at build (scripts/build.js →
+// build/gen/strata_layout.h). Multi-byte fields are little-endian.
+
+// ---------------------------------------------------------------- states
+// One byte per block. A device overlay uses ABSENT/DIRTY/ZERO/CLEAN; a layer's
+// frame cache uses ABSENT/FETCHING/CACHED.
+export const ABSENT: u8 = 0;
+export const FETCHING: u8 = 1;
+export const CACHED: u8 = 2; // frame verified and present in the layer cache file
+export const DIRTY: u8 = 3; // block written by the device, lives in the overlay file
+export const ZERO: u8 = 4; // block trimmed / zero-written, no data anywhere
+export const CLEAN: u8 = 5; // overlay holds a verified copy of the base block
+
+// ---------------------------------------------------------------- extents
+// Extent record: where a run of device bytes lives. Sorted by device offset,
+// covering the device without gaps.
+export const EXTENT_SIZE: u32 = 32;
+export const EXT_DEV: u32 = 0; // u64 device offset
+export const EXT_LEN: u32 = 8; // u64 length
+export const EXT_LAYER: u32 = 16; // u32 chain index of the layer, ZERO_LAYER for zeros
+export const EXT_DATA: u32 = 24; // u64 offset in that layer's uncompressed data (0 for zeros)
+export const ZERO_LAYER: u32 = 0xffffffff;
+
+// ---------------------------------------------------------------- frames
+// Frame record: one compressed frame of a layer. Sorted by uOffset, contiguous.
+export const FRAME_SIZE: u32 = 32;
+export const FRAME_U: u32 = 0; // u64 offset of its bytes in the layer's uncompressed data
+export const FRAME_C: u32 = 8; // u64 offset of the frame in the layer's data object
+export const FRAME_USIZE: u32 = 16; // u32 uncompressed size
+export const FRAME_CSIZE: u32 = 20; // u32 compressed size
+export const FRAME_SUM: u32 = 24; // u64 xxh64 of the compressed bytes
+
+export function extentPut(ext: usize, i: u32, dev: u64, len: u64, layer: u32, data: u64): void {
+  const r = ext + <usize>i * EXTENT_SIZE;
+  store<u64>(r + EXT_DEV, dev);
+  store<u64>(r + EXT_LEN, len);
+  store<u32>(r + EXT_LAYER, layer);
+  store<u32>(r + EXT_LAYER + 4, 0);
+  store<u64>(r + EXT_DATA, layer == ZERO_LAYER ? 0 : data);
+}
+export function extentDev(ext: usize, i: u32): u64 { return load<u64>(ext + <usize>i * EXTENT_SIZE + EXT_DEV); }
+export function extentLen(ext: usize, i: u32): u64 { return load<u64>(ext + <usize>i * EXTENT_SIZE + EXT_LEN); }
+export function extentLayer(ext: usize, i: u32): u32 { return load<u32>(ext + <usize>i * EXTENT_SIZE + EXT_LAYER); }
+export function extentData(ext: usize, i: u32): u64 { return load<u64>(ext + <usize>i * EXTENT_SIZE + EXT_DATA); }
+
+export function framePut(frames: usize, i: u32, u: u64, c: u64, uSize: u32, cSize: u32, sum: u64): void {
+  const r = frames + <usize>i * FRAME_SIZE;
+  store<u64>(r + FRAME_U, u);
+  store<u64>(r + FRAME_C, c);
+  store<u32>(r + FRAME_USIZE, uSize);
+  store<u32>(r + FRAME_CSIZE, cSize);
+  store<u64>(r + FRAME_SUM, sum);
+}
+export function frameU(frames: usize, i: u32): u64 { return load<u64>(frames + <usize>i * FRAME_SIZE + FRAME_U); }
+export function frameUSize(frames: usize, i: u32): u32 { return load<u32>(frames + <usize>i * FRAME_SIZE + FRAME_USIZE); }
