@@ -57,3 +57,41 @@ export function framePut(frames: usize, i: u32, u: u64, c: u64, uSize: u32, cSiz
 }
 export function frameU(frames: usize, i: u32): u64 { return load<u64>(frames + <usize>i * FRAME_SIZE + FRAME_U); }
 export function frameUSize(frames: usize, i: u32): u32 { return load<u32>(frames + <usize>i * FRAME_SIZE + FRAME_USIZE); }
+
+// ---------------------------------------------------------------- device views
+// What a device reads through, for the read planner (assembly/plan.ts): a
+// VIEW header, then its frozen overlays (oldest first) and its chain's
+// layers (by chain index), in one allocation the device rewrites whenever
+// the view changes.
+export const VIEW_SIZE: u32 = 32;
+export const VIEW_CUR_FD: u32 = 0; // i32 current overlay file
+export const VIEW_CUR_TABLE: u32 = 4; // u32 heap offset of its block states
+export const VIEW_NFROZEN: u32 = 8; // u32 frozen overlays (uploading snapshots)
+export const VIEW_FROZEN: u32 = 12; // u32 heap offset of nFrozen OVERLAY records
+export const VIEW_EXT: u32 = 16; // u32 heap offset of the base mapping's extent records
+export const VIEW_NEXT: u32 = 20; // u32 extent count
+export const VIEW_NLAYERS: u32 = 24; // u32 layers in the chain
+export const VIEW_LAYERS: u32 = 28; // u32 heap offset of nLayers LAYER records
+export const OVERLAY_SIZE: u32 = 8;
+export const OVL_FD: u32 = 0; // i32
+export const OVL_TABLE: u32 = 4; // u32
+export const LAYER_SIZE: u32 = 20;
+export const LYR_FD: u32 = 0; // i32 cache file (-1: the mapping never reads this layer)
+export const LYR_STATES: u32 = 4; // u32 one state byte per frame
+export const LYR_FRAMES: u32 = 8; // u32 FRAME records
+export const LYR_NFRAMES: u32 = 12; // u32
+export const LYR_REFS: u32 = 16; // u32 one "recently read" byte per frame (eviction clock)
+
+// ---------------------------------------------------------------- read plans
+// A planned read is a list of segments, each a piece of the request in
+// order: from a file (an overlay), zeros, or a layer's uncompressed data
+// (through its cache).
+export const SEG_SIZE: u32 = 24;
+export const SEG_KIND: u32 = 0; // u32 SEG_FILE / SEG_ZERO / SEG_LAYER
+export const SEG_REF: u32 = 4; // i32 the file (SEG_FILE) or the layer's chain index (SEG_LAYER)
+export const SEG_OFF: u32 = 8; // u64 offset in the file, or in the layer's data
+export const SEG_LEN: u32 = 16; // u32 bytes
+export const SEG_DST: u32 = 20; // u32 offset of the piece within the request
+export const SEG_FILE: u32 = 1;
+export const SEG_ZERO: u32 = 2;
+export const SEG_LAYER: u32 = 3;

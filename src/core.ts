@@ -5,6 +5,7 @@ import * as path from 'path';
 import * as fs from 'fs';
 import { Piscina } from 'piscina';
 import { SharedHeap } from './wasm';
+import { ReadPlanner } from './device-view';
 import { IoArena } from './arena';
 import { Uring } from './uring';
 import type { ObjectStore } from './store/types';
@@ -48,6 +49,8 @@ export class Core {
   /** Orders and bounds this host's frame fetches (demand, readahead, prefetch). */
   readonly fetches: FetchQueue;
   readonly readaheadFrames: number;
+  /** Plans device reads in WASM (assembly/plan.ts). */
+  readonly planner: ReadPlanner;
   /** Hooks for metrics (the daemon sets them; no-ops otherwise). */
   readonly observe = { fetch: (_seconds: number, _ok: boolean): void => {} };
   /** Called after a frame enters the cache (the engine's evictor checks its limits). */
@@ -84,6 +87,7 @@ export class Core {
       minThreads: threads, maxThreads: threads, idleTimeout: 60_000,
     });
     this.scratch = this.heap.alloc(this.scratchLen);
+    this.planner = new ReadPlanner(this.heap);
   }
 
   run<T>(task: Task): Promise<T> { return this.pool.run(task) as Promise<T>; }

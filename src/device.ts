@@ -11,10 +11,11 @@ import { randomBytes } from 'crypto';
 import type { Core } from './core';
 import type { LayerRegistry } from './layers';
 import type { LayerCache } from './layer-cache';
-import { BLOCK_SIZE, Codec, type Extent, type LayerHeader, ZERO_LAYER } from './format';
+import { BLOCK_SIZE, Codec, type Extent, type LayerHeader } from './format';
 import { MappingTable } from './mapping';
 import { RangeLock } from './range-lock';
 import { S } from './wasm';
+import { ViewRecord, SegKind } from './device-view';
 import { einval, StrataError } from './errors';
 import { writeLayer, type BlockRun, type Progress, type WriteLayerStats } from './layer-writer';
 import { NativePlane } from './native-plane';
@@ -28,6 +29,8 @@ const BS = BLOCK_SIZE;
 const SECTOR = 512;
 /** Largest piece of a request that holds arena memory at once. */
 const CHUNK_BLOCKS = 256;
+/** Blocks planned at once by block status and prefetch (a plan addresses its range with 32-bit offsets). */
+const PLAN_BLOCKS = 1 << 18;
 
 /** Something readers pin so it is not torn down under them (H14). */
 class Pinned {
@@ -48,7 +51,7 @@ interface Overlay {
   keep: { files: () => boolean };
 }
 interface Base { header: LayerHeader; map: MappingTable; caches: Map<number, LayerCache>; pin: Pinned }
-interface View { cur: Overlay; frozen: Overlay[]; base: Base }
+interface View { cur: Overlay; frozen: Overlay[]; base: Base; rec: ViewRecord }
 
 export interface DeviceOptions {
   /** Device id (used for its overlay file names); random when omitted. */
@@ -93,6 +96,8 @@ export class Device {
   /** Overlays frozen by snapshots still uploading, oldest first. */
   private frozen: Overlay[] = [];
   private base: Base;
+  /** The view as the WASM planner reads it (rewritten by publish()). */
+  private rec!: ViewRecord;
   private readonly locks = new RangeLock();
   private lastSnapshot: Promise<unknown> = Promise.resolve();
   private gen = 0;
@@ -125,6 +130,7 @@ export class Device {
       }
       this.cur = this.newOverlay();
     }
+    this.publish();
     this.saveManifest();
   }
 
@@ -348,10 +354,9 @@ export class Device {
       else out.push({ offset: o, length: l, zero });
     };
     const b0 = Math.floor(offset / BS), b1 = Math.ceil((offset + length) / BS);
-    const view: View = { cur: this.cur, frozen: this.frozen, base: this.base };
-    this.walk(view, b0, b1,
-      (_ov, st, x, xe) => push(x * BS, (xe - x) * BS, st === S.ZERO),
-      (x, xe) => forExtents(view.base, x * BS, xe * BS, (e, pos, take) => push(pos, take, e.layer === ZERO_LAYER)));
+    for (let c0 = b0; c0 < b1; c0 += PLAN_BLOCKS) {
+      this.core.planner.plan(this.rec, c0, Math.min(b1, c0 + PLAN_BLOCKS), BS, (kind, _ref, _off, len, dst) => push(c0 * BS + dst, len, kind === SegKind.Zero));
+    }
     // Clip to the request.
     if (out.length) {
       const first = out[0];
@@ -367,9 +372,13 @@ export class Device {
     this.check(offset, length, 'prefetch');
     const base = this.base;
     const jobs: Promise<void>[] = [];
-    forExtents(base, offset - (offset % BS), Math.ceil((offset + length) / BS) * BS, (x, pos, take) => {
-      if (x.layer !== ZERO_LAYER) jobs.push(base.caches.get(x.layer)!.ensure(x.data + pos - x.dev, take));
-    });
+    const b0 = Math.floor(offset / BS), b1 = Math.ceil((offset + length) / BS);
+    // Only what the device reads from its layers (not what its overlays hold).
+    for (let c0 = b0; c0 < b1; c0 += PLAN_BLOCKS) {
+      this.core.planner.plan(this.rec, c0, Math.min(b1, c0 + PLAN_BLOCKS), BS, (kind, ref, off, len) => {
+        if (kind === SegKind.Layer) jobs.push(base.caches.get(ref)!.ensure(off, len));
+      });
+    }
     await Promise.all(jobs);
   }
 
@@ -542,6 +551,7 @@ export class Device {
     this.cur.pin.retire();
     for (const fz of this.frozen.splice(0)) fz.pin.retire();
     this.base.pin.retire();
+    this.rec.retire();
   }
 
   // -------------------------------------------------------- native plane
@@ -580,12 +590,20 @@ export class Device {
     return this.plane ? this.plane.gated(writer, fn) : settle(fn);
   }
 
-  /** Tells native planners the current view; only inside gated(true, ...). */
+  /**
+   * Tells the planners the current view: a new record for the WASM planner
+   * (requests under way keep the one they pinned) and the native planner's
+   * copy; only inside gated(true, ...) once natives serve the device.
+   */
   private publish(): void {
-    if (!this.plane) return;
     const base = this.base;
     const layers: NativeDeviceView['layers'] = base.header.chain.map((_, i) => base.caches.get(i)?.nativeView() ?? null);
-    this.plane.publish({
+    const old = this.rec as ViewRecord | undefined;
+    this.rec = new ViewRecord(this.core.heap, {
+      cur: this.cur, frozen: this.frozen, ext: base.map.ptr, nExt: base.map.extents.length, layers,
+    });
+    old?.retire();
+    this.plane?.publish({
       curFd: this.cur.fd, curTable: this.cur.table, frozen: this.frozen.length,
       ext: base.map.ptr, nExt: base.map.extents.length, layers,
     });
@@ -660,43 +678,16 @@ export class Device {
     }
   }
 
-  /** Fills [ptr, ...) with blocks [b0, b1) as the view sees them. */
+  /** Fills [ptr, ...) with blocks [b0, b1) as the view sees them (planned in WASM: assembly/plan.ts). */
   private readBlocks(view: View, b0: number, b1: number, ptr: number): Promise<void> {
     const jobs: Promise<void>[] = [];
     const w = this.core.heap.wasm;
-    const at = (x: number) => ptr + (x - b0) * BS;
-    this.walk(view, b0, b1,
-      (ov, st, x, xe) => {
-        if (st === S.DIRTY) jobs.push(this.readFile(ov.fd, x * BS, (xe - x) * BS, at(x)));
-        else w.zeroFill(at(x), (xe - x) * BS);
-      },
-      (x, xe) => forExtents(view.base, x * BS, xe * BS, (e, pos, take) => {
-        const dst = ptr + pos - b0 * BS;
-        if (e.layer === ZERO_LAYER) w.zeroFill(dst, take);
-        else jobs.push(view.base.caches.get(e.layer)!.read(e.data + pos - e.dev, take, dst));
-      }));
+    this.core.planner.plan(view.rec, b0, b1, BS, (kind, ref, off, len, dst) => {
+      if (kind === SegKind.File) jobs.push(this.readFile(ref, off, len, ptr + dst));
+      else if (kind === SegKind.Zero) w.zeroFill(ptr + dst, len);
+      else jobs.push(view.base.caches.get(ref)!.read(off, len, ptr + dst));
+    });
     return jobs.length === 1 ? jobs[0] : Promise.all(jobs).then(() => undefined);
-  }
-
-  /**
-   * Resolves blocks [b, e) through the view's levels: the current overlay,
-   * then frozen overlays newest first. Runs an overlay holds (DIRTY or ZERO)
-   * go to `onOverlay`; runs no overlay holds go to `onBase`. The one place
-   * that knows the lookup order: reads and block status both use it.
-   */
-  private walk(view: View, b: number, e: number,
-    onOverlay: (ov: Overlay, state: number, x: number, xe: number) => void,
-    onBase: (x: number, xe: number) => void, lv = view.frozen.length): void {
-    if (lv < 0) { onBase(b, e); return; }
-    const ov = lv === view.frozen.length ? view.cur : view.frozen[lv];
-    const w = this.core.heap.wasm;
-    for (let x = b; x < e;) {
-      const xe = w.runEnd(ov.table, x, e);
-      const st = w.stateGet(ov.table, x);
-      if (st === S.DIRTY || st === S.ZERO) onOverlay(ov, st, x, xe);
-      else this.walk(view, x, xe, onOverlay, onBase, lv - 1);
-      x = xe;
-    }
   }
 
   private async readFile(fd: number, off: number, len: number, ptr: number): Promise<void> {
@@ -739,13 +730,13 @@ export class Device {
   }
 
   private pinView(): View {
-    const v: View = { cur: this.cur, frozen: this.frozen.slice(), base: this.base };
-    v.cur.pin.pin(); for (const f of v.frozen) f.pin.pin(); v.base.pin.pin();
+    const v: View = { cur: this.cur, frozen: this.frozen.slice(), base: this.base, rec: this.rec };
+    v.cur.pin.pin(); for (const f of v.frozen) f.pin.pin(); v.base.pin.pin(); v.rec.pin();
     return v;
   }
 
   private unpinView(v: View): void {
-    v.cur.pin.unpin(); for (const f of v.frozen) f.pin.unpin(); v.base.pin.unpin();
+    v.cur.pin.unpin(); for (const f of v.frozen) f.pin.unpin(); v.base.pin.unpin(); v.rec.unpin();
   }
 
   private newOverlay(): Overlay {
@@ -847,16 +838,6 @@ function recoverOverlay(core: Core, dir: string, id: string, gen: number, size: 
 /** fn's result as a promise (a throw becomes a rejection): no native plane to coordinate with. */
 function settle<T>(fn: () => T | Promise<T>): Promise<T> {
   try { return Promise.resolve(fn()); } catch (e) { return Promise.reject(e); }
-}
-
-/** Calls fn for each piece of [pos, end) with the base extent that maps it. */
-function forExtents(base: Base, pos: number, end: number, fn: (e: Extent, pos: number, take: number) => void): void {
-  const ext = base.map.extents;
-  for (let i = base.map.find(pos); pos < end && i >= 0 && i < ext.length; i++) {
-    const take = Math.min(end, ext[i].dev + ext[i].len) - pos;
-    fn(ext[i], pos, take);
-    pos += take;
-  }
 }
 
 async function resolveBase(core: Core, registry: LayerRegistry, header: LayerHeader): Promise<Base> {

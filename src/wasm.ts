@@ -9,7 +9,10 @@ import { RangeAllocator } from './alloc';
 /** The layout constants assembly/layout.ts exports (as globals). */
 const LAYOUT_NAMES = ['ABSENT', 'FETCHING', 'CACHED', 'DIRTY', 'ZERO', 'CLEAN',
   'EXTENT_SIZE', 'EXT_DEV', 'EXT_LEN', 'EXT_LAYER', 'EXT_DATA', 'ZERO_LAYER',
-  'FRAME_SIZE', 'FRAME_U', 'FRAME_C', 'FRAME_USIZE', 'FRAME_CSIZE', 'FRAME_SUM'] as const;
+  'FRAME_SIZE', 'FRAME_U', 'FRAME_C', 'FRAME_USIZE', 'FRAME_CSIZE', 'FRAME_SUM',
+  'VIEW_SIZE', 'VIEW_CUR_FD', 'VIEW_CUR_TABLE', 'VIEW_NFROZEN', 'VIEW_FROZEN', 'VIEW_EXT', 'VIEW_NEXT', 'VIEW_NLAYERS', 'VIEW_LAYERS',
+  'OVERLAY_SIZE', 'OVL_FD', 'OVL_TABLE', 'LAYER_SIZE', 'LYR_FD', 'LYR_STATES', 'LYR_FRAMES', 'LYR_NFRAMES', 'LYR_REFS',
+  'SEG_SIZE', 'SEG_KIND', 'SEG_REF', 'SEG_OFF', 'SEG_LEN', 'SEG_DST', 'SEG_FILE', 'SEG_ZERO', 'SEG_LAYER'] as const;
 export type LayoutName = typeof LAYOUT_NAMES[number];
 
 export interface WasmExports {
@@ -34,6 +37,8 @@ export interface WasmExports {
   extentLayer(ext: number, i: number): number;
   extentData(ext: number, i: number): bigint;
   framePut(frames: number, i: number, u: bigint, c: bigint, uSize: number, cSize: number, sum: bigint): void;
+  /** Segments of blocks [b0, b1) of a device view (assembly/plan.ts) into SEG records; -1 when out of room. */
+  planRead(view: number, b0: number, b1: number, blockSize: number, out: number, cap: number): number;
 }
 
 export const PAGE = 65536;
