@@ -21,6 +21,7 @@ using namespace layout;
 
 inline uint64_t U64(const uint8_t* p) { uint64_t v; memcpy(&v, p, 8); return v; }
 inline uint32_t U32(const uint8_t* p) { uint32_t v; memcpy(&v, p, 4); return v; }
+inline int32_t I32(const uint8_t* p) { int32_t v; memcpy(&v, p, 4); return v; }
 
 // Index of the last record (of `size` bytes) whose u64 at `field` is <= key.
 int64_t FindLE(const uint8_t* recs, uint32_t n, uint32_t size, uint32_t field, uint64_t key) {
@@ -99,7 +100,8 @@ bool DeviceTarget::plan(TOp op, uint64_t off, uint32_t len, Plan& p) {
   p.a = off;
   p.b = len;
   p.t0 = NowNs();
-  const bool ok = w ? planWrite(*view_, off, len, p) : planRead(*view_, off, len, p);
+  const uint8_t* v = heap_ + view_;
+  const bool ok = w ? planWrite(v, off, len, p) : planRead(v, off, len, p);
   if (!ok) {
     unlockStripes(off, len);
     mine.fetch_sub(1);
@@ -113,7 +115,8 @@ void DeviceTarget::finish(const Plan& p, bool ok) {
   if (w && ok) {
     // Published only after the bytes are in the overlay file, like the engine.
     const uint64_t b0 = p.a / bs_, b1 = (p.a + p.b + bs_ - 1) / bs_;
-    for (uint64_t b = b0; b < b1; b++) __atomic_store_n(heap_ + view_->curTable + b, DIRTY, __ATOMIC_RELEASE);
+    const uint32_t table = U32(heap_ + view_ + VIEW_CUR_TABLE);
+    for (uint64_t b = b0; b < b1; b++) __atomic_store_n(heap_ + table + b, uint8_t(DIRTY), __ATOMIC_RELEASE);
     fastWrites.fetch_add(1, std::memory_order_relaxed);
     writeBytes.fetch_add(p.b, std::memory_order_relaxed);
   } else if (w && p.sync) {
@@ -135,28 +138,31 @@ void DeviceTarget::finish(const Plan& p, bool ok) {
 
 // Writes go to the current overlay. A partial block needs its old contents
 // (copy-on-write) unless the overlay already holds it: that is the engine's.
-bool DeviceTarget::planWrite(const DeviceView& v, uint64_t off, uint32_t len, Plan& p) {
+bool DeviceTarget::planWrite(const uint8_t* v, uint64_t off, uint32_t len, Plan& p) {
   const uint64_t end = off + len;
-  if (off % bs_ && state(v.curTable, off / bs_) != DIRTY) return false;
-  if (end % bs_ && state(v.curTable, end / bs_) != DIRTY) return false;
-  return AddSeg(p, v.curFd, off, len);
+  const uint32_t table = U32(v + VIEW_CUR_TABLE);
+  if (off % bs_ && state(table, off / bs_) != DIRTY) return false;
+  if (end % bs_ && state(table, end / bs_) != DIRTY) return false;
+  return AddSeg(p, I32(v + VIEW_CUR_FD), off, len);
 }
 
-bool DeviceTarget::planRead(const DeviceView& v, uint64_t off, uint32_t len, Plan& p) {
+bool DeviceTarget::planRead(const uint8_t* v, uint64_t off, uint32_t len, Plan& p) {
   const uint64_t end = off + len;
+  const uint32_t table = U32(v + VIEW_CUR_TABLE);
+  const int32_t fd = I32(v + VIEW_CUR_FD);
   for (uint64_t pos = off; pos < end;) {
     const uint64_t b = pos / bs_;
-    const uint8_t st = state(v.curTable, b);
+    const uint8_t st = state(table, b);
     uint64_t e = b + 1;
     const uint64_t bEnd = (end + bs_ - 1) / bs_;
-    while (e < bEnd && state(v.curTable, e) == st) e++;
+    while (e < bEnd && state(table, e) == st) e++;
     const uint64_t runEnd = std::min(end, e * bs_);
     if (st == DIRTY) {
-      if (!AddSeg(p, v.curFd, pos, runEnd - pos)) return false;
+      if (!AddSeg(p, fd, pos, runEnd - pos)) return false;
     } else if (st == ZERO) {
       if (!AddSeg(p, -1, 0, runEnd - pos)) return false;
     } else if (st == ABSENT) {
-      if (v.frozen > 0) return false;  // frozen overlays: the engine walks them
+      if (U32(v + VIEW_NFROZEN) > 0) return false;  // frozen overlays: the engine walks them
       if (!planBase(v, pos, runEnd, p)) return false;
     } else {
       return false;
@@ -168,11 +174,13 @@ bool DeviceTarget::planRead(const DeviceView& v, uint64_t off, uint32_t len, Pla
 
 // [pos, end) of the base mapping, served from layer caches whose frames are
 // all CACHED (cold frames are fetched by the engine).
-bool DeviceTarget::planBase(const DeviceView& v, uint64_t pos, uint64_t end, Plan& p) {
-  const uint8_t* ext = heap_ + v.ext;
-  int64_t i = FindLE(ext, v.nExt, EXTENT_SIZE, EXT_DEV, pos);
+bool DeviceTarget::planBase(const uint8_t* v, uint64_t pos, uint64_t end, Plan& p) {
+  const uint8_t* ext = heap_ + U32(v + VIEW_EXT);
+  const uint32_t nExt = U32(v + VIEW_NEXT), nLayers = U32(v + VIEW_NLAYERS);
+  const uint8_t* layers = heap_ + U32(v + VIEW_LAYERS);
+  int64_t i = FindLE(ext, nExt, EXTENT_SIZE, EXT_DEV, pos);
   if (i < 0) return false;
-  for (; pos < end && i < v.nExt; i++) {
+  for (; pos < end && i < nExt; i++) {
     const uint8_t* r = ext + i * EXTENT_SIZE;
     const uint64_t dev = U64(r + EXT_DEV), elen = U64(r + EXT_LEN), data = U64(r + EXT_DATA);
     const uint32_t layer = U32(r + EXT_LAYER);
@@ -181,26 +189,28 @@ bool DeviceTarget::planBase(const DeviceView& v, uint64_t pos, uint64_t end, Pla
     if (layer == ZERO_LAYER) {
       if (!AddSeg(p, -1, 0, take)) return false;
     } else {
-      if (layer >= v.layers.size()) return false;
-      const LayerView& L = v.layers[layer];
-      if (L.fd < 0 || L.nframes == 0) return false;
+      if (layer >= nLayers) return false;
+      const uint8_t* L = layers + layer * LAYER_SIZE;
+      const int32_t lfd = I32(L + LYR_FD);
+      const uint32_t nframes = U32(L + LYR_NFRAMES), states = U32(L + LYR_STATES), refs = U32(L + LYR_REFS);
+      if (lfd < 0 || nframes == 0) return false;
       const uint64_t d0 = data + (pos - dev);
-      const uint8_t* fr = heap_ + L.frames;
-      int64_t f = FindLE(fr, L.nframes, FRAME_SIZE, FRAME_U, d0);
+      const uint8_t* fr = heap_ + U32(L + LYR_FRAMES);
+      int64_t f = FindLE(fr, nframes, FRAME_SIZE, FRAME_U, d0);
       if (f < 0) return false;
       for (uint64_t at = d0; at < d0 + take; f++) {
-        if (f >= L.nframes) return false;
+        if (f >= nframes) return false;
         const uint8_t* rec = fr + f * FRAME_SIZE;
         const uint64_t u = U64(rec + FRAME_U);
         const uint32_t us = U32(rec + FRAME_USIZE);
         if (at < u || at >= u + us) return false;
-        if (__atomic_load_n(heap_ + L.states + f, __ATOMIC_ACQUIRE) != CACHED) return false;
+        if (__atomic_load_n(heap_ + states + f, __ATOMIC_ACQUIRE) != CACHED) return false;
         // Tell the eviction clock this frame is in use (store only when it changes).
-        uint8_t* ref = heap_ + L.refs + f;
-        if (L.refs && __atomic_load_n(ref, __ATOMIC_RELAXED) == 0) __atomic_store_n(ref, 1, __ATOMIC_RELAXED);
+        uint8_t* ref = heap_ + refs + f;
+        if (refs && __atomic_load_n(ref, __ATOMIC_RELAXED) == 0) __atomic_store_n(ref, uint8_t(1), __ATOMIC_RELAXED);
         at = u + us;
       }
-      if (!AddSeg(p, L.fd, d0, take)) return false;
+      if (!AddSeg(p, lfd, d0, take)) return false;
     }
     pos += take;
   }
@@ -285,12 +295,6 @@ void DeviceTarget::unlockRange(uint64_t off, uint64_t len) {
 
 namespace {
 
-uint32_t Prop32(Napi::Object o, const char* k) {
-  Napi::Value v = o.Get(k);
-  if (!v.IsNumber()) Fail(o.Env(), EINVAL, std::string("view.") + k + " must be a number");
-  return v.As<Napi::Number>().Uint32Value();
-}
-
 class DeviceTargetJs : public Napi::ObjectWrap<DeviceTargetJs> {
  public:
   static Napi::Function Init(Napi::Env env) {
@@ -327,33 +331,12 @@ class DeviceTargetJs : public Napi::ObjectWrap<DeviceTargetJs> {
   }
   void Exit(const Napi::CallbackInfo& info) { t_->exit(info[0].ToBoolean()); }
 
-  // setView({curFd, curTable, frozen, ext, nExt, layers: [{fd, states, frames, nframes} | null]}) or null
+  // setView(viewRecord: heap offset of the device's VIEW record, or 0 / null for none)
   void SetView(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     if (!t_->drained(true)) Fail(env, EBUSY, "setView needs the gate held as a writer with natives drained");
-    if (info[0].IsNull() || info[0].IsUndefined()) { t_->setView(nullptr); return; }
-    Napi::Object o = info[0].As<Napi::Object>();
-    auto v = std::make_unique<DeviceView>();
-    v->curFd = static_cast<int32_t>(Prop32(o, "curFd"));
-    v->curTable = Prop32(o, "curTable");
-    v->frozen = Prop32(o, "frozen");
-    v->ext = Prop32(o, "ext");
-    v->nExt = Prop32(o, "nExt");
-    Napi::Array layers = o.Get("layers").As<Napi::Array>();
-    for (uint32_t i = 0; i < layers.Length(); i++) {
-      LayerView L;
-      Napi::Value lv = layers.Get(i);
-      if (lv.IsObject()) {
-        Napi::Object lo = lv.As<Napi::Object>();
-        L.fd = static_cast<int32_t>(Prop32(lo, "fd"));
-        L.states = Prop32(lo, "states");
-        L.frames = Prop32(lo, "frames");
-        L.nframes = Prop32(lo, "nframes");
-        L.refs = Prop32(lo, "refs");
-      }
-      v->layers.push_back(L);
-    }
-    t_->setView(std::move(v));
+    if (info[0].IsNull() || info[0].IsUndefined()) { t_->setView(0); return; }
+    t_->setView(static_cast<uint32_t>(ArgUint(info, 0, "view", UINT32_MAX)));
   }
 
   // lockRange(offset, length, exclusive): false when a native request holds part of it.

@@ -2,8 +2,9 @@
 //
 // Plans requests from the same shared-memory tables the engine keeps: the
 // current overlay's state bytes, the base layer's extent table and each
-// layer cache's frame table and frame states. JavaScript publishes a *view*
-// (which fds and tables to use) and guards every change of it, and every
+// layer cache's frame table and frame states. JavaScript publishes the
+// device's *view record* (the one assembly/plan.ts reads) and guards every
+// change of it, and every
 // engine-side request, with a gate: while JS holds the gate as a writer no
 // native request runs (natives fall back to the slow path), and JS waits for
 // the natives in flight to finish before it proceeds. JS readers only keep
@@ -22,23 +23,6 @@
 
 namespace strata {
 
-struct LayerView {
-  int32_t fd = -1;       // cache file of the layer (-1: not referenced)
-  uint32_t states = 0;   // heap offset: one state byte per frame
-  uint32_t frames = 0;   // heap offset: 32-byte frame records
-  uint32_t nframes = 0;
-  uint32_t refs = 0;     // heap offset: one "recently read" byte per frame (eviction clock)
-};
-
-struct DeviceView {
-  int32_t curFd = -1;
-  uint32_t curTable = 0;  // heap offset: one state byte per block
-  uint32_t frozen = 0;    // overlays frozen by uploading snapshots
-  uint32_t ext = 0;       // heap offset: 32-byte extent records
-  uint32_t nExt = 0;   // extent count
-  std::vector<LayerView> layers;  // by chain index
-};
-
 class DeviceTarget : public Target {
  public:
   DeviceTarget(uint8_t* heap, uint64_t size, uint32_t blockSize);
@@ -53,8 +37,12 @@ class DeviceTarget : public Target {
   bool enter(bool writer);
   bool drained(bool writer) const;
   void exit(bool writer);
-  /** Only while JS holds the gate as a writer (no native request in flight). */
-  void setView(std::unique_ptr<DeviceView> v) { view_ = std::move(v); }
+  /**
+   * The device's view record (heap offset; 0: none), the one the WASM
+   * planner reads (layout: assembly/layout.ts, VIEW). Only while JS holds
+   * the gate as a writer (no native request in flight).
+   */
+  void setView(uint32_t view) { view_ = view; }
 
   /** The engine's side of the stripes (try only; block-aligned; ranges over 64 MiB take them all). */
   bool lockRange(uint64_t off, uint64_t len, bool excl);
@@ -76,9 +64,9 @@ class DeviceTarget : public Target {
   std::atomic<uint64_t> latSumNs[2] = {};
 
  private:
-  bool planRead(const DeviceView& v, uint64_t off, uint32_t len, Plan& p);
-  bool planWrite(const DeviceView& v, uint64_t off, uint32_t len, Plan& p);
-  bool planBase(const DeviceView& v, uint64_t pos, uint64_t end, Plan& p);
+  bool planRead(const uint8_t* v, uint64_t off, uint32_t len, Plan& p);
+  bool planWrite(const uint8_t* v, uint64_t off, uint32_t len, Plan& p);
+  bool planBase(const uint8_t* v, uint64_t pos, uint64_t end, Plan& p);
   bool lockStripes(uint64_t off, uint32_t len, bool excl);
   void unlockStripes(uint64_t off, uint32_t len);
   void stripeSpan(uint64_t off, uint32_t len, uint64_t& first, uint64_t& count) const;
@@ -89,7 +77,7 @@ class DeviceTarget : public Target {
   uint8_t* heap_;
   uint64_t size_;
   uint32_t bs_;
-  std::unique_ptr<DeviceView> view_;
+  uint32_t view_ = 0;
   std::atomic<int32_t> jsWriters_{0}, jsReaders_{0}, natReaders_{0}, natWriters_{0};
   static constexpr uint64_t kStripes = 16384;  // 64 KiB of counters per device
   static constexpr int kStripeShift = 12;      // 4 KiB

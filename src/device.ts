@@ -23,7 +23,7 @@ import { traced } from './tracing';
 import { compactionPlan, copyUp, MAX_CHAIN_DEFAULT } from './compaction';
 import { crashPoint } from './crash-point';
 import { GroupSync } from './group-sync';
-import { loadNative, type NativeDeviceView, type NativeTarget, type NativeTargetStats } from './native';
+import { loadNative, type NativeTarget, type NativeTargetStats } from './native';
 
 const BS = BLOCK_SIZE;
 const SECTOR = 512;
@@ -597,16 +597,14 @@ export class Device {
    */
   private publish(): void {
     const base = this.base;
-    const layers: NativeDeviceView['layers'] = base.header.chain.map((_, i) => base.caches.get(i)?.nativeView() ?? null);
     const old = this.rec as ViewRecord | undefined;
     this.rec = new ViewRecord(this.core.heap, {
-      cur: this.cur, frozen: this.frozen, ext: base.map.ptr, nExt: base.map.extents.length, layers,
+      cur: this.cur, frozen: this.frozen, ext: base.map.ptr, nExt: base.map.extents.length,
+      layers: base.header.chain.map((_, i) => base.caches.get(i)?.nativeView() ?? null),
     });
+    // Natives are drained (the gate is held) and move to the new record at once.
+    this.plane?.publish(this.rec.ptr);
     old?.retire();
-    this.plane?.publish({
-      curFd: this.cur.fd, curTable: this.cur.table, frozen: this.frozen.length,
-      ext: base.map.ptr, nExt: base.map.extents.length, layers,
-    });
   }
 
   /**

@@ -14,7 +14,7 @@
 // device keep running. Closing the gate for each of them sent every native
 // request in flight meanwhile to the engine too, which then closed the gate
 // again: under load the device fell back to the slow path for good.
-import { loadNative, type NativeDeviceTarget, type NativeDeviceView } from './native';
+import { loadNative, type NativeDeviceTarget } from './native';
 import type { SharedHeap } from './wasm';
 
 export class NativePlane {
@@ -65,8 +65,8 @@ export class NativePlane {
     return this.target.enter(writer) ? undefined : this.drain(writer);
   }
 
-  /** Publishes a view; call inside gated(true, ...). */
-  publish(v: NativeDeviceView): void { this.target.setView(v); }
+  /** Publishes the device's view record (src/device-view.ts); call inside gated(true, ...). */
+  publish(viewRecord: number): void { this.target.setView(viewRecord); }
 
   private drain(writer: boolean): Promise<void> {
     return new Promise((resolve) => {

@@ -59,17 +59,6 @@ export interface NativeInfo {
   probeOps: string[];
 }
 
-/** What a device view tells native planners (see native/device_target.h). */
-export interface NativeDeviceView {
-  curFd: number;
-  curTable: number;
-  frozen: number;
-  ext: number;
-  nExt: number;
-  /** By chain index; null for layers the mapping never references. */
-  layers: Array<{ fd: number; states: number; frames: number; nframes: number; refs: number } | null>;
-}
-
 /** A block target native frontends plan requests against (native/target.h). */
 export interface NativeTarget { readonly handle: unknown }
 
@@ -78,8 +67,8 @@ export interface NativeDeviceTarget extends NativeTarget {
   enter(writer: boolean): boolean;
   drained(writer: boolean): boolean;
   exit(writer: boolean): void;
-  /** Only with the gate held as a writer; null stops all native planning. */
-  setView(v: NativeDeviceView | null): void;
+  /** The device's view record (heap offset; src/device-view.ts), only with the gate held as a writer; null stops all native planning. */
+  setView(viewRecord: number | null): void;
   /** Tries to take the stripes of [offset, offset+length) (block-aligned); false when a native request holds one. */
   lockRange(offset: number, length: number, exclusive: boolean): boolean;
   unlockRange(offset: number, length: number): void;

@@ -17,10 +17,11 @@ function table(states: number[]): number {
   return t;
 }
 const { ABSENT: A, DIRTY: D, ZERO: Z, CLEAN: C } = S;
+const NAME: Record<number, string> = { [SegKind.File]: 'File', [SegKind.Zero]: 'Zero', [SegKind.Layer]: 'Layer' };
 
 function plan(rec: ViewRecord, b0: number, b1: number, planner = new ReadPlanner(heap)) {
   const out: Array<[string, number, number, number, number]> = [];
-  planner.plan(rec, b0, b1, B, (kind, ref, off, len, dst) => out.push([SegKind[kind], ref, off, len, dst]));
+  planner.plan(rec, b0, b1, B, (kind, ref, off, len, dst) => out.push([NAME[kind], ref, off, len, dst]));
   return out;
 }
 
