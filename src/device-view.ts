@@ -86,5 +86,7 @@ export class ReadPlanner {
       fn(v.getUint32(o + l.SEG_KIND, true) as SegKind, v.getInt32(o + l.SEG_REF, true), Number(v.getBigUint64(o + l.SEG_OFF, true)),
         v.getUint32(o + l.SEG_LEN, true), v.getUint32(o + l.SEG_DST, true));
     }
+    // A rare huge plan (block status over a fragmented GiB) does not keep its buffer.
+    if (this.cap > 4096) { this.heap.free(this.ptr); this.cap = 0; }
   }
 }
