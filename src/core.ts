@@ -11,6 +11,7 @@ import { Uring } from './uring';
 import type { ObjectStore } from './store/types';
 import { SharedFrameDir } from './shared-tier';
 import { FetchQueue } from './fetch-queue';
+import { PriorityTaskQueue } from './task-queue';
 import type { Task } from '../workers/codec-worker';
 
 export interface CoreOptions {
@@ -85,6 +86,7 @@ export class Core {
       filename: path.join(__dirname, '..', 'workers', 'boot.js'),
       workerData: { memory: this.heap.memory },
       minThreads: threads, maxThreads: threads, idleTimeout: 60_000,
+      taskQueue: new PriorityTaskQueue(),
     });
     this.scratch = this.heap.alloc(this.scratchLen);
     this.planner = new ReadPlanner(this.heap);

@@ -227,7 +227,7 @@ export class LayerCache {
       const shared = c.tier2 ? await c.tier2.get(this.id, f) : null;
       if (shared) {
         c.heap.u8.set(shared, cPtr);
-        r = await this.unframe(i, cPtr, out);
+        r = await this.unframe(i, cPtr, out, ticket.prio);
         if (r.ok) fromTier = true;
         else await c.tier2!.discard(this.id, f);
       }
@@ -235,7 +235,7 @@ export class LayerCache {
         const bytes = await c.store.get(keys.data(this.id), { offset: f.c, length: f.cSize });
         if (bytes.length !== f.cSize) throw ebadmsg(`layer ${this.id} frame ${i}: got ${bytes.length} of ${f.cSize} bytes`);
         c.heap.u8.set(bytes, cPtr);
-        r = await this.unframe(i, cPtr, out);
+        r = await this.unframe(i, cPtr, out, ticket.prio);
         if (!r.ok) throw new StrataError(r.code === 'EBADMSG' ? 'EBADMSG' : 'EIO', `layer ${this.id} frame ${i}: ${r.message}`);
         // Written back to the shared tier only now that it verified.
         c.tier2?.put(this.id, f, bytes);
@@ -295,9 +295,9 @@ export class LayerCache {
   }
 
   /** Verifies (checksum) and decompresses the frame at cPtr into out, in a worker. */
-  private unframe(i: number, cPtr: number, out: number): Promise<{ ok: boolean; code?: string; message?: string; uSum?: string }> {
+  private unframe(i: number, cPtr: number, out: number, prio: Priority): Promise<{ ok: boolean; code?: string; message?: string; uSum?: string }> {
     const f = this.header.frames[i];
-    return this.core.run({ op: 'unframe', codec: this.header.codec, cPtr, cSize: f.cSize, checksum: f.checksum.toString(16), outPtr: out, uSize: f.uSize });
+    return this.core.run({ op: 'unframe', codec: this.header.codec, cPtr, cSize: f.cSize, checksum: f.checksum.toString(16), outPtr: out, uSize: f.uSize, prio });
   }
 
   /** Reads [dataOff, dataOff+len) into ptr, fetching what is missing; the frames are pinned meanwhile. */

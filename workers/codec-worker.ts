@@ -36,7 +36,8 @@ function readRuns(fd: number, runs: Run[], ptr: number): number {
 
 export interface ScanTask { op: 'scan'; fd: number; runs: Run[]; ptr: number; hashPtr: number; zeroPtr: number; shaPtr: number }
 export interface PackTask { op: 'pack'; fd: number; runs: Run[]; ptr: number; cPtr: number; cCap: number; codec: Codec; level: number }
-export interface UnframeTask { op: 'unframe'; codec: Codec; cPtr: number; cSize: number; checksum: string; outPtr: number; uSize: number }
+/** `prio`: the fetch's Priority (src/fetch-queue.ts), for the pool's queue (src/task-queue.ts). */
+export interface UnframeTask { op: 'unframe'; codec: Codec; cPtr: number; cSize: number; checksum: string; outPtr: number; uSize: number; prio?: number }
 export interface HashTask { op: 'hash'; ptr: number; len: number }
 export type Task = ScanTask | PackTask | UnframeTask | HashTask;
 

@@ -6,7 +6,9 @@
 #
 #   scripts/sandbox/image.sh                 # prints the image path
 #   scripts/sandbox/image.sh --kernel 7.3    # prints SANDBOX_IMAGE=, SANDBOX_ABI=,
-#                                            # SANDBOX_KERNEL=, SANDBOX_INITRD= lines
+#                                            # SANDBOX_KERNEL=, SANDBOX_INITRD=,
+#                                            # SANDBOX_KERNEL_NBD= (1: nbd-client is in
+#                                            # the initramfs) lines
 #
 # Both are built once and cached under ${RUN_IN_VM_CACHE:-~/.cache/run-in-vm}/sandbox/,
 # keyed by a hash of this script (an edit rebuilds them). The kernel is the
@@ -232,9 +234,11 @@ NBD_CLIENT=$(command -v nbd-client || true)
 [ -n "$NBD_CLIENT" ] || NBD_CLIENT=$( [ -x /usr/sbin/nbd-client ] && echo /usr/sbin/nbd-client || true)
 if [ -z "$NBD_CLIENT" ]; then
   note "nbd-client is missing; installing it with apt-get"
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nbd-client; } >&2 \
-    || missing "nbd-client (apt-get could not install it: apt-get install nbd-client)"
-  NBD_CLIENT=/usr/sbin/nbd-client
+  if { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nbd-client; } >&2; then
+    NBD_CLIENT=/usr/sbin/nbd-client
+  else
+    note "missing: nbd-client (apt-get could not install it): the initramfs cannot boot from the kernel nbd driver"
+  fi
 fi
 
 IFS= read -r -d '' INIT <<'EOF_INIT' || true
@@ -273,7 +277,7 @@ umount /proc /sys
 exec switch_root /newroot /sbin/init
 EOF_INIT
 
-IKEY=$( { printf '%s\n' "$KEY" "$ABI" "$INIT_MODULES"; cksum < "$BUSYBOX"; cksum < "$NBD_CLIENT"; } | cksum | cut -d' ' -f1)
+IKEY=$( { printf '%s\n' "$KEY" "$ABI" "$INIT_MODULES"; cksum < "$BUSYBOX"; [ -z "$NBD_CLIENT" ] || cksum < "$NBD_CLIENT"; } | cksum | cut -d' ' -f1)
 INITRD=$OUT/initramfs-$ABI-$IKEY.gz
 if [ "$REBUILD" = 1 ] || [ ! -s "$INITRD" ]; then
   command -v cpio >/dev/null || missing "cpio (apt-get install cpio)"
@@ -282,10 +286,12 @@ if [ "$REBUILD" = 1 ] || [ ! -s "$INITRD" ]; then
   mkdir -p "$tmp"/{bin,dev,proc,sys,newroot,lib/modules}
   cp "$BUSYBOX" "$tmp/bin/busybox"
   # nbd-client and the shared libraries it loads (the dynamic loader too)
-  cp "$NBD_CLIENT" "$tmp/bin/nbd-client"
-  for lib in $(ldd "$NBD_CLIENT" | grep -o '/[^ ]*'); do
-    mkdir -p "$tmp$(dirname "$lib")"; cp -L "$lib" "$tmp$lib"
-  done
+  if [ -n "$NBD_CLIENT" ]; then
+    cp "$NBD_CLIENT" "$tmp/bin/nbd-client"
+    for lib in $(ldd "$NBD_CLIENT" | grep -o '/[^ ]*'); do
+      mkdir -p "$tmp$(dirname "$lib")"; cp -L "$lib" "$tmp$lib"
+    done
+  fi
   printf '%s\n' "$INIT" > "$tmp/init"; chmod 755 "$tmp/init"
   grep -q '/ext4.ko' "$MODDIR/modules.dep" "$MODDIR/modules.builtin" || die "kernel $ABI has no ext4"
   # shellcheck disable=SC2086
@@ -299,3 +305,4 @@ echo "SANDBOX_IMAGE=$IMAGE"
 echo "SANDBOX_ABI=$ABI"
 echo "SANDBOX_KERNEL=$KDIR/vmlinuz"
 echo "SANDBOX_INITRD=$INITRD"
+echo "SANDBOX_KERNEL_NBD=$([ -n "$NBD_CLIENT" ] && echo 1 || echo 0)"

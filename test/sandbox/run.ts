@@ -278,9 +278,10 @@ async function main(): Promise<void> {
   // crash-consistent one: the mount replays its journal). It reads B's files,
   // writes one more and powers off; a snapshot of the device shows that file
   // from the host.
-  const devK = await c.createDevice(snapB, 'resumed-3');
-  const tcpUri = devK.json?.nbd?.tcpUri as string | undefined;
-  if (check(typeof tcpUri === 'string', `daemon C: device resumed-3 on snapshot B, served on TCP: ${tcpUri}`)) {
+  const devK = env.SANDBOX_KERNEL_NBD === '1' ? await c.createDevice(snapB, 'resumed-3') : null;
+  const tcpUri = devK?.json?.nbd?.tcpUri as string | undefined;
+  if (!devK) skip('vm5 (root on the guest kernel\'s nbd driver): the initramfs has no nbd-client (see image.sh\'s "missing:" line)');
+  else if (check(typeof tcpUri === 'string', `daemon C: device resumed-3 on snapshot B, served on TCP: ${tcpUri}`)) {
     const kb = await boot(c, 'vm5', vmDir, spec, tcpUri!, 'daemon C, snapshot B, root on the guest kernel\'s nbd driver', { kernelNbd: true });
     boots.push(kb.b);
     const src = (await kb.g.sh('findmnt -no SOURCE /')).trim();
