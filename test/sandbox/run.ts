@@ -167,7 +167,7 @@ async function main(): Promise<void> {
   if (lack.length) { skip(`sandbox flow: missing ${lack.join(', ')} (npm run test:sandbox installs them)`); return; }
   const built = await run('bash', [path.join(ROOT, 'scripts/sandbox/image.sh'), '--kernel', KERNEL], 3_600_000);
   if (built.code === 3) { skip(`sandbox flow: ${built.out.split('\n').filter((l) => /missing:/.test(l)).join('; ') || built.out.trim().slice(-300)}`); return; }
-  const env = Object.fromEntries(built.out.split('\n').map((l) => /^(SANDBOX_[A-Z]+)=(.*)$/.exec(l)).filter(Boolean).map((m) => [m![1], m![2]]));
+  const env = Object.fromEntries(built.out.split('\n').map((l) => /^(SANDBOX_[A-Z_]+)=(.*)$/.exec(l)).filter(Boolean).map((m) => [m![1], m![2]]));
   if (!check(built.code === 0 && !!env.SANDBOX_IMAGE && !!env.SANDBOX_INITRD,
     `scripts/sandbox/image.sh --kernel ${KERNEL}: image and initramfs${built.code ? ` (exit ${built.code}): ${built.out.trim().slice(-1500)}` : ''}`)) return;
   note(`image ${env.SANDBOX_IMAGE}; kernel ${env.SANDBOX_ABI}; initramfs ${env.SANDBOX_INITRD}`);
