@@ -75,3 +75,22 @@ copy_modules() {
     echo "$m" >> "$dest/load.list"
   done
 }
+
+
+# guest_init_preamble NAME: the first lines of a busybox initramfs's /init
+# (the lane's and the sandbox's): busybox applets on PATH, /proc, /sys and
+# /dev mounted, and load_modules, which insmods what copy_modules listed, in
+# order (NAME starts its messages).
+guest_init_preamble() {
+  cat <<EOF
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
+load_modules() {
+  while read -r m; do
+    [ -n "\$m" ] || continue
+    insmod "/lib/modules/\$m.ko" || echo "$1: insmod \$m failed"
+  done < /lib/modules/load.list
+}
+EOF
+}

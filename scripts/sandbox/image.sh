@@ -242,16 +242,9 @@ if [ -z "$NBD_CLIENT" ]; then
 fi
 
 IFS= read -r -d '' INIT <<'EOF_INIT' || true
-#!/bin/busybox sh
-# PID 1 of the strata sandbox initramfs (scripts/sandbox/image.sh)
-/bin/busybox --install -s /bin
-export PATH=/bin
-mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
 exec </dev/console >/dev/console 2>&1
 fail() { echo "strata-initramfs: FATAL: $*"; sleep 1; poweroff -f; sleep 10; }
-while read -r m; do
-  [ -n "$m" ] && { insmod "/lib/modules/$m.ko" || echo "strata-initramfs: insmod $m failed"; }
-done < /lib/modules/load.list
+load_modules
 ROOT=/dev/vda RW=rw NBD=""
 for a in $(cat /proc/cmdline); do
   case $a in root=/dev/*) ROOT=${a#root=};; ro) RW=ro;; rw) RW=rw;; strata.nbd=*) NBD=${a#strata.nbd=};; esac
@@ -276,8 +269,12 @@ mount --move /dev /newroot/dev
 umount /proc /sys
 exec switch_root /newroot /sbin/init
 EOF_INIT
+INIT="#!/bin/busybox sh
+# PID 1 of the strata sandbox initramfs (scripts/sandbox/image.sh)
+$(guest_init_preamble strata-initramfs)
+$INIT"
 
-IKEY=$( { printf '%s\n' "$KEY" "$ABI" "$INIT_MODULES"; cksum < "$BUSYBOX"; [ -z "$NBD_CLIENT" ] || cksum < "$NBD_CLIENT"; } | cksum | cut -d' ' -f1)
+IKEY=$( { printf '%s\n' "$KEY" "$ABI" "$INIT_MODULES" "$INIT"; cksum < "$BUSYBOX"; [ -z "$NBD_CLIENT" ] || cksum < "$NBD_CLIENT"; } | cksum | cut -d' ' -f1)
 INITRD=$OUT/initramfs-$ABI-$IKEY.gz
 if [ "$REBUILD" = 1 ] || [ ! -s "$INITRD" ]; then
   command -v cpio >/dev/null || missing "cpio (apt-get install cpio)"
