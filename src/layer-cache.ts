@@ -282,11 +282,13 @@ export class LayerCache {
         const w = this.core.heap.wasm;
         const recs = [...batch].filter((i) => w.stateGet(this.states, i) === S.CACHED)
           .map((i) => ({ kind: RecordKind.Cached, frame: i, sum: this.sums[i] }));
-        this.journal.append(recs);
-        // The records too: a host reboot loses unsynced pages, and with them
-        // every frame whose record was still in the page cache.
-        await this.core.uring.fsync(this.journal.fd);
-        this.stats.persistedFrames += recs.length;
+        if (recs.length) {
+          this.journal.append(recs);
+          // The records too: a host reboot loses unsynced pages, and with them
+          // every frame whose record was still in the page cache.
+          await this.core.uring.fsync(this.journal.fd);
+          this.stats.persistedFrames += recs.length;
+        }
       } catch {
         // Not journaled: a later process fetches these frames again.
       }
