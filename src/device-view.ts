@@ -5,7 +5,6 @@
 // it planned with, and a replaced record is freed once no request holds it.
 import type { SharedHeap } from './wasm';
 import { layout } from './wasm';
-import { einval } from './errors';
 
 export interface ViewParts {
   cur: { fd: number; table: number };
@@ -16,15 +15,25 @@ export interface ViewParts {
   layers: Array<{ fd: number; states: number; frames: number; nframes: number; refs: number } | null>;
 }
 
-export class ViewRecord {
-  readonly ptr: number;
-  private refs = 0;
-  private retired = false;
+/** Something readers pin so it is not torn down under them (H14): overlays, bases, view records. */
+export class Pinned {
+  refs = 0;
+  retired = false;
+  constructor(private readonly teardown: () => void) {}
+  pin(): void { this.refs++; }
+  unpin(): void { if (--this.refs === 0 && this.retired) this.teardown(); }
+  retire(): void { this.retired = true; if (this.refs === 0) this.teardown(); }
+}
 
-  constructor(private readonly heap: SharedHeap, p: ViewParts) {
+export class ViewRecord extends Pinned {
+  readonly ptr: number;
+
+  constructor(heap: SharedHeap, p: ViewParts) {
+    let ptr = 0;
+    super(() => heap.free(ptr));
     const l = layout();
     const frozenAt = l.VIEW_SIZE, layersAt = frozenAt + p.frozen.length * l.OVERLAY_SIZE;
-    this.ptr = heap.alloc(layersAt + p.layers.length * l.LAYER_SIZE);
+    this.ptr = ptr = heap.alloc(layersAt + p.layers.length * l.LAYER_SIZE);
     const v = new DataView(heap.buffer, this.ptr, layersAt + p.layers.length * l.LAYER_SIZE);
     v.setInt32(l.VIEW_CUR_FD, p.cur.fd, true);
     v.setUint32(l.VIEW_CUR_TABLE, p.cur.table, true);
@@ -47,14 +56,11 @@ export class ViewRecord {
       v.setUint32(o + l.LYR_REFS, c?.refs ?? 0, true);
     });
   }
-
-  pin(): void { this.refs++; }
-  unpin(): void { if (--this.refs === 0 && this.retired) this.heap.free(this.ptr); }
-  /** Replaced: freed now, or when the last request planning with it is done. */
-  retire(): void { this.retired = true; if (this.refs === 0) this.heap.free(this.ptr); }
 }
 
 export const enum SegKind { File = 1, Zero = 2, Layer = 3 }
+
+const CHUNK_BLOCKS = 1 << 18;
 
 /** The planner's output buffer, one per engine (planning is synchronous: nothing else runs meanwhile). */
 export class ReadPlanner {
@@ -65,12 +71,17 @@ export class ReadPlanner {
   /**
    * Calls fn for each piece of blocks [b0, b1) as `view` resolves them, in
    * order: kind, the file (File) or chain index (Layer), the offset in it,
-   * the length and the piece's offset in the request. At most 2^20 blocks
-   * at a time (offsets within a request are 32-bit).
+   * the length and the piece's offset in the request. Planned 2^18 blocks at
+   * a time (the WASM plan addresses its range with 32-bit offsets).
    */
   plan(view: ViewRecord, b0: number, b1: number, blockSize: number,
     fn: (kind: SegKind, ref: number, off: number, len: number, dst: number) => void): void {
-    if (b1 - b0 > (1 << 20)) throw einval(`read plan of ${b1 - b0} blocks (at most 2^20 at once)`);
+    for (let c0 = b0; c0 < b1; c0 += CHUNK_BLOCKS) this.planChunk(view, c0, Math.min(b1, c0 + CHUNK_BLOCKS), blockSize, (c0 - b0) * blockSize, fn);
+  }
+
+  /** One chunk; `at`: its offset in the request. */
+  private planChunk(view: ViewRecord, b0: number, b1: number, blockSize: number, at: number,
+    fn: (kind: SegKind, ref: number, off: number, len: number, dst: number) => void): void {
     const l = layout(), w = this.heap.wasm;
     let n = this.cap ? w.planRead(view.ptr, b0, b1, blockSize, this.ptr, this.cap) : -1;
     while (n < 0) {
@@ -84,7 +95,7 @@ export class ReadPlanner {
     for (let i = 0; i < n; i++) {
       const o = i * l.SEG_SIZE;
       fn(v.getUint32(o + l.SEG_KIND, true) as SegKind, v.getInt32(o + l.SEG_REF, true), Number(v.getBigUint64(o + l.SEG_OFF, true)),
-        v.getUint32(o + l.SEG_LEN, true), v.getUint32(o + l.SEG_DST, true));
+        v.getUint32(o + l.SEG_LEN, true), at + v.getUint32(o + l.SEG_DST, true));
     }
     // A rare huge plan (block status over a fragmented GiB) does not keep its buffer.
     if (this.cap > 4096) { this.heap.free(this.ptr); this.cap = 0; }

@@ -15,7 +15,7 @@ import { BLOCK_SIZE, Codec, type Extent, type LayerHeader } from './format';
 import { MappingTable } from './mapping';
 import { RangeLock } from './range-lock';
 import { S } from './wasm';
-import { ViewRecord, SegKind } from './device-view';
+import { Pinned, ViewRecord, SegKind } from './device-view';
 import { einval, StrataError } from './errors';
 import { writeLayer, type BlockRun, type Progress, type WriteLayerStats } from './layer-writer';
 import { NativePlane } from './native-plane';
@@ -29,18 +29,6 @@ const BS = BLOCK_SIZE;
 const SECTOR = 512;
 /** Largest piece of a request that holds arena memory at once. */
 const CHUNK_BLOCKS = 256;
-/** Blocks planned at once by block status and prefetch (a plan addresses its range with 32-bit offsets). */
-const PLAN_BLOCKS = 1 << 18;
-
-/** Something readers pin so it is not torn down under them (H14). */
-class Pinned {
-  refs = 0;
-  retired = false;
-  constructor(private readonly teardown: () => void) {}
-  pin(): void { this.refs++; }
-  unpin(): void { if (--this.refs === 0 && this.retired) this.teardown(); }
-  retire(): void { this.retired = true; if (this.refs === 0) this.teardown(); }
-}
 
 // zfd: the zero journal of a durable device's overlay (-1 otherwise): a
 // record per zeroed run, so a restarted process can tell zeroed blocks
@@ -354,9 +342,7 @@ export class Device {
       else out.push({ offset: o, length: l, zero });
     };
     const b0 = Math.floor(offset / BS), b1 = Math.ceil((offset + length) / BS);
-    for (let c0 = b0; c0 < b1; c0 += PLAN_BLOCKS) {
-      this.core.planner.plan(this.rec, c0, Math.min(b1, c0 + PLAN_BLOCKS), BS, (kind, _ref, _off, len, dst) => push(c0 * BS + dst, len, kind === SegKind.Zero));
-    }
+    this.core.planner.plan(this.rec, b0, b1, BS, (kind, _ref, _off, len, dst) => push(b0 * BS + dst, len, kind === SegKind.Zero));
     // Clip to the request.
     if (out.length) {
       const first = out[0];
@@ -374,11 +360,9 @@ export class Device {
     const jobs: Promise<void>[] = [];
     const b0 = Math.floor(offset / BS), b1 = Math.ceil((offset + length) / BS);
     // Only what the device reads from its layers (not what its overlays hold).
-    for (let c0 = b0; c0 < b1; c0 += PLAN_BLOCKS) {
-      this.core.planner.plan(this.rec, c0, Math.min(b1, c0 + PLAN_BLOCKS), BS, (kind, ref, off, len) => {
-        if (kind === SegKind.Layer) jobs.push(base.caches.get(ref)!.ensure(off, len));
-      });
-    }
+    this.core.planner.plan(this.rec, b0, b1, BS, (kind, ref, off, len) => {
+      if (kind === SegKind.Layer) jobs.push(base.caches.get(ref)!.ensure(off, len));
+    });
     await Promise.all(jobs);
   }
 

@@ -66,6 +66,22 @@ test('nothing written: the base alone, contiguous layer data merged across block
   rec2.retire();
 });
 
+test('a range longer than one WASM plan (2^18 blocks) is planned in pieces whose offsets continue', () => {
+  const n = (1 << 18) + 5;
+  const big = heap.alloc(32);
+  w.extentPut(big, 0, 0n, BigInt(n * B), 0, BigInt(B));
+  const cur = table(new Array(n).fill(A));
+  w.stateSet(cur, n - 2, D);
+  const rec = new ViewRecord(heap, { cur: { fd: 5, table: cur }, frozen: [], ext: big, nExt: 1, layers: [null] });
+  assert.equal(plan(rec, 0, n), [
+    ['Layer', 0, B, (1 << 18) * B, 0],
+    ['Layer', 0, ((1 << 18) + 1) * B, 3 * B, (1 << 18) * B],
+    ['File', 5, (n - 2) * B, B, (n - 2) * B],
+    ['Layer', 0, n * B, B, (n - 1) * B],
+  ]);
+  rec.retire();
+});
+
 test('a view whose mapping does not cover the range is an error, not a short plan', () => {
   const short = heap.alloc(32);
   w.extentPut(short, 0, 0n, BigInt(2 * B), 0, 0n);
