@@ -33,6 +33,12 @@ export function removeCacheFiles(cacheDir: string, id: string): void {
   fs.rmSync(f.data, { force: true });
 }
 
+/** A layer cache's counters, zeroed (the registry sums them, also over closed caches). */
+export function newCacheStats() {
+  return { fetches: 0, fetchBytes: 0, fetchErrors: 0, hits: 0, evictions: 0, evictedBytes: 0, restoredFrames: 0, restoredBytes: 0, restoreFailures: 0, scrubbed: 0, scrubFailures: 0, persistedFrames: 0 };
+}
+export type CacheStats = ReturnType<typeof newCacheStats>;
+
 /** How long fetched frames wait before one sync makes them durable and journaled. */
 const PERSIST_DELAY_MS = 200;
 
@@ -68,7 +74,7 @@ export class LayerCache {
   /** The eviction clock's position, and the scrub's. */
   hand = 0;
   private scrubHand = 0;
-  stats = { fetches: 0, fetchBytes: 0, fetchErrors: 0, hits: 0, evictions: 0, evictedBytes: 0, restoredFrames: 0, restoredBytes: 0, restoreFailures: 0, scrubbed: 0, scrubFailures: 0, persistedFrames: 0 };
+  stats = newCacheStats();
 
   /** `seed`: the writer of this new layer filled the cache file; these are its frames' uncompressed sums. */
   constructor(private readonly core: Core, readonly header: LayerHeader, seed?: bigint[]) {

@@ -2,7 +2,7 @@
 // local caches, and the dedup fingerprint indexes.
 import type { Core } from './core';
 import { decodeHeader, ID_RE, keys, MAX_HEADER, type LayerHeader } from './format';
-import { LayerCache, removeCacheFiles } from './layer-cache';
+import { LayerCache, newCacheStats, removeCacheFiles, type CacheStats } from './layer-cache';
 import { einval, StrataError } from './errors';
 import * as fs from 'fs';
 import * as path from 'path';
@@ -19,7 +19,7 @@ export class LayerRegistry {
   /** How many device views (bases) use each cache: one no view uses is closed (its files stay). */
   private refs = new Map<string, number>();
   private closing = new Map<string, Promise<void>>();
-  private closedStats = { fetches: 0, fetchBytes: 0, fetchErrors: 0, hits: 0, evictions: 0, evictedBytes: 0, restoredFrames: 0, restoredBytes: 0, restoreFailures: 0, scrubbed: 0, scrubFailures: 0, persistedFrames: 0 };
+  private closedStats = newCacheStats();
   private indexes = new Map<string, Promise<LayerIndex>>();
 
   constructor(private readonly core: Core) {}
@@ -91,7 +91,7 @@ export class LayerRegistry {
       this.refs.delete(c.id);
       if (this.caches.get(c.id) !== c) continue;
       this.caches.delete(c.id);
-      for (const k of Object.keys(c.stats) as Array<keyof LayerCache['stats']>) this.closedStats[k] += c.stats[k]; // counters stay monotonic
+      for (const k of Object.keys(c.stats) as Array<keyof CacheStats>) this.closedStats[k] += c.stats[k]; // counters stay monotonic
       const p = c.close().catch(() => {}).finally(() => { if (this.closing.get(c.id) === p) this.closing.delete(c.id); });
       this.closing.set(c.id, p);
     }
@@ -150,7 +150,7 @@ export class LayerRegistry {
   stats() {
     const s = { ...this.closedStats, cachedBytes: 0 };
     for (const c of this.caches.values()) {
-      for (const k of Object.keys(c.stats) as Array<keyof LayerCache['stats']>) s[k] += c.stats[k];
+      for (const k of Object.keys(c.stats) as Array<keyof CacheStats>) s[k] += c.stats[k];
       s.cachedBytes += c.cachedBytes;
     }
     return s;
