@@ -70,4 +70,4 @@ function layoutHeader(wasm, log) {
 }
 
 if (require.main === module) build({ log: (m) => process.stderr.write(`[build] ${m}\n`), force: process.argv.includes('--force') });
-module.exports = { build, layoutHeader };
+module.exports = { build };

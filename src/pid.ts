@@ -39,6 +39,7 @@ export function liveOwner(token: string): number | null {
   if (!Number.isInteger(pid) || !isAlive(pid)) return null;
   if (boot === undefined) return pid;
   if (boot !== '-' && boot !== bootId()) return null;
-  if (start !== undefined && start !== '-' && startTime(pid) !== '-' && start !== startTime(pid)) return null;
+  const now = startTime(pid);
+  if (start !== undefined && start !== '-' && now !== '-' && start !== now) return null;
   return pid;
 }

@@ -6,14 +6,13 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 kernel=${1:?kernel}
-disk=$(mktemp /tmp/strata-reboot.XXXXXX.img)
-trap 'rm -f "$disk"' EXIT
+disk=$(mktemp /tmp/strata-reboot.XXXXXX.img) out=$(mktemp)
+trap 'rm -f "$disk" "$out"' EXIT
 truncate -s 512M "$disk"
 vm() {
   scripts/vm/run-in-vm.sh --kernel "$kernel" --modules ext4,crc32c_generic,crc32c_intel --mem 2048 --timeout 900 --timing \
     --disk "$disk" -- node -r tsx/cjs test/vm/cache-reboot.ts "$1"
 }
-out=$(mktemp); trap 'rm -f "$disk" "$out"' EXIT
 vm boot1 2>&1 | tee "$out"; rc=${PIPESTATUS[0]}
 if ! grep -q '^BOOT1-DONE' "$out" || grep -q '^FAIL' "$out"; then
   echo "cache-reboot: boot 1 failed (exit $rc)"; exit 1
