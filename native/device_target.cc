@@ -9,6 +9,9 @@
 #include <time.h>
 
 #include <algorithm>
+#include <mutex>
+#include <string>
+#include <unordered_map>
 
 #include "napi_util.h"
 #include "strata_layout.h"
@@ -78,36 +81,61 @@ bool DeviceTarget::drained(bool writer) const {
 
 void DeviceTarget::exit(bool writer) { (writer ? jsWriters_ : jsReaders_).fetch_sub(1); }
 
-bool DeviceTarget::plan(TOp op, uint64_t off, uint32_t len, Plan& p) {
-  if (len == 0 || off > size_ || len > size_ - off) return false;
-  const bool w = op == TOp::Write;
+uint32_t DeviceTarget::acquire(bool w, uint64_t off, uint32_t len) {
+  if (len == 0 || off > size_ || len > size_ - off) return 0;
   std::atomic<int32_t>& mine = w ? natWriters_ : natReaders_;
   mine.fetch_add(1);
-  if (jsWriters_.load() != 0 || (w && jsReaders_.load() != 0) || !view_) {
+  const uint32_t view = view_;
+  if (jsWriters_.load() != 0 || (w && jsReaders_.load() != 0) || !view) {
     mine.fetch_sub(1);
     slowPlans.fetch_add(1, std::memory_order_relaxed);
     slowGate.fetch_add(1, std::memory_order_relaxed);
-    return false;
+    return 0;
   }
   if (!lockStripes(off, len, w)) {
     mine.fetch_sub(1);
     slowPlans.fetch_add(1, std::memory_order_relaxed);
     slowBusy.fetch_add(1, std::memory_order_relaxed);
-    return false;
+    return 0;
   }
+  return view;
+}
+
+void DeviceTarget::release(bool w, uint64_t off, uint32_t len, bool ok, uint64_t ns) {
+  count(w, len, ok, ns);
+  unlockStripes(off, len);
+  (w ? natWriters_ : natReaders_).fetch_sub(1);
+}
+
+void DeviceTarget::count(bool w, uint64_t len, bool ok, uint64_t dt) {
+  if (!ok) return;
+  (w ? fastWrites : fastReads).fetch_add(1, std::memory_order_relaxed);
+  (w ? writeBytes : readBytes).fetch_add(len, std::memory_order_relaxed);
+  int i = 0;
+  while (i < kLatBuckets - 1 && dt > kLatBoundsNs[i]) i++;
+  lat[w][i].fetch_add(1, std::memory_order_relaxed);
+  latSumNs[w].fetch_add(dt, std::memory_order_relaxed);
+}
+
+bool DeviceTarget::plan(TOp op, uint64_t off, uint32_t len, Plan& p) {
+  const bool w = op == TOp::Write;
+  const uint32_t view = acquire(w, off, len);
+  if (!view) return false;
   p.op = op;
   p.nseg = 0;
   p.a = off;
   p.b = len;
   p.t0 = NowNs();
-  const uint8_t* v = heap_ + view_;
-  const bool ok = w ? planWrite(v, off, len, p) : planRead(v, off, len, p);
-  if (!ok) {
-    unlockStripes(off, len);
-    mine.fetch_sub(1);
-    slowPlans.fetch_add(1, std::memory_order_relaxed);
-  }
-  return ok;
+  const uint8_t* v = heap_ + view;
+  if (w ? planWrite(v, off, len, p) : planRead(v, off, len, p)) return true;
+  unplanned(w, off, len);
+  return false;
+}
+
+void DeviceTarget::unplanned(bool w, uint64_t off, uint32_t len) {
+  unlockStripes(off, len);
+  (w ? natWriters_ : natReaders_).fetch_sub(1);
+  slowPlans.fetch_add(1, std::memory_order_relaxed);
 }
 
 void DeviceTarget::finish(const Plan& p, bool ok) {
@@ -117,23 +145,10 @@ void DeviceTarget::finish(const Plan& p, bool ok) {
     const uint64_t b0 = p.a / bs_, b1 = (p.a + p.b + bs_ - 1) / bs_;
     const uint32_t table = U32(heap_ + view_ + VIEW_CUR_TABLE);
     for (uint64_t b = b0; b < b1; b++) __atomic_store_n(heap_ + table + b, uint8_t(DIRTY), __ATOMIC_RELEASE);
-    fastWrites.fetch_add(1, std::memory_order_relaxed);
-    writeBytes.fetch_add(p.b, std::memory_order_relaxed);
   } else if (w && p.sync) {
     syncWriteErrors.fetch_add(1);
-  } else if (ok) {
-    fastReads.fetch_add(1, std::memory_order_relaxed);
-    readBytes.fetch_add(p.b, std::memory_order_relaxed);
   }
-  if (ok) {
-    const uint64_t dt = NowNs() - p.t0;
-    int i = 0;
-    while (i < kLatBuckets - 1 && dt > kLatBoundsNs[i]) i++;
-    lat[w][i].fetch_add(1, std::memory_order_relaxed);
-    latSumNs[w].fetch_add(dt, std::memory_order_relaxed);
-  }
-  unlockStripes(p.a, static_cast<uint32_t>(p.b));
-  (w ? natWriters_ : natReaders_).fetch_sub(1);
+  release(w, p.a, static_cast<uint32_t>(p.b), ok, NowNs() - p.t0);
 }
 
 // Writes go to the current overlay. A partial block needs its old contents
@@ -306,12 +321,34 @@ class DeviceTargetJs : public Napi::ObjectWrap<DeviceTargetJs> {
                         InstanceMethod<&DeviceTargetJs::LockRange>("lockRange"),
                         InstanceMethod<&DeviceTargetJs::UnlockRange>("unlockRange"),
                         InstanceMethod<&DeviceTargetJs::Stats>("stats"),
-                        InstanceMethod<&DeviceTargetJs::SyncWriteErrors>("syncWriteErrors")});
+                        InstanceMethod<&DeviceTargetJs::SyncWriteErrors>("syncWriteErrors"),
+                        InstanceMethod<&DeviceTargetJs::Share>("share"),
+                        InstanceMethod<&DeviceTargetJs::Acquire>("acquire"),
+                        InstanceMethod<&DeviceTargetJs::Release>("release"),
+                        InstanceMethod<&DeviceTargetJs::Close>("close")});
   }
 
-  // new DeviceTarget(heap: SharedArrayBuffer, size: number, blockSize: number)
+  ~DeviceTargetJs() override {
+    if (!key_) return;
+    std::lock_guard<std::mutex> g(registryMu_);
+    registry_.erase(key_);
+  }
+
+  // new DeviceTarget(heap: SharedArrayBuffer, size: number, blockSize: number),
+  // or new DeviceTarget(key) in another thread: the target share() named.
   explicit DeviceTargetJs(const Napi::CallbackInfo& info) : Napi::ObjectWrap<DeviceTargetJs>(info) {
     Napi::Env env = info.Env();
+    if (info.Length() == 1) {
+      const uint64_t key = ArgUint(info, 0, "key", UINT32_MAX);
+      {
+        std::lock_guard<std::mutex> g(registryMu_);
+        auto it = registry_.find(static_cast<uint32_t>(key));
+        if (it != registry_.end()) t_ = it->second.lock();
+      }
+      if (!t_) Fail(env, ENOENT, "no shared device target " + std::to_string(key) + " (its device is gone)");
+      info.This().As<Napi::Object>().Set("handle", WrapTarget(env, t_));
+      return;
+    }
     Bytes heap = GetBytes(env, info[0], "heap");
     if (heap.arrayBuffer) Fail(env, EINVAL, "heap must be the engine's shared WebAssembly memory");
     const uint64_t size = ArgUint(info, 1, "size", 1ull << 53);
@@ -350,6 +387,45 @@ class DeviceTargetJs : public Napi::ObjectWrap<DeviceTargetJs> {
     t_->unlockRange(ArgUint(info, 0, "offset", 1ull << 53), ArgUint(info, 1, "length", 1ull << 53));
   }
 
+  // share(): a key another thread passes to new DeviceTarget(key) to reach
+  // this target. The registry holds it weakly: the key dies with the target.
+  Napi::Value Share(const Napi::CallbackInfo& info) {
+    std::lock_guard<std::mutex> g(registryMu_);
+    if (!key_) {
+      key_ = ++nextKey_;
+      registry_[key_] = t_;
+    }
+    return Napi::Number::New(info.Env(), key_);
+  }
+
+  // acquire(write, offset, length): the view record to plan from, or 0 (slow path).
+  Napi::Value Acquire(const Napi::CallbackInfo& info) {
+    Target();
+    const uint32_t v = t_->acquire(info[0].ToBoolean(), static_cast<uint64_t>(info[1].As<Napi::Number>().DoubleValue()),
+                                   info[2].As<Napi::Number>().Uint32Value());
+    return Napi::Number::New(info.Env(), v);
+  }
+
+  // release(write, offset, length, outcome, elapsedNs): ends an acquired
+  // request; outcome 1 done, 0 its I/O failed, -1 the planner sent it slow.
+  void Release(const Napi::CallbackInfo& info) {
+    Target();
+    const bool w = info[0].ToBoolean();
+    const uint64_t off = static_cast<uint64_t>(info[1].As<Napi::Number>().DoubleValue());
+    const uint32_t len = info[2].As<Napi::Number>().Uint32Value();
+    const int outcome = info[3].As<Napi::Number>().Int32Value();
+    if (outcome < 0) t_->unplanned(w, off, len);
+    else t_->release(w, off, len, outcome > 0, static_cast<uint64_t>(info[4].As<Napi::Number>().DoubleValue()));
+  }
+
+  // close(): this object lets go of the target (a worker's connection ended).
+  void Close(const Napi::CallbackInfo&) { t_.reset(); }
+
+  DeviceTarget* Target() {
+    if (!t_) Fail(Env(), EBADF, "device target closed");
+    return t_.get();
+  }
+
   // Just the failed FUA writes: read on every flush, so not the whole stats().
   Napi::Value SyncWriteErrors(const Napi::CallbackInfo& info) {
     return Napi::Number::New(info.Env(), double(t_->syncWriteErrors.load()));
@@ -385,7 +461,15 @@ class DeviceTargetJs : public Napi::ObjectWrap<DeviceTargetJs> {
 
   Napi::Reference<Napi::Value> heapRef_;
   std::shared_ptr<DeviceTarget> t_;
+  uint32_t key_ = 0;
+  static std::mutex registryMu_;
+  static std::unordered_map<uint32_t, std::weak_ptr<DeviceTarget>> registry_;
+  static uint32_t nextKey_;
 };
+
+std::mutex DeviceTargetJs::registryMu_;
+std::unordered_map<uint32_t, std::weak_ptr<DeviceTarget>> DeviceTargetJs::registry_;
+uint32_t DeviceTargetJs::nextKey_ = 0;
 
 }  // namespace
 

@@ -32,6 +32,15 @@ class DeviceTarget : public Target {
   bool plan(TOp op, uint64_t off, uint32_t len, Plan& p) override;
   void finish(const Plan& p, bool ok) override;
 
+  // The gate and stripes of one request, for planners outside this class
+  // (an I/O worker plans in WASM): acquire() returns the view record to plan
+  // from, or 0 (the request goes the slow path; nothing is held); release()
+  // ends it, with how long it took (ns) for the latency histogram.
+  uint32_t acquire(bool write, uint64_t off, uint32_t len);
+  void release(bool write, uint64_t off, uint32_t len, bool ok, uint64_t ns);
+  /** Ends an acquired request the planner could not place (it goes the slow path). */
+  void unplanned(bool write, uint64_t off, uint32_t len);
+
   // The gate (JS side). enter() returns true when no native request of the
   // conflicting kind is in flight any more; otherwise poll drained().
   bool enter(bool writer);
@@ -67,6 +76,7 @@ class DeviceTarget : public Target {
   bool planRead(const uint8_t* v, uint64_t off, uint32_t len, Plan& p);
   bool planWrite(const uint8_t* v, uint64_t off, uint32_t len, Plan& p);
   bool planBase(const uint8_t* v, uint64_t pos, uint64_t end, Plan& p);
+  void count(bool write, uint64_t len, bool ok, uint64_t ns);
   bool lockStripes(uint64_t off, uint32_t len, bool excl);
   void unlockStripes(uint64_t off, uint32_t len);
   void stripeSpan(uint64_t off, uint32_t len, uint64_t& first, uint64_t& count) const;

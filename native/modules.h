@@ -5,5 +5,4 @@
 
 namespace strata {
 void InitDeviceTarget(Napi::Env env, Napi::Object exports);
-void InitNbdWire(Napi::Env env, Napi::Object exports);
 }  // namespace strata

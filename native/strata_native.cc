@@ -14,6 +14,7 @@
 #include <linux/falloc.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -39,7 +40,8 @@ using strata::Bytes;
 using strata::Fail;
 using strata::GetBytes;
 
-enum Op : uint8_t { READ = 1, WRITE = 2, FSYNC = 3, FDATASYNC = 4, FALLOCATE = 5, NOP = 6 };
+// SEND/RECV: sockets (MSG_NOSIGNAL; io_uring waits on a non-blocking socket by polling it).
+enum Op : uint8_t { READ = 1, WRITE = 2, FSYNC = 3, FDATASYNC = 4, FALLOCATE = 5, NOP = 6, SEND = 7, RECV = 8 };
 enum Flag : uint8_t { FIXED = 1, PUNCH = 2, ZERO_RANGE = 4 };
 
 struct Desc {
@@ -305,7 +307,9 @@ class Ring : public Napi::ObjectWrap<Ring> {
     if (d.fileOffset > INT64_MAX) return EINVAL;  // -1 would mean "file position"
     switch (d.op) {
       case READ:
-      case WRITE: {
+      case WRITE:
+      case SEND:
+      case RECV: {
         if (d.bufIndex >= regions_.size()) return EFAULT;
         const Region& r = regions_[d.bufIndex];
         if (d.bufOffset > r.len || d.len > r.len - d.bufOffset) return EFAULT;
@@ -333,6 +337,12 @@ class Ring : public Napi::ObjectWrap<Ring> {
       case WRITE:
         if (fixed) io_uring_prep_write_fixed(sqe, d.fd, addr, d.len, d.fileOffset, d.bufIndex);
         else io_uring_prep_write(sqe, d.fd, addr, d.len, d.fileOffset);
+        break;
+      case SEND:
+        io_uring_prep_send(sqe, d.fd, addr, d.len, MSG_NOSIGNAL);
+        break;
+      case RECV:
+        io_uring_prep_recv(sqe, d.fd, addr, d.len, 0);
         break;
       case FSYNC:
       case FDATASYNC:
@@ -590,14 +600,50 @@ void DropPageCache(const Napi::CallbackInfo& info) {
   if (r != 0) Fail(env, r, "posix_fadvise(DONTNEED)");
 }
 
+// eventfd(): a blocking eventfd (cloexec). An I/O worker keeps a READ of it
+// in its ring, so another thread wakes the worker's wait by writing 8 bytes.
+// Blocking on purpose: io_uring fails a read of an O_NONBLOCK file with
+// EAGAIN instead of waiting for it.
+Napi::Value EventFd(const Napi::CallbackInfo& info) {
+  int fd = eventfd(0, EFD_CLOEXEC);
+  if (fd < 0) Fail(info.Env(), errno, "eventfd");
+  return Napi::Number::New(info.Env(), fd);
+}
+
+// dup(fd): a cloexec duplicate, so a socket can change owner (Node's handle
+// closes its descriptor, the I/O worker keeps the copy).
+Napi::Value Dup(const Napi::CallbackInfo& info) {
+  const int fd = static_cast<int>(ArgUint(info, 0, "fd", INT32_MAX));
+  int d = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (d < 0) Fail(info.Env(), errno, "dup");
+  return Napi::Number::New(info.Env(), d);
+}
+
+// shutdownSocket(fd): shutdown(SHUT_RDWR), which also ends a receive the
+// ring is waiting on (closing the descriptor would not: the ring holds it).
+void ShutdownSocket(const Napi::CallbackInfo& info) {
+  const int fd = static_cast<int>(ArgUint(info, 0, "fd", INT32_MAX));
+  if (shutdown(fd, SHUT_RDWR) < 0 && errno != ENOTCONN) Fail(info.Env(), errno, "shutdown");
+}
+
+// close(fd): for descriptors Node's fs did not open (eventfds, sockets an
+// I/O worker took over), which a worker's fs.closeSync warns about.
+void Close(const Napi::CallbackInfo& info) {
+  const int fd = static_cast<int>(ArgUint(info, 0, "fd", INT32_MAX));
+  if (close(fd) < 0 && errno != EINTR) Fail(info.Env(), errno, "close");
+}
+
 Napi::Object InitModule(Napi::Env env, Napi::Object exports) {
+  exports.Set("close", Napi::Function::New(env, Close, "close"));
+  exports.Set("shutdownSocket", Napi::Function::New(env, ShutdownSocket, "shutdownSocket"));
+  exports.Set("eventfd", Napi::Function::New(env, EventFd, "eventfd"));
+  exports.Set("dup", Napi::Function::New(env, Dup, "dup"));
   exports.Set("dataExtents", Napi::Function::New(env, DataExtents, "dataExtents"));
   exports.Set("dropPageCache", Napi::Function::New(env, DropPageCache, "dropPageCache"));
   exports.Set("Ring", Ring::Init(env));
   exports.Set("info", Napi::Function::New(env, Info, "info"));
   exports.Set("pageSize", Napi::Function::New(env, PageSize, "pageSize"));
   strata::InitDeviceTarget(env, exports);
-  strata::InitNbdWire(env, exports);
   strata::InitUblk(env, exports);
   return exports;
 }

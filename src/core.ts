@@ -12,6 +12,7 @@ import type { ObjectStore } from './store/types';
 import { SharedFrameDir } from './shared-tier';
 import { FetchQueue } from './fetch-queue';
 import { PriorityTaskQueue } from './task-queue';
+import { IoWorkers } from './io/pool';
 import type { Task } from '../workers/codec-worker';
 
 export interface CoreOptions {
@@ -29,6 +30,8 @@ export interface CoreOptions {
   fetchConcurrency?: number;
   /** Frames fetched ahead of sequential misses (default 4; 0: no readahead). */
   readaheadFrames?: number;
+  /** I/O worker threads serving NBD connections (default: STRATA_IO_WORKERS, else one per CPU). */
+  ioWorkers?: number;
 }
 
 export class Core {
@@ -60,9 +63,12 @@ export class Core {
   beforeFetch: () => Promise<void> | undefined = () => undefined;
   private scratch: number;
   private scratchLen = 1 << 20;
+  private ioPool: IoWorkers | null = null;
+  private readonly ioThreads: number | undefined;
 
   constructor(opts: CoreOptions) {
     this.store = opts.store;
+    this.ioThreads = opts.ioWorkers;
     this.cacheDir = opts.cacheDir;
     this.tier2 = opts.sharedCacheDir ? new SharedFrameDir(opts.sharedCacheDir) : null;
     fs.mkdirSync(path.join(this.cacheDir, 'layers'), { recursive: true });
@@ -92,6 +98,12 @@ export class Core {
     this.planner = new ReadPlanner(this.heap);
   }
 
+  /** The I/O workers (started on first use: an engine that serves no connection has none). */
+  io(): IoWorkers {
+    this.ioPool ??= new IoWorkers(this.heap, { threads: this.ioThreads });
+    return this.ioPool;
+  }
+
   run<T>(task: Task): Promise<T> { return this.pool.run(task) as Promise<T>; }
 
   /** xxh64 (seed 0) of bytes that live outside the shared memory. */
@@ -106,6 +118,7 @@ export class Core {
   }
 
   async close(): Promise<void> {
+    await this.ioPool?.close();
     await this.pool.destroy();
     this.uring.close();
   }

@@ -23,7 +23,8 @@ import { traced } from './tracing';
 import { compactionPlan, copyUp, MAX_CHAIN_DEFAULT } from './compaction';
 import { crashPoint } from './crash-point';
 import { GroupSync } from './group-sync';
-import { loadNative, type NativeTarget, type NativeTargetStats } from './native';
+import { loadNative, type NativeDeviceTarget, type NativeTarget, type NativeTargetStats } from './native';
+import type { IoWorkers } from './io/pool';
 
 const BS = BLOCK_SIZE;
 const SECTOR = 512;
@@ -553,6 +554,11 @@ export class Device {
       void plane.gated(true, () => this.publish());
     }
     return this.plane.target;
+  }
+
+  /** What an I/O worker needs to serve this device's requests: the workers and a key to its native target. */
+  ioTarget(): { workers: IoWorkers; target: number } {
+    return { workers: this.core.io(), target: (this.nativeTarget() as NativeDeviceTarget).share() };
   }
 
   /** Native fast-path counters (zeros while no native frontend is attached). */

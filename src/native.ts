@@ -6,7 +6,8 @@
 // Completions are 8-byte entries in `cq`: 0 u32 id | 4 i32 res (bytes or -errno).
 import * as path from 'path';
 
-export const OP = { READ: 1, WRITE: 2, FSYNC: 3, FDATASYNC: 4, FALLOCATE: 5, NOP: 6 } as const;
+/** SEND/RECV: sockets (send with MSG_NOSIGNAL). */
+export const OP = { READ: 1, WRITE: 2, FSYNC: 3, FDATASYNC: 4, FALLOCATE: 5, NOP: 6, SEND: 7, RECV: 8 } as const;
 export type OpCode = (typeof OP)[keyof typeof OP];
 
 /** READ/WRITE: use the registered buffer (silently non-fixed if registration failed). */
@@ -75,6 +76,17 @@ export interface NativeDeviceTarget extends NativeTarget {
   stats(): NativeTargetStats;
   /** Native FUA writes that failed so far (stats().syncWriteErrors without the rest). */
   syncWriteErrors(): number;
+  /** A key another thread passes to `new DeviceTarget(key)` to reach this target. */
+  share(): number;
+  /**
+   * The gate and stripes of one request planned elsewhere (an I/O worker's
+   * WASM): the view record to plan from, or 0 (slow path, nothing held).
+   */
+  acquire(write: boolean, offset: number, length: number): number;
+  /** Ends an acquired request: outcome 1 done, 0 its I/O failed, -1 not planned (slow path). */
+  release(write: boolean, offset: number, length: number, outcome: 1 | 0 | -1, elapsedNs: number): void;
+  /** This object lets go of the target. */
+  close(): void;
 }
 
 /** Service-time histogram of native requests: counts per bucket (upper bounds in ns; the last bucket is unbounded). */
@@ -89,27 +101,6 @@ export interface NativeTargetStats {
   latency?: { boundsNs: number[]; read: NativeLatency; write: NativeLatency };
 }
 
-/** One slow-path request handed from a native NBD connection to JS. */
-export interface WireRequest { type: number; flags: number; cookie: Buffer; offset: number; length: number; payload: Buffer | null }
-
-export interface NativeNbdWire {
-  take(): WireRequest[];
-  /** Queues complete replies (whole, never interleaved) and retires slow requests. */
-  /** Copies the replies before it returns: their buffers may be reused at once. */
-  reply(bytes: Buffer[] | Buffer | null, doneCount: number, doneBytes: number): void;
-  shutdown(): void;
-  destroy(): void;
-  /** coldReads: READs that missed the page cache and went to a reader thread. */
-  stats(): { fast: number; slow: number; pendingSlow: number; phase: number; coldReads: number; unsentBytes: number };
-}
-
-export interface NbdWireOptions {
-  structured: boolean; readOnly: boolean; size: number; minBlock: number; maxPayload: number;
-  maxInflight: number; maxInflightBytes: number; maxQueuedReplyBytes: number;
-  /** NBD error by errno (index), for the requests the wire answers itself. */
-  nbdErrors?: Uint32Array;
-}
-
 export interface NativeAddon {
   Ring: NativeRingConstructor;
   info(): NativeInfo;
@@ -118,9 +109,19 @@ export interface NativeAddon {
   dataExtents(fd: number, size: number): number[];
   /** Writes back and evicts a file's cached pages (tests and benches of cold reads). */
   dropPageCache(fd: number): void;
-  DeviceTarget: new (heap: SharedArrayBuffer, size: number, blockSize: number) => NativeDeviceTarget;
-  NbdWire: new (fd: number, target: NativeTarget | null, opts: NbdWireOptions, initial: Buffer,
-    onEvent: (kind: 'requests' | 'closed', message: string) => void) => NativeNbdWire;
+  DeviceTarget: {
+    new (heap: SharedArrayBuffer, size: number, blockSize: number): NativeDeviceTarget;
+    /** The target another thread's share() named (ENOENT once it is gone). */
+    new (key: number): NativeDeviceTarget;
+  };
+  /** A blocking eventfd: a READ of it in a ring waits until another thread writes 8 bytes. */
+  eventfd(): number;
+  /** A cloexec duplicate of a descriptor. */
+  dup(fd: number): number;
+  /** close(2), for descriptors Node's fs did not open (eventfd(), dup()). */
+  close(fd: number): void;
+  /** shutdown(SHUT_RDWR): also ends a receive a ring waits on. */
+  shutdownSocket(fd: number): void;
 }
 
 /** Shape of every error the addon throws. */

@@ -20,6 +20,6 @@ export function deviceExport(dev: Device, description?: string): NbdExport {
     },
     cache: (o, l) => dev.prefetch(o, l),
     zeroMap: (o, l) => dev.zeroMap(o, l),
-    nativeTarget: () => dev.nativeTarget(),
+    io: () => dev.ioTarget(),
   };
 }

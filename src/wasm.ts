@@ -39,6 +39,12 @@ export interface WasmExports {
   framePut(frames: number, i: number, u: bigint, c: bigint, uSize: number, cSize: number, sum: bigint): void;
   /** Segments of blocks [b0, b1) of a device view (assembly/plan.ts) into SEG records; -1 when out of room. */
   planRead(view: number, b0: number, b1: number, blockSize: number, out: number, cap: number): number;
+  /** planRead with layer pieces resolved to cached frames' files; -2 when a piece needs the engine. */
+  planLocal(view: number, b0: number, b1: number, blockSize: number, out: number, cap: number): number;
+  /** The write rule: the current overlay's fd, or -1 when a partial block is not DIRTY there. */
+  planWrite(view: number, offset: number, length: number, blockSize: number): number;
+  /** Marks a planned write's blocks DIRTY once its bytes are in the overlay file. */
+  wrote(view: number, offset: number, length: number, blockSize: number): void;
 }
 
 export const PAGE = 65536;

@@ -5,13 +5,10 @@ import * as assert from 'uvu/assert';
 import { RawClient } from './helpers/nbd-client';
 import { nbdFixture, Fixture } from './helpers/nbd-fixture';
 import { CMD, CMD_FLAG, ERR, INFO, OPT, REP, TFLAG } from '../src/nbd/protocol';
-import { rng, tmpdir, fdsOn } from './helpers/util';
+import { rng, tmpdir } from './helpers/util';
 import * as fs from 'fs';
-import * as net from 'net';
 import * as path from 'path';
-import { once } from 'events';
 import { loadNative } from '../src/native';
-import { FileTarget } from '../src/ublk';
 import { spawnSync } from 'child_process';
 import { Engine } from '../src/index';
 import { deviceExport } from '../src/nbd-export';
@@ -158,7 +155,7 @@ test('structured replies and base:allocation block status tell holes truthfully'
 });
 
 test('a write the overlay\'s filesystem has no room for is answered ENOSPC (the NBD error for it), not EIO', async () => {
-  const small = `${f.dir}/small-${process.env.STRATA_NBD_NATIVE === '0' ? 'js' : 'native'}`;
+  const small = `${f.dir}/small-${process.env.STRATA_NBD_WORKER === '0' ? 'js' : 'worker'}`;
   fs.mkdirSync(small, { recursive: true });
   if (spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=4m', 'tmpfs', small]).status !== 0) { skip('cannot mount a small tmpfs here (needs root)'); return; }
   const engine = await Engine.open({ store: `${f.dir}/store`, cacheDir: `${small}/cache` });
@@ -342,55 +339,25 @@ test('replies from the connection thread and the writer thread never interleave,
   c.close();
 });
 
-test('a native wire lets go of its target when its connection closes (a FileTarget\'s file closes then, not at garbage collection)', async () => {
-  const dir = tmpdir('wire');
-  const file = path.join(dir, 'img');
-  const data = Buffer.alloc(1 << 20);
-  for (let i = 0; i < data.length; i++) data[i] = (i * 7 + 3) & 0xff;
-  fs.writeFileSync(file, data);
-  const held = () => fdsOn(file);
-  const { wire, client, gone, server } = await rawWire(file, data.length, dir);
+/** Threads of this process (/proc/self/task). */
+const threads = () => fs.readdirSync('/proc/self/task').length;
+
+test('connections run on the fixed pool of I/O workers: 40 more connections add no thread', async () => {
+  const warm = await RawClient.open(f.sock, 'd0'); // starts the pool
+  const cs: RawClient[] = [];
   try {
-    assert.is(held(), 1, 'the JS target is closed; the wire holds its own native dup');
-    // One READ, served natively from the target's file.
-    client.write(readRequest(7, 8192, 4096));
-    let got = Buffer.alloc(0);
-    while (got.length < 16 + 4096) got = Buffer.concat([got, (await once(client, 'data'))[0] as Buffer]);
-    assert.is(got.readUInt32BE(4), 0, 'no error');
-    assert.ok(got.subarray(16, 16 + 4096).equals(data.subarray(8192, 8192 + 4096)), 'the bytes of the file');
-    client.end();
-    await gone;
-    // Released on the JS thread right after "closed".
-    for (let i = 0; i < 200 && held() > 0; i++) await new Promise((r) => setTimeout(r, 10));
-    assert.is(held(), 0, 'the file is closed once the connection is');
-    assert.ok(wire, 'the wire object itself is still referenced here');
+    const want = (await warm.read(0, 64 * 4096)).data;
+    const before = threads();
+    for (let i = 0; i < 40; i++) cs.push(await RawClient.open(f.sock, 'd0'));
+    const rs = await Promise.all(cs.map((c, i) => c.read((i % 64) * 4096, 4096)));
+    rs.forEach((r, i) => assert.ok(r.error === 0 && r.data.equals(want.subarray((i % 64) * 4096, (i % 64 + 1) * 4096)), `read on connection ${i}`));
+    const during = threads();
+    const worker = process.env.STRATA_NBD_WORKER !== '0';
+    assert.ok(during <= before + 1, `threads with 41 connections: ${during}, with one: ${before} (${worker ? 'I/O workers' : 'main thread'}; the old native path ran 2+ per connection)`);
   } finally {
-    client.destroy();
-    server.close();
-    fs.rmSync(dir, { recursive: true, force: true });
+    for (const c of [warm, ...cs]) c.close();
   }
 });
-
-/** A native wire over a FileTarget on `file`, with a connected client socket (as after a handshake). */
-async function rawWire(file: string, size: number, dir: string) {
-  const server = net.createServer();
-  await new Promise<void>((r) => server.listen(path.join(dir, 's'), r));
-  const t = FileTarget.open(file);
-  const accepted = once(server, 'connection');
-  const client = net.connect(path.join(dir, 's'));
-  await once(client, 'connect');
-  const [sock] = (await accepted) as [net.Socket];
-  const fd = (sock as unknown as { _handle: { fd: number } })._handle.fd;
-  let closed!: () => void;
-  const gone = new Promise<void>((r) => { closed = r; });
-  const wire = new (loadNative().NbdWire)(fd, t, {
-    structured: false, readOnly: false, size, minBlock: 512, maxPayload: 1 << 20,
-    maxInflight: 128, maxInflightBytes: 8 << 20, maxQueuedReplyBytes: 8 << 20,
-  }, Buffer.alloc(0), (kind) => { if (kind === 'closed') closed(); });
-  sock.destroy(); // the wire has its own dup of the socket
-  t.close();
-  return { wire, client, gone, server };
-}
 
 function readRequest(cookie: number, off: number, len: number): Buffer {
   const req = Buffer.alloc(28);
@@ -399,65 +366,50 @@ function readRequest(cookie: number, off: number, len: number): Buffer {
   return req;
 }
 
-test('READs that miss the page cache go to reader threads and come back whole and right; a close with them in flight releases everything', async () => {
+test('READs that miss the page cache are served by the I/O worker, whole and right, without stalling the connection; a close with them in flight ends cleanly', async () => {
   const dir = tmpdir('cold');
   const TMPFS = 0x01021994;
-  if (fs.statfsSync(dir).type === TMPFS) {
-    // tmpfs has no RWF_NOWAIT reads (and never waits for a disk): nothing goes cold there.
-    console.log(`SKIP: cold-read hand-off: ${dir} is on tmpfs, which never misses the page cache`);
+  if (fs.statfsSync(f.dir).type === TMPFS) {
+    console.log(`SKIP: cold reads: ${f.dir} is on tmpfs, which never misses the page cache`);
     fs.rmSync(dir, { recursive: true, force: true });
     return;
   }
-  const file = path.join(dir, 'img');
-  const SIZE = 16 << 20, BS = 4096;
+  fs.rmSync(dir, { recursive: true, force: true });
+  const SIZE = 8 << 20, BS = 4096;
+  const d = await f.addDevice('cold');
   const data = Buffer.alloc(SIZE);
   const rnd = rng(5);
   for (let i = 0; i < SIZE; i += 4) data.writeUInt32LE(rnd() >>> 0, i);
-  fs.writeFileSync(file, data);
-  const own = fs.openSync(file, 'r');
-  try {
-    for (const closeEarly of [false, true]) {
-      loadNative().dropPageCache(own);
-      const { wire, client, gone, server } = await rawWire(file, SIZE, dir);
-      try {
-        // 600 pipelined reads of blocks spread over the cold file, some repeated (hits after a miss).
-        const offs: number[] = [];
-        for (let i = 0; i < 600; i++) offs.push(((i * 2654435761) >>> 0) % (SIZE / BS) * BS);
-        client.write(Buffer.concat(offs.map((o, i) => readRequest(i, o, BS))));
-        if (closeEarly) {
-          client.destroy();
-          await gone;
-          for (let i = 0; i < 200 && fdsOn(file) > 1; i++) await new Promise((r) => setTimeout(r, 10));
-          assert.is(fdsOn(file), 1, 'closed with cold reads in flight: the wire let go of the file');
-          continue;
-        }
-        let got = Buffer.alloc(0);
-        const want = offs.length * (16 + BS);
-        while (got.length < want) got = Buffer.concat([got, (await once(client, 'data'))[0] as Buffer]);
-        assert.is(got.length, want, 'nothing beyond the replies');
-        const seen = new Set<number>();
-        for (let at = 0; at < got.length; at += 16 + BS) {
-          assert.is(got.readUInt32BE(at), 0x67446698, 'reply magic: replies are whole and never interleave');
-          assert.is(got.readUInt32BE(at + 4), 0, 'no error');
-          const i = Number(got.readBigUInt64BE(at + 8));
-          assert.ok(i < offs.length && !seen.has(i), `one reply per request (${i})`);
-          seen.add(i);
-          assert.ok(got.subarray(at + 16, at + 16 + BS).equals(data.subarray(offs[i], offs[i] + BS)), `read ${i} returns the file's bytes`);
-        }
-        const st = wire.stats();
-        assert.ok(st.coldReads > 0, `some reads missed the page cache and were handed off (${st.coldReads} of ${offs.length})`);
-        assert.is(st.fast, offs.length, 'every read was served natively');
-        client.end();
-        await gone;
-      } finally {
-        client.destroy(); // also when an assertion failed, so the process can end
-        server.close();
-      }
+  await d.write(0, data, { fua: true });
+  const overlayFd = (d as unknown as { cur: { fd: number } }).cur.fd;
+  for (const closeEarly of [false, true]) {
+    loadNative().dropPageCache(overlayFd);
+    const c = await RawClient.open(f.sock, 'cold');
+    const sock = c.socket;
+    // 600 pipelined reads of blocks spread over the cold overlay, some repeated (hits after a miss).
+    const offs: number[] = [];
+    for (let i = 0; i < 600; i++) offs.push(((i * 2654435761) >>> 0) % (SIZE / BS) * BS);
+    const conns = f.server.connections;
+    if (closeEarly) {
+      sock.write(Buffer.concat(offs.map((o, i) => readRequest(i, o, BS))));
+      sock.destroy();
+      for (let i = 0; i < 500 && f.server.connections >= conns; i++) await new Promise((r) => setTimeout(r, 10));
+      assert.is(f.server.connections, conns - 1, 'closed with cold reads in flight: the connection is gone');
+      continue;
     }
-  } finally {
-    fs.closeSync(own);
-    fs.rmSync(dir, { recursive: true, force: true });
+    try {
+      const rs = await Promise.all(offs.map((o) => c.read(o, BS)));
+      rs.forEach((r, i) => {
+        assert.is(r.error, 0, `read ${i}`);
+        assert.ok(r.data.equals(data.subarray(offs[i], offs[i] + BS)), `read ${i} returns the device's bytes`);
+      });
+      const conn = [...(f.server as unknown as { conns: Set<{ wireStats(): { fast: number } | null }> }).conns].at(-1)!;
+      if (process.env.STRATA_NBD_WORKER !== '0') assert.is(conn.wireStats()?.fast, offs.length, 'every read was served by the I/O worker');
+    } finally { c.close(); }
   }
+  await d.close();
+  f.devices.delete('cold');
+  f.exports.delete('cold');
 });
 
 test('fuzz: 10,000 random and mutated messages (handshake and transmission); checked alive and correct after every batch; fds and RSS bounded', async () => {

@@ -1,5 +1,7 @@
 // piscina loads plain JavaScript; this registers tsx so the TypeScript worker
-// modules can be required as they are.
+// modules can be required as they are. workerData.module names the worker
+// (default: the codec worker).
 'use strict';
 require('tsx/cjs/api').register();
-module.exports = require('./codec-worker.ts');
+const { workerData } = require('worker_threads');
+module.exports = require((workerData && workerData.module) || './codec-worker.ts');

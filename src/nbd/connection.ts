@@ -15,7 +15,8 @@ import {
 } from './protocol';
 import type { ClientInfo, ExportInfo, ExportResolver, NbdExport } from './export';
 import type { NbdTls } from './tls';
-import { loadNative, type NativeNbdWire } from '../native';
+import { loadNative } from '../native';
+import { WorkerWire } from './worker-wire';
 
 export interface ConnectionOptions {
   exports: ExportResolver;
@@ -27,10 +28,10 @@ export interface ConnectionOptions {
   maxQueuedReplyBytes?: number;
   log?: (msg: string) => void;
   /**
-   * Serve the transmission phase on a native thread when the export has a
-   * native target (default: on, unless STRATA_NBD_NATIVE=0).
+   * Serve the transmission phase on an I/O worker when the export offers
+   * one (default: on, unless STRATA_NBD_WORKER=0).
    */
-  native?: boolean;
+  worker?: boolean;
   /** A client must finish the handshake within this (default 10 s, as qemu-nbd). */
   handshakeTimeoutMs?: number;
   /** Most options one handshake may send (default 4096). */
@@ -59,8 +60,6 @@ const VIEW_MAX = 1024 * 1024;
 const VIEW_BUDGET = 8 * 1024 * 1024; // arena bytes one connection may hold in unsent replies
 const KNOWN_CMD_FLAGS = 0x3f;
 const META_CONTEXT_ID = 1;
-/** nbdError() as a table by errno, for the native wire (which answers failed writes itself). */
-const NBD_ERRORS = Uint32Array.from({ length: 134 }, (_, e) => nbdError(e));
 
 export class NbdConnection {
   private q = new ByteQueue();
@@ -85,11 +84,11 @@ export class NbdConnection {
   private views = new Set<() => void>();
   private viewBytes = 0;
   stats = { requests: 0, errors: 0 };
-  /** Called once when the connection is gone (socket or native wire). */
+  /** Called once when the connection is gone (socket or I/O worker). */
   onClosed: () => void = () => {};
-  // Native transmission (see native/nbd_wire.cc): the wire owns the socket;
-  // this object answers the slow-path requests it hands over.
-  private wire: NativeNbdWire | null = null;
+  // Transmission on an I/O worker (see transmission.ts): the worker owns the
+  // socket; this object answers the slow-path requests it hands over.
+  private wire: WorkerWire | null = null;
   private handingOff = false;
   private wireOut: Buffer[] = [];
   /** I/O buffers of replies in wireOut, given back once the wire has copied them. */
@@ -184,7 +183,7 @@ export class NbdConnection {
 
   /**
    * Closes once the replies queued on the socket are sent (after DISC or
-   * ABORT, as the native wire does). Until then the socket keeps reading and
+   * ABORT, as the I/O worker does). Until then the socket keeps reading and
    * onData drops what comes: a paused socket holds the client's later bytes
    * unconsumed, its EOF never surfaces behind them, and the connection (fd,
    * buffers) would outlive the client. Nor can a client keep it half-open.
@@ -207,9 +206,9 @@ export class NbdConnection {
     // and the socket keeps reading so a client that leaves is noticed now.
     this.q.skip(this.q.length);
     this.pendingWrite = null;
-    if (!this.handingOff) this.socket.resume(); // mid hand-off the native wire is about to own the descriptor
+    if (!this.handingOff) this.socket.resume(); // mid hand-off the worker is about to own the descriptor
     await this.idle();
-    const wire = this.wire as NativeNbdWire | null; // set meanwhile if a hand-off was under way
+    const wire = this.wire as WorkerWire | null; // set meanwhile if a hand-off was under way
     if (wire) { wire.shutdown(); await this.wireClosed; return; }
     this.closeWhenSent();
   }
@@ -219,13 +218,13 @@ export class NbdConnection {
     return new Promise((r) => this.drained.push(r));
   }
 
-  /** Reply bytes queued and not yet sent (on the socket, or in the native wire). */
+  /** Reply bytes queued and not yet sent (on the socket, or in the I/O worker). */
   get unsentBytes(): number { return this.wire ? this.wire.stats().unsentBytes : this.socket.writableLength; }
 
   /** The export this connection transmits on (null during the handshake). */
   get export(): NbdExport | null { return this.exp; }
 
-  /** Native transmission counters (null while JS serves the connection). */
+  /** I/O worker transmission counters (null while the main thread serves the connection). */
   wireStats() { return this.wire?.stats() ?? null; }
 
   /** Closes at once; replies not yet sent are dropped. */
@@ -399,14 +398,14 @@ export class NbdConnection {
   private enter(exp: NbdExport): void {
     this.exp = exp;
     this.clearDeadline();
-    // The native wire reads the socket's descriptor itself: never under TLS.
-    if (exp.nativeTarget && !this.client.tls && (this.opts.native ?? process.env.STRATA_NBD_NATIVE !== '0')) {
+    // The worker reads the socket's descriptor itself: never under TLS.
+    if (exp.io && !this.client.tls && (this.opts.worker ?? process.env.STRATA_NBD_WORKER !== '0')) {
       this.handingOff = true;
-      this.goNative(exp).catch((e) => {
+      this.toWorker(exp).catch((e) => {
         this.handingOff = false;
         // A client that left during the hand-off is just gone.
         if (this.socket.destroyed) { this.onClose(); return; }
-        this.log(`nbd: native transmission unavailable, serving from JS: ${(e as Error).message}`);
+        this.log(`nbd: I/O worker unavailable, serving from the main thread: ${(e as Error).message}`);
         this.socket.resume();
         this.pump();
       });
@@ -417,34 +416,37 @@ export class NbdConnection {
   }
 
   /**
-   * Hands the socket to a native transmission thread. The negotiation
-   * replies must be on the wire first, and bytes the client already sent
-   * (pipelined requests) go along with it.
+   * Hands the socket to an I/O worker. The negotiation replies must be on
+   * the wire first, and bytes the client already sent (pipelined requests)
+   * go along with it.
    */
-  private async goNative(exp: NbdExport): Promise<void> {
+  private async toWorker(exp: NbdExport): Promise<void> {
     this.socket.pause();
     await new Promise<void>((resolve) => this.socket.write(Buffer.alloc(0), () => resolve()));
     if (this.socket.destroyed) throw new Error('socket closed during hand-off');
     while (this.socket.read() !== null) { /* the 'data' listener queues it */ }
     const fd = (this.socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
     if (typeof fd !== 'number' || fd < 0) throw new Error('socket has no file descriptor');
-    const target = exp.nativeTarget!();
+    const { workers, target } = exp.io!();
     const initial = this.q.take(this.q.length);
     let resolveClosed!: () => void;
     this.wireClosed = new Promise((r) => { resolveClosed = r; });
-    this.wire = new (loadNative().NbdWire)(fd, target, {
-      structured: this.structured, readOnly: !!exp.readOnly, size: exp.size, minBlock: this.minBlock,
-      maxPayload: this.maxPayload, maxInflight: this.maxInflight, maxInflightBytes: this.maxInflightBytes,
-      maxQueuedReplyBytes: this.maxQueued, nbdErrors: NBD_ERRORS,
-    }, Buffer.from(initial), (kind, message) => {
-      if (kind === 'requests') { this.onWireRequests(); return; }
-      if (message !== 'disconnected' && message !== 'client went away') this.log(`nbd: connection closed: ${message}`);
-      this.wire = null;
-      this.onClose();
-      for (const r of this.drained.splice(0)) r();
-      resolveClosed();
-    });
-    // The wire has its own descriptor; the JS socket lets go of its one.
+    // The worker gets its own descriptor; the JS socket closes its one.
+    const own = loadNative().dup(fd);
+    try {
+      this.wire = new WorkerWire(workers, own, target, {
+        structured: this.structured, readOnly: !!exp.readOnly, size: exp.size, minBlock: this.minBlock,
+        maxPayload: this.maxPayload, maxInflight: this.maxInflight, maxInflightBytes: this.maxInflightBytes,
+        maxQueuedReplyBytes: this.maxQueued,
+      }, Uint8Array.from(initial), (kind, message) => {
+        if (kind === 'requests') { this.onWireRequests(); return; }
+        if (message !== 'disconnected' && message !== 'client went away') this.log(`nbd: connection closed: ${message}`);
+        this.wire = null;
+        this.onClose();
+        for (const r of this.drained.splice(0)) r();
+        resolveClosed();
+      });
+    } catch (e) { loadNative().close(own); throw e; }
     this.socket.destroy();
   }
 
@@ -512,7 +514,7 @@ export class NbdConnection {
     this.inflightBytes += cost;
     this.stats.requests++;
     // Replies of requests in flight join the unsent ones, so both count
-    // against the unsent bound (as on the native wire).
+    // against the unsent bound (as on an I/O worker).
     if (this.inflight >= this.maxInflight || this.inflightBytes >= this.maxInflightBytes ||
       this.socket.writableLength + this.inflightBytes > this.maxQueued) this.pause();
     this.handle(req, payload).catch((e) => this.replyError(req, e)).finally(() => {
@@ -547,7 +549,7 @@ export class NbdConnection {
         // it. Bounded per connection, so a client that stops reading cannot
         // pin the arena other connections need.
         let data: Buffer, release: (() => void) | undefined;
-        // A native wire copies replies at the end of the tick: its views
+        // An I/O worker copies replies at the end of the tick: its views
         // come back at once, and its slow reads make no garbage.
         if (length >= VIEW_MIN && exp.readView && length <= VIEW_MAX && this.viewBytes + length <= VIEW_BUDGET) {
           this.viewBytes += length; // reserved before the await: the budget holds under concurrency

@@ -1,6 +1,6 @@
 // What the NBD server serves: anything with this shape. The protocol code
 // depends only on this interface, never on the engine.
-import type { NativeTarget } from '../native';
+import type { IoWorkers } from '../io/pool';
 
 export interface ZeroRange { offset: number; length: number; zero: boolean }
 
@@ -19,11 +19,12 @@ export interface NbdExport {
   /** Which parts of the range read as zeros without stored data. */
   zeroMap(offset: number, length: number): ZeroRange[];
   /**
-   * Optional native block target: the connection's transmission phase then
-   * runs on a native thread that serves what the target can plan and hands
-   * everything else to the methods above.
+   * Optional: the connection's transmission phase then runs on an I/O
+   * worker, which serves what the device's view places and hands
+   * everything else to the methods above. `target`: the key of the
+   * device's native target (its gate and stripes).
    */
-  nativeTarget?(): NativeTarget;
+  io?(): { workers: IoWorkers; target: number };
 }
 
 /** What an NBD_OPT_INFO (or a meta-context query) tells about an export. */

@@ -102,21 +102,42 @@ export function infoString(type: number, s: string): Buffer {
 
 export function simpleReply(error: number, cookie: Buffer): Buffer {
   const b = Buffer.allocUnsafe(16);
-  b.writeUInt32BE(SIMPLE_REPLY_MAGIC, 0);
-  b.writeUInt32BE(error, 4);
-  cookie.copy(b, 8, 0, 8);
+  putSimpleReply(b, 0, error, cookie, 0);
   return b;
+}
+
+/** Writes a simple reply (16 bytes) at b[at], the cookie taken from c[ca..ca+8). */
+export function putSimpleReply(b: Buffer, at: number, error: number, c: Buffer, ca: number): void {
+  b.writeUInt32BE(SIMPLE_REPLY_MAGIC, at);
+  b.writeUInt32BE(error, at + 4);
+  c.copy(b, at + 8, ca, ca + 8);
 }
 
 /** Structured chunk header (20 bytes); the payload follows separately. */
 export function chunkHeader(flags: number, type: number, cookie: Buffer, length: number): Buffer {
   const b = Buffer.allocUnsafe(20);
-  b.writeUInt32BE(STRUCTURED_REPLY_MAGIC, 0);
-  b.writeUInt16BE(flags, 4);
-  b.writeUInt16BE(type, 6);
-  cookie.copy(b, 8, 0, 8);
-  b.writeUInt32BE(length, 16);
+  putChunkHeader(b, 0, flags, type, cookie, 0, length);
   return b;
+}
+
+/** Writes a chunk header (20 bytes) at b[at], the cookie taken from c[ca..ca+8). */
+export function putChunkHeader(b: Buffer, at: number, flags: number, type: number, c: Buffer, ca: number, length: number): void {
+  b.writeUInt32BE(STRUCTURED_REPLY_MAGIC, at);
+  b.writeUInt16BE(flags, at + 4);
+  b.writeUInt16BE(type, at + 6);
+  c.copy(b, at + 8, ca, ca + 8);
+  b.writeUInt32BE(length, at + 16);
+}
+
+/** Bytes before a READ reply's data: a simple reply, or an OFFSET_DATA chunk header and its offset. */
+export const readReplyHeaderLen = (structured: boolean): number => (structured ? 28 : 16);
+
+/** Writes a successful READ reply's header (readReplyHeaderLen bytes) at b[at]. */
+export function putReadReplyHeader(b: Buffer, at: number, structured: boolean, c: Buffer, ca: number, offset: number, length: number): void {
+  if (!structured) { putSimpleReply(b, at, 0, c, ca); return; }
+  putChunkHeader(b, at, REPLY_FLAG_DONE, REPLY_TYPE.OFFSET_DATA, c, ca, 8 + length);
+  b.writeUInt32BE(Math.floor(offset / 0x100000000), at + 20);
+  b.writeUInt32BE(offset >>> 0, at + 24);
 }
 
 export function errorChunk(cookie: Buffer, error: number, message: string): Buffer {

@@ -1,0 +1,152 @@
+// The loop of one I/O worker: one io_uring ring serving many channels (NBD
+// connections today), on the worker's own thread. It waits in the ring,
+// hands each completion to the channel that submitted it, lets the channels
+// that changed move on (parse, plan, submit), and submits their operations
+// in one call. Other threads reach the worker through a MessagePort and an
+// eventfd the ring reads: a message is followed by 8 bytes on the eventfd,
+// which completes that read and wakes the wait.
+import * as fs from 'fs';
+import { receiveMessageOnPort, type MessagePort } from 'worker_threads';
+import { loadNative, CQ_ENTRY, OP, SQ_ENTRY, type NativeRing } from '../native';
+import { chunkOf, offsetOf, Slabs } from './slabs';
+
+export interface Channel {
+  /** One operation it submitted finished: res is bytes or -errno. */
+  complete(tag: number, res: number, op: number): void;
+  /** Something changed (completions, messages): parse, plan and submit what it can. */
+  pump(): void;
+  /** One of its calls threw: it must close (the loop and its other channels go on). */
+  fail(e: Error): void;
+}
+
+const ENTRIES = 1024;
+const TWO_32 = 0x1_0000_0000;
+
+export class IoLoop {
+  readonly slabs: Slabs;
+  private readonly ring: NativeRing;
+  private readonly sq: DataView;
+  private readonly cq: DataView;
+  private readonly cap: number;
+  private head = 0;
+  private submitted = 0;
+  // Operations in flight, by id (the completion's user data).
+  private opOwner: Array<Channel | null>;
+  private opTag: Int32Array;
+  /** The buffer position and length of each operation (short reads, partial sends). */
+  readonly opPos: Float64Array;
+  readonly opLen: Uint32Array;
+  private freeIds: number[] = [];
+  private dirty = new Set<Channel>();
+  private waiting = new Set<Channel>();
+  private wakeSlot: number;
+  private stopping = false;
+
+  constructor(private readonly port: MessagePort, private readonly wakeFd: number,
+    private readonly onMessage: (m: unknown) => void, maxChunks = 16) {
+    const native = loadNative();
+    const sqBuf = new SharedArrayBuffer(ENTRIES * 4 * SQ_ENTRY), cqBuf = new SharedArrayBuffer(ENTRIES * 4 * CQ_ENTRY);
+    this.ring = new native.Ring(ENTRIES, sqBuf, cqBuf);
+    this.sq = new DataView(sqBuf);
+    this.cq = new DataView(cqBuf);
+    this.cap = Math.min(ENTRIES * 4, this.ring.maxInflight);
+    this.opOwner = new Array(this.cap).fill(null);
+    this.opTag = new Int32Array(this.cap);
+    this.opPos = new Float64Array(this.cap);
+    this.opLen = new Uint32Array(this.cap);
+    for (let i = this.cap - 1; i >= 0; i--) this.freeIds.push(i);
+    this.slabs = new Slabs(maxChunks, (sab) => this.ring.addRegion(sab, 0, sab.byteLength));
+    this.wakeSlot = this.slabs.alloc(8);
+    this.armWake();
+  }
+
+  /** Whether n more operations fit in the ring now. */
+  room(n: number): boolean { return this.freeIds.length >= n; }
+
+  /**
+   * Queues one operation on buffer `slot` + `at` (slot -1: none, e.g. fsync);
+   * submitted at the end of this turn. The caller checked room().
+   */
+  push(owner: Channel | null, tag: number, op: number, fd: number, slot: number, at: number, len: number, fileOffset: number): number {
+    const id = this.freeIds.pop();
+    if (id === undefined) throw new Error('io loop: no room for another operation (call room() first)');
+    this.opOwner[id] = owner;
+    this.opTag[id] = tag;
+    this.opPos[id] = slot < 0 ? 0 : slot + at;
+    this.opLen[id] = len;
+    const o = (this.head % this.cap) * SQ_ENTRY, v = this.sq;
+    const bufOffset = slot < 0 ? 0 : offsetOf(slot) + at;
+    v.setUint8(o, op);
+    v.setUint8(o + 1, 0);
+    v.setUint16(o + 2, slot < 0 ? 0 : chunkOf(slot), true);
+    v.setInt32(o + 4, fd, true);
+    v.setUint32(o + 8, len, true);
+    v.setUint32(o + 12, id, true);
+    v.setUint32(o + 16, bufOffset >>> 0, true);
+    v.setUint32(o + 20, Math.floor(bufOffset / TWO_32), true);
+    v.setUint32(o + 24, fileOffset >>> 0, true);
+    v.setUint32(o + 28, Math.floor(fileOffset / TWO_32), true);
+    this.head++;
+    return id;
+  }
+
+  /** Pump this channel at the end of the turn. */
+  touch(c: Channel): void { this.dirty.add(c); }
+
+  /** Pump this channel after every turn until it says otherwise (it waits for room). */
+  wait(c: Channel, on: boolean): void { if (on) this.waiting.add(c); else this.waiting.delete(c); }
+
+  /** Ends run() once `idle` says every channel is gone. */
+  stop(): void { this.stopping = true; }
+
+  /** Runs until stop() and idle() (no channel left). */
+  run(idle: () => boolean): void {
+    for (;;) {
+      for (const c of this.waiting) this.dirty.add(c);
+      while (this.dirty.size) {
+        const batch = [...this.dirty];
+        this.dirty.clear();
+        for (const c of batch) this.guard(c, () => c.pump());
+      }
+      if (this.stopping && idle()) break;
+      const count = this.head - this.submitted;
+      let n = this.ring.submitReap(this.submitted, count);
+      this.submitted = this.head;
+      if (n === 0) n = this.ring.wait(1);
+      this.dispatch(n);
+    }
+    this.ring.close();
+  }
+
+  private dispatch(n: number): void {
+    const cq = this.cq;
+    for (let i = 0; i < n; i++) {
+      const id = cq.getUint32(i * CQ_ENTRY, true), res = cq.getInt32(i * CQ_ENTRY + 4, true);
+      const owner = this.opOwner[id], tag = this.opTag[id];
+      this.opOwner[id] = null;
+      if (owner) {
+        this.guard(owner, () => owner.complete(tag, res, id));
+        this.dirty.add(owner);
+      } else this.onWake();
+      this.freeIds.push(id);
+    }
+  }
+
+  /** Runs a channel's code; an exception closes that channel only. */
+  guard(c: Channel, fn: () => void): void {
+    try { fn(); } catch (e) {
+      try { c.fail(e as Error); } catch { /* it is closing anyway */ }
+    }
+  }
+
+  private armWake(): void { this.push(null, 0, OP.READ, this.wakeFd, this.wakeSlot, 0, 8, 0); }
+
+  private onWake(): void {
+    for (let m = receiveMessageOnPort(this.port); m; m = receiveMessageOnPort(this.port)) this.onMessage(m.message);
+    this.armWake();
+  }
+}
+
+/** Wakes a worker's loop (another thread): 8 bytes on its eventfd. */
+export function wake(fd: number): void { fs.writeSync(fd, ONE); }
+const ONE = Buffer.from([1, 0, 0, 0, 0, 0, 0, 0]);

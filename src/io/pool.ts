@@ -1,0 +1,115 @@
+// The I/O workers: a fixed pool (default one per CPU) of long-lived piscina
+// workers, each running one I/O loop (workers/io-worker.ts) that serves many
+// connections through its own io_uring ring. The daemon's threads stay the
+// same however many devices are connected. Started on first use.
+import * as os from 'os';
+import * as path from 'path';
+import { MessageChannel, type MessagePort } from 'worker_threads';
+import { Piscina } from 'piscina';
+import type { SharedHeap } from '../wasm';
+import { wake } from './loop';
+import { loadNative } from '../native';
+import type { TransmissionEvent, TransmissionOptions } from '../nbd/transmission';
+
+/** Messages to a worker (each followed by a wake-up). */
+export type ToWorker =
+  | { t: 'open'; id: number; fd: number; target: number; opts: TransmissionOptions; initial: Uint8Array; stats: SharedArrayBuffer }
+  | { t: 'reply'; id: number; bytes: Uint8Array | null; done: number; doneBytes: number }
+  | { t: 'shutdown' | 'destroy'; id: number }
+  | { t: 'stop' };
+
+const SEG_CAP = 64;
+const SEG_SIZE = 24;
+
+interface Worker { port: MessagePort; wakeFd: number; segs: number; channels: number; done: Promise<unknown> }
+
+export interface IoWorkersOptions {
+  /** Workers (default: STRATA_IO_WORKERS, else one per CPU). */
+  threads?: number;
+  /** Buffer memory of each worker, in 64 MiB chunks (default 16: 1 GiB, reserved as used). */
+  maxChunks?: number;
+  blockSize?: number;
+  log?: (msg: string) => void;
+}
+
+export class IoWorkers {
+  readonly threads: number;
+  private readonly pool: Piscina;
+  private readonly workers: Worker[] = [];
+  private readonly handlers = new Map<number, (e: TransmissionEvent) => void>();
+  private readonly owner = new Map<number, Worker>();
+  private nextId = 1;
+  private closing: Promise<void> | null = null;
+
+  constructor(private readonly heap: SharedHeap, opts: IoWorkersOptions = {}) {
+    const env = Number(process.env.STRATA_IO_WORKERS);
+    this.threads = Math.max(1, opts.threads ?? (env > 0 ? env : os.availableParallelism()));
+    this.pool = new Piscina({
+      filename: path.join(__dirname, '..', '..', 'workers', 'boot.js'),
+      workerData: { memory: heap.memory, module: './io-worker.ts' },
+      minThreads: this.threads, maxThreads: this.threads, idleTimeout: Infinity,
+    });
+    for (let i = 0; i < this.threads; i++) {
+      const { port1, port2 } = new MessageChannel();
+      const wakeFd = loadNative().eventfd();
+      const segs = heap.alloc(SEG_CAP * SEG_SIZE);
+      const done = this.pool.run({ port: port2, wakeFd, segs, segCap: SEG_CAP, blockSize: opts.blockSize ?? 4096, maxChunks: opts.maxChunks ?? 16 },
+        { name: 'serve', transferList: [port2] });
+      // A loop that died took its connections with it: they are told so.
+      done.catch((e: Error) => {
+        opts.log?.(`I/O worker ${i} stopped: ${e.message}`);
+        for (const [id, ow] of [...this.owner]) if (ow === w) this.deliver({ t: 'closed', id, reason: `I/O worker failed: ${e.message}` });
+      });
+      const w: Worker = { port: port1, wakeFd, segs, channels: 0, done };
+      port1.on('message', (e: TransmissionEvent) => this.deliver(e));
+      // Idle workers do not keep the process alive; open channels do (ref()).
+      port1.unref();
+      this.workers.push(w);
+    }
+  }
+
+  /**
+   * Hands a connection's socket (`fd`, now the worker's) to the least busy
+   * worker. `events` gets its slow requests and, once, its close.
+   */
+  open(fd: number, target: number, opts: TransmissionOptions, initial: Uint8Array, stats: SharedArrayBuffer,
+    events: (e: TransmissionEvent) => void): { id: number; send(m: ToWorker): void } {
+    if (this.closing) throw new Error('the I/O workers are stopping');
+    const w = this.workers.reduce((a, b) => (b.channels < a.channels ? b : a));
+    const id = this.nextId++;
+    w.channels++;
+    w.port.ref();
+    this.owner.set(id, w);
+    this.handlers.set(id, events);
+    const send = (m: ToWorker) => { w.port.postMessage(m); wake(w.wakeFd); };
+    send({ t: 'open', id, fd, target, opts, initial, stats });
+    return { id, send };
+  }
+
+  private deliver(e: TransmissionEvent): void {
+    const h = this.handlers.get(e.id);
+    if (!h) return;
+    if (e.t === 'closed') {
+      const w = this.owner.get(e.id)!;
+      this.handlers.delete(e.id);
+      this.owner.delete(e.id);
+      if (--w.channels === 0) w.port.unref();
+    }
+    h(e);
+  }
+
+  /** Closes every connection at once and stops the workers. */
+  close(): Promise<void> {
+    this.closing ??= (async () => {
+      for (const w of this.workers) { w.port.postMessage({ t: 'stop' } satisfies ToWorker); wake(w.wakeFd); }
+      await Promise.allSettled(this.workers.map((w) => w.done));
+      await this.pool.destroy();
+      for (const w of this.workers) {
+        w.port.close();
+        loadNative().close(w.wakeFd);
+        this.heap.free(w.segs);
+      }
+    })();
+    return this.closing;
+  }
+}
