@@ -13,6 +13,8 @@
 //   nbdkit-cow64k the same with the filter's default 64 KiB block (restarted per cell)
 //   qemu-threads  qemu-nbd on a qcow2 overlay backed by the base, --aio=threads (overlay recreated per cell)
 //   qemu-uring    the same with --aio=io_uring
+//   strata-prev   with STRATA_BENCH_PREV=DIR: the strata daemon of another checkout (built), e.g. the
+//                 commit before a data-plane change, run side by side as a peer
 //
 // Knobs (environment):
 //   STRATA_BENCH_SECONDS    seconds per cell (default 5)
@@ -313,21 +315,21 @@ interface Peer {
 const uri = (exp: string, sock: string) => `nbd+unix:///${exp}?socket=${sock}`;
 
 class StrataPeer implements Peer {
-  key = 'strata';
-  label = 'strata';
   private child?: Child;
   private layer = '';
   private sock = '';
   private n = 0;
   private last?: string;
-  constructor(private readonly dir: string, private readonly base: string) {}
+  /** root: the checkout whose daemon runs (another one for strata-prev). */
+  constructor(private readonly dir: string, private readonly base: string, private readonly root = ROOT,
+    readonly key = 'strata', readonly label = 'strata') {}
 
   async start(): Promise<void> {
-    const data = path.join(this.dir, 'strata');
+    const data = path.join(this.dir, this.key);
     this.sock = path.join(data, 'nbd.sock');
-    const logFile = path.join(this.dir, 'strata.log');
+    const logFile = path.join(this.dir, `${this.key}.log`);
     const nodeArgs = CPU_PROF ? ['--cpu-prof', '--cpu-prof-dir', path.resolve(CPU_PROF)] : [];
-    this.child = new Child('strata daemon', process.execPath, [...nodeArgs, path.join(ROOT, 'src', 'server.js'), '--data', data, '--import', this.base], logFile, { cwd: ROOT });
+    this.child = new Child(`${this.key} daemon`, process.execPath, [...nodeArgs, path.join(this.root, 'src', 'server.js'), '--data', data, '--import', this.base], logFile, { cwd: this.root });
     // The daemon listens first, then imports and logs {"msg":"imported","layer":…}.
     const deadline = performance.now() + 600_000;
     for (;;) {
@@ -363,7 +365,7 @@ class StrataPeer implements Peer {
 
   /** DELETE /v1/devices/:id through the daemon's API (ENOENT: the cell never connected). */
   private async deleteDevice(id: string): Promise<void> {
-    const api = new ApiClient(path.join(this.dir, 'strata', 'api.sock'));
+    const api = new ApiClient(path.join(this.dir, this.key, 'api.sock'));
     await api.request('DELETE', `/v1/devices/${id}`).catch((e: StrataError) => { if (e.code !== 'ENOENT') throw e; });
   }
 
@@ -605,8 +607,11 @@ async function main(): Promise<void> {
   spawnSync('cat', [base], { stdio: ['ignore', 'ignore', 'ignore'], maxBuffer: 0 });
 
   const want = envList('STRATA_BENCH_PEERS');
+  const prev = process.env.STRATA_BENCH_PREV;
+  if (prev && !fs.existsSync(path.join(prev, 'src', 'server.js'))) throw new Error(`STRATA_BENCH_PREV=${prev}: no src/server.js there`);
   const all: Peer[] = [
     new StrataPeer(dir, base),
+    ...(prev ? [new StrataPeer(dir, base, path.resolve(prev), 'strata-prev', `strata @ ${path.basename(prev)}`)] : []),
     new NbdkitFilePeer(dir, base),
     new NbdkitCowPeer(dir, base, 4096),
     new NbdkitCowPeer(dir, base, 65536),
@@ -696,7 +701,7 @@ async function main(): Promise<void> {
               log(`${t.label} nj=${conns} ${p.label}: FAILED: ${msg}`);
               if (!cell.r) cell.error = msg;
               // A daemon that died takes the rest of its cells with it.
-              if (p.key === 'strata' || p.key === 'nbdkit-file') {
+              if (p.key.startsWith('strata') || p.key === 'nbdkit-file') {
                 const alive = await p.fresh('probe').then(() => true, () => false);
                 if (!alive) { p.failed = msg; log(`SKIPPING ${p.label} from now on`); }
               }
@@ -778,6 +783,7 @@ async function main(): Promise<void> {
     for (const t of tests.filter((x) => x.small)) for (const conns of CONNS) check('≥ 1.2× nbdkit cow 4k', t, conns, ['nbdkit-cow4k'], 1.2);
     for (const t of tests.filter((x) => x.small)) for (const conns of CONNS) check('≥ 1.2× qemu-nbd (best aio)', t, conns, ['qemu-threads', 'qemu-uring'], 1.2);
     for (const t of tests.filter((x) => x.cachedRead)) for (const conns of CONNS) check('≥ 0.9× nbdkit file (cached reads)', t, conns, ['nbdkit-file'], 0.9);
+    if (peers.some((p) => p.key === 'strata-prev')) for (const t of tests) for (const conns of CONNS) check('≥ 0.9× the previous strata', t, conns, ['strata-prev'], 0.9);
     out.push('', `Targets: ${met} met, ${missed} not met${unknown ? `, ${unknown} not measured` : ''}${shaky ? ` (${shaky} measured while other processes used > ${CONTENDED} CPU: ⚠)` : ''}.`);
   }
   process.stdout.write(out.join('\n') + '\n');

@@ -34,6 +34,7 @@ export const SETTINGS: Setting[] = [
   { key: 'cacheScrubMiBps', flag: 'cache-scrub-mibps', env: 'STRATA_CACHE_SCRUB_MIBPS', kind: 'int', doc: 're-verify cached template data in the background at this rate in MiB/s (0: never); default 16' },
   { key: 'cacheMinFreeMiB', flag: 'cache-min-free-mib', env: 'STRATA_CACHE_MIN_FREE_MIB', kind: 'int', doc: 'evict cached template data while the cache disk has less free space; default 1024' },
   { key: 'fetchConcurrency', flag: 'fetch-concurrency', env: 'STRATA_FETCH_CONCURRENCY', kind: 'int', doc: 'frame fetches from the object store at once on this host (guest misses first, then readahead, then boot-profile prefetch); default 16' },
+  { key: 'ioWorkers', flag: 'io-workers', env: 'STRATA_IO_WORKERS', kind: 'int', doc: 'threads serving NBD connections after their handshake, each with one io_uring ring for all of its connections; default: one per CPU' },
   { key: 'readaheadFrames', flag: 'readahead-frames', env: 'STRATA_READAHEAD_FRAMES', kind: 'int', doc: '2 MiB frames fetched ahead of sequential misses (0: none); default 4' },
   { key: 'bootProfiles', flag: 'boot-profiles', env: 'STRATA_BOOT_PROFILES', kind: 'onoff', doc: 'record the frames a device reads first and prefetch them for the next device on that layer: on or off; default on' },
   { key: 'bootProfileWindowS', flag: 'boot-profile-window', env: 'STRATA_BOOT_PROFILE_WINDOW', kind: 'int', doc: 'seconds of a new device\'s reads a boot profile records; default 60' },
@@ -51,7 +52,7 @@ export interface Config {
   nbdMaxConnections: number; nbdByName?: boolean; nbdByNameMax: number; insecureNbd: boolean;
   tls: 'off' | 'on' | 'require'; tlsCertificates?: string; tlsPsk?: string; tlsVerifyPeer: boolean;
   cacheMaxBytes: number; cacheMinFreeBytes: number; cacheScrubBytesPerSec: number;
-  fetchConcurrency: number; readaheadFrames: number; bootProfiles: boolean; bootProfileWindowMs: number;
+  fetchConcurrency: number; ioWorkers?: number; readaheadFrames: number; bootProfiles: boolean; bootProfileWindowMs: number;
   hostId?: string; leaseTtlMs: number; maxChain?: number; sharedCache?: string; ublkOnStop: 'keep' | 'remove';
 }
 
@@ -129,6 +130,11 @@ export function loadConfig(args: Record<string, unknown>, env: NodeJS.ProcessEnv
     fetchConcurrency: (() => {
       const n = (raw.fetchConcurrency as number | undefined) ?? 16;
       if (n < 1 || n > 1024) throw einval(`fetchConcurrency must be 1..1024, got ${n}`);
+      return n;
+    })(),
+    ioWorkers: (() => {
+      const n = raw.ioWorkers as number | undefined;
+      if (n !== undefined && (n < 1 || n > 256)) throw einval(`ioWorkers must be 1..256, got ${n}`);
       return n;
     })(),
     readaheadFrames: (raw.readaheadFrames as number | undefined) ?? 4,

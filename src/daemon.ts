@@ -84,7 +84,7 @@ export async function main(argv: string[]): Promise<void> {
   const engine = await Engine.open({
     store: cfg.store, cacheDir,
     cache: { maxBytes: cfg.cacheMaxBytes, minFreeBytes: cfg.cacheMinFreeBytes, scrubBytesPerSec: cfg.cacheScrubBytesPerSec }, sharedCacheDir: cfg.sharedCache,
-    fetchConcurrency: cfg.fetchConcurrency, readaheadFrames: cfg.readaheadFrames,
+    fetchConcurrency: cfg.fetchConcurrency, ioWorkers: cfg.ioWorkers, readaheadFrames: cfg.readaheadFrames,
     profiles: cfg.bootProfiles ? { windowMs: cfg.bootProfileWindowMs, onWarning: (msg, fields) => log('warn', msg, fields) } : false,
     leases: { hostId: hostIdOf(cfg), ttlMs: cfg.leaseTtlMs, onWarning: (msg, fields) => log('warn', msg, fields) },
     maxChain: cfg.maxChain,
@@ -171,6 +171,11 @@ export async function main(argv: string[]): Promise<void> {
     }
   }
 
+  // The I/O workers start now, not when the first client finishes its
+  // handshake: a sandbox's first connection should not wait for threads.
+  const io = engine.core.io();
+  await io.ready;
+  log('info', 'I/O workers ready', { workers: io.threads });
   await server.listenUnix(cfg.nbdSocket);
   if (cfg.nbdPort !== undefined) {
     const a = await server.listenTcp(cfg.nbdPort, cfg.nbdHost);

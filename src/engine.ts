@@ -34,6 +34,8 @@ export interface EngineOptions {
   sharedCacheDir?: string;
   /** Frame fetches from the store at once (default 16) and frames read ahead of sequential misses (default 4). */
   fetchConcurrency?: number;
+  /** I/O worker threads serving NBD connections (default: STRATA_IO_WORKERS, else one per CPU). */
+  ioWorkers?: number;
   readaheadFrames?: number;
   /** Boot profiles: record each device's first reads, prefetch them for the next (default on; false: off). */
   profiles?: ProfileOptions | false;
@@ -119,7 +121,7 @@ export class Engine {
     }
     heldLocks.add(path.resolve(lockFile));
     const core = new Core({ store, cacheDir, workers: opts.workers, arenaBytes: opts.arenaBytes, sharedCacheDir: opts.sharedCacheDir,
-      fetchConcurrency: opts.fetchConcurrency, readaheadFrames: opts.readaheadFrames });
+      fetchConcurrency: opts.fetchConcurrency, readaheadFrames: opts.readaheadFrames, ioWorkers: opts.ioWorkers });
     const e = new Engine(core, new LayerRegistry(core), own, lockFile, opts.cache, opts.profiles);
     if (opts.maxChain !== undefined && !(Number.isInteger(opts.maxChain) && opts.maxChain >= 2 && opts.maxChain <= MAX_CHAIN)) {
       await e.close();

@@ -54,6 +54,7 @@ export function serve(task: ServeTask): { connections: number } {
     });
   };
   const loop = new IoLoop(task.port, task.wakeFd, onMessage, task.maxChunks);
+  task.port.postMessage({ t: 'ready' }); // the pool's ready
   loop.run(() => conns.size === 0);
   return { connections: served };
 }

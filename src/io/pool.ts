@@ -40,6 +40,8 @@ export class IoWorkers {
   private readonly owner = new Map<number, Worker>();
   private nextId = 1;
   private closing: Promise<void> | null = null;
+  /** Resolves once every worker runs its loop (connections handed over earlier wait in its port). */
+  readonly ready: Promise<void>;
 
   constructor(private readonly heap: SharedHeap, opts: IoWorkersOptions = {}) {
     const env = Number(process.env.STRATA_IO_WORKERS);
@@ -49,6 +51,7 @@ export class IoWorkers {
       workerData: { memory: heap.memory, module: './io-worker.ts' },
       minThreads: this.threads, maxThreads: this.threads, idleTimeout: Infinity,
     });
+    const started: Array<Promise<void>> = [];
     for (let i = 0; i < this.threads; i++) {
       const { port1, port2 } = new MessageChannel();
       const wakeFd = loadNative().eventfd();
@@ -61,11 +64,14 @@ export class IoWorkers {
         for (const [id, ow] of [...this.owner]) if (ow === w) this.deliver({ t: 'closed', id, reason: `I/O worker failed: ${e.message}` });
       });
       const w: Worker = { port: port1, wakeFd, segs, channels: 0, done };
-      port1.on('message', (e: TransmissionEvent) => this.deliver(e));
+      started.push(new Promise((resolve) => {
+        port1.on('message', (e: TransmissionEvent | { t: 'ready' }) => (e.t === 'ready' ? resolve() : this.deliver(e)));
+      }));
       // Idle workers do not keep the process alive; open channels do (ref()).
       port1.unref();
       this.workers.push(w);
     }
+    this.ready = Promise.race([Promise.all(started).then(() => {}), Promise.all(this.workers.map((w) => w.done)).then(() => {})]);
   }
 
   /**
