@@ -81,7 +81,7 @@ bool DeviceTarget::drained(bool writer) const {
 
 void DeviceTarget::exit(bool writer) { (writer ? jsWriters_ : jsReaders_).fetch_sub(1); }
 
-uint32_t DeviceTarget::acquire(bool w, uint64_t off, uint32_t len) {
+uint32_t DeviceTarget::acquire(bool w, uint64_t off, uint32_t len, bool final) {
   if (len == 0 || off > size_ || len > size_ - off) return 0;
   std::atomic<int32_t>& mine = w ? natWriters_ : natReaders_;
   mine.fetch_add(1);
@@ -94,6 +94,7 @@ uint32_t DeviceTarget::acquire(bool w, uint64_t off, uint32_t len) {
   }
   if (!lockStripes(off, len, w)) {
     mine.fetch_sub(1);
+    if (!final) return kBusy;
     slowPlans.fetch_add(1, std::memory_order_relaxed);
     slowBusy.fetch_add(1, std::memory_order_relaxed);
     return 0;
@@ -398,11 +399,13 @@ class DeviceTargetJs : public Napi::ObjectWrap<DeviceTargetJs> {
     return Napi::Number::New(info.Env(), key_);
   }
 
-  // acquire(write, offset, length): the view record to plan from, or 0 (slow path).
+  // acquire(write, offset, length, final): the view record to plan from,
+  // 0 (slow path), or 1 when another request holds the stripes and final is
+  // false (nothing held or counted: the caller tries again soon).
   Napi::Value Acquire(const Napi::CallbackInfo& info) {
     Target();
     const uint32_t v = t_->acquire(info[0].ToBoolean(), static_cast<uint64_t>(info[1].As<Napi::Number>().DoubleValue()),
-                                   info[2].As<Napi::Number>().Uint32Value());
+                                   info[2].As<Napi::Number>().Uint32Value(), info[3].ToBoolean());
     return Napi::Number::New(info.Env(), v);
   }
 

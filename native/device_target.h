@@ -36,7 +36,10 @@ class DeviceTarget : public Target {
   // (an I/O worker plans in WASM): acquire() returns the view record to plan
   // from, or 0 (the request goes the slow path; nothing is held); release()
   // ends it, with how long it took (ns) for the latency histogram.
-  uint32_t acquire(bool write, uint64_t off, uint32_t len);
+  // With final false, a busy stripe returns kBusy (nothing held or counted:
+  // the caller tries again soon) instead of 0.
+  static constexpr uint32_t kBusy = 1;
+  uint32_t acquire(bool write, uint64_t off, uint32_t len, bool final = true);
   void release(bool write, uint64_t off, uint32_t len, bool ok, uint64_t ns);
   /** Ends an acquired request the planner could not place (it goes the slow path). */
   void unplanned(bool write, uint64_t off, uint32_t len);

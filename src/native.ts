@@ -31,6 +31,8 @@ export interface NativeRing {
   submit(start: number, count: number): number;
   /** submit(), then reap(): returns how many completions are in cq[0..n) for the caller. */
   submitReap(start: number, count: number): number;
+  /** Writes region bufIndex's [bufOffset, +len) to fd at fileOffset now, on this thread (all of it): len or -errno. */
+  pwrite(bufIndex: number, bufOffset: number, len: number, fd: number, fileOffset: number): number;
   /** Non-blocking: copies completed ops into cq[0..n) and returns n. */
   reap(): number;
   /** Blocks for min(minComplete, inflight) completions, reaps all available into cq[0..n), returns n. */
@@ -80,9 +82,11 @@ export interface NativeDeviceTarget extends NativeTarget {
   share(): number;
   /**
    * The gate and stripes of one request planned elsewhere (an I/O worker's
-   * WASM): the view record to plan from, or 0 (slow path, nothing held).
+   * WASM): the view record to plan from, 0 (slow path, nothing held), or 1
+   * when another request holds its stripes and `final` is false (nothing held:
+   * try again soon).
    */
-  acquire(write: boolean, offset: number, length: number): number;
+  acquire(write: boolean, offset: number, length: number, final: boolean): number;
   /** Ends an acquired request: outcome 1 done, 0 its I/O failed, -1 not planned (slow path). */
   release(write: boolean, offset: number, length: number, outcome: 1 | 0 | -1, elapsedNs: number): void;
   /** This object lets go of the target. */

@@ -250,6 +250,23 @@ test('H3: a client stalled mid-payload does not block reads or writes of the sam
   slow.close(); other.close();
 });
 
+test('two connections on two I/O workers write the same blocks, payloads straddling the receive buffer: each write answered once', async () => {
+  // 32 pipelined 4 KiB writes overrun the worker's 128 KiB receive buffer,
+  // so some payloads arrive in two parts while the other worker holds their
+  // blocks: a receive in flight then must not be mistaken for the payload's.
+  const cs = [await RawClient.open(f.sock, 'd1'), await RawClient.open(f.sock, 'd1')];
+  let answered = 0;
+  await Promise.all(cs.map(async (c, ci) => {
+    for (let round = 0; round < 150; round++) {
+      const ops = [];
+      for (let i = 0; i < 32; i++) ops.push(c.write((1000 + (round * 7 + i * 3) % 16) * 4096, Buffer.alloc(4096, ci * 100 + i)));
+      for (const r of await Promise.all(ops)) { assert.is(r.error, 0, 'the connection stays up and every reply is known'); answered++; }
+    }
+  }));
+  assert.is(answered, 2 * 150 * 32);
+  for (const c of cs) c.close();
+});
+
 test('H1 over NBD: reads racing writes of the same range see one whole write', async () => {
   const c1 = await RawClient.open(f.sock, 'd1'), c2 = await RawClient.open(f.sock, 'd1');
   const ops: Promise<unknown>[] = [];
@@ -267,6 +284,17 @@ test('H1 over NBD: reads racing writes of the same range see one whole write', a
       'a read mixed bytes of two writes (or of the image and a write)');
   }
   c1.close(); c2.close();
+});
+
+test('pipelined writes of one block (each waits for the one before to release it) are all answered; the connection stays up', async () => {
+  const c = await RawClient.open(f.sock, 'd1');
+  const ops = [];
+  for (let i = 1; i <= 64; i++) ops.push(c.write(900 * 4096, Buffer.alloc(4096, i)));
+  for (const r of await Promise.all(ops)) assert.is(r.error, 0);
+  const r = await c.read(900 * 4096, 4096);
+  assert.is(r.error, 0);
+  assert.ok(r.data[0] >= 1 && r.data[0] <= 64 && r.data.every((x) => x === r.data[0]), 'one whole write');
+  c.close();
 });
 
 test('memory per connection is bounded: a client that never reads replies is throttled', async () => {

@@ -9,11 +9,12 @@ import { IoLoop } from '../src/io/loop';
 import type { ToWorker } from '../src/io/pool';
 import { Transmission, type TransmissionEvent, type Planner } from '../src/nbd/transmission';
 
-export interface ServeTask { port: MessagePort; wakeFd: number; segs: number; segCap: number; blockSize: number; maxChunks: number }
+export interface ServeTask { port: MessagePort; wakeFd: number; segs: number; segCap: number; blockSize: number; maxChunks: number; halt: Int32Array }
 
 export function serve(task: ServeTask): { connections: number } {
   const memory: WebAssembly.Memory = workerData.memory;
-  const plan: Planner = { wasm: instantiate(memory), memory, segs: task.segs, segCap: task.segCap, blockSize: task.blockSize };
+  // Segments are written below the memory's first size, which growth never moves: one view serves for good.
+  const plan: Planner = { wasm: instantiate(memory), view: new DataView(memory.buffer), segs: task.segs, segCap: task.segCap, blockSize: task.blockSize };
   const conns = new Map<number, Transmission>();
   let served = 0;
   const post = (e: TransmissionEvent) => {
@@ -53,7 +54,7 @@ export function serve(task: ServeTask): { connections: number } {
       else c.destroy();
     });
   };
-  const loop = new IoLoop(task.port, task.wakeFd, onMessage, task.maxChunks);
+  const loop = new IoLoop(task.port, task.wakeFd, onMessage, task.maxChunks, task.halt);
   task.port.postMessage({ t: 'ready' }); // the pool's ready
   loop.run(() => conns.size === 0);
   return { connections: served };

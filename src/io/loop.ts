@@ -41,9 +41,23 @@ export class IoLoop {
   private waiting = new Set<Channel>();
   private wakeSlot: number;
   private stopping = false;
+  /**
+   * Set by a channel that waits on something no completion here announces
+   * (stripes another thread holds): the next turn does not block. Such waits
+   * are bounded by the channel (a few turns, then the slow path).
+   */
+  spin = false;
+  /** performance.now() of this turn: one clock read per turn, not per request. */
+  now = performance.now();
 
+  /**
+   * `halt` (shared with the process's main thread) is set, followed by a
+   * wake-up, when the process exits: the loop then returns instead of
+   * waiting again, since a thread blocked in the ring cannot be terminated
+   * and would hold the exit forever.
+   */
   constructor(private readonly port: MessagePort, private readonly wakeFd: number,
-    private readonly onMessage: (m: unknown) => void, maxChunks = 16) {
+    private readonly onMessage: (m: unknown) => void, maxChunks = 16, private readonly halt?: Int32Array) {
     const native = loadNative();
     const sqBuf = new SharedArrayBuffer(ENTRIES * 4 * SQ_ENTRY), cqBuf = new SharedArrayBuffer(ENTRIES * 4 * CQ_ENTRY);
     this.ring = new native.Ring(ENTRIES, sqBuf, cqBuf);
@@ -90,6 +104,11 @@ export class IoLoop {
     return id;
   }
 
+  /** Writes len bytes at slot + at to fd at fileOffset now, on this thread: bytes written or -errno. */
+  pwrite(slot: number, at: number, len: number, fd: number, fileOffset: number): number {
+    return this.ring.pwrite(chunkOf(slot), offsetOf(slot) + at, len, fd, fileOffset);
+  }
+
   /** Pump this channel at the end of the turn. */
   touch(c: Channel): void { this.dirty.add(c); }
 
@@ -108,11 +127,13 @@ export class IoLoop {
         this.dirty.clear();
         for (const c of batch) this.guard(c, () => c.pump());
       }
-      if (this.stopping && idle()) break;
+      if ((this.stopping && idle()) || (this.halt && Atomics.load(this.halt, 0))) break;
       const count = this.head - this.submitted;
       let n = this.ring.submitReap(this.submitted, count);
       this.submitted = this.head;
-      if (n === 0) n = this.ring.wait(1);
+      if (n === 0 && !this.spin) n = this.ring.wait(1);
+      this.spin = false;
+      this.now = performance.now();
       this.dispatch(n);
     }
     this.ring.close();

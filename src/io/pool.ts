@@ -40,6 +40,12 @@ export class IoWorkers {
   private readonly owner = new Map<number, Worker>();
   private nextId = 1;
   private closing: Promise<void> | null = null;
+  // Set at process exit (see IoLoop's halt): the workers return from their rings.
+  private readonly halt = new Int32Array(new SharedArrayBuffer(4));
+  private readonly onExit = () => {
+    Atomics.store(this.halt, 0, 1);
+    for (const w of this.workers) wake(w.wakeFd);
+  };
   /** Resolves once every worker runs its loop (connections handed over earlier wait in its port). */
   readonly ready: Promise<void>;
 
@@ -56,7 +62,7 @@ export class IoWorkers {
       const { port1, port2 } = new MessageChannel();
       const wakeFd = loadNative().eventfd();
       const segs = heap.alloc(SEG_CAP * SEG_SIZE);
-      const done = this.pool.run({ port: port2, wakeFd, segs, segCap: SEG_CAP, blockSize: opts.blockSize ?? 4096, maxChunks: opts.maxChunks ?? 16 },
+      const done = this.pool.run({ port: port2, wakeFd, segs, segCap: SEG_CAP, blockSize: opts.blockSize ?? 4096, maxChunks: opts.maxChunks ?? 16, halt: this.halt },
         { name: 'serve', transferList: [port2] });
       // A loop that died took its connections with it: they are told so.
       done.catch((e: Error) => {
@@ -71,6 +77,7 @@ export class IoWorkers {
       port1.unref();
       this.workers.push(w);
     }
+    process.on('exit', this.onExit);
     this.ready = Promise.race([Promise.all(started).then(() => {}), Promise.all(this.workers.map((w) => w.done)).then(() => {})]);
   }
 
@@ -110,6 +117,7 @@ export class IoWorkers {
       for (const w of this.workers) { w.port.postMessage({ t: 'stop' } satisfies ToWorker); wake(w.wakeFd); }
       await Promise.allSettled(this.workers.map((w) => w.done));
       await this.pool.destroy();
+      process.off('exit', this.onExit);
       for (const w of this.workers) {
         w.port.close();
         loadNative().close(w.wakeFd);

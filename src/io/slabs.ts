@@ -7,12 +7,16 @@
 export const CHUNK = 64 << 20;
 const MIN_SHIFT = 12; // 4 KiB
 const CLASSES = 27 - MIN_SHIFT; // 4 KiB .. 64 MiB
+const UNIT = 1 << MIN_SHIFT;
+const UNITS = CHUNK / UNIT;
+const FREE = 255;
 
 export class Slabs {
   readonly chunks: Buffer[] = [];
   private free: number[][] = Array.from({ length: CLASSES }, () => []);
   private bump = CHUNK; // offset in the last chunk (CHUNK: none yet)
-  private sizes = new Map<number, number>();
+  // Size class of each live slot, by 4 KiB unit (255: free).
+  private classes = new Uint8Array(0);
   inUse = 0;
 
   constructor(private readonly maxChunks: number, private readonly onChunk: (sab: SharedArrayBuffer) => void) {}
@@ -27,21 +31,24 @@ export class Slabs {
         if (this.chunks.length >= this.maxChunks) return -1;
         const sab = new SharedArrayBuffer(CHUNK);
         this.chunks.push(Buffer.from(sab));
+        const grown = new Uint8Array(this.chunks.length * UNITS).fill(FREE);
+        grown.set(this.classes);
+        this.classes = grown;
         this.onChunk(sab);
         this.bump = 0;
       }
       slot = (this.chunks.length - 1) * CHUNK + this.bump;
       this.bump += size;
     }
-    this.sizes.set(slot, c);
+    this.classes[slot / UNIT] = c;
     this.inUse += size;
     return slot;
   }
 
   release(slot: number): void {
-    const c = this.sizes.get(slot);
-    if (c === undefined) throw new Error(`slot ${slot} is not allocated`);
-    this.sizes.delete(slot);
+    const c = this.classes[slot / UNIT];
+    if (c === FREE || c === undefined) throw new Error(`slot ${slot} is not allocated`);
+    this.classes[slot / UNIT] = FREE;
     this.inUse -= 1 << (c + MIN_SHIFT);
     this.free[c].push(slot);
   }

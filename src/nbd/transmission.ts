@@ -9,14 +9,20 @@
 // whose complete replies come back through the worker's port. Replies are
 // queued whole, so they never interleave. Memory is bounded: the worker
 // stops receiving while too many requests or reply bytes are pending.
-import { loadNative, OP, type NativeDeviceTarget } from '../native';
+import * as native from '../native';
+import type { NativeDeviceTarget } from '../native';
 import type { WasmExports } from '../wasm';
 import type { Channel, IoLoop } from '../io/loop';
-import { offsetOf as off } from '../io/slabs';
-import {
-  CMD, CMD_FLAG, ERR, errorChunk, nbdError, putReadReplyHeader, putSimpleReply, readReplyHeaderLen,
-  REQUEST_LEN, REQUEST_MAGIC,
-} from './protocol';
+import * as slabs from '../io/slabs';
+import * as P from './protocol';
+
+// Module bindings as local constants: the hot path runs per request, and an
+// imported binding is a getter call under the CommonJS transform.
+const { READ, SEND, RECV } = native.OP;
+const { CMD, CMD_FLAG, ERR, REQUEST_LEN, REQUEST_MAGIC } = P;
+const { errorChunk, nbdError, putReadReplyHeader, putSimpleReply, readReplyHeaderLen } = P;
+const off = slabs.offsetOf;
+const loadNative = native.loadNative;
 
 export interface TransmissionOptions {
   structured: boolean; readOnly: boolean; size: number; minBlock: number; maxPayload: number;
@@ -35,7 +41,7 @@ export type TransmissionEvent =
 export const STAT = { FAST: 0, SLOW: 1, PENDING_SLOW: 2, PHASE: 3, UNSENT: 4, LENGTH: 5 } as const;
 
 /** The worker's planner: WASM over the engine's memory, with room for segments. */
-export interface Planner { wasm: WasmExports; memory: WebAssembly.Memory; segs: number; segCap: number; blockSize: number }
+export interface Planner { wasm: WasmExports; view: DataView; segs: number; segCap: number; blockSize: number }
 
 const RECV_BUF = 128 * 1024;
 const STAGE = 256 * 1024;
@@ -46,12 +52,10 @@ const PIECE = 8 << 20;
 const TAG_RECV = -1, TAG_SEND = -2;
 const SEG_KIND = 0, SEG_REF = 4, SEG_OFF = 8, SEG_LEN = 16, SEG_DST = 20, SEG_SIZE = 24, SEG_ZERO = 2;
 
-/** A READ or WRITE served by the worker, from acquire to reply. */
-interface Fast {
-  write: boolean; offset: number; length: number; view: number; fd: number;
-  slot: number; hdr: number; pending: number; errno: number; t0: number;
-  cookie: Buffer; // 8 bytes
-}
+/** acquire(): the stripes are held by another request (it ends soon): try again next turn. */
+const BUSY = 1;
+/** Turns a request waits for busy stripes before it goes the slow path. */
+const BUSY_TURNS = 64;
 
 type Verdict = 'served' | 'slow' | 'wait';
 
@@ -65,7 +69,6 @@ export class Transmission implements Channel {
   private reading = true;
   private peerGone = false;
   private destroyed = false;
-  private shutting = false;
   private why = '';
   private closed = false;
   // A WRITE whose payload is still arriving, straight into its own slot.
@@ -75,8 +78,18 @@ export class Transmission implements Channel {
   private stage = -1;
   private stageLen = 0;
   private unsent = 0;
-  private fast = new Map<number, Fast>();
-  private nextTag = 0;
+  // Requests served here, from acquire to reply, by tag (0 .. maxInflight-1):
+  // preallocated, so a request allocates nothing.
+  private readonly tags: Int32Array;
+  private freeTags: number;
+  private readonly fOff: Float64Array;
+  private readonly fLen: Uint32Array;
+  private readonly fSlot: Float64Array;
+  private readonly fPending: Int32Array;
+  private readonly fErr: Int32Array;
+  private readonly fT0: Float64Array;
+  private readonly cookies: Buffer;
+  private busyTurns = 0;
   private fastN = 0;
   private slowN = 0;
   private inflightBytes = 0;
@@ -91,6 +104,17 @@ export class Transmission implements Channel {
     b.set(initial, off(this.recvSlot));
     this.rlen = initial.length;
     this.recvCap = Math.max(RECV_BUF, initial.length);
+    const n = opts.maxInflight;
+    this.tags = new Int32Array(n);
+    for (let i = 0; i < n; i++) this.tags[i] = n - 1 - i;
+    this.freeTags = n;
+    this.fOff = new Float64Array(n);
+    this.fLen = new Uint32Array(n);
+    this.fSlot = new Float64Array(n);
+    this.fPending = new Int32Array(n);
+    this.fErr = new Int32Array(n);
+    this.fT0 = new Float64Array(n);
+    this.cookies = Buffer.alloc(8 * n);
     loop.touch(this);
   }
   private recvCap: number;
@@ -104,7 +128,7 @@ export class Transmission implements Channel {
   }
 
   /** Main thread: stop reading, finish what is in flight, send every reply, close. */
-  shutdown(): void { this.shutting = true; this.reading = false; this.loop.touch(this); }
+  shutdown(): void { this.reading = false; this.loop.touch(this); }
 
   /** The loop caught an exception of this channel's: it is closed at once (never left half-served). */
   fail(e: Error): void {
@@ -126,22 +150,14 @@ export class Transmission implements Channel {
   complete(tag: number, res: number, op: number): void {
     if (tag === TAG_RECV) return this.received(res);
     if (tag === TAG_SEND) return this.sent(res);
-    const f = this.fast.get(tag);
-    if (!f) return;
+    // Only reads are served through the ring (writes are written at once: serveWrite).
     const want = this.loop.opLen[op];
-    if (res < 0) f.errno ||= -res;
+    if (res < 0) { if (!this.fErr[tag]) this.fErr[tag] = -res; }
     else if (res < want) {
       const at = this.loop.opPos[op] + res;
-      if (f.write) {
-        // A short write: the rest goes again from where it stopped.
-        if (!f.errno) {
-          const fileOff = f.offset + (at - f.slot);
-          this.loop.push(this, tag, OP.WRITE, f.fd, f.slot, at - f.slot, want - res, fileOff);
-          return;
-        }
-      } else this.loop.slabs.buf(f.slot).fill(0, off(at), off(at) + want - res); // past the file's end: zeros
+      this.loop.slabs.buf(at).fill(0, off(at), off(at) + want - res); // past the file's end: zeros
     }
-    if (--f.pending === 0) this.finish(tag, f);
+    if (--this.fPending[tag] === 0) this.finish(tag);
   }
 
   pump(): void {
@@ -175,39 +191,46 @@ export class Transmission implements Channel {
       if (type === CMD.DISC) { this.rpos += REQUEST_LEN; this.reading = false; break; }
       if (type === CMD.WRITE) {
         if (length > this.opts.maxPayload) { this.gone(`write of ${length} bytes exceeds the maximum payload`); return; }
-        // The payload goes to a slot of its own (it outlives the receive buffer).
+        const have = Math.min(length, this.rlen - this.rpos - REQUEST_LEN);
+        if (have === length) {
+          // The whole payload is here: written straight from the receive buffer.
+          const v = this.serveWrite(flags, b, h + 8, offset, length, this.recvSlot, this.rpos + REQUEST_LEN);
+          if (v === 'wait') { waiting = true; break; } // parsed again next turn
+          if (v === 'slow') this.slow(type, flags, b.subarray(h + 8, h + 16), offset, length, Uint8Array.prototype.slice.call(b, h + REQUEST_LEN, h + REQUEST_LEN + length));
+          this.rpos += REQUEST_LEN + length;
+          continue;
+        }
+        // The rest arrives straight into a slot of its own, once no receive
+        // into the buffer is in flight (its bytes land after ours).
+        if (this.receiving) break;
         const slot = this.loop.slabs.alloc(Math.max(length, 1));
         if (slot < 0) { waiting = true; break; }
-        const have = Math.min(length, this.rlen - this.rpos - REQUEST_LEN);
         b.copy(this.loop.slabs.buf(slot), off(slot), h + REQUEST_LEN, h + REQUEST_LEN + have);
         const cookie = Buffer.from(b.subarray(h + 8, h + 16));
         this.rpos += REQUEST_LEN + have;
         this.payload = { type, flags, cookie, offset, length, slot, got: have };
-        if (have < length) break; // the rest arrives straight into the slot
-        if (this.writeArrived() === 'wait') { waiting = true; break; }
-        continue;
+        break;
       }
-      const cookie = b.subarray(h + 8, h + 16);
-      const v = type === CMD.READ ? this.serveRead(flags, cookie, offset, length) : 'slow';
+      const v = type === CMD.READ ? this.serveRead(flags, b, h + 8, offset, length) : 'slow';
       if (v === 'wait') { waiting = true; break; }
-      if (v === 'slow') this.slow(type, flags, cookie, offset, length, null);
+      if (v === 'slow') this.slow(type, flags, b.subarray(h + 8, h + 16), offset, length, null);
       this.rpos += REQUEST_LEN;
     }
-    if (this.rpos === this.rlen) this.rpos = this.rlen = 0;
+    if (this.rpos === this.rlen && !this.receiving) this.rpos = this.rlen = 0;
     this.loop.wait(this, waiting);
   }
 
   /** A WRITE's payload is all in its slot: serve it or hand it over. */
   private writeArrived(): Verdict {
     const p = this.payload!;
-    const v = this.serveWrite(p.flags, p.cookie, p.offset, p.length, p.slot);
+    const v = this.serveWrite(p.flags, p.cookie, 0, p.offset, p.length, p.slot, 0);
     if (v === 'wait') return v;
     this.payload = null;
     if (v === 'slow') {
       const b = this.loop.slabs.buf(p.slot);
       this.slow(p.type, p.flags, p.cookie, p.offset, p.length, Uint8Array.prototype.slice.call(b, off(p.slot), off(p.slot) + p.length));
-      this.loop.slabs.release(p.slot);
     }
+    this.loop.slabs.release(p.slot);
     return v;
   }
 
@@ -218,16 +241,35 @@ export class Transmission implements Channel {
       offset + length <= o.size;
   }
 
-  private serveRead(flags: number, cookie: Buffer, offset: number, length: number): Verdict {
+  /** Takes a tag for a request; its cookie is copied from c[ca..ca+8). */
+  private take(c: Buffer, ca: number): number {
+    const t = this.tags[--this.freeTags];
+    const k = t * 8, ck = this.cookies;
+    for (let i = 0; i < 8; i++) ck[k + i] = c[ca + i];
+    return t;
+  }
+
+  /**
+   * The gate and stripes of a request: its view, 0 (slow path) or BUSY for a
+   * few turns (another request holds its stripes: it waits rather than burden
+   * the engine, whose own request on those blocks would have to wait too).
+   */
+  private acquire(write: boolean, offset: number, length: number): number {
+    const v = this.target.acquire(write, offset, length, this.busyTurns >= BUSY_TURNS);
+    if (v === BUSY) { this.busyTurns++; this.loop.spin = true; return BUSY; }
+    this.busyTurns = 0;
+    return v;
+  }
+
+  private serveRead(flags: number, c: Buffer, ca: number, offset: number, length: number): Verdict {
     if ((flags & ~CMD_FLAG.DF) || !this.plannable(offset, length)) return 'slow';
     const { wasm, segs, segCap, blockSize: bs } = this.plan;
     if (!this.loop.room(segCap)) return 'wait';
     const hdr = readReplyHeaderLen(this.opts.structured);
     const slot = this.loop.slabs.alloc(hdr + length);
     if (slot < 0) return 'wait';
-    const t0 = performance.now();
-    const view = this.target.acquire(false, offset, length);
-    if (!view) { this.loop.slabs.release(slot); return 'slow'; }
+    const view = this.acquire(false, offset, length);
+    if (view === BUSY || !view) { this.loop.slabs.release(slot); return view ? 'wait' : 'slow'; }
     const b0 = Math.floor(offset / bs), b1 = Math.ceil((offset + length) / bs);
     const n = wasm.planLocal(view, b0, b1, bs, segs, segCap);
     if (n < 0) {
@@ -236,13 +278,13 @@ export class Transmission implements Channel {
       return 'slow';
     }
     const buf = this.loop.slabs.buf(slot), so = off(slot);
-    putReadReplyHeader(buf, so, this.opts.structured, cookie, 0, offset, length);
-    const tag = this.tag();
-    const f: Fast = { write: false, offset, length, view, fd: -1, slot, hdr, pending: 1, errno: 0, t0, cookie: Buffer.from(cookie) };
-    this.fast.set(tag, f);
+    putReadReplyHeader(buf, so, this.opts.structured, c, ca, offset, length);
+    const tag = this.take(c, ca);
+    this.fOff[tag] = offset; this.fLen[tag] = length;
+    this.fSlot[tag] = slot; this.fPending[tag] = 1; this.fErr[tag] = 0; this.fT0[tag] = this.loop.now;
     this.fastN++;
     this.inflightBytes += length;
-    const m = this.mem(), head = offset - b0 * bs;
+    const m = this.plan.view, head = offset - b0 * bs;
     for (let i = 0; i < n; i++) {
       const s = segs + i * SEG_SIZE;
       const dst = m.getUint32(s + SEG_DST, true), len = m.getUint32(s + SEG_LEN, true);
@@ -251,49 +293,51 @@ export class Transmission implements Channel {
       const at = hdr + (a - head);
       if (m.getUint32(s + SEG_KIND, true) === SEG_ZERO) { buf.fill(0, so + at, so + at + (e - a)); continue; }
       const fileOff = m.getUint32(s + SEG_OFF, true) + m.getUint32(s + SEG_OFF + 4, true) * 0x100000000 + (a - dst);
-      this.loop.push(this, tag, OP.READ, m.getInt32(s + SEG_REF, true), slot, at, e - a, fileOff);
-      f.pending++;
+      this.loop.push(this, tag, READ, m.getInt32(s + SEG_REF, true), slot, at, e - a, fileOff);
+      this.fPending[tag]++;
     }
-    if (--f.pending === 0) this.finish(tag, f);
+    if (--this.fPending[tag] === 0) this.finish(tag);
     return 'served';
   }
 
-  private serveWrite(flags: number, cookie: Buffer, offset: number, length: number, slot: number): Verdict {
-    if (process.env.DBGW) console.error('serveWrite', flags, offset, length, this.opts.readOnly, this.plannable(offset, length));
+  /**
+   * A WRITE whose payload is at slot + at: written now, on this thread (a
+   * buffered write cannot complete inline in the ring on ext4; io-wq would
+   * take it to another thread, which halves small-write throughput), then
+   * answered.
+   */
+  private serveWrite(flags: number, c: Buffer, ca: number, offset: number, length: number, slot: number, at: number): Verdict {
     if (flags !== 0 || this.opts.readOnly || !this.plannable(offset, length)) return 'slow';
-    if (!this.loop.room(1)) return 'wait';
-    const t0 = performance.now();
-    const view = this.target.acquire(true, offset, length);
+    const view = this.acquire(true, offset, length);
+    if (view === BUSY) return 'wait';
     if (!view) return 'slow';
-    const fd = this.plan.wasm.planWrite(view, offset, length, this.plan.blockSize);
+    const { wasm, blockSize: bs } = this.plan;
+    const fd = wasm.planWrite(view, offset, length, bs);
     if (fd < 0) { this.target.release(true, offset, length, -1, 0); return 'slow'; }
-    const tag = this.tag();
-    const f: Fast = { write: true, offset, length, view, fd, slot, hdr: 0, pending: 1, errno: 0, t0, cookie };
-    this.fast.set(tag, f);
-    this.fastN++;
-    this.inflightBytes += length;
-    this.loop.push(this, tag, OP.WRITE, fd, slot, 0, length, offset);
+    const res = this.loop.pwrite(slot, at, length, fd, offset);
+    // The write rule: its blocks are DIRTY only once the bytes are in the file.
+    if (res >= 0) wasm.wrote(view, offset, length, bs);
+    this.target.release(true, offset, length, res >= 0 ? 1 : 0, (performance.now() - this.loop.now) * 1e6);
+    this.stats[STAT.FAST]++;
+    const r = this.reserve(16);
+    if (r >= 0) putSimpleReply(this.loop.slabs.buf(this.stage), r, res < 0 ? nbdError(-res) : 0, c, ca);
     return 'served';
   }
 
-  private finish(tag: number, f: Fast): void {
-    this.fast.delete(tag);
+  private finish(tag: number): void {
+    const offset = this.fOff[tag], length = this.fLen[tag], slot = this.fSlot[tag], errno = this.fErr[tag];
+    this.tags[this.freeTags++] = tag;
     this.fastN--;
-    this.inflightBytes -= f.length;
+    this.inflightBytes -= length;
     this.stats[STAT.FAST]++;
-    // The write rule: its blocks are DIRTY only once the bytes are in the file.
-    if (f.write && !f.errno) this.plan.wasm.wrote(f.view, f.offset, f.length, this.plan.blockSize);
-    this.target.release(f.write, f.offset, f.length, f.errno ? 0 : 1, (performance.now() - f.t0) * 1e6);
-    if (this.peerGone || this.destroyed) { this.loop.slabs.release(f.slot); return; }
-    if (f.write) {
-      this.loop.slabs.release(f.slot);
-      const r = Buffer.allocUnsafe(16);
-      putSimpleReply(r, 0, f.errno ? nbdError(f.errno) : 0, f.cookie, 0);
-      this.queueBytes(r);
-    } else if (f.errno) {
-      this.loop.slabs.release(f.slot);
-      this.queueBytes(this.opts.structured ? errorChunk(f.cookie, ERR.EIO, 'I/O error reading the device') : errSimple(f.cookie));
-    } else this.queueSlot(f.slot, f.hdr + f.length);
+    this.target.release(false, offset, length, errno ? 0 : 1, (this.loop.now - this.fT0[tag]) * 1e6);
+    const slabs = this.loop.slabs;
+    if (this.peerGone || this.destroyed) { slabs.release(slot); return; }
+    if (errno) {
+      slabs.release(slot);
+      const c = this.cookies.subarray(tag * 8, tag * 8 + 8);
+      this.queueBytes(this.opts.structured ? errorChunk(c, ERR.EIO, 'I/O error reading the device') : errSimple(c));
+    } else this.queueSlot(slot, readReplyHeaderLen(this.opts.structured) + length);
   }
 
   private slow(type: number, flags: number, cookie: Uint8Array, offset: number, length: number, payload: Uint8Array | null): void {
@@ -310,20 +354,22 @@ export class Transmission implements Channel {
     this.post({ t: 'requests', id: this.id, reqs });
   }
 
-  private mv: DataView | null = null;
-  /** The shared memory, seen anew after it grew. */
-  private mem(): DataView {
-    const buf = this.plan.memory.buffer;
-    if (!this.mv || this.mv.byteLength !== buf.byteLength) this.mv = new DataView(buf);
-    return this.mv;
-  }
-
-  private tag(): number {
-    do this.nextTag = (this.nextTag + 1) & 0x3fffffff; while (this.fast.has(this.nextTag));
-    return this.nextTag;
-  }
-
   // --------------------------------------------------------------- replies
+
+  /** Room for `n` reply bytes at the end of the staging buffer: the offset in its chunk, or -1 (connection dropped). */
+  private reserve(n: number): number {
+    if (this.stage >= 0 && this.stageLen + n > STAGE) this.seal();
+    if (this.stage < 0) {
+      const s = this.loop.slabs.alloc(STAGE);
+      if (s < 0) { this.gone(`I/O worker out of buffer memory (${this.loop.slabs.inUse} bytes in use)`); return -1; }
+      this.stage = s;
+      this.stageLen = 0;
+    }
+    const at = off(this.stage) + this.stageLen;
+    this.stageLen += n;
+    this.unsent += n;
+    return at;
+  }
 
   private queueBytes(bytes: Uint8Array): void {
     if (this.peerGone || this.destroyed) return;
@@ -333,28 +379,25 @@ export class Transmission implements Channel {
       return;
     }
     if (bytes.length >= SEND_ALONE) {
-      const slot = this.replyAlloc(bytes.length);
-      if (slot < 0) return;
+      const slot = this.loop.slabs.alloc(bytes.length);
+      if (slot < 0) { this.gone(`I/O worker out of buffer memory (${this.loop.slabs.inUse} bytes in use)`); return; }
       this.loop.slabs.buf(slot).set(bytes, off(slot));
       this.queueSlot(slot, bytes.length);
       return;
     }
-    if (this.stage >= 0 && this.stageLen + bytes.length > STAGE) this.seal();
-    if (this.stage < 0) {
-      this.stage = this.replyAlloc(STAGE);
-      this.stageLen = 0;
-      if (this.stage < 0) return;
-    }
-    this.loop.slabs.buf(this.stage).set(bytes, off(this.stage) + this.stageLen);
-    this.stageLen += bytes.length;
-    this.unsent += bytes.length;
+    const at = this.reserve(bytes.length);
+    if (at >= 0) this.loop.slabs.buf(this.stage).set(bytes, at);
   }
 
   /** A reply already in a slot: large ones go out from it, small ones are copied to the staging buffer. */
   private queueSlot(slot: number, len: number): void {
     if (len < SEND_ALONE) {
-      const b = this.loop.slabs.buf(slot);
-      this.queueBytes(b.subarray(off(slot), off(slot) + len));
+      const at = this.reserve(len);
+      if (at >= 0) {
+        const slabs = this.loop.slabs, from = slabs.buf(slot), to = slabs.buf(this.stage), so = off(slot);
+        if (from === to) to.copyWithin(at, so, so + len); // no allocation
+        else from.copy(to, at, so, so + len);
+      }
       this.loop.slabs.release(slot);
       return;
     }
@@ -378,14 +421,17 @@ export class Transmission implements Channel {
       if (!this.out.length) this.seal();
       const o = this.out[0];
       if (o && this.loop.room(1)) {
-        this.loop.push(this, TAG_SEND, OP.SEND, this.fd, o.slot, o.sent, o.len - o.sent, 0);
+        this.loop.push(this, TAG_SEND, SEND, this.fd, o.slot, o.sent, o.len - o.sent, 0);
         this.sending = true;
       }
     }
-    if (!this.receiving && this.reading && !this.paused() && this.loop.room(1)) {
-      const p = this.payload;
+    const p = this.payload;
+    // Never a receive of 0 bytes (it would read as EOF): a complete payload
+    // waiting for its stripes, or a full buffer waiting for the parser.
+    if (!this.receiving && this.reading && !this.paused() && this.loop.room(1) && !(p && p.got === p.length) &&
+      (p || this.rlen - this.rpos < this.recvCap)) {
       if (p) {
-        this.loop.push(this, TAG_RECV, OP.RECV, this.fd, p.slot, p.got, p.length - p.got, 0);
+        this.loop.push(this, TAG_RECV, RECV, this.fd, p.slot, p.got, p.length - p.got, 0);
       } else {
         if (this.rpos > 0) {
           const b = this.loop.slabs.buf(this.recvSlot), base = off(this.recvSlot);
@@ -393,7 +439,7 @@ export class Transmission implements Channel {
           this.rlen -= this.rpos;
           this.rpos = 0;
         }
-        this.loop.push(this, TAG_RECV, OP.RECV, this.fd, this.recvSlot, this.rlen, this.recvCap - this.rlen, 0);
+        this.loop.push(this, TAG_RECV, RECV, this.fd, this.recvSlot, this.rlen, this.recvCap - this.rlen, 0);
       }
       this.receiving = true;
     }
@@ -466,12 +512,7 @@ export class Transmission implements Channel {
     return s;
   }
 
-  /** A buffer for replies; when the worker has none left the connection is dropped (never a half reply). */
-  private replyAlloc(bytes: number): number {
-    const s = this.loop.slabs.alloc(bytes);
-    if (s < 0) this.gone(`I/O worker out of buffer memory (${this.loop.slabs.inUse} bytes in use)`);
-    return s;
-  }
+
 }
 
 function errSimple(cookie: Buffer): Buffer {

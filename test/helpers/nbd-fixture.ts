@@ -18,7 +18,8 @@ export async function nbdFixture(tag: string, blocks = 4096): Promise<Fixture> {
   const dir = tmpdir(tag);
   const img = makeImage(blocks, 11);
   fs.writeFileSync(`${dir}/img`, img);
-  const engine = await Engine.open({ store: `${dir}/store` });
+  // Two I/O workers whatever the CPUs: connections of one device on two threads.
+  const engine = await Engine.open({ store: `${dir}/store`, ioWorkers: 2 });
   const base = (await engine.importImage(`${dir}/img`, { codec: Codec.Zstd })).id;
   const exports = new ExportMap();
   const server = new NbdServer({ exports });

@@ -1,0 +1,114 @@
+// Many devices at once: N devices (64 and 256 by default) on one daemon, each
+// with its own NBD connection, all driven by one fio run (a job per device,
+// 4 KiB random reads, then random writes, at depth 4 each), and the daemon's
+// threads meanwhile. With STRATA_BENCH_PREV=DIR the daemon of another
+// checkout (built) runs the same cells, interleaved round by round, so the
+// two data planes are compared on one machine in one run.
+//   STRATA_BENCH_PREV=/path/to/old/checkout node -r tsx/cjs bench/many-devices.ts
+// Knobs: STRATA_BENCH_DEVICES (default 64,256), STRATA_BENCH_SECONDS (10),
+// STRATA_BENCH_ROUNDS (3), STRATA_BENCH_IMAGE_MB (256), STRATA_BENCH_TESTS (randread,randwrite).
+import * as fs from 'fs';
+import * as os from 'os';
+import * as path from 'path';
+import { randomBytes } from 'crypto';
+import { spawn, spawnSync, type ChildProcess } from 'child_process';
+import { ApiClient } from '../src/api/client';
+
+const ROOT = path.join(__dirname, '..');
+const list = (k: string, d: string) => (process.env[k] ?? d).split(',').map((s) => s.trim()).filter(Boolean);
+const DEVICES = list('STRATA_BENCH_DEVICES', '64,256').map(Number);
+const TESTS = list('STRATA_BENCH_TESTS', 'randread,randwrite');
+const SECONDS = Number(process.env.STRATA_BENCH_SECONDS ?? 10);
+const ROUNDS = Number(process.env.STRATA_BENCH_ROUNDS ?? 3);
+const IMAGE_MB = Number(process.env.STRATA_BENCH_IMAGE_MB ?? 256);
+const PREV = process.env.STRATA_BENCH_PREV;
+const log = (m: string) => process.stderr.write(`[bench:many] ${m}\n`);
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+interface Server { key: string; root: string; data: string; sock: string; child?: ChildProcess; layer?: string }
+
+async function start(s: Server, img: string): Promise<void> {
+  fs.mkdirSync(s.data, { recursive: true });
+  const logFile = path.join(s.data, 'daemon.log');
+  const out = fs.openSync(logFile, 'w');
+  s.child = spawn(process.execPath, [path.join(s.root, 'src', 'server.js'), '--data', s.data, '--import', img,
+    '--nbd-by-name-max', '4096', '--max-devices', '4096'], { cwd: s.root, stdio: ['ignore', out, out] });
+  for (let i = 0; i < 1200; i++) {
+    const line = fs.readFileSync(logFile, 'utf8').split('\n').find((l) => l.includes('"msg":"imported"'));
+    if (line) { s.layer = String(JSON.parse(line).layer); break; }
+    if (s.child.exitCode !== null) throw new Error(`${s.key} daemon exited:\n${fs.readFileSync(logFile, 'utf8').slice(-2000)}`);
+    await sleep(100);
+  }
+  if (!s.layer) throw new Error(`${s.key} daemon did not import the image`);
+  // Warm the layer's template cache (every device reads it).
+  spawnSync('nbdcopy', [`nbd+unix:///${s.layer}/warm?socket=${s.sock}`, 'null:'], { stdio: 'inherit' });
+  await new ApiClient(path.join(s.data, 'api.sock')).request('DELETE', `/v1/devices/${s.layer.slice(0, 8)}-warm`).catch(() => {});
+  log(`${s.key}: started, layer ${s.layer}`);
+}
+
+const threadsOf = (pid: number) => Number(/^Threads:\s+(\d+)/m.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'))![1]);
+
+async function cell(s: Server, test: string, n: number, tag: string, dir: string): Promise<{ iops: number; threads: number }> {
+  const job = [`[global]`, `ioengine=nbd`, `rw=${test}`, `bs=4k`, `iodepth=4`, `time_based`, `runtime=${SECONDS}`,
+    `norandommap`, `randrepeat=1`, `group_reporting`, `thread`, `size=${IMAGE_MB}m`];
+  for (let i = 0; i < n; i++) job.push(`[d${i}]`, `uri=nbd+unix:///${s.layer}/${tag}-${i}?socket=${s.sock}`);
+  const jobFile = path.join(dir, `${s.key}-${tag}.fio`);
+  fs.writeFileSync(jobFile, job.join('\n') + '\n');
+  const fio = spawn('fio', ['--output-format=json', jobFile], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  fio.stdout.on('data', (d) => { out += d; });
+  fio.stderr.on('data', () => {});
+  // Threads in the middle of the run, with every connection open.
+  let threads = 0;
+  const probe = setTimeout(() => { threads = threadsOf(s.child!.pid!); }, (SECONDS * 1000) / 2 + 2000);
+  const code = await new Promise<number | null>((r) => fio.on('close', r));
+  clearTimeout(probe);
+  const at = out.search(/^\{/m);
+  if (code !== 0 || at < 0) throw new Error(`fio exited ${code}: ${out.slice(0, 500)}`);
+  const j = JSON.parse(out.slice(at)).jobs[0];
+  const api = new ApiClient(path.join(s.data, 'api.sock'));
+  for (let i = 0; i < n; i++) await api.request('DELETE', `/v1/devices/${s.layer!.slice(0, 8)}-${tag}-${i}`).catch(() => {});
+  return { iops: (j.read?.iops ?? 0) + (j.write?.iops ?? 0), threads };
+}
+
+(async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'strata-many-'));
+  const img = path.join(dir, 'img');
+  fs.writeFileSync(img, randomBytes(IMAGE_MB << 20));
+  const servers: Server[] = [{ key: 'strata', root: ROOT, data: path.join(dir, 'a'), sock: path.join(dir, 'a', 'nbd.sock') }];
+  if (PREV) servers.push({ key: 'strata-prev', root: path.resolve(PREV), data: path.join(dir, 'b'), sock: path.join(dir, 'b', 'nbd.sock') });
+  const results = new Map<string, Array<{ iops: number; threads: number }>>();
+  try {
+    for (const s of servers) await start(s, img);
+    for (let r = 0; r < ROUNDS; r++) {
+      for (const n of DEVICES) {
+        for (const t of TESTS) {
+          const order = r % 2 ? [...servers].reverse() : servers;
+          for (const s of order) {
+            const res = await cell(s, t, n, `r${r}-${t}-${n}`, dir);
+            log(`round ${r + 1}: ${s.key} ${t} ${n} devices: ${Math.round(res.iops)} IOPS, ${res.threads} threads`);
+            const k = `${s.key}|${t}|${n}`;
+            results.set(k, [...(results.get(k) ?? []), res]);
+          }
+        }
+      }
+    }
+  } finally {
+    for (const s of servers) s.child?.kill('SIGTERM');
+    await sleep(2000);
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+  const med = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+  const span = (xs: number[]) => `${Math.round(Math.min(...xs)).toLocaleString('en-US')}–${Math.round(Math.max(...xs)).toLocaleString('en-US')}`;
+  console.log(`| devices | test | ${servers.map((s) => `${s.key} IOPS (median; range)`).join(' | ')} | ${PREV ? 'ratio | ' : ''}${servers.map((s) => `${s.key} threads`).join(' | ')} |`);
+  console.log(`|---|---|${servers.map(() => '---|').join('')}${PREV ? '---|' : ''}${servers.map(() => '---|').join('')}`);
+  for (const n of DEVICES) {
+    for (const t of TESTS) {
+      const rs = servers.map((s) => results.get(`${s.key}|${t}|${n}`) ?? []);
+      const iops = rs.map((x) => x.map((y) => y.iops));
+      const cells = iops.map((x) => `${Math.round(med(x)).toLocaleString('en-US')} (${span(x)})`);
+      const ratio = PREV ? `${(med(iops[0]) / med(iops[1])).toFixed(2)}× | ` : '';
+      console.log(`| ${n} | ${t} 4k QD4 each | ${cells.join(' | ')} | ${ratio}${rs.map((x) => Math.max(...x.map((y) => y.threads))).join(' | ')} |`);
+    }
+  }
+})().catch((e) => { console.error(e); process.exit(1); });
