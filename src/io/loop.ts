@@ -69,7 +69,7 @@ export class IoLoop {
     this.opPos = new Float64Array(this.cap);
     this.opLen = new Uint32Array(this.cap);
     for (let i = this.cap - 1; i >= 0; i--) this.freeIds.push(i);
-    this.slabs = new Slabs(maxChunks, (sab) => this.ring.addRegion(sab, 0, sab.byteLength));
+    this.slabs = new Slabs(maxChunks, (ab) => this.ring.addRegion(ab, 0, ab.byteLength));
     this.wakeSlot = this.slabs.alloc(8);
     this.armWake();
   }
