@@ -1,4 +1,4 @@
-// The native data plane (native/device_target.cc + native/nbd_wire.cc) and
+// The data plane (the I/O workers, native/device_target.cc) and
 // its gate with the engine (src/native-plane.ts), driven over NBD: what the
 // natives serve, what they hand to the engine, and that snapshots taken
 // while natives write lose nothing.

@@ -78,8 +78,9 @@ export class Transmission implements Channel {
   private stage = -1;
   private stageLen = 0;
   private unsent = 0;
-  // Requests served here, from acquire to reply, by tag (0 .. maxInflight-1):
-  // preallocated, so a request allocates nothing.
+  // READs served here, from acquire to reply, by tag (0 .. maxInflight-1):
+  // preallocated, so a request allocates nothing. (WRITEs served here end
+  // within the turn they arrive in: see serveWrite.)
   private readonly tags: Int32Array;
   private freeTags: number;
   private readonly fOff: Float64Array;
