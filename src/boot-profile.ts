@@ -155,6 +155,35 @@ export class BootProfiles {
     }
   }
 
+  // One sampling clock for every recording session: per tick each layer
+  // cache's marks are read once, whatever the number of devices (not a
+  // timer and a scan of every frame per device per tick).
+  private ticker: NodeJS.Timeout | null = null;
+
+  /** A session records from now on, until untrack(). */
+  track(s: Session): void {
+    this.recording.add(s);
+    if (!this.ticker) {
+      this.ticker = setInterval(() => this.sample(), this.opts.sampleMs ?? 20);
+      this.ticker.unref();
+    }
+  }
+
+  untrack(s: Session): void {
+    this.recording.delete(s);
+    if (!this.recording.size && this.ticker) { clearInterval(this.ticker); this.ticker = null; }
+  }
+
+  private sample(): void {
+    const marks = new Map<LayerCache, number[]>();
+    const referenced = (c: LayerCache) => {
+      let m = marks.get(c);
+      if (!m) marks.set(c, (m = c.referenced()));
+      return m;
+    };
+    for (const s of [...this.recording]) s.sample(referenced);
+  }
+
   /** Ends every recording now, storing what was recorded (the engine is closing). */
   async flush(): Promise<void> {
     await Promise.all([...this.recording].map((s) => s.finish()));
@@ -169,7 +198,6 @@ export class BootProfiles {
 export class Session {
   private entries: ProfileEntry[] = [];
   private seen = new Map<LayerCache, Uint8Array>();
-  private timer: NodeJS.Timeout | null = null;
   private t0 = performance.now();
   /** The layer and chain the device was opened on (a snapshot rebases it later). */
   private readonly layer: string;
@@ -218,29 +246,28 @@ export class Session {
   private async record(): Promise<void> {
     const caches = (await Promise.all(this.chain.map((id) => this.owner.cacheOf(id).catch(() => null)))).filter((c): c is LayerCache => !!c);
     for (const c of caches) { c.clearRefs(); this.seen.set(c, new Uint8Array(c.frameCount)); }
-    this.owner.recording.add(this);
+    if (!this.finishing) this.owner.track(this);
+  }
+
+  /** One tick of the owner's clock: the frames of this device's layers read since, in order. */
+  sample(referenced: (c: LayerCache) => number[]): void {
     const windowMs = this.owner.opts.windowMs ?? 60_000, max = this.owner.opts.maxEntries ?? 4096;
-    this.timer = setInterval(() => {
-      const ms = performance.now() - this.t0;
-      for (const c of caches) {
-        const seen = this.seen.get(c)!;
-        for (const i of c.referenced()) {
-          if (seen[i]) continue;
-          seen[i] = 1;
-          if (this.entries.length < max) this.entries.push({ layer: c.id, frame: i, ms });
-        }
+    const ms = performance.now() - this.t0;
+    for (const [c, seen] of this.seen) {
+      for (const i of referenced(c)) {
+        if (seen[i]) continue;
+        seen[i] = 1;
+        if (this.entries.length < max) this.entries.push({ layer: c.id, frame: i, ms });
       }
-      if (this.d.isClosed || ms >= windowMs || this.entries.length >= max) void this.finish();
-    }, this.owner.opts.sampleMs ?? 20);
-    this.timer.unref();
+    }
+    if (this.d.isClosed || ms >= windowMs || this.entries.length >= max) void this.finish();
   }
 
   private finishing: Promise<void> | null = null;
   finish(): Promise<void> { return (this.finishing ??= this.store()); }
 
   private async store(): Promise<void> {
-    this.owner.recording.delete(this);
-    if (this.timer) clearInterval(this.timer);
+    this.owner.untrack(this);
     await this.loaded; // whether the layer has a profile of its own
     if (!this.entries.length) return;
     this.owner.stats.recorded++;

@@ -147,6 +147,31 @@ test('a snapshot inherits the profile (refined by what its device read); a devic
   } finally { await e.close(); }
 });
 
+test('recording many devices at once costs one sampling timer, and each still records its own reads', async () => {
+  const e = await Engine.open({ store: `${dir}/store`, readaheadFrames: 0, profiles: { sampleMs: 5 } });
+  // Counts the intervals started while the devices open (the old recorder started one per device).
+  const real = global.setInterval;
+  let started = 0;
+  global.setInterval = ((...a: Parameters<typeof setInterval>) => { started++; return real(...a); }) as typeof setInterval;
+  try {
+    const ds = [];
+    try {
+      for (let i = 0; i < 20; i++) ds.push(await e.openDevice(base));
+      await new Promise((r) => setTimeout(r, 20));
+    } finally { global.setInterval = real; }
+    assert.ok(started <= 2, `20 recording devices started ${started} intervals`);
+    await ds[3].read(at[12], B);
+    await ds[9].read(at[40], B);
+    await new Promise((r) => setTimeout(r, 40));
+    const rec = (d: unknown) => (e.profiles as unknown as { sessions: WeakMap<object, { recorded(): Array<{ frame: number }> }> })
+      .sessions.get(d as object)!.recorded().map((x) => x.frame);
+    assert.ok(rec(ds[3]).includes(12) && rec(ds[9]).includes(40), 'each device sees the frames read while it records');
+    for (const d of ds) await e.closeDevice(d);
+    await e.profiles!.flush();
+    assert.is(e.profiles!.recording.size, 0);
+  } finally { await e.close(); }
+});
+
 test('corrupt, truncated or out-of-range profiles are ignored with a warning; a failed prefetch leaves the frame to demand', async () => {
   const warnings: string[] = [];
   const store = new CountingStore(`${dir}/store`);
