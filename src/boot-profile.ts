@@ -111,11 +111,14 @@ export class BootProfiles {
     s.begin(loading);
   }
 
+  /** What `d` has recorded so far (its first reads, in order). */
+  recorded(d: ProfiledDevice): ProfileEntry[] { return this.sessions.get(d)?.recorded() ?? []; }
+
   /** A snapshot of `d` was committed as `child`: it gets the profile its parent has, refined by what `d` read. */
   async inherit(d: ProfiledDevice, child: LayerHeader): Promise<void> {
     const s = this.sessions.get(d);
     await s?.whenLoaded();
-    const entries = mergeEntries(s?.recorded() ?? [], s?.profile?.entries ?? []);
+    const entries = mergeEntries(this.recorded(d), s?.profile?.entries ?? []);
     if (entries.length) await this.save(child, { inherited: true, entries });
   }
 

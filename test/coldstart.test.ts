@@ -6,7 +6,7 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import * as fs from 'fs';
-import { Engine, Codec } from '../src/index';
+import { Engine, Codec, type Device } from '../src/index';
 import { FetchQueue, Priority } from '../src/fetch-queue';
 import { decodeProfile, encodeProfile } from '../src/boot-profile';
 import { keys } from '../src/format';
@@ -154,7 +154,7 @@ test('recording many devices at once costs one sampling timer, and each still re
   let started = 0;
   global.setInterval = ((...a: Parameters<typeof setInterval>) => { started++; return real(...a); }) as typeof setInterval;
   try {
-    const ds = [];
+    const ds: Device[] = [];
     try {
       for (let i = 0; i < 20; i++) ds.push(await e.openDevice(base));
       await new Promise((r) => setTimeout(r, 20));
@@ -163,8 +163,7 @@ test('recording many devices at once costs one sampling timer, and each still re
     await ds[3].read(at[12], B);
     await ds[9].read(at[40], B);
     await new Promise((r) => setTimeout(r, 40));
-    const rec = (d: unknown) => (e.profiles as unknown as { sessions: WeakMap<object, { recorded(): Array<{ frame: number }> }> })
-      .sessions.get(d as object)!.recorded().map((x) => x.frame);
+    const rec = (d: Device) => e.profiles!.recorded(d).map((x) => x.frame);
     assert.ok(rec(ds[3]).includes(12) && rec(ds[9]).includes(40), 'each device sees the frames read while it records');
     for (const d of ds) await e.closeDevice(d);
     await e.profiles!.flush();

@@ -13,7 +13,8 @@ export interface ServeTask { port: MessagePort; wakeFd: number; segs: number; se
 
 export function serve(task: ServeTask): { connections: number } {
   const memory: WebAssembly.Memory = workerData.memory;
-  // Segments are written below the memory's first size, which growth never moves: one view serves for good.
+  // The segments were allocated before this worker started, so a view of
+  // the memory as it is now covers them for good (growth never moves them).
   const plan: Planner = { wasm: instantiate(memory), view: new DataView(memory.buffer), segs: task.segs, segCap: task.segCap, blockSize: task.blockSize };
   const conns = new Map<number, Transmission>();
   let served = 0;

@@ -1,11 +1,12 @@
 // I/O buffers of one I/O worker: ArrayBuffer chunks, each a region of the
-// worker's ring (only this thread touches them; V8 copies and fills shared
-// memory with relaxed atomics, which made the copy of 4 KiB read replies
-// into the staging buffer 12% of the worker's time), carved into power-of-two slots kept on free lists per
-// size. A slot is a number: chunk * CHUNK + offset. Chunks are added as
-// needed up to a limit and never given back; the bytes in use at the worst
-// moment stay reserved, and the limit bounds them (callers wait when alloc
-// fails: back-pressure, not unbounded memory).
+// worker's ring, carved into power-of-two slots kept on free lists per
+// size. Not shared: only this thread touches them, and V8 copies and fills
+// shared memory with relaxed atomics (the copy of 4 KiB read replies into
+// the staging buffer was 12% of the worker's time). A slot is a number:
+// chunk * CHUNK + offset. Chunks are added as needed up to a limit and never
+// given back; the bytes in use at the worst moment stay reserved, and the
+// limit bounds them (callers wait when alloc fails: back-pressure, not
+// unbounded memory).
 export const CHUNK = 64 << 20;
 const MIN_SHIFT = 12; // 4 KiB
 const CLASSES = 27 - MIN_SHIFT; // 4 KiB .. 64 MiB

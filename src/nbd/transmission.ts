@@ -20,7 +20,7 @@ import * as P from './protocol';
 // imported binding is a getter call under the CommonJS transform.
 const { READ, SEND, RECV } = native.OP;
 const { CMD, CMD_FLAG, ERR, REQUEST_LEN, REQUEST_MAGIC } = P;
-const { errorChunk, nbdError, putReadReplyHeader, putSimpleReply, readReplyHeaderLen } = P;
+const { errorChunk, nbdError, putReadReplyHeader, putSimpleReply, readReplyHeaderLen, simpleReply } = P;
 const off = slabs.offsetOf;
 const loadNative = native.loadNative;
 
@@ -337,7 +337,7 @@ export class Transmission implements Channel {
     if (errno) {
       slabs.release(slot);
       const c = this.cookies.subarray(tag * 8, tag * 8 + 8);
-      this.queueBytes(this.opts.structured ? errorChunk(c, ERR.EIO, 'I/O error reading the device') : errSimple(c));
+      this.queueBytes(this.opts.structured ? errorChunk(c, ERR.EIO, 'I/O error reading the device') : simpleReply(ERR.EIO, c));
     } else this.queueSlot(slot, readReplyHeaderLen(this.opts.structured) + length);
   }
 
@@ -512,12 +512,4 @@ export class Transmission implements Channel {
     if (s < 0) throw new Error(`I/O worker out of buffer memory (${this.loop.slabs.inUse} bytes in use)`);
     return s;
   }
-
-
-}
-
-function errSimple(cookie: Buffer): Buffer {
-  const r = Buffer.allocUnsafe(16);
-  putSimpleReply(r, 0, ERR.EIO, cookie, 0);
-  return r;
 }
