@@ -39,7 +39,9 @@ for k in $kernels; do
     # Not retried, open: ublk-cold on 7.3 died of SIGSEGV (exit 139) in 2 of 9
     # runs on 2026-12-07, after its first zero-copy phase (between the device
     # stats line and the snapshot: ublk device delete, snapshot or close); no
-    # crash in 4 runs under gdb, so no backtrace yet.
+    # crash in 4 runs under gdb, so no backtrace yet. The checkout before the
+    # I/O workers (0c35720) passed it 6 of 6: suspect the split of
+    # DeviceTarget::plan/finish into acquire/release (1cd5ae8).
     why=""
     if [ "$rc" -eq 132 ]; then why="died of SIGILL (exit 132)"; fi
     if [ "$rc" -eq 124 ] && grep -q "soft lockup" "$out"; then why="timed out after a guest kernel soft lockup (exit 124)"; fi
