@@ -13,6 +13,7 @@ import * as path from 'path';
 import { randomBytes } from 'crypto';
 import { spawn, spawnSync, type ChildProcess } from 'child_process';
 import { ApiClient } from '../src/api/client';
+import { importedLayer } from './daemon-log';
 
 const ROOT = path.join(__dirname, '..');
 const list = (k: string, d: string) => (process.env[k] ?? d).split(',').map((s) => s.trim()).filter(Boolean);
@@ -33,13 +34,8 @@ async function start(s: Server, img: string): Promise<void> {
   const out = fs.openSync(logFile, 'w');
   s.child = spawn(process.execPath, [path.join(s.root, 'src', 'server.js'), '--data', s.data, '--import', img,
     '--nbd-by-name-max', '4096', '--max-devices', '4096'], { cwd: s.root, stdio: ['ignore', out, out] });
-  for (let i = 0; i < 1200; i++) {
-    const line = fs.readFileSync(logFile, 'utf8').split('\n').find((l) => l.includes('"msg":"imported"'));
-    if (line) { s.layer = String(JSON.parse(line).layer); break; }
-    if (s.child.exitCode !== null) throw new Error(`${s.key} daemon exited:\n${fs.readFileSync(logFile, 'utf8').slice(-2000)}`);
-    await sleep(100);
-  }
-  if (!s.layer) throw new Error(`${s.key} daemon did not import the image`);
+  const child = s.child;
+  s.layer = await importedLayer(logFile, () => child.exitCode === null, () => fs.readFileSync(logFile, 'utf8').slice(-2000), 120_000);
   // Warm the layer's template cache (every device reads it).
   spawnSync('nbdcopy', [`nbd+unix:///${s.layer}/warm?socket=${s.sock}`, 'null:'], { stdio: 'inherit' });
   await new ApiClient(path.join(s.data, 'api.sock')).request('DELETE', `/v1/devices/${s.layer.slice(0, 8)}-warm`).catch(() => {});

@@ -38,6 +38,7 @@ import * as path from 'path';
 import { spawn, spawnSync, type ChildProcess } from 'child_process';
 import { medianOfRounds } from './rounds';
 import { ApiClient } from '../src/api/client';
+import { importedLayer } from './daemon-log';
 import { StrataError } from '../src/errors';
 
 const ROOT = path.join(__dirname, '..');
@@ -330,23 +331,8 @@ class StrataPeer implements Peer {
     const logFile = path.join(this.dir, `${this.key}.log`);
     const nodeArgs = CPU_PROF ? ['--cpu-prof', '--cpu-prof-dir', path.resolve(CPU_PROF)] : [];
     this.child = new Child(`${this.key} daemon`, process.execPath, [...nodeArgs, path.join(this.root, 'src', 'server.js'), '--data', data, '--import', this.base], logFile, { cwd: this.root });
-    // The daemon listens first, then imports and logs {"msg":"imported","layer":…}.
-    const deadline = performance.now() + 600_000;
-    for (;;) {
-      if (!this.child.alive) {
-        await this.child.exited;
-        throw new Error(`strata daemon ${this.child.exitInfo}:\n${this.child.tail()}`);
-      }
-      let text = '';
-      try { text = fs.readFileSync(logFile, 'utf8'); } catch { /* not yet */ }
-      const line = text.split('\n').find((l) => l.includes('"msg":"imported"'));
-      if (line) {
-        this.layer = String(JSON.parse(line).layer);
-        break;
-      }
-      if (performance.now() > deadline) throw new Error(`strata daemon did not import the image within 600 s:\n${this.child.tail()}`);
-      await sleep(100);
-    }
+    const child = this.child;
+    this.layer = await importedLayer(logFile, () => child.alive, () => `${child.exitInfo ?? 'running'}\n${child.tail()}`);
     await waitNbd(this.sock, this.child);
     log(`strata: imported layer ${this.layer}`);
   }
