@@ -655,6 +655,18 @@ void ShutdownSocket(const Napi::CallbackInfo& info) {
   if (shutdown(fd, SHUT_RDWR) < 0 && errno != ENOTCONN) Fail(info.Env(), errno, "shutdown");
 }
 
+// socketPair(): a connected pair of unix stream sockets (cloexec). A TLS
+// connection's plaintext reaches its I/O worker through one: Node keeps the
+// encrypted socket and one end, the worker's ring reads and writes the other.
+Napi::Value SocketPair(const Napi::CallbackInfo& info) {
+  int sv[2];
+  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0) Fail(info.Env(), errno, "socketpair");
+  Napi::Array a = Napi::Array::New(info.Env(), 2);
+  a.Set(uint32_t(0), Napi::Number::New(info.Env(), sv[0]));
+  a.Set(uint32_t(1), Napi::Number::New(info.Env(), sv[1]));
+  return a;
+}
+
 // close(fd): for descriptors Node's fs did not open (eventfds, sockets an
 // I/O worker took over), which a worker's fs.closeSync warns about.
 void Close(const Napi::CallbackInfo& info) {
@@ -664,6 +676,7 @@ void Close(const Napi::CallbackInfo& info) {
 
 Napi::Object InitModule(Napi::Env env, Napi::Object exports) {
   exports.Set("close", Napi::Function::New(env, Close, "close"));
+  exports.Set("socketPair", Napi::Function::New(env, SocketPair, "socketPair"));
   exports.Set("shutdownSocket", Napi::Function::New(env, ShutdownSocket, "shutdownSocket"));
   exports.Set("eventfd", Napi::Function::New(env, EventFd, "eventfd"));
   exports.Set("dup", Napi::Function::New(env, Dup, "dup"));

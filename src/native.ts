@@ -126,6 +126,8 @@ export interface NativeAddon {
   close(fd: number): void;
   /** shutdown(SHUT_RDWR): also ends a receive a ring waits on. */
   shutdownSocket(fd: number): void;
+  /** A connected pair of unix stream sockets (cloexec). */
+  socketPair(): [number, number];
 }
 
 /** Shape of every error the addon throws. */

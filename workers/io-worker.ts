@@ -31,8 +31,8 @@ export function serve(task: ServeTask): { connections: number } {
       return;
     }
     if (m.t === 'open') {
-      let target;
-      try { target = new (loadNative().DeviceTarget)(m.target); } catch (e) {
+      let target = null;
+      try { if (m.target) target = new (loadNative().DeviceTarget)(m.target); } catch (e) {
         loadNative().close(m.fd);
         post({ t: 'closed', id: m.id, reason: (e as Error).message });
         return;
@@ -41,7 +41,7 @@ export function serve(task: ServeTask): { connections: number } {
         conns.set(m.id, new Transmission(m.id, m.fd, loop, target, plan, m.opts, m.initial, new Float64Array(m.stats), post));
         served++;
       } catch (e) {
-        target.close();
+        target?.close();
         loadNative().close(m.fd);
         post({ t: 'closed', id: m.id, reason: (e as Error).message });
       }

@@ -1,22 +1,24 @@
-// One NBD client connection: fixed-newstyle handshake, then transmission.
-// Requests run concurrently and are answered as they finish (any order).
-// A WRITE's payload is read completely before the export is called, so no
-// lock is ever held while waiting on the socket (H3); replies are queued on
-// the socket, never behind a lock (H4). Memory per connection is bounded: at
-// most `maxInflight` requests / `maxInflightBytes` bytes in progress and
-// `maxQueuedReplyBytes` of unsent replies, beyond which the connection stops
-// reading from its socket until it catches up.
-import type { Socket } from 'net';
+// One NBD client connection: the fixed-newstyle handshake here, on the main
+// thread, then the transmission phase on an I/O worker (transmission.ts),
+// which receives every request and serves what the device's view places;
+// the requests it hands back are answered here (handle), concurrently and
+// in any order, their replies sent whole through the worker. Memory per
+// connection is bounded by the worker: at most `maxInflight` requests /
+// `maxInflightBytes` bytes in progress and `maxQueuedReplyBytes` of unsent
+// replies, beyond which it stops receiving until it catches up. A TLS
+// connection's plaintext reaches its worker through a socket pair.
+import { Socket } from 'net';
 import { ByteQueue } from './byte-queue';
 import {
   BASE_ALLOCATION, chunkHeader, CLIENT_FLAG, CMD, CMD_FLAG, ERR, errorChunk, IHAVEOPT, INFO, infoBlockSize,
-  infoExport, infoString, nbdError, OPT, optReply, parseRequest, REP, REPLY_FLAG_DONE, REPLY_TYPE, Request,
-  REQUEST_LEN, serverGreeting, simpleReply, STATE, TFLAG,
+  infoExport, infoString, nbdError, OPT, optReply, REP, REPLY_FLAG_DONE, REPLY_TYPE,
+  serverGreeting, simpleReply, STATE, TFLAG,
 } from './protocol';
 import type { ClientInfo, ExportInfo, ExportResolver, NbdExport } from './export';
 import type { NbdTls } from './tls';
 import { loadNative } from '../native';
-import { WorkerWire } from './worker-wire';
+import { WorkerWire, type WireRequest } from './worker-wire';
+import type { IoWorkers } from '../io/pool';
 
 export interface ConnectionOptions {
   exports: ExportResolver;
@@ -27,11 +29,8 @@ export interface ConnectionOptions {
   maxInflightBytes?: number;
   maxQueuedReplyBytes?: number;
   log?: (msg: string) => void;
-  /**
-   * Serve the transmission phase on an I/O worker when the export offers
-   * one (default: on, unless STRATA_NBD_WORKER=0).
-   */
-  worker?: boolean;
+  /** The I/O workers for exports that bring none (no device behind them: every request comes back here). */
+  io?: () => IoWorkers;
   /** A client must finish the handshake within this (default 10 s, as qemu-nbd). */
   handshakeTimeoutMs?: number;
   /** Most options one handshake may send (default 4096). */
@@ -52,9 +51,9 @@ const MAX_OPTION_LEN = 64 * 1024;
 const HANDSHAKE_AHEAD = MAX_OPTION_LEN + 16 + 4096;
 const HANDSHAKE_UNSENT = 256 * 1024;
 const TRACE = !!process.env.STRATA_NBD_TRACE;
-// Reads of VIEW_MIN..VIEW_MAX bytes are sent from their I/O buffer. Below
-// 32 KiB a write callback per reply costs more than the copy it saves
-// (measured: 4 KiB random reads 54k vs 51k IOPS; 128 KiB reads +20-25%).
+// Reads of VIEW_MIN..VIEW_MAX bytes are handed to the worker straight from
+// the cache's I/O buffer (it copies them at the end of the tick); smaller
+// ones are copied out first (no buffer held for them).
 const VIEW_MIN = 32 * 1024;
 const VIEW_MAX = 1024 * 1024;
 const VIEW_BUDGET = 8 * 1024 * 1024; // arena bytes one connection may hold in unsent replies
@@ -67,11 +66,7 @@ export class NbdConnection {
   private structured = false;
   private metaContext = false;
   private inflight = 0;
-  private inflightBytes = 0;
-  private pendingWrite: Request | null = null;
-  private paused = false;
   private disconnecting = false;
-  private corked = false;
   closed = false;
   readonly minBlock: number;
   readonly preferredBlock: number;
@@ -80,7 +75,6 @@ export class NbdConnection {
   private readonly maxInflightBytes: number;
   private readonly maxQueued: number;
   private readonly log: (m: string) => void;
-  private drained: Array<() => void> = [];
   private views = new Set<() => void>();
   private viewBytes = 0;
   stats = { requests: 0, errors: 0 };
@@ -89,7 +83,8 @@ export class NbdConnection {
   // Transmission on an I/O worker (see transmission.ts): the worker owns the
   // socket; this object answers the slow-path requests it hands over.
   private wire: WorkerWire | null = null;
-  private handingOff = false;
+  /** The hand-off to the worker, from GO (or EXPORT_NAME) until the worker owns the connection. */
+  private handoff: Promise<void> | null = null;
   private wireOut: Buffer[] = [];
   /** I/O buffers of replies in wireOut, given back once the wire has copied them. */
   private wireRelease: Array<() => void> = [];
@@ -117,14 +112,14 @@ export class NbdConnection {
   }
 
   private readonly onData = (b: Buffer) => {
-    // After DISC or ABORT (or a server shutdown) input is read and dropped:
-    // it is never acted on, and reading on is what lets the client's close be seen.
+    // After ABORT (or a server shutdown) input is read and dropped: it is
+    // never acted on, and reading on is what lets the client's close be seen.
     if (this.disconnecting) return;
     this.q.push(b);
-    if (this.exp) { if (!this.handingOff) this.pump(); } else if (this.q.length > HANDSHAKE_AHEAD) this.socket.pause();
+    // Past GO the socket is paused for the hand-off: what arrives goes along.
+    if (!this.exp && this.q.length > HANDSHAKE_AHEAD) this.socket.pause();
   };
-  private readonly onSocketClose = () => { if (!this.handingOff && !this.upgrading) this.onClose(); };
-  private readonly onDrain = () => { if (this.paused) this.maybeResume(); };
+  private readonly onSocketClose = () => { if (!this.handoff && !this.upgrading) this.onClose(); };
   private upgrading = false;
   private deadline: NodeJS.Timeout | null = null;
 
@@ -132,7 +127,6 @@ export class NbdConnection {
     socket.on('data', this.onData);
     socket.on('error', () => {});
     socket.on('close', this.onSocketClose);
-    socket.on('drain', this.onDrain);
   }
 
   /** STARTTLS: the TLS socket takes over the plain one; what was negotiated before is forgotten (as the spec says). */
@@ -140,7 +134,6 @@ export class NbdConnection {
     const plain = this.socket;
     plain.off('data', this.onData);
     plain.off('close', this.onSocketClose);
-    plain.off('drain', this.onDrain);
     this.upgrading = true;
     try {
       const { socket, identity } = await tls.upgrade(plain);
@@ -182,8 +175,8 @@ export class NbdConnection {
   }
 
   /**
-   * Closes once the replies queued on the socket are sent (after DISC or
-   * ABORT, as the I/O worker does). Until then the socket keeps reading and
+   * Closes once the replies queued on the socket are sent (after ABORT, as
+   * the I/O worker does after DISC). Until then the socket keeps reading and
    * onData drops what comes: a paused socket holds the client's later bytes
    * unconsumed, its EOF never surfaces behind them, and the connection (fd,
    * buffers) would outlive the client. Nor can a client keep it half-open.
@@ -191,7 +184,6 @@ export class NbdConnection {
   private closeWhenSent(): void {
     this.disconnecting = true;
     this.q.skip(this.q.length);
-    this.pendingWrite = null;
     const socket = this.socket;
     socket.resume();
     socket.end(() => socket.destroy());
@@ -200,22 +192,10 @@ export class NbdConnection {
   /** Stop taking requests, finish the ones in flight, then close. */
   async shutdown(): Promise<void> {
     this.disconnecting = true;
-    if (this.wire) { this.wire.shutdown(); await this.wireClosed; return; }
-    if (!this.exp) { this.socket.destroy(); return; }
-    // No new requests: what is queued or still arriving is dropped (onData),
-    // and the socket keeps reading so a client that leaves is noticed now.
-    this.q.skip(this.q.length);
-    this.pendingWrite = null;
-    if (!this.handingOff) this.socket.resume(); // mid hand-off the worker is about to own the descriptor
-    await this.idle();
-    const wire = this.wire as WorkerWire | null; // set meanwhile if a hand-off was under way
-    if (wire) { wire.shutdown(); await this.wireClosed; return; }
-    this.closeWhenSent();
-  }
-
-  private idle(): Promise<void> {
-    if (this.inflight === 0) return Promise.resolve();
-    return new Promise((r) => this.drained.push(r));
+    if (!this.handoff) { this.socket.destroy(); return; }
+    await this.handoff;
+    const wire = this.wire as WorkerWire | null;
+    if (wire) { wire.shutdown(); await this.wireClosed; }
   }
 
   /** Reply bytes queued and not yet sent (on the socket, or in the I/O worker). */
@@ -224,7 +204,7 @@ export class NbdConnection {
   /** The export this connection transmits on (null during the handshake). */
   get export(): NbdExport | null { return this.exp; }
 
-  /** I/O worker transmission counters (null while the main thread serves the connection). */
+  /** I/O worker transmission counters (null until the worker has the connection). */
   wireStats() { return this.wire?.stats() ?? null; }
 
   /** Closes at once; replies not yet sent are dropped. */
@@ -398,43 +378,44 @@ export class NbdConnection {
   private enter(exp: NbdExport): void {
     this.exp = exp;
     this.clearDeadline();
-    // The worker reads the socket's descriptor itself: never under TLS.
-    if (exp.io && !this.client.tls && (this.opts.worker ?? process.env.STRATA_NBD_WORKER !== '0')) {
-      this.handingOff = true;
-      this.toWorker(exp).catch((e) => {
-        this.handingOff = false;
-        // A client that left during the hand-off is just gone.
-        if (this.socket.destroyed) { this.onClose(); return; }
-        this.log(`nbd: I/O worker unavailable, serving from the main thread: ${(e as Error).message}`);
-        this.socket.resume();
-        this.pump();
-      });
-      return;
-    }
-    this.socket.resume(); // the handshake may have paused it
-    this.pump();
+    this.handoff = this.toWorker(exp).catch((e) => {
+      // A client that left during the hand-off is just gone.
+      if (!this.socket.destroyed) this.log(`nbd: cannot start transmission on an I/O worker: ${(e as Error).message}`);
+      this.socket.destroy();
+      this.onClose();
+    });
   }
 
   /**
-   * Hands the socket to an I/O worker. The negotiation replies must be on
-   * the wire first, and bytes the client already sent (pipelined requests)
-   * go along with it.
+   * Hands the connection to an I/O worker. The negotiation replies must be
+   * on the wire first, and bytes the client already sent (pipelined
+   * requests) go along with it. A plain socket's descriptor becomes the
+   * worker's; a TLS socket stays here, relaying plaintext to and from the
+   * worker's end of a socket pair.
    */
   private async toWorker(exp: NbdExport): Promise<void> {
-    this.socket.pause();
-    await new Promise<void>((resolve) => this.socket.write(Buffer.alloc(0), () => resolve()));
-    if (this.socket.destroyed) throw new Error('socket closed during hand-off');
-    while (this.socket.read() !== null) { /* the 'data' listener queues it */ }
-    const fd = (this.socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
-    if (typeof fd !== 'number' || fd < 0) throw new Error('socket has no file descriptor');
-    const { workers, target } = exp.io!();
+    const socket = this.socket;
+    socket.pause();
+    await new Promise<void>((resolve) => socket.write(Buffer.alloc(0), () => resolve()));
+    if (socket.destroyed) throw new Error('socket closed during hand-off');
+    while (socket.read() !== null) { /* the 'data' listener queues it */ }
+    const native = loadNative();
+    let fd: number, relay: Socket | null = null;
+    if (this.client.tls) {
+      const [mine, theirs] = native.socketPair();
+      fd = theirs;
+      relay = new Socket({ fd: mine, readable: true, writable: true });
+    } else {
+      const own = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
+      if (typeof own !== 'number' || own < 0) throw new Error('socket has no file descriptor');
+      fd = native.dup(own);
+    }
+    const { workers, target } = exp.io ? exp.io() : { workers: this.workers(), target: 0 };
     const initial = this.q.take(this.q.length);
     let resolveClosed!: () => void;
     this.wireClosed = new Promise((r) => { resolveClosed = r; });
-    // The worker gets its own descriptor; the JS socket closes its one.
-    const own = loadNative().dup(fd);
     try {
-      this.wire = new WorkerWire(workers, own, target, {
+      this.wire = new WorkerWire(workers, fd, target, {
         structured: this.structured, readOnly: !!exp.readOnly, size: exp.size, minBlock: this.minBlock,
         maxPayload: this.maxPayload, maxInflight: this.maxInflight, maxInflightBytes: this.maxInflightBytes,
         maxQueuedReplyBytes: this.maxQueued,
@@ -443,23 +424,33 @@ export class NbdConnection {
         if (message !== 'disconnected' && message !== 'client went away') this.log(`nbd: connection closed: ${message}`);
         this.wire = null;
         this.onClose();
-        for (const r of this.drained.splice(0)) r();
         resolveClosed();
       });
-    } catch (e) { loadNative().close(own); throw e; }
-    this.socket.destroy();
+    } catch (e) { native.close(fd); relay?.destroy(); throw e; }
+    socket.off('data', this.onData);
+    socket.off('close', this.onSocketClose);
+    if (!relay) { socket.destroy(); return; }
+    // Both directions keep their backpressure: a client that stops reading
+    // fills the relay's socket and then the worker's, which counts it unsent.
+    relay.on('error', () => {});
+    socket.pipe(relay);
+    relay.pipe(socket);
+    socket.on('close', () => relay!.destroy());
+    relay.on('close', () => socket.destroy());
+  }
+
+  private workers(): IoWorkers {
+    if (!this.opts.io) throw new Error('the export has no I/O workers and the server gave none');
+    return this.opts.io();
   }
 
   private onWireRequests(): void {
     const wire = this.wire;
     if (!wire) return;
-    for (const r of wire.take()) {
-      if (r.type === CMD.WRITE) this.dispatch(r, r.payload);
-      else this.dispatch(r, null);
-    }
+    for (const r of wire.take()) this.dispatch(r, r.type === CMD.WRITE ? r.payload : null);
   }
 
-  /** Slow-path replies go to the wire whole, batched per tick. */
+  /** Replies go to the wire whole, batched per tick. */
   private wireFlush(): void {
     if (this.wireFlushQueued) return;
     this.wireFlushQueued = true;
@@ -476,58 +467,23 @@ export class NbdConnection {
 
   // --------------------------------------------------------- transmission
 
-  private pump(): void {
-    const q = this.q;
-    while (!this.paused && !this.disconnecting && !this.closed) {
-      if (this.pendingWrite) {
-        if (q.length < this.pendingWrite.length) return;
-        const req = this.pendingWrite;
-        this.pendingWrite = null;
-        this.dispatch(req, q.take(req.length));
-        continue;
-      }
-      if (q.length < REQUEST_LEN) return;
-      const req = parseRequest(q.take(REQUEST_LEN));
-      if (!req) { this.log('nbd: bad request magic, closing connection'); this.socket.destroy(); return; }
-      // Copy the cookie: the header buffer may be a slice of a reused chunk.
-      req.cookie = Buffer.from(req.cookie);
-      if (req.type === CMD.WRITE) {
-        // A write's payload length is checked before anything is buffered
-        // for it; one above the maximum cannot be skipped safely: drop.
-        if (req.length > this.maxPayload) {
-          this.log(`nbd: write of ${req.length} bytes exceeds the ${this.maxPayload}-byte maximum, closing connection`);
-          this.socket.destroy();
-          return;
-        }
-        this.pendingWrite = req;
-        continue;
-      }
-      if (req.type === CMD.DISC) { this.disconnecting = true; void this.shutdown(); return; }
-      this.dispatch(req, null);
-    }
-  }
-
-  private dispatch(req: Request, payload: Buffer | null): void {
+  /** A request the worker handed over: handled here, its reply and its count go back to the worker. */
+  private dispatch(req: WireRequest, payload: Buffer | null): void {
     if (TRACE) this.log(`nbd: request type=${req.type} flags=${req.flags} offset=${req.offset} length=${req.length}`);
     this.inflight++;
+    // What the worker counted against its in-flight bytes for it.
     const cost = payload ? payload.length : req.type === CMD.READ ? Math.min(req.length, this.maxPayload) : 0;
-    this.inflightBytes += cost;
     this.stats.requests++;
-    // Replies of requests in flight join the unsent ones, so both count
-    // against the unsent bound (as on an I/O worker).
-    if (this.inflight >= this.maxInflight || this.inflightBytes >= this.maxInflightBytes ||
-      this.socket.writableLength + this.inflightBytes > this.maxQueued) this.pause();
     this.handle(req, payload).catch((e) => this.replyError(req, e)).finally(() => {
       if (TRACE) this.log(`nbd: done type=${req.type} offset=${req.offset}`);
       this.inflight--;
-      this.inflightBytes -= cost;
-      if (this.wire) { this.wireDone++; this.wireDoneBytes += cost; this.wireFlush(); }
-      if (this.paused) this.maybeResume();
-      if (this.inflight === 0) for (const r of this.drained.splice(0)) r();
+      this.wireDone++;
+      this.wireDoneBytes += cost;
+      this.wireFlush();
     });
   }
 
-  private async handle(req: Request, payload: Buffer | null): Promise<void> {
+  private async handle(req: WireRequest, payload: Buffer | null): Promise<void> {
     const exp = this.exp!;
     const { type, flags, offset, length } = req;
     if (flags & ~KNOWN_CMD_FLAGS) return this.fail(req, ERR.EINVAL, 'unknown command flags');
@@ -620,63 +576,32 @@ export class NbdConnection {
     }
   }
 
-  private ok(req: Request): void { this.send(simpleReply(0, req.cookie)); }
+  private ok(req: WireRequest): void { this.send(simpleReply(0, req.cookie)); }
 
-  private fail(req: Request, error: number, message: string): void {
+  private fail(req: WireRequest, error: number, message: string): void {
     this.stats.errors++;
     if (this.structured && (req.type === CMD.READ || req.type === CMD.BLOCK_STATUS)) this.send(errorChunk(req.cookie, error, message));
     else this.send(simpleReply(error, req.cookie));
   }
 
-  private replyError(req: Request, e: unknown): void {
+  private replyError(req: WireRequest, e: unknown): void {
     const err = e as { errno?: number; message?: string };
     this.fail(req, nbdError(err.errno), err.message ?? 'error');
   }
 
-  /** Queues a reply payload; `done` runs once the socket no longer needs it. */
+  /** Queues a reply payload; `done` runs once the worker has copied it. */
   private sendData(data: Buffer, done?: () => void): void {
-    if (this.wire) { this.send(data); if (done) { this.wireRelease.push(done); this.wireFlush(); } return; }
-    if (this.closed || this.socket.destroyed) { done?.(); return; }
-    if (data.length === 0) { done?.(); return; }
-    this.send();
-    if (done) this.socket.write(data, () => done());
-    else this.socket.write(data);
-    if (this.socket.writableLength + this.inflightBytes > this.maxQueued) this.pause();
+    this.send(data);
+    if (done) { this.wireRelease.push(done); this.wireFlush(); }
   }
 
-  /** Queues reply buffers; they go out together at the end of this tick. */
+  /**
+   * Queues reply buffers; the worker copies them at the end of this tick.
+   * Every part of one reply is queued in the same tick, so it goes out whole.
+   */
   private send(...bufs: Buffer[]): void {
-    if (this.wire) {
-      // Copied by the wire at the end of the tick; every part of one reply is
-      // queued in the same tick, so it goes out whole.
-      for (const b of bufs) if (b.length) this.wireOut.push(b);
-      this.wireFlush();
-      return;
-    }
-    if (this.closed || this.socket.destroyed) return;
-    if (!this.corked) {
-      this.corked = true;
-      this.socket.cork();
-      process.nextTick(() => { this.corked = false; if (!this.socket.destroyed) this.socket.uncork(); });
-    }
-    for (const b of bufs) if (b.length) this.socket.write(b);
-    if (this.socket.writableLength + this.inflightBytes > this.maxQueued) this.pause();
-  }
-
-  private pause(): void {
-    // The wire applies its own limits; once disconnecting, input is only dropped (and must be read to see the client go).
-    if (this.paused || this.wire || this.disconnecting) return;
-    this.paused = true;
-    this.socket.pause();
-  }
-
-  private maybeResume(): void {
-    if (this.wire) return;
-    if (this.inflight < this.maxInflight / 2 && this.inflightBytes < this.maxInflightBytes / 2 &&
-      this.socket.writableLength + this.inflightBytes <= this.maxQueued / 2) {
-      this.paused = false;
-      if (!this.disconnecting) { this.socket.resume(); this.pump(); }
-    }
+    for (const b of bufs) if (b.length) this.wireOut.push(b);
+    this.wireFlush();
   }
 }
 

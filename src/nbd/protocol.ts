@@ -150,15 +150,10 @@ export function errorChunk(cookie: Buffer, error: number, message: string): Buff
   return b;
 }
 
-export interface Request { flags: number; type: number; cookie: Buffer; offset: number; length: number }
-
-/** Parses a 28-byte request header; null when the magic is wrong. */
-export function parseRequest(b: Buffer, at = 0): Request | null {
-  if (b.readUInt32BE(at) !== REQUEST_MAGIC) return null;
-  const hi = b.readUInt32BE(at + 16), lo = b.readUInt32BE(at + 20);
-  return {
-    flags: b.readUInt16BE(at + 4), type: b.readUInt16BE(at + 6), cookie: b.subarray(at + 8, at + 16),
-    // Offsets above 2^53 cannot be valid for any device; keep them huge, not wrapped.
-    offset: hi * 0x100000000 + lo, length: b.readUInt32BE(at + 24),
-  };
-}
+/**
+ * Where the fields of a request header (REQUEST_LEN bytes, big-endian) are:
+ * the I/O worker reads them in place, allocating nothing per request.
+ * Offsets above 2^53 cannot be valid for any device: read as hi * 2^32 + lo
+ * they stay huge, never wrap.
+ */
+export const REQ = { MAGIC: 0, FLAGS: 4, TYPE: 6, COOKIE: 8, OFFSET_HI: 16, OFFSET_LO: 20, LENGTH: 24 } as const;

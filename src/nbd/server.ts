@@ -6,8 +6,10 @@ import * as fs from 'fs';
 import { NbdConnection, type ConnectionOptions } from './connection';
 import type { ExportResolver, NbdExport } from './export';
 import type { NbdTls } from './tls';
+import { IoWorkers } from '../io/pool';
+import { SharedHeap } from '../wasm';
 
-export interface NbdServerOptions extends Omit<ConnectionOptions, 'exports' | 'refuse' | 'tls' | 'transport'> {
+export interface NbdServerOptions extends Omit<ConnectionOptions, 'exports' | 'refuse' | 'tls' | 'transport' | 'io'> {
   /** TLS for TCP connections (off, on, require); unix-socket connections are offered it when it is not off, never required to. */
   tls?: NbdTls;
   exports: ExportResolver;
@@ -23,6 +25,10 @@ export class NbdServer {
   private conns = new Set<NbdConnection>();
   private refusing = 0;
   private lastRefusalLog = 0;
+  // I/O workers of its own, started when an export that brings none (no
+  // device behind it) is first connected: they relay its requests.
+  private ownIo: IoWorkers | null = null;
+  private readonly io = () => (this.ownIo ??= new IoWorkers(new SharedHeap({ reserveBytes: 1 << 20 }), { log: this.opts.log }));
 
   constructor(private readonly opts: NbdServerOptions) {}
 
@@ -56,7 +62,7 @@ export class NbdServer {
     const srv = net.createServer({ noDelay: true }, (socket) => {
       const max = this.opts.maxConnections ?? 1000;
       if (this.conns.size >= max) { this.refuse(socket, max); return; }
-      const c = new NbdConnection(socket, { ...this.opts, tls, transport });
+      const c = new NbdConnection(socket, { ...this.opts, tls, transport, io: this.io });
       this.conns.add(c);
       c.onClosed = () => { this.conns.delete(c); };
       void c.start();
@@ -100,5 +106,6 @@ export class NbdServer {
     clearTimeout(timer);
     for (const c of this.conns) c.destroy();
     await closing;
+    await this.ownIo?.close();
   }
 }

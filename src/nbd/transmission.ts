@@ -19,7 +19,7 @@ import * as P from './protocol';
 // Module bindings as local constants: the hot path runs per request, and an
 // imported binding is a getter call under the CommonJS transform.
 const { READ, SEND, RECV } = native.OP;
-const { CMD, CMD_FLAG, ERR, REQUEST_LEN, REQUEST_MAGIC } = P;
+const { CMD, CMD_FLAG, ERR, REQ, REQUEST_LEN, REQUEST_MAGIC } = P;
 const { errorChunk, nbdError, putReadReplyHeader, putSimpleReply, readReplyHeaderLen, simpleReply } = P;
 const off = slabs.offsetOf;
 const loadNative = native.loadNative;
@@ -96,7 +96,8 @@ export class Transmission implements Channel {
   private inflightBytes = 0;
   private toMain: SlowRequest[] = [];
 
-  constructor(readonly id: number, fd: number, private readonly loop: IoLoop, private readonly target: NativeDeviceTarget,
+  /** `target` null: an export with no device behind it; every request goes to the main thread. */
+  constructor(readonly id: number, fd: number, private readonly loop: IoLoop, private readonly target: NativeDeviceTarget | null,
     private readonly plan: Planner, private readonly opts: TransmissionOptions, initial: Uint8Array,
     private readonly stats: Float64Array, private readonly post: (e: TransmissionEvent) => void) {
     this.fd = fd;
@@ -186,18 +187,19 @@ export class Transmission implements Channel {
     let waiting = false;
     while (this.rlen - this.rpos >= REQUEST_LEN && !this.paused() && this.reading) {
       const h = base + this.rpos;
-      if (b.readUInt32BE(h) !== REQUEST_MAGIC) { this.gone('bad request magic'); return; }
-      const flags = b.readUInt16BE(h + 4), type = b.readUInt16BE(h + 6);
-      const offset = b.readUInt32BE(h + 16) * 0x100000000 + b.readUInt32BE(h + 20), length = b.readUInt32BE(h + 24);
+      if (b.readUInt32BE(h + REQ.MAGIC) !== REQUEST_MAGIC) { this.gone('bad request magic'); return; }
+      const flags = b.readUInt16BE(h + REQ.FLAGS), type = b.readUInt16BE(h + REQ.TYPE);
+      const offset = b.readUInt32BE(h + REQ.OFFSET_HI) * 0x100000000 + b.readUInt32BE(h + REQ.OFFSET_LO), length = b.readUInt32BE(h + REQ.LENGTH);
+      const c = h + REQ.COOKIE;
       if (type === CMD.DISC) { this.rpos += REQUEST_LEN; this.reading = false; break; }
       if (type === CMD.WRITE) {
         if (length > this.opts.maxPayload) { this.gone(`write of ${length} bytes exceeds the maximum payload`); return; }
         const have = Math.min(length, this.rlen - this.rpos - REQUEST_LEN);
         if (have === length) {
           // The whole payload is here: written straight from the receive buffer.
-          const v = this.serveWrite(flags, b, h + 8, offset, length, this.recvSlot, this.rpos + REQUEST_LEN);
+          const v = this.serveWrite(flags, b, c, offset, length, this.recvSlot, this.rpos + REQUEST_LEN);
           if (v === 'wait') { waiting = true; break; } // parsed again next turn
-          if (v === 'slow') this.slow(type, flags, b.subarray(h + 8, h + 16), offset, length, Uint8Array.prototype.slice.call(b, h + REQUEST_LEN, h + REQUEST_LEN + length));
+          if (v === 'slow') this.slow(type, flags, b.subarray(c, c + 8), offset, length, Uint8Array.prototype.slice.call(b, h + REQUEST_LEN, h + REQUEST_LEN + length));
           this.rpos += REQUEST_LEN + length;
           continue;
         }
@@ -207,14 +209,14 @@ export class Transmission implements Channel {
         const slot = this.loop.slabs.alloc(Math.max(length, 1));
         if (slot < 0) { waiting = true; break; }
         b.copy(this.loop.slabs.buf(slot), off(slot), h + REQUEST_LEN, h + REQUEST_LEN + have);
-        const cookie = Buffer.from(b.subarray(h + 8, h + 16));
+        const cookie = Buffer.from(b.subarray(c, c + 8));
         this.rpos += REQUEST_LEN + have;
         this.payload = { type, flags, cookie, offset, length, slot, got: have };
         break;
       }
-      const v = type === CMD.READ ? this.serveRead(flags, b, h + 8, offset, length) : 'slow';
+      const v = type === CMD.READ ? this.serveRead(flags, b, c, offset, length) : 'slow';
       if (v === 'wait') { waiting = true; break; }
-      if (v === 'slow') this.slow(type, flags, b.subarray(h + 8, h + 16), offset, length, null);
+      if (v === 'slow') this.slow(type, flags, b.subarray(c, c + 8), offset, length, null);
       this.rpos += REQUEST_LEN;
     }
     if (this.rpos === this.rlen && !this.receiving) this.rpos = this.rlen = 0;
@@ -238,7 +240,7 @@ export class Transmission implements Channel {
   /** A READ/WRITE range the planner may place: non-empty, aligned, inside the device. */
   private plannable(offset: number, length: number): boolean {
     const o = this.opts;
-    return length > 0 && length <= o.maxPayload && offset % o.minBlock === 0 && length % o.minBlock === 0 &&
+    return this.target !== null && length > 0 && length <= o.maxPayload && offset % o.minBlock === 0 && length % o.minBlock === 0 &&
       offset + length <= o.size;
   }
 
@@ -256,7 +258,7 @@ export class Transmission implements Channel {
    * the engine, whose own request on those blocks would have to wait too).
    */
   private acquire(write: boolean, offset: number, length: number): number {
-    const v = this.target.acquire(write, offset, length, this.busyTurns >= BUSY_TURNS);
+    const v = this.target!.acquire(write, offset, length, this.busyTurns >= BUSY_TURNS);
     if (v === BUSY) { this.busyTurns++; this.loop.spin = true; return BUSY; }
     this.busyTurns = 0;
     return v;
@@ -274,7 +276,7 @@ export class Transmission implements Channel {
     const b0 = Math.floor(offset / bs), b1 = Math.ceil((offset + length) / bs);
     const n = wasm.planLocal(view, b0, b1, bs, segs, segCap);
     if (n < 0) {
-      this.target.release(false, offset, length, -1, 0);
+      this.target!.release(false, offset, length, -1, 0);
       this.loop.slabs.release(slot);
       return 'slow';
     }
@@ -314,11 +316,11 @@ export class Transmission implements Channel {
     if (!view) return 'slow';
     const { wasm, blockSize: bs } = this.plan;
     const fd = wasm.planWrite(view, offset, length, bs);
-    if (fd < 0) { this.target.release(true, offset, length, -1, 0); return 'slow'; }
+    if (fd < 0) { this.target!.release(true, offset, length, -1, 0); return 'slow'; }
     const res = this.loop.pwrite(slot, at, length, fd, offset);
     // The write rule: its blocks are DIRTY only once the bytes are in the file.
     if (res >= 0) wasm.wrote(view, offset, length, bs);
-    this.target.release(true, offset, length, res >= 0 ? 1 : 0, (performance.now() - this.loop.now) * 1e6);
+    this.target!.release(true, offset, length, res >= 0 ? 1 : 0, (performance.now() - this.loop.now) * 1e6);
     this.stats[STAT.FAST]++;
     const r = this.reserve(16);
     if (r >= 0) putSimpleReply(this.loop.slabs.buf(this.stage), r, res < 0 ? nbdError(-res) : 0, c, ca);
@@ -331,7 +333,7 @@ export class Transmission implements Channel {
     this.fastN--;
     this.inflightBytes -= length;
     this.stats[STAT.FAST]++;
-    this.target.release(false, offset, length, errno ? 0 : 1, (this.loop.now - this.fT0[tag]) * 1e6);
+    this.target!.release(false, offset, length, errno ? 0 : 1, (this.loop.now - this.fT0[tag]) * 1e6);
     const slabs = this.loop.slabs;
     if (this.peerGone || this.destroyed) { slabs.release(slot); return; }
     if (errno) {
@@ -503,7 +505,7 @@ export class Transmission implements Channel {
     if (this.payload) slabs.release(this.payload.slot);
     slabs.release(this.recvSlot);
     try { loadNative().close(this.fd); } catch { /* already closed */ }
-    this.target.close();
+    this.target?.close();
     this.post({ t: 'closed', id: this.id, reason });
   }
 

@@ -1,10 +1,19 @@
 // A small raw NBD client for protocol tests: it can do everything a real
 // client does and also send whatever a broken or hostile client would.
 import * as net from 'net';
+import * as tls from 'tls';
 import { ByteQueue } from '../../src/nbd/byte-queue';
 import { CMD, IHAVEOPT, INFO, OPT, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE } from '../../src/nbd/protocol';
 
 export interface Reply { error: number; data: Buffer; chunks: Array<{ type: number; payload: Buffer }> }
+
+/**
+ * STRATA_TEST_NBD_TLS=1: RawClient.open() upgrades with STARTTLS (this
+ * pre-shared key) before its options, so a suite runs again over TLS; the
+ * server must offer it (nbdFixture does).
+ */
+export const OVER_TLS = process.env.STRATA_TEST_NBD_TLS === '1';
+export const TEST_PSK = { identity: 'tester', key: Buffer.alloc(32, 0x5a) };
 
 export class RawClient {
   readonly q = new ByteQueue();
@@ -17,10 +26,33 @@ export class RawClient {
   flags = 0;
   blockInfo: number[] = [];
 
-  private constructor(readonly socket: net.Socket) {
-    socket.on('data', (b) => { this.q.push(b); this.wake(); });
-    socket.on('close', () => { this.closed = true; this.q.end(new Error('closed')); this.wake(); });
+  private constructor(public socket: net.Socket) { this.listen(socket); }
+
+  private readonly onData = (b: Buffer) => { this.q.push(b); this.wake(); };
+  private readonly onClose = () => { this.closed = true; this.q.end(new Error('closed')); this.wake(); };
+
+  private listen(socket: net.Socket): void {
+    socket.on('data', this.onData);
+    socket.on('close', this.onClose);
     socket.on('error', () => {});
+  }
+
+  /** STARTTLS with TEST_PSK; the TLS socket then takes the plain one's place. */
+  async startTls(): Promise<void> {
+    this.sendOption(OPT.STARTTLS);
+    const r = await this.optReply();
+    if (r.type !== 1) throw new Error(`STARTTLS refused: 0x${r.type.toString(16)}`);
+    const plain = this.socket;
+    plain.off('data', this.onData);
+    plain.off('close', this.onClose);
+    const t = tls.connect({
+      socket: plain, checkServerIdentity: () => undefined,
+      pskCallback: () => ({ psk: TEST_PSK.key, identity: TEST_PSK.identity }),
+      ciphers: 'TLS_AES_128_GCM_SHA256:PSK-AES128-GCM-SHA256',
+    });
+    await new Promise<void>((res, rej) => { t.once('secureConnect', () => res()); t.once('error', rej); });
+    this.socket = t;
+    this.listen(t);
   }
 
   static connect(path: string): Promise<RawClient> {
@@ -96,6 +128,7 @@ export class RawClient {
   static async open(path: string, name: string, opts: { structured?: boolean; meta?: boolean } = {}): Promise<RawClient> {
     const c = await RawClient.connect(path);
     await c.greeting();
+    if (OVER_TLS) await c.startTls();
     if (opts.structured) { c.sendOption(OPT.STRUCTURED_REPLY); await c.optReplies(); c.structured = true; }
     if (opts.meta) { c.sendOption(OPT.SET_META_CONTEXT, RawClient.metaRequest(name, ['base:allocation'])); await c.optReplies(); }
     c.sendOption(OPT.GO, RawClient.infoRequest(name));
