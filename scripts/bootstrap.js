@@ -33,6 +33,8 @@ const VM_TOOLS = [
   { pkg: 'nbd-client', file: '/sbin/nbd-client' },
   { pkg: 'cpio', file: '/bin/cpio' },
   { pkg: 'xz-utils', file: '/usr/bin/xz' },
+  // Backtraces of core dumps a crashed in-VM test leaves.
+  { pkg: 'gdb', file: '/usr/bin/gdb' },
   ...TEST_TOOLS,
 ];
 
