@@ -39,14 +39,9 @@ export class IoLoop {
   private freeIds: number[] = [];
   private dirty = new Set<Channel>();
   private waiting = new Set<Channel>();
+  private retrying = new Set<Channel>();
   private wakeSlot: number;
   private stopping = false;
-  /**
-   * Set by a channel that waits on something no completion here announces
-   * (stripes another thread holds): the next turn does not block. Such waits
-   * are bounded by the channel (a few turns, then the slow path).
-   */
-  spin = false;
   /** performance.now() of this turn: one clock read per turn, not per request. */
   now = performance.now();
 
@@ -115,6 +110,13 @@ export class IoLoop {
   /** Pump this channel after every turn until it says otherwise (it waits for room). */
   wait(c: Channel, on: boolean): void { if (on) this.waiting.add(c); else this.waiting.delete(c); }
 
+  /**
+   * Pump this channel next turn without sleeping in the ring first: it waits
+   * for something no completion here announces (stripes another thread
+   * holds). The channel bounds such waits (a few turns, then the slow path).
+   */
+  retry(c: Channel): void { this.retrying.add(c); }
+
   /** Ends run() once `idle` says every channel is gone. */
   stop(): void { this.stopping = true; }
 
@@ -122,6 +124,8 @@ export class IoLoop {
   run(idle: () => boolean): void {
     for (;;) {
       for (const c of this.waiting) this.dirty.add(c);
+      for (const c of this.retrying) this.dirty.add(c);
+      this.retrying.clear();
       while (this.dirty.size) {
         const batch = [...this.dirty];
         this.dirty.clear();
@@ -131,8 +135,7 @@ export class IoLoop {
       const count = this.head - this.submitted;
       let n = this.ring.submitReap(this.submitted, count);
       this.submitted = this.head;
-      if (n === 0 && !this.spin) n = this.ring.wait(1);
-      this.spin = false;
+      if (n === 0 && !this.retrying.size) n = this.ring.wait(1);
       this.now = performance.now();
       this.dispatch(n);
     }

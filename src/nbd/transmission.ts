@@ -259,7 +259,7 @@ export class Transmission implements Channel {
    */
   private acquire(write: boolean, offset: number, length: number): number {
     const v = this.target!.acquire(write, offset, length, this.busyTurns >= BUSY_TURNS);
-    if (v === BUSY) { this.busyTurns++; this.loop.spin = true; return BUSY; }
+    if (v === BUSY) { this.busyTurns++; this.loop.retry(this); return BUSY; }
     this.busyTurns = 0;
     return v;
   }
