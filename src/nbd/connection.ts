@@ -399,18 +399,18 @@ export class NbdConnection {
     await new Promise<void>((resolve) => socket.write(Buffer.alloc(0), () => resolve()));
     if (socket.destroyed) throw new Error('socket closed during hand-off');
     while (socket.read() !== null) { /* the 'data' listener queues it */ }
+    const { workers, target } = exp.io ? exp.io() : { workers: this.workers(), target: 0 };
     const native = loadNative();
     let fd: number, relay: Socket | null = null;
     if (this.client.tls) {
       const [mine, theirs] = native.socketPair();
+      try { relay = new Socket({ fd: mine, readable: true, writable: true }); } catch (e) { native.close(mine); native.close(theirs); throw e; }
       fd = theirs;
-      relay = new Socket({ fd: mine, readable: true, writable: true });
     } else {
       const own = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
       if (typeof own !== 'number' || own < 0) throw new Error('socket has no file descriptor');
       fd = native.dup(own);
     }
-    const { workers, target } = exp.io ? exp.io() : { workers: this.workers(), target: 0 };
     const initial = this.q.take(this.q.length);
     let resolveClosed!: () => void;
     this.wireClosed = new Promise((r) => { resolveClosed = r; });
