@@ -9,6 +9,10 @@
 //                   a strata device (the file imported as a layer, its cache
 //                   warmed) served by serveUblk: the engine's DeviceTarget
 //                   plans every request; writes land in the device's overlay
+//   strata-prev-zero-copy / strata-prev-user-copy (with STRATA_BENCH_PREV=DIR,
+//                   a built checkout of another commit, e.g. a git worktree):
+//                   the same strata device served by that checkout's engine
+//                   and addon, in this process, for a side-by-side A/B
 //   loop            the kernel loop driver on the same file (losetup --direct-io=on)
 //   ublk-zero-copy-sparse (by name only) bare ublk on a fresh sparse file: first
 //                   writes allocate, as in a strata overlay (its reads are of holes)
@@ -135,9 +139,11 @@ function wakeups(dev: UblkDevice): string {
   }
   fs.rmSync(DIR, { recursive: true, force: true });
   fs.mkdirSync(DIR, { recursive: true });
-  if (OWN_TMPFS && FS === 'tmpfs') await sh(`mount -t tmpfs -o size=${FILE_MB * 4 + 512}m strata-bench ${DIR}`);
+  // Backing file, store, cache and an overlay per strata device (twice with a second checkout's engine).
+  const roomMb = FILE_MB * (process.env.STRATA_BENCH_PREV ? 7 : 4) + 512;
+  if (OWN_TMPFS && FS === 'tmpfs') await sh(`mount -t tmpfs -o size=${roomMb}m strata-bench ${DIR}`);
   if (OWN_TMPFS && FS === 'ext4-ram') {
-    await sh(`modprobe brd rd_nr=1 rd_size=${(FILE_MB * 4 + 512) * 1024} max_part=0`);
+    await sh(`modprobe brd rd_nr=1 rd_size=${roomMb * 1024} max_part=0`);
     await sh(`mkfs.ext4 -q -F /dev/ram0 && mount -t ext4 /dev/ram0 ${DIR}`);
   }
   const fsType = (await sh(`stat -f -c %T ${DIR}`)).trim();
@@ -149,6 +155,14 @@ function wakeups(dev: UblkDevice): string {
   const target = FileTarget.open(img);
   const engine = await Engine.open({ store: `${DIR}/store`, cacheDir: `${DIR}/cache` });
   const layer = want.some((p) => p.startsWith('strata-')) ? (await engine.importImage(img, { codec: Codec.Lz4 })).id : '';
+  // Another checkout's engine (its own addon and WASM), on its own store and cache.
+  const PREV = process.env.STRATA_BENCH_PREV;
+  const prev = PREV && want.some((p) => p.startsWith('strata-prev-')) ? await (async () => {
+    const mod = require(`${PREV}/src/index`) as typeof import('../src/index');
+    const exp = require(`${PREV}/src/ublk-export`) as typeof import('../src/ublk-export');
+    const e = await mod.Engine.open({ store: `${DIR}/store-prev`, cacheDir: `${DIR}/cache-prev` });
+    return { engine: e, serveUblk: exp.serveUblk, layer: (await e.importImage(img, { codec: mod.Codec.Lz4 })).id };
+  })() : null;
 
   // Each peer opens a fresh device per round and closes it after.
   interface Peer { name: string; note?: string; open(): Promise<{ path: string; close(): Promise<string | void> }> }
@@ -162,24 +176,28 @@ function wakeups(dev: UblkDevice): string {
         return { path: dev.path, close: async () => { const w = wakeups(dev); await dev.delete(); return w; } };
       },
     });
-    peers.push({
-      name: `strata-${transport}`, note: off,
-      async open() {
-        const d = await engine.openDevice(layer);
-        const dev = await serveUblk(d, { transport, queues: QUEUES, depth: 64 });
-        // Warm the template cache; sync so that its writing back is not part of the next cell.
-        await sh(`dd if=${dev.path} of=/dev/null bs=1M iflag=direct status=none && sync`);
-        return {
-          path: dev.path,
-          async close() {
-            const st = d.nativeStats(), w = wakeups(dev);
-            await dev.delete();
-            await engine.closeDevice(d);
-            return `native: ${st.fastReads} reads, ${st.fastWrites} writes; slow: ${st.slowPlans} (gate ${st.slowGate}, busy stripe ${st.slowBusy}); ${w}`;
-          },
-        };
-      },
-    });
+    for (const which of ['strata', 'strata-prev'] as const) {
+      const side = which === 'strata' ? { engine, serveUblk, layer } : prev;
+      peers.push({
+        name: `${which}-${transport}`, note: off ?? (side ? undefined : 'needs STRATA_BENCH_PREV (a built checkout)'),
+        async open() {
+          const { engine, serveUblk, layer } = side!;
+          const d = await engine.openDevice(layer);
+          const dev = await serveUblk(d, { transport, queues: QUEUES, depth: 64 });
+          // Warm the template cache; sync so that its writing back is not part of the next cell.
+          await sh(`dd if=${dev.path} of=/dev/null bs=1M iflag=direct status=none && sync`);
+          return {
+            path: dev.path,
+            async close() {
+              const st = d.nativeStats(), w = wakeups(dev);
+              await dev.delete();
+              await engine.closeDevice(d);
+              return `native: ${st.fastReads} reads, ${st.fastWrites} writes; slow: ${st.slowPlans} (gate ${st.slowGate}, busy stripe ${st.slowBusy}); ${w}`;
+            },
+          };
+        },
+      });
+    }
   }
   // A file of the device's size with no data: every first write allocates.
   const freshSparse = (name: string) => {
@@ -263,6 +281,7 @@ function wakeups(dev: UblkDevice): string {
   }
   target.close();
   await engine.close();
+  await prev?.engine.close();
 
   console.log(`\n### ublk vs loop on ${kernel} (QEMU TCG, ${os.cpus().length} vCPU, ${QUEUES} ublk queues, ${FILE_MB} MiB file on ${FS === 'ext4-ram' ? 'ext4 on a RAM disk (brd)' : fsType}, ${SECONDS} s per cell, best of ${ROUNDS} interleaved rounds)\n`);
   const names = active.map((p) => p.name);
