@@ -83,7 +83,8 @@ export class IoWorkers {
 
   /**
    * Hands a connection's socket (`fd`, now the worker's) to the least busy
-   * worker. `events` gets its slow requests and, once, its close.
+   * worker; `target` is its device's native target key (0: no device, every
+   * request goes back). `events` gets its slow requests and, once, its close.
    */
   open(fd: number, target: number, opts: TransmissionOptions, initial: Uint8Array, stats: SharedArrayBuffer,
     events: (e: TransmissionEvent) => void): { id: number; send(m: ToWorker): void } {

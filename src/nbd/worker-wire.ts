@@ -15,7 +15,7 @@ export class WorkerWire {
   private readonly ch: { id: number; send(m: ToWorker): void };
   private gone = false;
 
-  /** `fd` becomes the worker's (pass a duplicate); `target`: a DeviceTarget's share() key. */
+  /** `fd` becomes the worker's (a duplicate, or one end of a socket pair); `target`: a DeviceTarget's share() key, 0 for none (every request comes back). */
   constructor(workers: IoWorkers, fd: number, target: number, opts: TransmissionOptions, initial: Uint8Array,
     onEvent: (kind: 'requests' | 'closed', message: string) => void) {
     const stats = new SharedArrayBuffer(STAT.LENGTH * 8);
