@@ -7,7 +7,7 @@ import { instantiate } from '../src/wasm';
 import { loadNative } from '../src/native';
 import { IoLoop } from '../src/io/loop';
 import type { ToWorker } from '../src/io/pool';
-import { Transmission, type TransmissionEvent, type Planner } from '../src/nbd/transmission';
+import { NO_DEVICE, Transmission, type RequestGate, type TransmissionEvent, type Planner } from '../src/nbd/transmission';
 
 export interface ServeTask { port: MessagePort; wakeFd: number; segs: number; segCap: number; blockSize: number; maxChunks: number; halt: Int32Array }
 
@@ -31,7 +31,7 @@ export function serve(task: ServeTask): { connections: number } {
       return;
     }
     if (m.t === 'open') {
-      let target = null;
+      let target: RequestGate = NO_DEVICE;
       try { if (m.target) target = new (loadNative().DeviceTarget)(m.target); } catch (e) {
         loadNative().close(m.fd);
         post({ t: 'closed', id: m.id, reason: (e as Error).message });
@@ -41,7 +41,7 @@ export function serve(task: ServeTask): { connections: number } {
         conns.set(m.id, new Transmission(m.id, m.fd, loop, target, plan, m.opts, m.initial, new Float64Array(m.stats), post));
         served++;
       } catch (e) {
-        target?.close();
+        target.close();
         loadNative().close(m.fd);
         post({ t: 'closed', id: m.id, reason: (e as Error).message });
       }

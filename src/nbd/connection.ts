@@ -65,7 +65,6 @@ export class NbdConnection {
   private exp: NbdExport | null = null;
   private structured = false;
   private metaContext = false;
-  private inflight = 0;
   private disconnecting = false;
   closed = false;
   readonly minBlock: number;
@@ -470,15 +469,11 @@ export class NbdConnection {
   /** A request the worker handed over: handled here, its reply and its count go back to the worker. */
   private dispatch(req: WireRequest, payload: Buffer | null): void {
     if (TRACE) this.log(`nbd: request type=${req.type} flags=${req.flags} offset=${req.offset} length=${req.length}`);
-    this.inflight++;
-    // What the worker counted against its in-flight bytes for it.
-    const cost = payload ? payload.length : req.type === CMD.READ ? Math.min(req.length, this.maxPayload) : 0;
     this.stats.requests++;
     this.handle(req, payload).catch((e) => this.replyError(req, e)).finally(() => {
       if (TRACE) this.log(`nbd: done type=${req.type} offset=${req.offset}`);
-      this.inflight--;
       this.wireDone++;
-      this.wireDoneBytes += cost;
+      this.wireDoneBytes += req.cost; // what the worker counted in flight for it
       this.wireFlush();
     });
   }

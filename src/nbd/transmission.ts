@@ -30,7 +30,8 @@ export interface TransmissionOptions {
 }
 
 /** A request the worker hands to the main thread. */
-export interface SlowRequest { type: number; flags: number; cookie: Uint8Array; offset: number; length: number; payload: Uint8Array | null }
+/** `cost`: the bytes the worker counts in flight for it until the main thread says it finished. */
+export interface SlowRequest { type: number; flags: number; cookie: Uint8Array; offset: number; length: number; payload: Uint8Array | null; cost: number }
 
 /** What a worker posts about a connection. */
 export type TransmissionEvent =
@@ -39,6 +40,12 @@ export type TransmissionEvent =
 
 /** Counters the main thread reads without a message (a Float64Array over a SharedArrayBuffer). */
 export const STAT = { FAST: 0, SLOW: 1, PENDING_SLOW: 2, PHASE: 3, UNSENT: 4, LENGTH: 5 } as const;
+
+/** What a connection takes per request from its device's native target (DeviceTarget). */
+export type RequestGate = Pick<NativeDeviceTarget, 'acquire' | 'release' | 'close'>;
+
+/** The gate of an export with no device behind it: every request takes the slow path. */
+export const NO_DEVICE: RequestGate = { acquire: () => 0, release: () => {}, close: () => {} };
 
 /** The worker's planner: WASM over the engine's memory, with room for segments. */
 export interface Planner { wasm: WasmExports; view: DataView; segs: number; segCap: number; blockSize: number }
@@ -96,8 +103,8 @@ export class Transmission implements Channel {
   private inflightBytes = 0;
   private toMain: SlowRequest[] = [];
 
-  /** `target` null: an export with no device behind it; every request goes to the main thread. */
-  constructor(readonly id: number, fd: number, private readonly loop: IoLoop, private readonly target: NativeDeviceTarget | null,
+  /** `target`: the device's gate and stripes, or NO_DEVICE (every request goes to the main thread). */
+  constructor(readonly id: number, fd: number, private readonly loop: IoLoop, private readonly target: RequestGate,
     private readonly plan: Planner, private readonly opts: TransmissionOptions, initial: Uint8Array,
     private readonly stats: Float64Array, private readonly post: (e: TransmissionEvent) => void) {
     this.fd = fd;
@@ -240,7 +247,7 @@ export class Transmission implements Channel {
   /** A READ/WRITE range the planner may place: non-empty, aligned, inside the device. */
   private plannable(offset: number, length: number): boolean {
     const o = this.opts;
-    return this.target !== null && length > 0 && length <= o.maxPayload && offset % o.minBlock === 0 && length % o.minBlock === 0 &&
+    return length > 0 && length <= o.maxPayload && offset % o.minBlock === 0 && length % o.minBlock === 0 &&
       offset + length <= o.size;
   }
 
@@ -258,7 +265,7 @@ export class Transmission implements Channel {
    * the engine, whose own request on those blocks would have to wait too).
    */
   private acquire(write: boolean, offset: number, length: number): number {
-    const v = this.target!.acquire(write, offset, length, this.busyTurns >= BUSY_TURNS);
+    const v = this.target.acquire(write, offset, length, this.busyTurns >= BUSY_TURNS);
     if (v === BUSY) { this.busyTurns++; this.loop.retry(this); return BUSY; }
     this.busyTurns = 0;
     return v;
@@ -276,7 +283,7 @@ export class Transmission implements Channel {
     const b0 = Math.floor(offset / bs), b1 = Math.ceil((offset + length) / bs);
     const n = wasm.planLocal(view, b0, b1, bs, segs, segCap);
     if (n < 0) {
-      this.target!.release(false, offset, length, -1, 0);
+      this.target.release(false, offset, length, -1, 0);
       this.loop.slabs.release(slot);
       return 'slow';
     }
@@ -316,11 +323,11 @@ export class Transmission implements Channel {
     if (!view) return 'slow';
     const { wasm, blockSize: bs } = this.plan;
     const fd = wasm.planWrite(view, offset, length, bs);
-    if (fd < 0) { this.target!.release(true, offset, length, -1, 0); return 'slow'; }
+    if (fd < 0) { this.target.release(true, offset, length, -1, 0); return 'slow'; }
     const res = this.loop.pwrite(slot, at, length, fd, offset);
     // The write rule: its blocks are DIRTY only once the bytes are in the file.
     if (res >= 0) wasm.wrote(view, offset, length, bs);
-    this.target!.release(true, offset, length, res >= 0 ? 1 : 0, (performance.now() - this.loop.now) * 1e6);
+    this.target.release(true, offset, length, res >= 0 ? 1 : 0, (performance.now() - this.loop.now) * 1e6);
     this.stats[STAT.FAST]++;
     const r = this.reserve(16);
     if (r >= 0) putSimpleReply(this.loop.slabs.buf(this.stage), r, res < 0 ? nbdError(-res) : 0, c, ca);
@@ -333,7 +340,7 @@ export class Transmission implements Channel {
     this.fastN--;
     this.inflightBytes -= length;
     this.stats[STAT.FAST]++;
-    this.target!.release(false, offset, length, errno ? 0 : 1, (this.loop.now - this.fT0[tag]) * 1e6);
+    this.target.release(false, offset, length, errno ? 0 : 1, (this.loop.now - this.fT0[tag]) * 1e6);
     const slabs = this.loop.slabs;
     if (this.peerGone || this.destroyed) { slabs.release(slot); return; }
     if (errno) {
@@ -344,9 +351,10 @@ export class Transmission implements Channel {
   }
 
   private slow(type: number, flags: number, cookie: Uint8Array, offset: number, length: number, payload: Uint8Array | null): void {
-    this.toMain.push({ type, flags, cookie: Uint8Array.prototype.slice.call(cookie, 0, 8), offset, length, payload });
+    const cost = type === CMD.WRITE ? length : type === CMD.READ ? Math.min(length, this.opts.maxPayload) : 0;
+    this.toMain.push({ type, flags, cookie: Uint8Array.prototype.slice.call(cookie, 0, 8), offset, length, payload, cost });
     this.slowN++;
-    this.inflightBytes += type === CMD.WRITE ? length : type === CMD.READ ? Math.min(length, this.opts.maxPayload) : 0;
+    this.inflightBytes += cost;
     this.stats[STAT.SLOW]++;
   }
 
@@ -505,7 +513,7 @@ export class Transmission implements Channel {
     if (this.payload) slabs.release(this.payload.slot);
     slabs.release(this.recvSlot);
     try { loadNative().close(this.fd); } catch { /* already closed */ }
-    this.target?.close();
+    this.target.close();
     this.post({ t: 'closed', id: this.id, reason });
   }
 

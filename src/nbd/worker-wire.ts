@@ -5,7 +5,7 @@ import type { IoWorkers, ToWorker } from '../io/pool';
 import { STAT, type SlowRequest, type TransmissionOptions } from './transmission';
 
 /** A slow request as the connection handles it. */
-export interface WireRequest { type: number; flags: number; cookie: Buffer; offset: number; length: number; payload: Buffer | null }
+export interface WireRequest { type: number; flags: number; cookie: Buffer; offset: number; length: number; payload: Buffer | null; cost: number }
 
 export interface WireStats { fast: number; slow: number; pendingSlow: number; phase: number; unsentBytes: number }
 
@@ -53,7 +53,7 @@ export class WorkerWire {
 
 function toWire(r: SlowRequest): WireRequest {
   return {
-    type: r.type, flags: r.flags, cookie: Buffer.from(r.cookie.buffer, r.cookie.byteOffset, 8), offset: r.offset, length: r.length,
+    type: r.type, flags: r.flags, cookie: Buffer.from(r.cookie.buffer, r.cookie.byteOffset, 8), offset: r.offset, length: r.length, cost: r.cost,
     payload: r.payload ? Buffer.from(r.payload.buffer, r.payload.byteOffset, r.payload.length) : null,
   };
 }
