@@ -587,7 +587,7 @@ export class NbdConnection {
   /** Queues a reply payload; `done` runs once the worker has copied it. */
   private sendData(data: Buffer, done?: () => void): void {
     this.send(data);
-    if (done) { this.wireRelease.push(done); this.wireFlush(); }
+    if (done) this.wireRelease.push(done);
   }
 
   /**
