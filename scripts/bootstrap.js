@@ -35,6 +35,8 @@ const VM_TOOLS = [
   { pkg: 'xz-utils', file: '/usr/bin/xz' },
   // Backtraces of core dumps a crashed in-VM test leaves.
   { pkg: 'gdb', file: '/usr/bin/gdb' },
+  // The power-cut test's second file system (test/vm/power-cut.ts).
+  { pkg: 'btrfs-progs', file: '/usr/sbin/mkfs.btrfs' },
   ...TEST_TOOLS,
 ];
 

@@ -6,6 +6,8 @@ import * as fs from 'fs';
 import * as path from 'path';
 import { spawn } from 'child_process';
 import { Engine, Codec } from '../src/index';
+import { FsObjectStore } from '../src/store/fs';
+import type { ObjectStore } from '../src/store/types';
 import { makeImage, rejects, tmpdir } from './helpers/util';
 
 const B = 4096;
@@ -107,6 +109,45 @@ test('a torn zero journal record (a crash mid-append) is ignored, and the next r
   assert.ok(got.subarray(3 * B).equals(Buffer.alloc(B, 0x41)), 'the written block after them');
   await e.closeDevice(r);
   await e.close();
+});
+
+test('a flush whose fsyncs are queued when an upload ends syncs the frozen overlay it named, not a closed fd (hazard C6)', async () => {
+  const fsStore = new FsObjectStore(`${dir}/store`);
+  let release!: () => void;
+  const held = new Promise<void>((r) => { release = r; });
+  const store: ObjectStore = Object.assign(Object.create(fsStore), {
+    put: async (k: string, d: Uint8Array | AsyncIterable<Uint8Array>) => { if (k.endsWith('/data')) await held; return fsStore.put(k, d); },
+  });
+  const cache = `${dir}/c-c6`;
+  const e = await Engine.open({ store, cacheDir: cache });
+  try {
+    const d = await e.openDevice(base, { id: 'c6', durable: true });
+    await d.write(0, Buffer.alloc(4 * B, 0x36));
+    let frozen!: () => void;
+    const isFrozen = new Promise<void>((r) => { frozen = r; });
+    const snap = d.snapshot({ onFrozen: frozen });
+    await isFrozen;
+    assert.ok(fs.existsSync(`${cache}/devices/c6.0.overlay`), 'the frozen overlay is generation 0');
+    // The flush's fsyncs are queued but not submitted until `go`: the ring
+    // is busy, as it may be when the upload ends.
+    const uring = (e as unknown as { core: { uring: { fsync: (fd: number) => Promise<number> } } }).core.uring;
+    const real = uring.fsync;
+    let go!: () => void;
+    const queued = new Promise<void>((r) => { go = r; });
+    const fds: number[] = [];
+    uring.fsync = (fd: number) => { fds.push(fd); return queued.then(() => real.call(uring, fd)); };
+    const flushed = d.flush().then(() => null, (err: Error) => err);
+    uring.fsync = real;
+    assert.ok(fds.length >= 2, `the flush queued fsyncs of both overlays (${fds.length})`);
+    release();
+    await snap; // the upload ended: the frozen overlay is retired while its fsync waits
+    go();
+    const err = await flushed;
+    assert.is(err, null, `the flush succeeds (${err?.message})`);
+    assert.ok(!fs.existsSync(`${cache}/devices/c6.0.overlay`), 'the frozen overlay is deleted once the flush let go of it');
+    await d.flush();
+    assert.ok((await d.read(0, 4 * B)).equals(Buffer.alloc(4 * B, 0x36)));
+  } finally { await e.close(); }
 });
 
 test('bad manifests and missing overlays are refused with a reason, not served', async () => {

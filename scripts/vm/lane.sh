@@ -11,11 +11,14 @@ kernels=${STRATA_VM_KERNELS:-"6.12 7.3"}
 tests=(test/vm/uring-wakeup.ts test/vm/nbd-kernel.ts
   test/vm/ublk-data.ts test/vm/ublk-lifecycle.ts test/vm/ublk-churn.ts test/vm/ublk-recovery.ts test/vm/ublk-strata.ts
   test/vm/ublk-cold.ts test/vm/writeback-error.ts test/vm/daemon-ublk.ts test/vm/live-snapshot.ts
-  test/vm/cache-reboot.sh)
+  "test/vm/reboot.sh test/vm/cache-reboot.ts"
+  "test/vm/reboot.sh test/vm/power-cut.ts freeze.saved btrfs" "test/vm/reboot.sh test/vm/power-cut.ts upload.rebased btrfs"
+  "test/vm/reboot.sh test/vm/power-cut.ts fold.saved ext4")
 envs=()
 if [ "${1:-}" = "--smoke" ]; then
   envs=(--env STRATA_UBLK_SMOKE=1 --env STRATA_UBLK_CYCLES=20)
-  tests=(${tests[@]/test\/vm\/ublk-recovery.ts/})
+  keep=(); for t in "${tests[@]}"; do [ "$t" = test/vm/ublk-recovery.ts ] || keep+=("$t"); done
+  tests=("${keep[@]}")
 fi
 # A test process that crashes leaves a core dump here (the guest writes it
 # through the scratch share); the lane prints its backtrace (gdb on the host
@@ -23,11 +26,13 @@ fi
 cores=$(mktemp -d /tmp/strata-vm-cores.XXXXXX)
 trap 'rm -rf "$cores"' EXIT
 run() {
-  # a *.sh test boots its VMs itself (cache-reboot: two boots of one disk)
-  case $2 in *.sh) bash "$2" "$1"; return;; esac
+  # A test is a file and its arguments; a *.sh test boots its VMs itself
+  # (reboot.sh: two boots of one disk around a power cut).
+  local -a t=($2)
+  case ${t[0]} in *.sh) bash "${t[0]}" "$1" "${t[@]:1}"; return;; esac
   scripts/vm/run-in-vm.sh --kernel "$1" --modules nbd,ublk_drv,loop,ext4,crc32c_generic,crc32c_intel --mem 2048 --timeout 1200 --timing \
     --scratch "$cores" --append "sysctl.kernel.core_pattern=/scratch/core.%p" \
-    "${envs[@]}" -- prlimit --core=unlimited node -r tsx/cjs "$2"
+    "${envs[@]}" -- prlimit --core=unlimited node -r tsx/cjs "${t[@]}"
 }
 backtraces() {
   for c in "$cores"/core.*; do

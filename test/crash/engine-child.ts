@@ -4,7 +4,7 @@
 // op stream through the engine API, reporting each start and ack on stdout,
 // until the parent kills it.
 import { Engine } from '../../src/index';
-import { blockHashes, drive, opStream, type Target } from './model';
+import { blockHashes, deviceTarget, drive, opStream } from './model';
 
 export interface ChildArgs {
   store: string; cacheDir: string; layer: string; id: string;
@@ -30,14 +30,7 @@ const say = (line: string) => process.stdout.write(`${line}\n`);
     await engine.closeDevice(snap);
   }
   say('verified');
-  const t: Target = {
-    write: (off, data, fua) => dev.write(off, data, { fua }),
-    zero: (off, len, fua, noHole) => dev.writeZeroes(off, len, { fua, noHole }),
-    trim: (off, len) => dev.trim(off, len),
-    flush: () => dev.flush(),
-    snapshot: async () => (await dev.snapshot()).id,
-  };
-  await drive(t, a.seed, a.epoch, opStream(a.seed, a.epoch, dev.blocks, a.count), a.window, {
+  await drive(deviceTarget(dev), a.seed, a.epoch, opStream(a.seed, a.epoch, dev.blocks, a.count), a.window, {
     start: (op) => say(`s ${op.i}`),
     ack: (op, snap) => say(`a ${op.i}${snap ? ` ${snap}` : ''}`),
   });

@@ -15,6 +15,7 @@
 // The driver never has two data operations on one block in flight at once,
 // so "old" and "new" are always well defined.
 import { createHash } from 'crypto';
+import type { Device } from '../../src/index';
 import { rng } from '../helpers/util';
 
 export const B = 4096;
@@ -82,6 +83,17 @@ export interface Target {
   flush(): Promise<void>;
   /** Takes a snapshot; resolves to its layer id. */
   snapshot(): Promise<string>;
+}
+
+/** A device of the engine API as a Target. */
+export function deviceTarget(dev: Device): Target {
+  return {
+    write: (off, data, fua) => dev.write(off, data, { fua }),
+    zero: (off, len, fua, noHole) => dev.writeZeroes(off, len, { fua, noHole }),
+    trim: (off, len) => dev.trim(off, len),
+    flush: () => dev.flush(),
+    snapshot: async () => (await dev.snapshot()).id,
+  };
 }
 
 /**

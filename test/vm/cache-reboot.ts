@@ -1,5 +1,5 @@
 // Runs INSIDE the kernel test VM, twice over one virtio disk, with a power
-// cut between the runs (driven by test/vm/cache-reboot.sh): the template
+// cut between the runs (driven by test/vm/reboot.sh): the template
 // cache survives a host reboot.
 //
 //   boot 1: ext4 on the disk holds a local-directory store and the engine's
