@@ -7,7 +7,8 @@ import { instantiate } from '../src/wasm';
 import { loadNative } from '../src/native';
 import { IoLoop } from '../src/io/loop';
 import type { ToWorker } from '../src/io/pool';
-import { NO_DEVICE, Transmission, type RequestGate, type TransmissionEvent, type Planner } from '../src/nbd/transmission';
+import { BlockIo, NO_DEVICE, type RequestGate, type Planner } from '../src/io/block-io';
+import { Transmission, type TransmissionEvent } from '../src/nbd/transmission';
 
 export interface ServeTask { port: MessagePort; wakeFd: number; segs: number; segCap: number; blockSize: number; maxChunks: number; halt: Int32Array }
 
@@ -38,7 +39,7 @@ export function serve(task: ServeTask): { connections: number } {
         return;
       }
       try {
-        conns.set(m.id, new Transmission(m.id, m.fd, loop, target, plan, m.opts, m.initial, new Float64Array(m.stats), post));
+        conns.set(m.id, new Transmission(m.id, m.fd, loop, new BlockIo(loop, target, plan), m.opts, m.initial, new Float64Array(m.stats), post));
         served++;
       } catch (e) {
         target.close();

@@ -1,24 +1,22 @@
 // The NBD transmission phase of one connection, run by an I/O worker's loop
 // (src/io/loop.ts) after JavaScript on the main thread negotiated it
 // (connection.ts). The worker receives requests through its ring, serves
-// each READ and WRITE the device's view can place right here — planned by
-// the WASM planner (assembly/plan.ts) over the engine's shared tables, the
-// device's gate and stripes held through its native target — and hands
+// each READ and WRITE the device's view can place right here (the engine's
+// rules for that are src/io/block-io.ts; this file is the protocol) and hands
 // everything else (cold data, copy-on-write, FLUSH, TRIM, WRITE_ZEROES,
 // CACHE, BLOCK_STATUS, FUA, errors) to the connection on the main thread,
 // whose complete replies come back through the worker's port. Replies are
 // queued whole, so they never interleave. Memory is bounded: the worker
 // stops receiving while too many requests or reply bytes are pending.
 import * as native from '../native';
-import type { NativeDeviceTarget } from '../native';
-import type { WasmExports } from '../wasm';
+import { BlockIo, BUSY } from '../io/block-io';
 import type { Channel, IoLoop } from '../io/loop';
 import * as slabs from '../io/slabs';
 import * as P from './protocol';
 
 // Module bindings as local constants: the hot path runs per request, and an
 // imported binding is a getter call under the CommonJS transform.
-const { READ, SEND, RECV } = native.OP;
+const { SEND, RECV } = native.OP;
 const { CMD, CMD_FLAG, ERR, REQ, REQUEST_LEN, REQUEST_MAGIC } = P;
 const { errorChunk, nbdError, putReadReplyHeader, putSimpleReply, readReplyHeaderLen, simpleReply } = P;
 const off = slabs.offsetOf;
@@ -41,15 +39,6 @@ export type TransmissionEvent =
 /** Counters the main thread reads without a message (a Float64Array over a SharedArrayBuffer). */
 export const STAT = { FAST: 0, SLOW: 1, PENDING_SLOW: 2, PHASE: 3, UNSENT: 4, LENGTH: 5 } as const;
 
-/** What a connection takes per request from its device's native target (DeviceTarget). */
-export type RequestGate = Pick<NativeDeviceTarget, 'acquire' | 'release' | 'close'>;
-
-/** The gate of an export with no device behind it: every request takes the slow path. */
-export const NO_DEVICE: RequestGate = { acquire: () => 0, release: () => {}, close: () => {} };
-
-/** The worker's planner: WASM over the engine's memory, with room for segments. */
-export interface Planner { wasm: WasmExports; view: DataView; segs: number; segCap: number; blockSize: number }
-
 const RECV_BUF = 128 * 1024;
 const STAGE = 256 * 1024;
 // Replies at least this large are sent from their own buffer; smaller ones
@@ -57,12 +46,6 @@ const STAGE = 256 * 1024;
 const SEND_ALONE = 64 * 1024;
 const PIECE = 8 << 20;
 const TAG_RECV = -1, TAG_SEND = -2;
-const SEG_KIND = 0, SEG_REF = 4, SEG_OFF = 8, SEG_LEN = 16, SEG_DST = 20, SEG_SIZE = 24, SEG_ZERO = 2;
-
-/** acquire(): the stripes are held by another request (it ends soon): try again next turn. */
-const BUSY = 1;
-/** Turns a request waits for busy stripes before it goes the slow path. */
-const BUSY_TURNS = 64;
 
 type Verdict = 'served' | 'slow' | 'wait';
 
@@ -97,15 +80,14 @@ export class Transmission implements Channel {
   private readonly fErr: Int32Array;
   private readonly fT0: Float64Array;
   private readonly cookies: Buffer;
-  private busyTurns = 0;
   private fastN = 0;
   private slowN = 0;
   private inflightBytes = 0;
   private toMain: SlowRequest[] = [];
 
-  /** `target`: the device's gate and stripes, or NO_DEVICE (every request goes to the main thread). */
-  constructor(readonly id: number, fd: number, private readonly loop: IoLoop, private readonly target: RequestGate,
-    private readonly plan: Planner, private readonly opts: TransmissionOptions, initial: Uint8Array,
+  /** `io`: the device's requests served here (its gate NO_DEVICE: every request goes to the main thread). */
+  constructor(readonly id: number, fd: number, private readonly loop: IoLoop, private readonly io: BlockIo,
+    private readonly opts: TransmissionOptions, initial: Uint8Array,
     private readonly stats: Float64Array, private readonly post: (e: TransmissionEvent) => void) {
     this.fd = fd;
     this.recvSlot = this.mustAlloc(Math.max(RECV_BUF, initial.length));
@@ -160,12 +142,8 @@ export class Transmission implements Channel {
     if (tag === TAG_RECV) return this.received(res);
     if (tag === TAG_SEND) return this.sent(res);
     // Only reads are served through the ring (writes are written at once: serveWrite).
-    const want = this.loop.opLen[op];
-    if (res < 0) { if (!this.fErr[tag]) this.fErr[tag] = -res; }
-    else if (res < want) {
-      const at = this.loop.opPos[op] + res;
-      this.loop.slabs.buf(at).fill(0, off(at), off(at) + want - res); // past the file's end: zeros
-    }
+    const err = this.io.completeRead(res, op);
+    if (err && !this.fErr[tag]) this.fErr[tag] = err;
     if (--this.fPending[tag] === 0) this.finish(tag);
   }
 
@@ -259,75 +237,34 @@ export class Transmission implements Channel {
     return t;
   }
 
-  /**
-   * The gate and stripes of a request: its view, 0 (slow path) or BUSY for a
-   * few turns (another request holds its stripes: it waits rather than burden
-   * the engine, whose own request on those blocks would have to wait too).
-   */
-  private acquire(write: boolean, offset: number, length: number): number {
-    const v = this.target.acquire(write, offset, length, this.busyTurns >= BUSY_TURNS);
-    if (v === BUSY) { this.busyTurns++; this.loop.retry(this); return BUSY; }
-    this.busyTurns = 0;
-    return v;
-  }
-
   private serveRead(flags: number, c: Buffer, ca: number, offset: number, length: number): Verdict {
     if ((flags & ~CMD_FLAG.DF) || !this.plannable(offset, length)) return 'slow';
-    const { wasm, segs, segCap, blockSize: bs } = this.plan;
-    if (!this.loop.room(segCap)) return 'wait';
+    const io = this.io;
+    if (!this.loop.room(io.readRoom)) return 'wait';
     const hdr = readReplyHeaderLen(this.opts.structured);
     const slot = this.loop.slabs.alloc(hdr + length);
     if (slot < 0) return 'wait';
-    const view = this.acquire(false, offset, length);
+    const view = io.acquire(this, false, offset, length);
     if (view === BUSY || !view) { this.loop.slabs.release(slot); return view ? 'wait' : 'slow'; }
-    const b0 = Math.floor(offset / bs), b1 = Math.ceil((offset + length) / bs);
-    const n = wasm.planLocal(view, b0, b1, bs, segs, segCap);
-    if (n < 0) {
-      this.target.release(false, offset, length, -1, 0);
-      this.loop.slabs.release(slot);
-      return 'slow';
-    }
-    const buf = this.loop.slabs.buf(slot), so = off(slot);
-    putReadReplyHeader(buf, so, this.opts.structured, c, ca, offset, length);
-    const tag = this.take(c, ca);
+    const tag = this.tags[this.freeTags - 1];
+    const n = io.read(this, tag, view, offset, length, slot, hdr);
+    if (n < 0) { this.loop.slabs.release(slot); return 'slow'; }
+    this.take(c, ca);
+    putReadReplyHeader(this.loop.slabs.buf(slot), off(slot), this.opts.structured, c, ca, offset, length);
     this.fOff[tag] = offset; this.fLen[tag] = length;
-    this.fSlot[tag] = slot; this.fPending[tag] = 1; this.fErr[tag] = 0; this.fT0[tag] = this.loop.now;
+    this.fSlot[tag] = slot; this.fPending[tag] = n; this.fErr[tag] = 0; this.fT0[tag] = this.loop.now;
     this.fastN++;
     this.inflightBytes += length;
-    const m = this.plan.view, head = offset - b0 * bs;
-    for (let i = 0; i < n; i++) {
-      const s = segs + i * SEG_SIZE;
-      const dst = m.getUint32(s + SEG_DST, true), len = m.getUint32(s + SEG_LEN, true);
-      const a = Math.max(dst, head), e = Math.min(dst + len, head + length);
-      if (a >= e) continue;
-      const at = hdr + (a - head);
-      if (m.getUint32(s + SEG_KIND, true) === SEG_ZERO) { buf.fill(0, so + at, so + at + (e - a)); continue; }
-      const fileOff = m.getUint32(s + SEG_OFF, true) + m.getUint32(s + SEG_OFF + 4, true) * 0x100000000 + (a - dst);
-      this.loop.push(this, tag, READ, m.getInt32(s + SEG_REF, true), slot, at, e - a, fileOff);
-      this.fPending[tag]++;
-    }
-    if (--this.fPending[tag] === 0) this.finish(tag);
+    if (n === 0) this.finish(tag);
     return 'served';
   }
 
-  /**
-   * A WRITE whose payload is at slot + at: written now, on this thread (a
-   * buffered write cannot complete inline in the ring on ext4; io-wq would
-   * take it to another thread, which halves small-write throughput), then
-   * answered.
-   */
+  /** A WRITE whose payload is at slot + at: written now (BlockIo.write), then answered. */
   private serveWrite(flags: number, c: Buffer, ca: number, offset: number, length: number, slot: number, at: number): Verdict {
     if (flags !== 0 || this.opts.readOnly || !this.plannable(offset, length)) return 'slow';
-    const view = this.acquire(true, offset, length);
-    if (view === BUSY) return 'wait';
-    if (!view) return 'slow';
-    const { wasm, blockSize: bs } = this.plan;
-    const fd = wasm.planWrite(view, offset, length, bs);
-    if (fd < 0) { this.target.release(true, offset, length, -1, 0); return 'slow'; }
-    const res = this.loop.pwrite(slot, at, length, fd, offset);
-    // The write rule: its blocks are DIRTY only once the bytes are in the file.
-    if (res >= 0) wasm.wrote(view, offset, length, bs);
-    this.target.release(true, offset, length, res >= 0 ? 1 : 0, (performance.now() - this.loop.now) * 1e6);
+    const res = this.io.write(this, offset, length, slot, at);
+    if (res === 'busy') return 'wait';
+    if (res === 'slow') return 'slow';
     this.stats[STAT.FAST]++;
     const r = this.reserve(16);
     if (r >= 0) putSimpleReply(this.loop.slabs.buf(this.stage), r, res < 0 ? nbdError(-res) : 0, c, ca);
@@ -340,7 +277,7 @@ export class Transmission implements Channel {
     this.fastN--;
     this.inflightBytes -= length;
     this.stats[STAT.FAST]++;
-    this.target.release(false, offset, length, errno ? 0 : 1, (this.loop.now - this.fT0[tag]) * 1e6);
+    this.io.readDone(offset, length, !errno, this.fT0[tag]);
     const slabs = this.loop.slabs;
     if (this.peerGone || this.destroyed) { slabs.release(slot); return; }
     if (errno) {
@@ -513,7 +450,7 @@ export class Transmission implements Channel {
     if (this.payload) slabs.release(this.payload.slot);
     slabs.release(this.recvSlot);
     try { loadNative().close(this.fd); } catch { /* already closed */ }
-    this.target.close();
+    this.io.target.close();
     this.post({ t: 'closed', id: this.id, reason });
   }
 
