@@ -157,7 +157,7 @@ export async function main(argv: string[]): Promise<void> {
     },
     list(c) { return devices.list().filter((m) => allowed(m, c)).map((m) => ({ name: m.id, description: `strata device on layer ${m.dev.layerId}` })); },
   };
-  const server = new NbdServer({ exports: resolver, log: (m) => log('warn', m), maxConnections: cfg.nbdMaxConnections, tls });
+  const server = new NbdServer({ exports: resolver, log: (m) => log('warn', m), maxConnections: cfg.nbdMaxConnections, tls, io: () => engine.core.io() });
   const restored = await devices.restore((id, e) => log('error', 'cannot resume device (left on disk)', { device: id, error: e.message }));
   if (restored.length) log('info', 'devices resumed', { devices: restored.map((m) => m.id) });
   if (ublk.frontend) {

@@ -270,37 +270,42 @@ test('two connections on two I/O workers write the same blocks, payloads straddl
   for (const c of cs) c.close();
 });
 
-test('an export with no device behind it (a library user\'s own) is served through the server\'s own I/O workers', async () => {
-  // Bytes in a plain Buffer: every request goes from the worker to the export's methods.
-  const mem = Buffer.alloc(1 << 20);
-  const calls = { read: 0, write: 0, flush: 0 };
-  const exp: NbdExport = {
-    size: mem.length,
-    async read(o, l) { calls.read++; return Buffer.from(mem.subarray(o, o + l)); },
-    async write(o, d) { calls.write++; d.copy(mem, o); },
-    async flush() { calls.flush++; },
-    async trim(o, l) { mem.fill(0, o, o + l); },
-    async writeZeroes(o, l) { mem.fill(0, o, o + l); },
-    async cache() {},
-    zeroMap: (o, l) => [{ offset: o, length: l, zero: false }],
-  };
-  const exports = new ExportMap();
-  exports.set('mem', exp);
-  const srv = new NbdServer({ exports, tls: f.tls });
-  const sock = await srv.listenUnix(`${f.dir}/mem.sock`);
-  try {
-    const c = await RawClient.open(sock, 'mem');
-    const data = Buffer.alloc(8192, 0x6d);
-    assert.is((await c.write(4096, data)).error, 0);
-    assert.is((await c.request(CMD.FLUSH, 0, 0)).error, 0);
-    const r = await c.read(0, 16384);
-    assert.is(r.error, 0);
-    assert.ok(r.data.subarray(4096, 12288).equals(data) && r.data.subarray(0, 4096).every((b) => b === 0), 'the export\'s bytes');
-    assert.equal(calls, { read: 1, write: 1, flush: 1 }, 'each request reached the export once');
-    assert.is(srv.connections, 1);
-    c.close();
-  } finally { await srv.close(); }
-});
+for (const given of [false, true]) {
+  test(`an export with no device behind it (a library user's own) is served through ${given ? 'the I/O workers it is given (an engine\'s)' : 'the server\'s own I/O workers'}`, async () => {
+    // Bytes in a plain Buffer: every request goes from the worker to the export's methods.
+    const mem = Buffer.alloc(1 << 20);
+    const calls = { read: 0, write: 0, flush: 0 };
+    const exp: NbdExport = {
+      size: mem.length,
+      async read(o, l) { calls.read++; return Buffer.from(mem.subarray(o, o + l)); },
+      async write(o, d) { calls.write++; d.copy(mem, o); },
+      async flush() { calls.flush++; },
+      async trim(o, l) { mem.fill(0, o, o + l); },
+      async writeZeroes(o, l) { mem.fill(0, o, o + l); },
+      async cache() {},
+      zeroMap: (o, l) => [{ offset: o, length: l, zero: false }],
+    };
+    const exports = new ExportMap();
+    exports.set('mem', exp);
+    let asked = 0;
+    const io = given ? () => { asked++; return f.engine.core.io(); } : undefined;
+    const srv = new NbdServer({ exports, tls: f.tls, io });
+    const sock = await srv.listenUnix(`${f.dir}/mem.sock`);
+    try {
+      const c = await RawClient.open(sock, 'mem');
+      const data = Buffer.alloc(8192, 0x6d);
+      assert.is((await c.write(4096, data)).error, 0);
+      assert.is((await c.request(CMD.FLUSH, 0, 0)).error, 0);
+      const r = await c.read(0, 16384);
+      assert.is(r.error, 0);
+      assert.ok(r.data.subarray(4096, 12288).equals(data) && r.data.subarray(0, 4096).every((b) => b === 0), 'the export\'s bytes');
+      assert.equal(calls, { read: 1, write: 1, flush: 1 }, 'each request reached the export once');
+      assert.is(srv.connections, 1);
+      assert.is(asked, given ? 1 : 0, 'the given workers relay it');
+      c.close();
+    } finally { await srv.close(); }
+  });
+}
 
 test('H1 over NBD: reads racing writes of the same range see one whole write', async () => {
   const c1 = await RawClient.open(f.sock, 'd1'), c2 = await RawClient.open(f.sock, 'd1');

@@ -15,6 +15,12 @@ export interface NbdServerOptions extends Omit<ConnectionOptions, 'exports' | 'r
   exports: ExportResolver;
   /** Most connections at once (default 1000); the next ones are refused with a reason. */
   maxConnections?: number;
+  /**
+   * The I/O workers that relay the requests of exports with no device
+   * behind them (an engine's: `engine.core.io()`); without them the server
+   * starts a pool of its own the first time one is connected.
+   */
+  io?: () => IoWorkers;
 }
 
 /** Refused connections kept open to tell the client why; beyond this they are just closed. */
@@ -25,12 +31,14 @@ export class NbdServer {
   private conns = new Set<NbdConnection>();
   private refusing = 0;
   private lastRefusalLog = 0;
-  // I/O workers of its own, started when an export that brings none (no
-  // device behind it) is first connected: they relay its requests.
+  // The workers that relay an export with no device behind it: the ones
+  // given, else a pool of its own started when such an export is first connected.
   private ownIo: IoWorkers | null = null;
-  private readonly io = () => (this.ownIo ??= new IoWorkers(new SharedHeap({ reserveBytes: 1 << 20 }), { log: this.opts.log }));
+  private readonly io: () => IoWorkers;
 
-  constructor(private readonly opts: NbdServerOptions) {}
+  constructor(private readonly opts: NbdServerOptions) {
+    this.io = opts.io ?? (() => (this.ownIo ??= new IoWorkers(new SharedHeap({ reserveBytes: 1 << 20 }), { log: opts.log })));
+  }
 
   get connections(): number { return this.conns.size; }
 
