@@ -28,6 +28,7 @@
 #include "modules.h"
 #include "napi_util.h"
 #include "ublk.h"
+#include "ublk_uapi.h"
 
 #if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "descriptors are little-endian and copied as host structs"
@@ -41,7 +42,10 @@ using strata::Fail;
 using strata::GetBytes;
 
 // SEND/RECV: sockets (MSG_NOSIGNAL; io_uring waits on a non-blocking socket by polling it).
-enum Op : uint8_t { READ = 1, WRITE = 2, FSYNC = 3, FDATASYNC = 4, FALLOCATE = 5, NOP = 6, SEND = 7, RECV = 8 };
+// UBLK_CMD: a ublk I/O command (FETCH_REQ, COMMIT_AND_FETCH_REQ) on /dev/ublkcN:
+// fd the char device, len the command, bufIndex the tag, fileOffset the
+// queue, bufOffset the result (low 32 bits) and AUTO_BUF_REG (high 32).
+enum Op : uint8_t { READ = 1, WRITE = 2, FSYNC = 3, FDATASYNC = 4, FALLOCATE = 5, NOP = 6, SEND = 7, RECV = 8, UBLK_CMD = 9 };
 enum Flag : uint8_t { FIXED = 1, PUNCH = 2, ZERO_RANGE = 4 };
 
 struct Desc {
@@ -333,6 +337,7 @@ class Ring : public Napi::ObjectWrap<Ring> {
 
   // Returns a positive errno for descriptors that must not reach the kernel.
   int Check(const Desc& d, uint8_t** addr) {
+    if (d.op == UBLK_CMD) return d.fileOffset > 0xFFFF ? EINVAL : 0;
     if (d.fileOffset > INT64_MAX) return EINVAL;  // -1 would mean "file position"
     switch (d.op) {
       case READ:
@@ -373,6 +378,14 @@ class Ring : public Napi::ObjectWrap<Ring> {
       case RECV:
         io_uring_prep_recv(sqe, d.fd, addr, d.len, 0);
         break;
+      case UBLK_CMD: {
+        io_uring_prep_rw(IORING_OP_URING_CMD, sqe, d.fd, nullptr, 0, 0);
+        sqe->cmd_op = d.len;  // after prep_rw: it shares the SQE's offset field
+        sqe->addr = d.bufOffset >> 32;
+        strata::ublk::IoCmd c{uint16_t(d.fileOffset), d.bufIndex, int32_t(uint32_t(d.bufOffset)), 0};
+        memcpy(sqe->cmd, &c, sizeof c);
+        break;
+      }
       case FSYNC:
       case FDATASYNC:
         io_uring_prep_fsync(sqe, d.fd, d.op == FDATASYNC ? IORING_FSYNC_DATASYNC : 0);

@@ -46,6 +46,7 @@
 #include <thread>
 #include <vector>
 
+#include "napi_util.h"
 #include "target_js.h"
 #include "ublk_uapi.h"
 
@@ -381,6 +382,10 @@ struct Options {
   bool alwaysSlow = false;
   bool partScan = false;
   int64_t owner = -1;  // strata owner id kept in ublksrv_flags; -1: none
+  // Queues served by another party (an I/O worker's ring): start() only
+  // adds the device, opens nothing and starts no thread; startDev() starts
+  // it once every tag was fetched there.
+  bool external = false;
 };
 
 enum class State { New, Added, Live, Stopped, Deleted };
@@ -507,6 +512,10 @@ struct Dev {
 
     Status s = SetParams();
     stepMs[1] = lap();
+    if (s.ok() && opt.external) {
+      createMs = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+      return s;  // state Added: startDev() follows
+    }
     if (s.ok()) s = OpenCdev();
     stepMs[2] = lap();
     if (s.ok()) s = StartQueues();
@@ -598,6 +607,17 @@ struct Dev {
   Status Stop(bool tryOnly) {
     std::lock_guard<std::mutex> lk(lifeMu);
     return StopLocked(tryOnly);
+  }
+
+  // External queues: every tag was fetched on their ring (6.12 waits in
+  // START_DEV until then; newer kernels fail it instead).
+  Status StartDev() {
+    std::lock_guard<std::mutex> lk(lifeMu);
+    if (state != State::Added) return Status::Err(EINVAL, "startDev: the device is not added (or already started)");
+    int r = ctrl.Cmd(kCmdStartDev, id, nullptr, 0, uint64_t(getpid()));
+    if (r < 0) return Status::Err(r, "UBLK_U_CMD_START_DEV");
+    state = State::Live;
+    return Status::Ok();
   }
 
   Status StopLocked(bool tryOnly) {
@@ -1172,6 +1192,7 @@ class UblkDevice : public Napi::ObjectWrap<UblkDevice> {
     return DefineClass(env, "UblkDevice",
                        {InstanceMethod<&UblkDevice::Start>("start"),
                         InstanceMethod<&UblkDevice::RecoverJs>("recover"),
+                        InstanceMethod<&UblkDevice::StartDevJs>("startDev"),
                         InstanceMethod<&UblkDevice::Drain>("drain"),
                         InstanceMethod<&UblkDevice::Complete>("complete"),
                         InstanceMethod<&UblkDevice::StopJs>("stop"),
@@ -1213,6 +1234,7 @@ class UblkDevice : public Napi::ObjectWrap<UblkDevice> {
     }
     op.alwaysSlow = OptBool(o, "alwaysSlow");
     op.partScan = OptBool(o, "partScan");
+    op.external = OptBool(o, "external");
     Napi::Value ow = o.Get("owner");
     if (!ow.IsUndefined() && !ow.IsNull()) op.owner = int64_t(OptUint(o, "owner", 0, 0, 0xFFFFFFFFu));
     if (!info[2].IsFunction()) Throw(env, EINVAL, "onSlow must be a function");
@@ -1274,6 +1296,16 @@ class UblkDevice : public Napi::ObjectWrap<UblkDevice> {
                              [this](Napi::Env e) -> Napi::Value { return Describe(e); });
     w->Always([this](Napi::Env e) { Finished(e); });
     self_ = Napi::Persistent(Value());
+    auto p = w->Promise();
+    w->Queue();
+    return p;
+  }
+
+  Napi::Value StartDevJs(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (!dev_->opt.external) Throw(env, EINVAL, "startDev is for devices whose queues are served elsewhere (external: true)");
+    auto dev = dev_;
+    auto* w = new LifeWorker(env, [dev] { return dev->StartDev(); }, nullptr);
     auto p = w->Promise();
     w->Queue();
     return p;
@@ -1452,6 +1484,23 @@ Napi::Value Features(const Napi::CallbackInfo& info) {
 // fileTarget(fd, size, alwaysSlow?, split?, zeroEvery?) -> { handle }:
 // identity mapping onto a dup of fd (the caller may close its own fd).
 // split/zeroEvery (tests): multi-segment plans with zero segments.
+// ublkIoDescs(cdevFd, queue, depth): the queue's request descriptors
+// (ublksrv_io_desc, 24 bytes per tag), mapped read-only as an ArrayBuffer;
+// unmapped when it is collected.
+Napi::Value IoDescsJs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  using strata::ArgUint;
+  int fd = int(ArgUint(info, 0, "fd", INT32_MAX));
+  uint16_t q = uint16_t(ArgUint(info, 1, "queue", 0xFFFF));
+  uint32_t depth = uint32_t(ArgUint(info, 2, "depth", kMaxQueueDepth));
+  if (depth == 0) Throw(env, EINVAL, "depth must be >= 1");
+  size_t page = sysconf(_SC_PAGESIZE);
+  size_t len = (depth * sizeof(IoDesc) + page - 1) / page * page;
+  void* m = mmap(nullptr, len, PROT_READ, MAP_SHARED | MAP_POPULATE, fd, DescMapOffset(q, page));
+  if (m == MAP_FAILED) Throw(env, errno, "mmap ublk io descriptors");
+  return Napi::ArrayBuffer::New(env, m, len, [](Napi::Env, void* p, size_t* n) { munmap(p, *n); delete n; }, new size_t(len));
+}
+
 Napi::Value MakeFileTarget(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!info[0].IsNumber() || !info[1].IsNumber()) Throw(env, EINVAL, "fileTarget(fd, size[, alwaysSlow])");
@@ -1524,6 +1573,21 @@ void InitUblk(Napi::Env env, Napi::Object exports) {
   exports.Set("UblkDevice", UblkDevice::Init(env));
   exports.Set("ublkDeviceInfo", Napi::Function::New(env, DeviceInfoJs, "ublkDeviceInfo"));
   exports.Set("ublkRemove", Napi::Function::New(env, RemoveJs, "ublkRemove"));
+  exports.Set("ublkIoDescs", Napi::Function::New(env, IoDescsJs, "ublkIoDescs"));
+  // What a ring serving ublk queues needs of the UAPI (ublk_uapi.h), so no
+  // other file defines it again.
+  Napi::Object u = Napi::Object::New(env);
+  u.Set("fetchReq", Napi::Number::New(env, kIoFetchReq));
+  u.Set("commitAndFetchReq", Napi::Number::New(env, kIoCommitAndFetchReq));
+  u.Set("resOk", Napi::Number::New(env, kIoResOk));
+  u.Set("descSize", Napi::Number::New(env, sizeof(IoDesc)));
+  u.Set("descOpFlags", Napi::Number::New(env, offsetof(IoDesc, op_flags)));
+  u.Set("descSectors", Napi::Number::New(env, offsetof(IoDesc, nr_sectors)));
+  u.Set("descStartSector", Napi::Number::New(env, offsetof(IoDesc, start_sector)));
+  u.Set("userCopyBase", Napi::Number::New(env, double(kUserCopyBase)));
+  u.Set("userCopyQueueStride", Napi::Number::New(env, double(UserCopyPos(1, 0) - kUserCopyBase)));
+  u.Set("userCopyTagStride", Napi::Number::New(env, double(UserCopyPos(0, 1) - kUserCopyBase)));
+  exports.Set("ublkUapi", u);
   exports.Set("fileTarget", Napi::Function::New(env, MakeFileTarget, "fileTarget"));
   exports.Set("releaseTarget", Napi::Function::New(env, [](const Napi::CallbackInfo& info) { ReleaseTargetJs(info[0]); },
                                                    "releaseTarget"));

@@ -7,7 +7,7 @@
 import * as path from 'path';
 
 /** SEND/RECV: sockets (send with MSG_NOSIGNAL). */
-export const OP = { READ: 1, WRITE: 2, FSYNC: 3, FDATASYNC: 4, FALLOCATE: 5, NOP: 6, SEND: 7, RECV: 8 } as const;
+export const OP = { READ: 1, WRITE: 2, FSYNC: 3, FDATASYNC: 4, FALLOCATE: 5, NOP: 6, SEND: 7, RECV: 8, UBLK_CMD: 9 } as const;
 export type OpCode = (typeof OP)[keyof typeof OP];
 
 /** READ/WRITE: use the registered buffer (silently non-fixed if registration failed). */

@@ -11,6 +11,10 @@ import { spawnSync } from 'child_process';
 import { features, UblkDevice, FileTarget, UblkError, transportFromEnv, ownerId, kernelDeviceInfo, sweepLeftDevices } from '../src/ublk';
 import { StrataError } from '../src/errors';
 import { fdsOn } from './helpers/util';
+import { MessageChannel } from 'worker_threads';
+import { loadNative } from '../src/native';
+import { IoLoop, type Channel } from '../src/io/loop';
+import { ublkAddon } from '../src/ublk/native';
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'strata-ublk-'));
 const img = path.join(dir, 'img');
@@ -128,6 +132,33 @@ test('a create() that fails leaves nothing holding the process (exits promptly)'
   assert.is(r.signal, null, 'the process had to be killed: something kept the event loop alive');
   assert.is(r.status, 0, r.stderr);
   assert.is(r.stdout.trim(), `ENOENT ${os.constants.errno.ENOENT}`);
+});
+
+
+test('ublkUapi: the upstream command encodings and USER_COPY positions (include/uapi/linux/ublk_cmd.h)', () => {
+  const u = ublkAddon().ublkUapi;
+  assert.is(u.fetchReq, 0xc0107520, "UBLK_U_IO_FETCH_REQ = _IOWR('u', 0x20, struct ublksrv_io_cmd)");
+  assert.is(u.commitAndFetchReq, 0xc0107521);
+  assert.is(u.descSize, 24);
+  assert.equal([u.descOpFlags, u.descSectors, u.descStartSector], [0, 4, 8]);
+  assert.equal([u.userCopyBase, u.userCopyQueueStride, u.userCopyTagStride], [0x80000000, 2 ** 41, 2 ** 25]);
+});
+
+test('an I/O loop\'s ublk command reaches the kernel as a URING_CMD (a regular file refuses it); a queue beyond 16 bits never leaves the ring', () => {
+  const { port1, port2 } = new MessageChannel();
+  const wakeFd = loadNative().eventfd();
+  const loop = new IoLoop(port2, wakeFd, () => {}, 1);
+  const fd = fs.openSync(img, 'r+');
+  const res: number[] = [];
+  let n = 0;
+  const ch: Channel = { pump() {}, fail(e) { throw e; }, complete(tag, r) { res[tag] = r; if (++n === 2) loop.stop(); } };
+  try {
+    loop.pushUblk(ch, 0, fd, ublkAddon().ublkUapi.fetchReq, 0, 0, -1);
+    loop.pushUblk(ch, 1, fd, ublkAddon().ublkUapi.fetchReq, 0x10000, 0, -1);
+    loop.run(() => n === 2);
+  } finally { fs.closeSync(fd); loadNative().close(wakeFd); port1.close(); }
+  assert.is(res[0], -95, 'EOPNOTSUPP: a regular file has no uring_cmd (the command was well formed)');
+  assert.is(res[1], -22, 'queue 65536: EINVAL from the ring');
 });
 
 test.after(() => fs.rmSync(dir, { recursive: true, force: true }));

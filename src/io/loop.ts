@@ -99,6 +99,34 @@ export class IoLoop {
     return id;
   }
 
+  /**
+   * Queues a ublk I/O command (FETCH_REQ, COMMIT_AND_FETCH_REQ) for `queue`
+   * and `ublkTag` on the char device `fd`; `result` is the request's
+   * (COMMIT), `autoBufReg` zero copy's buffer registration (0: user copy).
+   * The completion comes to owner.complete(tag, res, id) as any other.
+   */
+  pushUblk(owner: Channel, tag: number, fd: number, cmd: number, queue: number, ublkTag: number, result: number, autoBufReg = 0): number {
+    const id = this.freeIds.pop();
+    if (id === undefined) throw new Error('io loop: no room for another operation (call room() first)');
+    this.opOwner[id] = owner;
+    this.opTag[id] = tag;
+    this.opPos[id] = 0;
+    this.opLen[id] = 0;
+    const o = (this.head % this.cap) * SQ_ENTRY, v = this.sq;
+    v.setUint8(o, OP.UBLK_CMD);
+    v.setUint8(o + 1, 0);
+    v.setUint16(o + 2, ublkTag, true);
+    v.setInt32(o + 4, fd, true);
+    v.setUint32(o + 8, cmd >>> 0, true);
+    v.setUint32(o + 12, id, true);
+    v.setInt32(o + 16, result, true);
+    v.setUint32(o + 20, autoBufReg >>> 0, true);
+    v.setUint32(o + 24, queue, true);
+    v.setUint32(o + 28, 0, true);
+    this.head++;
+    return id;
+  }
+
   /** Writes len bytes at slot + at to fd at fileOffset now, on this thread: bytes written or -errno. */
   pwrite(slot: number, at: number, len: number, fd: number, fileOffset: number): number {
     return this.ring.pwrite(chunkOf(slot), offsetOf(slot) + at, len, fd, fileOffset);

@@ -41,6 +41,8 @@ export interface NativeDeviceOptions {
   alwaysSlow?: boolean;
   partScan?: boolean;
   owner?: number;
+  /** Its queues are served by another ring (an I/O worker's): start() only adds it; startDev() starts it. */
+  external?: boolean;
 }
 
 /** Any kernel ublk device, as UBLK_U_CMD_GET_DEV_INFO reports it. */
@@ -57,6 +59,8 @@ export interface KernelDeviceInfo {
 export interface NativeUblkDevice {
   start(): Promise<NativeDeviceInfo>;
   recover(id: number): Promise<NativeDeviceInfo>;
+  /** external devices: START_DEV, once every tag of every queue was fetched. */
+  startDev(): Promise<void>;
   drain(): NativeSlowRequest[];
   /** result: bytes for READ/WRITE, 0 for others, or -errno. false once the device is gone. */
   complete(queue: number, tag: number, result: number, data?: Uint8Array): boolean;
@@ -78,6 +82,17 @@ export interface UblkAddon {
   fileTarget(fd: number, size: number, alwaysSlow?: boolean, split?: number, zeroEvery?: number): TargetObject;
   /** Drops a target handle's share of its native target (target_js.h). */
   releaseTarget(handle: unknown): void;
+  /** A queue's request descriptors (mmap of /dev/ublkcN, read-only; ublkUapi.desc*). */
+  ublkIoDescs(cdevFd: number, queue: number, depth: number): ArrayBuffer;
+  ublkUapi: UblkUapi;
+}
+
+/** The UAPI a ring serving ublk queues needs (native/ublk_uapi.h). */
+export interface UblkUapi {
+  fetchReq: number; commitAndFetchReq: number; resOk: number;
+  descSize: number; descOpFlags: number; descSectors: number; descStartSector: number;
+  /** USER_COPY: the position on /dev/ublkcN of (queue, tag) is base + queue * queueStride + tag * tagStride. */
+  userCopyBase: number; userCopyQueueStride: number; userCopyTagStride: number;
 }
 
 export function ublkAddon(): UblkAddon {
