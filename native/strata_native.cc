@@ -46,7 +46,9 @@ using strata::GetBytes;
 // fd the char device, len the command, bufIndex the tag, fileOffset the
 // queue, bufOffset the result (low 32 bits) and AUTO_BUF_REG (high 32).
 enum Op : uint8_t { READ = 1, WRITE = 2, FSYNC = 3, FDATASYNC = 4, FALLOCATE = 5, NOP = 6, SEND = 7, RECV = 8, UBLK_CMD = 9 };
-enum Flag : uint8_t { FIXED = 1, PUNCH = 2, ZERO_RANGE = 4 };
+// RAW_FIXED (READ/WRITE): bufIndex is a slot of the sparse table (sparseBuffers)
+// and bufOffset the offset in the buffer there, checked by the kernel.
+enum Flag : uint8_t { FIXED = 1, PUNCH = 2, ZERO_RANGE = 4, RAW_FIXED = 8 };
 
 struct Desc {
   uint8_t op;
@@ -86,6 +88,7 @@ class Ring : public Napi::ObjectWrap<Ring> {
     return DefineClass(env, "Ring",
                        {InstanceMethod<&Ring::AddRegion>("addRegion"),
                         InstanceMethod<&Ring::RegisterRegions>("registerRegions"),
+                        InstanceMethod<&Ring::SparseBuffers>("sparseBuffers"),
                         InstanceMethod<&Ring::Submit>("submit"),
                         InstanceMethod<&Ring::Wait>("wait"),
                         InstanceMethod<&Ring::ReapJs>("reap"),
@@ -205,6 +208,19 @@ class Ring : public Napi::ObjectWrap<Ring> {
     }
     int r = io_uring_register_buffers(&ring_, iov.data(), static_cast<unsigned>(iov.size()));
     if (r == 0) registered_ = regions_.size();
+    return Napi::Number::New(env, r);
+  }
+
+  // A table of n empty fixed-buffer slots, for buffers the kernel registers
+  // itself (ublk's AUTO_BUF_REG puts each request's pages in one); ops name
+  // a slot with the RAW_FIXED flag. Instead of registerRegions.
+  Napi::Value SparseBuffers(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    CheckOpen(env);
+    unsigned n = static_cast<unsigned>(ArgUint(info, 0, "slots", 65535));
+    if (inflight_ > 0 || registered_ > 0 || sparse_ > 0) return Napi::Number::New(env, -EBUSY);
+    int r = io_uring_register_buffers_sparse(&ring_, n);
+    if (r == 0) sparse_ = n;
     return Napi::Number::New(env, r);
   }
 
@@ -338,6 +354,11 @@ class Ring : public Napi::ObjectWrap<Ring> {
   // Returns a positive errno for descriptors that must not reach the kernel.
   int Check(const Desc& d, uint8_t** addr) {
     if (d.op == UBLK_CMD) return d.fileOffset > 0xFFFF ? EINVAL : 0;
+    if ((d.flags & RAW_FIXED) && (d.op == READ || d.op == WRITE)) {
+      if (d.bufIndex >= sparse_ || d.fileOffset > INT64_MAX) return EINVAL;
+      *addr = reinterpret_cast<uint8_t*>(static_cast<uintptr_t>(d.bufOffset));
+      return 0;
+    }
     if (d.fileOffset > INT64_MAX) return EINVAL;  // -1 would mean "file position"
     switch (d.op) {
       case READ:
@@ -362,7 +383,7 @@ class Ring : public Napi::ObjectWrap<Ring> {
   }
 
   void Prep(io_uring_sqe* sqe, const Desc& d, uint8_t* addr) {
-    bool fixed = (d.flags & FIXED) && d.bufIndex < registered_;
+    bool fixed = ((d.flags & FIXED) && d.bufIndex < registered_) || (d.flags & RAW_FIXED);
     switch (d.op) {
       case READ:
         if (fixed) io_uring_prep_read_fixed(sqe, d.fd, addr, d.len, d.fileOffset, d.bufIndex);
@@ -546,6 +567,7 @@ class Ring : public Napi::ObjectWrap<Ring> {
     inflight_ = 0;
     fake_.clear();
     registered_ = 0;
+    sparse_ = 0;
     if (pinned_ && !finalizing) Unref();
     pinned_ = false;
     if (!finalizing) {
@@ -567,6 +589,7 @@ class Ring : public Napi::ObjectWrap<Ring> {
   uint32_t maxInflight_ = 0;
   uint64_t inflight_ = 0;
   size_t registered_ = 0;
+  unsigned sparse_ = 0;  // slots of a sparse table (sparseBuffers), else 0
   std::vector<Region> regions_;
   std::deque<std::pair<uint32_t, int32_t>> fake_;
   Napi::Reference<Napi::Value> sqRef_, cqRef_;

@@ -12,6 +12,8 @@ export type OpCode = (typeof OP)[keyof typeof OP];
 
 /** READ/WRITE: use the registered buffer (silently non-fixed if registration failed). */
 export const FLAG_FIXED = 1;
+/** READ/WRITE on slot bufIndex of a sparse fixed-buffer table (sparseBuffers), at bufOffset within it. */
+export const FLAG_RAW_FIXED = 8;
 /** FALLOCATE: FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE. */
 export const FLAG_PUNCH = 2;
 /** FALLOCATE: FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE. */
@@ -27,6 +29,8 @@ export interface NativeRing {
   addRegion(buf: RegionSource, byteOffset: number, byteLength: number): number;
   /** 0, or -errno (e.g. -ENOMEM under a small RLIMIT_MEMLOCK, -EBUSY while ops are in flight). */
   registerRegions(): number;
+  /** A table of n empty fixed-buffer slots the kernel fills itself (ublk AUTO_BUF_REG); 0 or -errno. */
+  sparseBuffers(n: number): number;
   /** Submits sq[start .. start+count) (mod capacity); throws EBUSY past maxInflight. Returns count. */
   submit(start: number, count: number): number;
   /** submit(), then reap(): returns how many completions are in cq[0..n) for the caller. */

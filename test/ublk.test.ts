@@ -12,7 +12,7 @@ import { features, UblkDevice, FileTarget, UblkError, transportFromEnv, ownerId,
 import { StrataError } from '../src/errors';
 import { fdsOn } from './helpers/util';
 import { MessageChannel } from 'worker_threads';
-import { loadNative } from '../src/native';
+import { loadNative, OP } from '../src/native';
 import { IoLoop, type Channel } from '../src/io/loop';
 import { ublkAddon } from '../src/ublk/native';
 
@@ -159,6 +159,24 @@ test('an I/O loop\'s ublk command reaches the kernel as a URING_CMD (a regular f
   } finally { fs.closeSync(fd); loadNative().close(wakeFd); port1.close(); }
   assert.is(res[0], -95, 'EOPNOTSUPP: a regular file has no uring_cmd (the command was well formed)');
   assert.is(res[1], -22, 'queue 65536: EINVAL from the ring');
+});
+
+test('zero copy\'s fixed slots: a sparse table of the I/O loop\'s ring; an empty slot fails in the kernel, one beyond the table never leaves the ring', () => {
+  const { port1, port2 } = new MessageChannel();
+  const wakeFd = loadNative().eventfd();
+  const loop = new IoLoop(port2, wakeFd, () => {}, 1);
+  const fd = fs.openSync(img, 'r+');
+  const res: number[] = [];
+  let n = 0;
+  const ch: Channel = { pump() {}, fail(e) { throw e; }, complete(tag, r) { res[tag] = r; if (++n === 2) loop.stop(); } };
+  try {
+    assert.is(loop.sparseBuffers(4), 0, 'four empty slots');
+    loop.pushFixed(ch, 0, OP.READ, fd, 3, 0, 4096, 0);
+    loop.pushFixed(ch, 1, OP.READ, fd, 4, 0, 4096, 0);
+    loop.run(() => n === 2);
+  } finally { fs.closeSync(fd); loadNative().close(wakeFd); port1.close(); }
+  assert.is(res[0], -14, 'EFAULT: slot 3 holds no buffer (ublk would have put a request there)');
+  assert.is(res[1], -22, 'slot 4 is beyond the table: EINVAL from the ring');
 });
 
 test.after(() => fs.rmSync(dir, { recursive: true, force: true }));

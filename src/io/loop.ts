@@ -7,7 +7,7 @@
 // which completes that read and wakes the wait.
 import * as fs from 'fs';
 import { receiveMessageOnPort, type MessagePort } from 'worker_threads';
-import { loadNative, CQ_ENTRY, OP, SQ_ENTRY, type NativeRing } from '../native';
+import { loadNative, CQ_ENTRY, FLAG_RAW_FIXED, OP, SQ_ENTRY, type NativeRing } from '../native';
 import { chunkOf, offsetOf, Slabs } from './slabs';
 
 export interface Channel {
@@ -124,6 +124,24 @@ export class IoLoop {
     v.setUint32(o + 24, queue, true);
     v.setUint32(o + 28, 0, true);
     this.head++;
+    return id;
+  }
+
+  /** Gives the ring n empty fixed-buffer slots (for ublk zero copy's AUTO_BUF_REG); 0 or -errno. */
+  sparseBuffers(n: number): number { return this.ring.sparseBuffers(n); }
+
+  /**
+   * Queues a READ or WRITE of len bytes between fd at fileOffset and the
+   * buffer in fixed slot `index` (sparseBuffers) at bufOffset: a ublk
+   * request's own pages under zero copy.
+   */
+  pushFixed(owner: Channel, tag: number, op: number, fd: number, index: number, bufOffset: number, len: number, fileOffset: number): number {
+    const id = this.push(owner, tag, op, fd, -1, 0, len, fileOffset);
+    const o = ((this.head - 1) % this.cap) * SQ_ENTRY, v = this.sq;
+    v.setUint8(o + 1, FLAG_RAW_FIXED);
+    v.setUint16(o + 2, index, true);
+    v.setUint32(o + 16, bufOffset >>> 0, true);
+    v.setUint32(o + 20, Math.floor(bufOffset / TWO_32), true);
     return id;
   }
 
