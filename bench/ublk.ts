@@ -13,6 +13,11 @@
 //                   a built checkout of another commit, e.g. a git worktree):
 //                   the same strata device served by that checkout's engine
 //                   and addon, in this process, for a side-by-side A/B
+//   ring-zero-copy / ring-user-copy
+//                   bare ublk on the same file served by an I/O loop's ring on
+//                   one worker thread (test/vm/ring-server.ts) instead of a
+//                   native thread per queue: what moving ublk onto the I/O
+//                   workers costs or gains, before strata's devices move
 //   loop            the kernel loop driver on the same file (losetup --direct-io=on)
 //   ublk-zero-copy-sparse (by name only) bare ublk on a fresh sparse file: first
 //                   writes allocate, as in a strata overlay (its reads are of holes)
@@ -38,6 +43,7 @@ import { features, UblkDevice, FileTarget } from '../src/ublk';
 import { Engine, Codec } from '../src/index';
 import { serveUblk } from '../src/ublk-export';
 import { medianOfRounds } from './rounds';
+import { startRingServer } from '../test/vm/ring-server';
 
 const SECONDS = Number(process.env.STRATA_BENCH_SECONDS || 6);
 const FILE_MB = Number(process.env.STRATA_BENCH_FILE_MB || 256);
@@ -151,7 +157,7 @@ function wakeups(dev: UblkDevice): string {
   // Real data: a sparse or fallocated file would serve reads without I/O.
   await sh(`head -c ${FILE_MB << 20} /dev/urandom > ${img}`);
   const kernel = fs.readFileSync('/proc/sys/kernel/osrelease', 'utf8').trim();
-  const want = (process.env.STRATA_BENCH_PEERS || 'ublk-zero-copy,ublk-user-copy,strata-zero-copy,strata-user-copy,loop,hop').split(',');
+  const want = (process.env.STRATA_BENCH_PEERS || 'ublk-zero-copy,ublk-user-copy,ring-zero-copy,ring-user-copy,strata-zero-copy,strata-user-copy,loop,hop').split(',');
   const target = FileTarget.open(img);
   const engine = await Engine.open({ store: `${DIR}/store`, cacheDir: `${DIR}/cache` });
   const layer = want.some((p) => p.startsWith('strata-')) ? (await engine.importImage(img, { codec: Codec.Lz4 })).id : '';
@@ -174,6 +180,13 @@ function wakeups(dev: UblkDevice): string {
       async open() {
         const dev = await UblkDevice.create({ target, transport, queues: QUEUES, depth: 64 });
         return { path: dev.path, close: async () => { const w = wakeups(dev); await dev.delete(); return w; } };
+      },
+    });
+    peers.push({
+      name: `ring-${transport}`, note: off,
+      async open() {
+        const srv = await startRingServer(img, { size: FILE_MB << 20, queues: QUEUES, depth: 64, maxIo: 512 << 10, transport });
+        return { path: srv.path, close: async () => { const served = await srv.stop(); await srv.delete(); return `one worker's ring, ${served.length} queues: ${served.join(' + ')} commits`; } };
       },
     });
     for (const which of ['strata', 'strata-prev'] as const) {
