@@ -35,7 +35,8 @@
 // STRATA_BENCH_QUEUES (default: CPUs), STRATA_BENCH_PEERS (subset, comma-separated),
 // STRATA_BENCH_ROUNDS (default 2), STRATA_BENCH_TMP (a directory to use instead of a tmpfs of its own),
 // STRATA_BENCH_FS (tmpfs, the default, or ext4-ram: see below), STRATA_BENCH_CPU=1
-// (CPU per I/O by thread group on each cell's line).
+// (CPU per I/O by thread group on each cell's line), STRATA_BENCH_RING_WORKERS (the
+// ring-* peers' worker threads, default 1).
 import * as fs from 'fs';
 import * as os from 'os';
 import { execFile } from 'child_process';
@@ -62,6 +63,8 @@ const FS = process.env.STRATA_BENCH_FS || 'tmpfs';
 if (!['tmpfs', 'ext4-ram'].includes(FS)) throw new Error(`STRATA_BENCH_FS must be tmpfs or ext4-ram, not ${FS}`);
 if (!OWN_TMPFS && process.env.STRATA_BENCH_FS) throw new Error('STRATA_BENCH_FS picks the filesystem the bench mounts for itself; it cannot be combined with STRATA_BENCH_TMP');
 const ROUNDS = Math.max(1, Number(process.env.STRATA_BENCH_ROUNDS || 2));
+// The ring-* peers: worker threads whose rings serve the queues (default 1: one ring for every queue).
+const RING_WORKERS = Math.max(1, Number(process.env.STRATA_BENCH_RING_WORKERS || 1));
 
 const sh = (cmd: string) => new Promise<string>((res, rej) =>
   execFile('sh', ['-c', cmd], { maxBuffer: 1 << 26, timeout: 600_000 }, (e, out, err) => (e ? rej(new Error(`${cmd}: ${err || e.message}`)) : res(out))));
@@ -185,8 +188,8 @@ function wakeups(dev: UblkDevice): string {
     peers.push({
       name: `ring-${transport}`, note: off,
       async open() {
-        const srv = await startRingServer(img, { size: FILE_MB << 20, queues: QUEUES, depth: 64, maxIo: 512 << 10, transport });
-        return { path: srv.path, close: async () => { const served = await srv.stop(); await srv.delete(); return `one worker's ring, ${served.length} queues: ${served.join(' + ')} commits`; } };
+        const srv = await startRingServer(img, { size: FILE_MB << 20, queues: QUEUES, depth: 64, maxIo: 512 << 10, transport, workers: RING_WORKERS });
+        return { path: srv.path, close: async () => { const served = await srv.stop(); await srv.delete(); return `${RING_WORKERS} worker ring(s), ${served.length} queues: ${served.join(' + ')} commits`; } };
       },
     });
     for (const which of ['strata', 'strata-prev'] as const) {

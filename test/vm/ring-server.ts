@@ -18,7 +18,8 @@ import { ublkAddon, UBLK_OP, type UblkUapi, type NativeUblkDevice, type NativeDe
 
 const EOPNOTSUPP = 95;
 
-interface Job { id: number; port: MessagePort; wakeFd: number; zc: boolean; backing: string; queues: number; depth: number; maxIo: number }
+// cdev: /dev/ublkcN, opened once by the main thread (the kernel allows one opener) and shared by the workers.
+interface Job { cdev: number; port: MessagePort; wakeFd: number; zc: boolean; backing: string; queueIds: number[]; depth: number; maxIo: number }
 
 /** One queue on the worker's loop: fetch every tag, serve, commit, until the kernel aborts them. */
 class RingQueue implements Channel {
@@ -107,18 +108,19 @@ class RingQueue implements Channel {
 /** The worker thread's side: serve every queue of the device until the kernel aborts them all. */
 function serveQueues(job: Job): void {
   const u = ublkAddon().ublkUapi;
-  const fd = fs.openSync(`/dev/ublkc${job.id}`, 'r+');
+  const fd = job.cdev;
   const backing = fs.openSync(job.backing, 'r+');
   const loop = new IoLoop(job.port, job.wakeFd, () => {}, 64);
+  const nq = Math.max(...job.queueIds) + 1;
   if (job.zc) {
-    const r = loop.sparseBuffers(job.queues * job.depth);
+    const r = loop.sparseBuffers(nq * job.depth);
     if (r < 0) throw new Error(`ring server: sparse buffer table: errno ${-r}`);
   }
   const queues: RingQueue[] = [];
   let gone = 0;
-  for (let q = 0; q < job.queues; q++) {
+  for (const q of job.queueIds) {
     queues.push(new RingQueue(loop, fd, q, job.depth, u, backing, job.zc, () => {
-      if (++gone === job.queues) {
+      if (++gone === job.queueIds.length) {
         parentPort!.postMessage({ t: 'done', served: queues.map((x) => x.served) });
         loop.stop();
       }
@@ -128,8 +130,7 @@ function serveQueues(job: Job): void {
   // The FETCHes go out with the loop's first submission; a NOP behind them
   // completes in it and tells the main thread.
   loop.push({ pump() {}, fail() {}, complete() { parentPort!.postMessage({ t: 'fetched' }); } }, 0, OP.NOP, -1, -1, 0, 0, 0);
-  loop.run(() => gone === job.queues);
-  fs.closeSync(fd);
+  loop.run(() => gone === job.queueIds.length);
   fs.closeSync(backing);
 }
 
@@ -143,20 +144,30 @@ export interface RingServer {
   delete(): Promise<void>;
 }
 
-/** Adds a device with no queue threads, has a worker's ring fetch every tag, starts it. */
-export async function startRingServer(backing: string, opts: { size: number; queues: number; depth: number; maxIo: number; transport: 'zero-copy' | 'user-copy' }): Promise<RingServer> {
+/**
+ * Adds a device with no queue threads, has workers' rings fetch every tag
+ * (`workers` threads, default 1, the queues dealt among them), starts it.
+ */
+export async function startRingServer(backing: string, opts: { size: number; queues: number; depth: number; maxIo: number; transport: 'zero-copy' | 'user-copy'; workers?: number }): Promise<RingServer> {
   const addon = ublkAddon(), native = loadNative();
   const unused = fs.openSync(backing, 'r'); // the native device wants a target; with external queues it never plans
   const dev = new addon.UblkDevice(addon.fileTarget(unused, opts.size), { ...opts, external: true }, () => {});
   const info = await dev.start();
-  const { port1, port2 } = new MessageChannel();
-  const wakeFd = native.eventfd();
-  const job: Job = { id: info.id, port: port2, wakeFd, zc: info.transport === 'zero-copy', backing, queues: info.queues, depth: info.depth, maxIo: info.maxIo };
-  const worker = new Worker(__filename, { workerData: job, transferList: [port2] });
+  const n = Math.max(1, Math.min(opts.workers ?? 1, info.queues));
+  const cdev = fs.openSync(`/dev/ublkc${info.id}`, 'r+');
   const msgs: Array<{ t: string; served?: number[] }> = [];
   let error: Error | null = null;
-  worker.on('message', (m) => msgs.push(m));
-  worker.on('error', (e) => { error = e; });
+  const workers: Array<{ worker: Worker; wakeFd: number; port: MessagePort }> = [];
+  for (let w = 0; w < n; w++) {
+    const { port1, port2 } = new MessageChannel();
+    const wakeFd = native.eventfd();
+    const queueIds = Array.from({ length: info.queues }, (_, q) => q).filter((q) => q % n === w);
+    const job: Job = { cdev, port: port2, wakeFd, zc: info.transport === 'zero-copy', backing, queueIds, depth: info.depth, maxIo: info.maxIo };
+    const worker = new Worker(__filename, { workerData: job, transferList: [port2] });
+    worker.on('message', (m) => msgs.push(m));
+    worker.on('error', (e) => { error = e; });
+    workers.push({ worker, wakeFd, port: port1 });
+  }
   const next = async (t: string, ms: number) => {
     const end = Date.now() + ms;
     while (Date.now() < end && !error) {
@@ -166,13 +177,15 @@ export async function startRingServer(backing: string, opts: { size: number; que
     }
     throw error ?? new Error(`ring server: no '${t}' from the worker in ${ms} ms`);
   };
-  await next('fetched', 30_000);
+  for (let w = 0; w < n; w++) await next('fetched', 30_000);
   await dev.startDev();
   let served: number[] | null = null;
   const stop = async () => {
     if (!served) {
       await dev.stop();
-      served = (await next('done', 30_000)).served!;
+      const all: number[] = [];
+      for (let w = 0; w < n; w++) all.push(...(await next('done', 30_000)).served!);
+      served = all;
     }
     return served;
   };
@@ -181,8 +194,8 @@ export async function startRingServer(backing: string, opts: { size: number; que
     async delete() {
       await stop();
       await dev.delete();
-      await worker.terminate();
-      native.close(wakeFd);
+      for (const w of workers) { await w.worker.terminate(); native.close(w.wakeFd); w.port.close(); }
+      fs.closeSync(cdev);
       fs.closeSync(unused);
     },
   };
