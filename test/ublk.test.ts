@@ -144,37 +144,41 @@ test('ublkUapi: the upstream command encodings and USER_COPY positions (include/
   assert.equal([u.userCopyBase, u.userCopyQueueStride, u.userCopyTagStride], [0x80000000, 2 ** 41, 2 ** 25]);
 });
 
-test('an I/O loop\'s ublk command reaches the kernel as a URING_CMD (a regular file refuses it); a queue beyond 16 bits never leaves the ring', () => {
+/**
+ * Runs `ops` operations queued by `queue` (with the loop, a channel and a
+ * descriptor of the scratch file) on an I/O loop on this thread; their
+ * results by tag.
+ */
+function onLoop(ops: number, queue: (loop: IoLoop, ch: Channel, fd: number) => void): number[] {
   const { port1, port2 } = new MessageChannel();
   const wakeFd = loadNative().eventfd();
   const loop = new IoLoop(port2, wakeFd, () => {}, 1);
   const fd = fs.openSync(img, 'r+');
   const res: number[] = [];
   let n = 0;
-  const ch: Channel = { pump() {}, fail(e) { throw e; }, complete(tag, r) { res[tag] = r; if (++n === 2) loop.stop(); } };
+  const ch: Channel = { pump() {}, fail(e) { throw e; }, complete(tag, r) { res[tag] = r; if (++n === ops) loop.stop(); } };
   try {
+    queue(loop, ch, fd);
+    loop.run(() => n === ops);
+  } finally { fs.closeSync(fd); loadNative().close(wakeFd); port1.close(); }
+  return res;
+}
+
+test('an I/O loop\'s ublk command reaches the kernel as a URING_CMD (a regular file refuses it); a queue beyond 16 bits never leaves the ring', () => {
+  const res = onLoop(2, (loop, ch, fd) => {
     loop.pushUblk(ch, 0, fd, ublkAddon().ublkUapi.fetchReq, 0, 0, -1);
     loop.pushUblk(ch, 1, fd, ublkAddon().ublkUapi.fetchReq, 0x10000, 0, -1);
-    loop.run(() => n === 2);
-  } finally { fs.closeSync(fd); loadNative().close(wakeFd); port1.close(); }
+  });
   assert.is(res[0], -95, 'EOPNOTSUPP: a regular file has no uring_cmd (the command was well formed)');
   assert.is(res[1], -22, 'queue 65536: EINVAL from the ring');
 });
 
 test('zero copy\'s fixed slots: a sparse table of the I/O loop\'s ring; an empty slot fails in the kernel, one beyond the table never leaves the ring', () => {
-  const { port1, port2 } = new MessageChannel();
-  const wakeFd = loadNative().eventfd();
-  const loop = new IoLoop(port2, wakeFd, () => {}, 1);
-  const fd = fs.openSync(img, 'r+');
-  const res: number[] = [];
-  let n = 0;
-  const ch: Channel = { pump() {}, fail(e) { throw e; }, complete(tag, r) { res[tag] = r; if (++n === 2) loop.stop(); } };
-  try {
+  const res = onLoop(2, (loop, ch, fd) => {
     assert.is(loop.sparseBuffers(4), 0, 'four empty slots');
     loop.pushFixed(ch, 0, OP.READ, fd, 3, 0, 4096, 0);
     loop.pushFixed(ch, 1, OP.READ, fd, 4, 0, 4096, 0);
-    loop.run(() => n === 2);
-  } finally { fs.closeSync(fd); loadNative().close(wakeFd); port1.close(); }
+  });
   assert.is(res[0], -14, 'EFAULT: slot 3 holds no buffer (ublk would have put a request there)');
   assert.is(res[1], -22, 'slot 4 is beyond the table: EINVAL from the ring');
 });
