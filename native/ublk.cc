@@ -223,6 +223,13 @@ class FileTarget : public Target {
   uint32_t split_ = 0, zeroEvery_ = 0;
 };
 
+// A queue's request descriptors, mapped read-only (`len` gets the mapping's length).
+void* MapIoDescs(int cdev, uint16_t q, uint32_t depth, size_t* len) {
+  size_t page = sysconf(_SC_PAGESIZE);
+  *len = (depth * sizeof(IoDesc) + page - 1) / page * page;
+  return mmap(nullptr, *len, PROT_READ, MAP_SHARED | MAP_POPULATE, cdev, DescMapOffset(q, page));
+}
+
 // ----------------------------------------------------------------- device
 
 // K_LCMD: a COMMIT_AND_FETCH linked behind a request's only target SQE.
@@ -695,9 +702,7 @@ Status Queue::Setup() {
   if (zc_ && (r = io_uring_register_buffers_sparse(&ring_, depth_)) < 0)
     return Status::Err(r, "io_uring_register_buffers_sparse");
 
-  size_t page = sysconf(_SC_PAGESIZE);
-  descLen_ = (depth_ * sizeof(IoDesc) + page - 1) / page * page;
-  void* m = mmap(nullptr, descLen_, PROT_READ, MAP_SHARED | MAP_POPULATE, cdev, DescMapOffset(qid_, page));
+  void* m = MapIoDescs(cdev, qid_, depth_, &descLen_);
   if (m == MAP_FAILED) return Status::Err(errno, "mmap io descriptors");
   descs_ = static_cast<const IoDesc*>(m);
 
@@ -1481,9 +1486,6 @@ Napi::Value Features(const Napi::CallbackInfo& info) {
   return o;
 }
 
-// fileTarget(fd, size, alwaysSlow?, split?, zeroEvery?) -> { handle }:
-// identity mapping onto a dup of fd (the caller may close its own fd).
-// split/zeroEvery (tests): multi-segment plans with zero segments.
 // ublkIoDescs(cdevFd, queue, depth): the queue's request descriptors
 // (ublksrv_io_desc, 24 bytes per tag), mapped read-only as an ArrayBuffer;
 // unmapped when it is collected.
@@ -1494,13 +1496,15 @@ Napi::Value IoDescsJs(const Napi::CallbackInfo& info) {
   uint16_t q = uint16_t(ArgUint(info, 1, "queue", 0xFFFF));
   uint32_t depth = uint32_t(ArgUint(info, 2, "depth", kMaxQueueDepth));
   if (depth == 0) Throw(env, EINVAL, "depth must be >= 1");
-  size_t page = sysconf(_SC_PAGESIZE);
-  size_t len = (depth * sizeof(IoDesc) + page - 1) / page * page;
-  void* m = mmap(nullptr, len, PROT_READ, MAP_SHARED | MAP_POPULATE, fd, DescMapOffset(q, page));
+  size_t len;
+  void* m = MapIoDescs(fd, q, depth, &len);
   if (m == MAP_FAILED) Throw(env, errno, "mmap ublk io descriptors");
   return Napi::ArrayBuffer::New(env, m, len, [](Napi::Env, void* p, size_t* n) { munmap(p, *n); delete n; }, new size_t(len));
 }
 
+// fileTarget(fd, size, alwaysSlow?, split?, zeroEvery?) -> { handle }:
+// identity mapping onto a dup of fd (the caller may close its own fd).
+// split/zeroEvery (tests): multi-segment plans with zero segments.
 Napi::Value MakeFileTarget(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!info[0].IsNumber() || !info[1].IsNumber()) Throw(env, EINVAL, "fileTarget(fd, size[, alwaysSlow])");

@@ -6,9 +6,7 @@ import * as fs from 'fs';
 import * as path from 'path';
 import { spawn } from 'child_process';
 import { Engine, Codec } from '../src/index';
-import { FsObjectStore } from '../src/store/fs';
-import type { ObjectStore } from '../src/store/types';
-import { makeImage, rejects, tmpdir } from './helpers/util';
+import { heldStore, makeImage, rejects, tmpdir } from './helpers/util';
 
 const B = 4096;
 let dir: string, img: Buffer, base: string;
@@ -112,12 +110,7 @@ test('a torn zero journal record (a crash mid-append) is ignored, and the next r
 });
 
 test('a flush whose fsyncs are queued when an upload ends syncs the frozen overlay it named, not a closed fd (hazard C6)', async () => {
-  const fsStore = new FsObjectStore(`${dir}/store`);
-  let release!: () => void;
-  const held = new Promise<void>((r) => { release = r; });
-  const store: ObjectStore = Object.assign(Object.create(fsStore), {
-    put: async (k: string, d: Uint8Array | AsyncIterable<Uint8Array>) => { if (k.endsWith('/data')) await held; return fsStore.put(k, d); },
-  });
+  const { store, release } = heldStore(`${dir}/store`);
   const cache = `${dir}/c-c6`;
   const e = await Engine.open({ store, cacheDir: cache });
   try {

@@ -77,26 +77,8 @@ export class IoLoop {
    * submitted at the end of this turn. The caller checked room().
    */
   push(owner: Channel | null, tag: number, op: number, fd: number, slot: number, at: number, len: number, fileOffset: number): number {
-    const id = this.freeIds.pop();
-    if (id === undefined) throw new Error('io loop: no room for another operation (call room() first)');
-    this.opOwner[id] = owner;
-    this.opTag[id] = tag;
-    this.opPos[id] = slot < 0 ? 0 : slot + at;
-    this.opLen[id] = len;
-    const o = (this.head % this.cap) * SQ_ENTRY, v = this.sq;
-    const bufOffset = slot < 0 ? 0 : offsetOf(slot) + at;
-    v.setUint8(o, op);
-    v.setUint8(o + 1, 0);
-    v.setUint16(o + 2, slot < 0 ? 0 : chunkOf(slot), true);
-    v.setInt32(o + 4, fd, true);
-    v.setUint32(o + 8, len, true);
-    v.setUint32(o + 12, id, true);
-    v.setUint32(o + 16, bufOffset >>> 0, true);
-    v.setUint32(o + 20, Math.floor(bufOffset / TWO_32), true);
-    v.setUint32(o + 24, fileOffset >>> 0, true);
-    v.setUint32(o + 28, Math.floor(fileOffset / TWO_32), true);
-    this.head++;
-    return id;
+    const s = slot >= 0;
+    return this.queue(owner, tag, s ? slot + at : 0, op, 0, s ? chunkOf(slot) : 0, fd, len, s ? offsetOf(slot) + at : 0, fileOffset);
   }
 
   /**
@@ -106,25 +88,8 @@ export class IoLoop {
    * The completion comes to owner.complete(tag, res, id) as any other.
    */
   pushUblk(owner: Channel, tag: number, fd: number, cmd: number, queue: number, ublkTag: number, result: number, autoBufReg = 0): number {
-    const id = this.freeIds.pop();
-    if (id === undefined) throw new Error('io loop: no room for another operation (call room() first)');
-    this.opOwner[id] = owner;
-    this.opTag[id] = tag;
-    this.opPos[id] = 0;
-    this.opLen[id] = 0;
-    const o = (this.head % this.cap) * SQ_ENTRY, v = this.sq;
-    v.setUint8(o, OP.UBLK_CMD);
-    v.setUint8(o + 1, 0);
-    v.setUint16(o + 2, ublkTag, true);
-    v.setInt32(o + 4, fd, true);
-    v.setUint32(o + 8, cmd >>> 0, true);
-    v.setUint32(o + 12, id, true);
-    v.setInt32(o + 16, result, true);
-    v.setUint32(o + 20, autoBufReg >>> 0, true);
-    v.setUint32(o + 24, queue, true);
-    v.setUint32(o + 28, 0, true);
-    this.head++;
-    return id;
+    // The descriptor's fields as the ring's UBLK_CMD reads them (native/strata_native.cc).
+    return this.queue(owner, tag, 0, OP.UBLK_CMD, 0, ublkTag, fd, cmd >>> 0, (result >>> 0) + autoBufReg * TWO_32, queue);
   }
 
   /** Gives the ring n empty fixed-buffer slots (for ublk zero copy's AUTO_BUF_REG); 0 or -errno. */
@@ -136,12 +101,30 @@ export class IoLoop {
    * request's own pages under zero copy.
    */
   pushFixed(owner: Channel, tag: number, op: number, fd: number, index: number, bufOffset: number, len: number, fileOffset: number): number {
-    const id = this.push(owner, tag, op, fd, -1, 0, len, fileOffset);
-    const o = ((this.head - 1) % this.cap) * SQ_ENTRY, v = this.sq;
-    v.setUint8(o + 1, FLAG_RAW_FIXED);
-    v.setUint16(o + 2, index, true);
+    return this.queue(owner, tag, 0, op, FLAG_RAW_FIXED, index, fd, len, bufOffset, fileOffset);
+  }
+
+  /** Takes an operation id for owner's `tag` and writes its descriptor (layout: native/strata_native.cc, Desc). */
+  private queue(owner: Channel | null, tag: number, pos: number, op: number, flags: number, bufIndex: number, fd: number,
+    len: number, bufOffset: number, fileOffset: number): number {
+    const id = this.freeIds.pop();
+    if (id === undefined) throw new Error('io loop: no room for another operation (call room() first)');
+    this.opOwner[id] = owner;
+    this.opTag[id] = tag;
+    this.opPos[id] = pos;
+    this.opLen[id] = len;
+    const o = (this.head % this.cap) * SQ_ENTRY, v = this.sq;
+    v.setUint8(o, op);
+    v.setUint8(o + 1, flags);
+    v.setUint16(o + 2, bufIndex, true);
+    v.setInt32(o + 4, fd, true);
+    v.setUint32(o + 8, len, true);
+    v.setUint32(o + 12, id, true);
     v.setUint32(o + 16, bufOffset >>> 0, true);
     v.setUint32(o + 20, Math.floor(bufOffset / TWO_32), true);
+    v.setUint32(o + 24, fileOffset >>> 0, true);
+    v.setUint32(o + 28, Math.floor(fileOffset / TWO_32), true);
+    this.head++;
     return id;
   }
 

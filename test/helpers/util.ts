@@ -4,6 +4,7 @@ import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 import { FsObjectStore } from '../../src/store/fs';
+import type { ObjectStore } from '../../src/store/types';
 
 export function rng(seed: number): () => number {
   let a = seed >>> 0;
@@ -39,6 +40,26 @@ export function makeImage(blocks: number, seed: number): Buffer {
     for (let o = 0; o < 4096; o += 16) b.fill(Math.floor(r() * 256), i * 4096 + o, i * 4096 + o + 16);
   }
   return b;
+}
+
+/**
+ * The filesystem store in `dir`, whose uploads of layer data wait for
+ * release() (a snapshot's upload held while the test acts), then fail
+ * (`fail`) or go through.
+ */
+export function heldStore(dir: string, fail = false): { store: ObjectStore; release(): void } {
+  const fsStore = new FsObjectStore(dir);
+  let release!: () => void;
+  const held = new Promise<void>((r) => { release = r; });
+  const store: ObjectStore = Object.assign(Object.create(fsStore), {
+    put: async (k: string, d: Uint8Array | AsyncIterable<Uint8Array>) => {
+      if (!k.endsWith('/data')) return fsStore.put(k, d);
+      await held;
+      if (fail) throw new Error('injected upload failure');
+      return fsStore.put(k, d);
+    },
+  });
+  return { store, release };
 }
 
 /** The real filesystem store, instrumented: counts ranged gets, can fail or corrupt them. */

@@ -25,9 +25,7 @@
 //     of it reads the same.
 import * as fs from 'fs';
 import { Engine, type Device } from '../../src/index';
-import { FsObjectStore } from '../../src/store/fs';
-import type { ObjectStore } from '../../src/store/types';
-import { makeImage } from '../helpers/util';
+import { heldStore, makeImage } from '../helpers/util';
 import { Model, deviceTarget, drive, opStream } from '../crash/model';
 import { check, sh, finish } from './ublk-helpers';
 
@@ -41,22 +39,6 @@ const TEMPLATE = makeImage(4096, 5150); // 16 MiB
 const SEED = 20261207;
 const POINTS = ['freeze.saved', 'upload.rebased', 'fold.saved'] as const;
 type Point = typeof POINTS[number];
-
-/** A store whose data uploads wait for `release`, then fail (fail = true) or go through. */
-function heldStore(dir: string, fail: boolean): { store: ObjectStore; release(): void } {
-  const fsStore = new FsObjectStore(dir);
-  let release!: () => void;
-  const held = new Promise<void>((r) => { release = r; });
-  const store: ObjectStore = Object.assign(Object.create(fsStore), {
-    put: async (k: string, d: Uint8Array | AsyncIterable<Uint8Array>) => {
-      if (!k.endsWith('/data')) return fsStore.put(k, d);
-      await held;
-      if (fail) throw new Error('injected upload failure');
-      return fsStore.put(k, d);
-    },
-  });
-  return { store, release };
-}
 
 /** One seeded stream of writes, zeroes and trims (no snapshots), then a flush; the model follows every ack. */
 async function stream(dev: Device, model: Model, epoch: number, count: number): Promise<number> {
