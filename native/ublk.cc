@@ -405,6 +405,7 @@ struct Dev {
   DevInfo info{};
   uint64_t features = 0;
   bool zc = false;
+  bool recovering = false;  // external: START_USER_RECOVERY sent, startDev() ends it
   int cdev = -1;
   int zerofd = -1;
   std::vector<std::unique_ptr<Queue>> queues;
@@ -596,6 +597,10 @@ struct Dev {
     }
     if (r < 0) return Status::Err(r, "UBLK_U_CMD_START_USER_RECOVERY");
     state = State::Added;
+    if (opt.external) {
+      recovering = true;
+      return Status::Ok();  // the other ring fetches every tag; startDev() ends the recovery
+    }
     Status s = OpenCdev();
     if (s.ok()) s = StartQueues();
     if (s.ok()) {
@@ -621,8 +626,9 @@ struct Dev {
   Status StartDev() {
     std::lock_guard<std::mutex> lk(lifeMu);
     if (state != State::Added) return Status::Err(EINVAL, "startDev: the device is not added (or already started)");
-    int r = ctrl.Cmd(kCmdStartDev, id, nullptr, 0, uint64_t(getpid()));
-    if (r < 0) return Status::Err(r, "UBLK_U_CMD_START_DEV");
+    int r = ctrl.Cmd(recovering ? kCmdEndUserRecovery : kCmdStartDev, id, nullptr, 0, uint64_t(getpid()));
+    if (r < 0) return Status::Err(r, recovering ? "UBLK_U_CMD_END_USER_RECOVERY" : "UBLK_U_CMD_START_DEV");
+    recovering = false;
     state = State::Live;
     return Status::Ok();
   }
@@ -1584,6 +1590,7 @@ void InitUblk(Napi::Env env, Napi::Object exports) {
   u.Set("fetchReq", Napi::Number::New(env, kIoFetchReq));
   u.Set("commitAndFetchReq", Napi::Number::New(env, kIoCommitAndFetchReq));
   u.Set("resOk", Napi::Number::New(env, kIoResOk));
+  u.Set("ioFlagFua", Napi::Number::New(env, IO_F_FUA));
   u.Set("descSize", Napi::Number::New(env, sizeof(IoDesc)));
   u.Set("descOpFlags", Napi::Number::New(env, offsetof(IoDesc, op_flags)));
   u.Set("descSectors", Napi::Number::New(env, offsetof(IoDesc, nr_sectors)));

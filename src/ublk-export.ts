@@ -1,6 +1,6 @@
-// Serves a strata Device as /dev/ublkbN: the ublk queue threads plan reads
-// and writes from the device's native target (no JavaScript on the hot
-// path); everything else comes here and goes to the device's methods.
+// Serves a strata Device as /dev/ublkbN: the I/O workers' rings serve its
+// queues (src/ublk/queue.ts), planning reads and writes with the engine's
+// WASM planner; everything else comes here and goes to the device's methods.
 import * as os from 'os';
 import type { Device } from './device';
 import { UblkDevice, type SlowHandler, type Transport } from './ublk';
@@ -32,12 +32,12 @@ export function deviceSlowHandler(dev: Device): SlowHandler {
 
 export async function serveUblk(dev: Device, opts: UblkServeOptions = {}): Promise<UblkDevice> {
   return UblkDevice.create({
-    target: dev.nativeTarget(), size: dev.size, queues: opts.queues ?? Math.min(4, os.cpus().length), depth: opts.depth,
+    target: dev.nativeTarget(), io: dev.ioTarget(), size: dev.size, queues: opts.queues ?? Math.min(4, os.cpus().length), depth: opts.depth,
     transport: opts.transport, recovery: opts.recovery ?? 'reissue', onSlow: deviceSlowHandler(dev), owner: opts.owner,
   });
 }
 
 /** Takes over a ublk device whose server died, for a device resumed in this process. */
 export async function recoverUblk(id: number, dev: Device): Promise<UblkDevice> {
-  return UblkDevice.recover(id, { target: dev.nativeTarget(), onSlow: deviceSlowHandler(dev) });
+  return UblkDevice.recover(id, { target: dev.nativeTarget(), io: dev.ioTarget(), size: dev.size, onSlow: deviceSlowHandler(dev) });
 }

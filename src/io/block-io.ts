@@ -23,12 +23,66 @@ export const NO_DEVICE: RequestGate = { acquire: () => 0, release: () => {}, clo
 /** The worker's planner: WASM over the engine's memory, with room for segments. */
 export interface Planner { wasm: WasmExports; view: DataView; segs: number; segCap: number; blockSize: number }
 
+/** completeRead(): one more operation was pushed for the read. */
+export const MORE = -1;
+const EIO = 5;
+
 /** acquire(): the stripes are held by another request (it ends soon): try again next turn. */
 export const BUSY = 1;
 /** Turns a request waits for busy stripes before it goes the slow path. */
 const BUSY_TURNS = 64;
 
-export class BlockIo {
+/**
+ * How a frontend's requests are placed: the engine's (BlockIo) or a plain
+ * file's (FileIo). A frontend calls acquire, then read (completeRead per
+ * operation, readDone) or write / writeStart + writeEnd.
+ */
+export interface Placement {
+  /** Ring entries a read may need. */
+  readonly readRoom: number;
+  readonly target: { close(): void };
+  startedView: number;
+  acquire(owner: Channel, write: boolean, offset: number, length: number): number;
+  read(owner: Channel, tag: number, view: number, offset: number, length: number, slot: number, at: number, fixed?: number, zeroFd?: number): number;
+  completeRead(res: number, op: number, owner?: Channel, tag?: number, zeroFd?: number): number;
+  readDone(offset: number, length: number, ok: boolean, t0: number): void;
+  write(owner: Channel, offset: number, length: number, slot: number, at: number): number | 'busy' | 'slow';
+  writeStart(owner: Channel, offset: number, length: number): number | 'busy' | 'slow';
+  writeEnd(view: number, offset: number, length: number, ok: boolean, t0: number, t1?: number): void;
+}
+
+/**
+ * Pushes a read of len bytes of fd at fileOffset into slot + at, or with
+ * `fixed` into that slot of the ring's sparse table at `at`.
+ */
+export function pushRead(loop: IoLoop, owner: Channel, tag: number, fd: number, slot: number, at: number, len: number, fileOffset: number, fixed: number): void {
+  if (fixed < 0) loop.push(owner, tag, READ, fd, slot, at, len, fileOffset);
+  else loop.pushFixed(owner, tag, READ, fd, fixed, at, len, fileOffset);
+}
+
+/**
+ * One of a read's file operations finished: 0, or the errno it failed
+ * with. A short read is past the file's end: zeros. Into a fixed slot they
+ * are read from `zeroFd` by one more operation of owner's `tag`: then MORE
+ * (the read is not done yet).
+ */
+export function completeRead(loop: IoLoop, res: number, op: number, owner?: Channel, tag = 0, zeroFd = -1): number {
+  if (res < 0) return -res;
+  const want = loop.opLen[op];
+  if (res < want) {
+    const fixed = loop.fixedIndex(op);
+    if (fixed >= 0) {
+      if (!owner || !loop.room(1)) return EIO;
+      loop.pushFixed(owner, tag, READ, zeroFd, fixed, loop.opPos[op] + res, want - res, 0);
+      return MORE;
+    }
+    const at = loop.opPos[op] + res;
+    loop.slabs.buf(at).fill(0, off(at), off(at) + want - res);
+  }
+  return 0;
+}
+
+export class BlockIo implements Placement {
   private busyTurns = 0;
   private readonly SEG_SIZE: number;
   private readonly SEG_KIND: number;
@@ -63,16 +117,19 @@ export class BlockIo {
   /**
    * Places an acquired READ of [offset, offset+length) into slot + at: zero
    * pieces are filled now, file pieces pushed on the loop as `owner`'s
-   * operations with `tag` (see completeRead). Returns how many were pushed,
-   * or -1: the planner cannot place it (the gate is released; slow path).
-   * The caller checked room(readRoom).
+   * operations with `tag` (see completeRead). With `fixed` (a ublk zero-copy
+   * request's slot in the ring's sparse table, see IoLoop.pushFixed) the
+   * bytes go there instead, at `at`, and zero pieces are read from
+   * `zeroFd` (/dev/zero): that memory is only reachable through the ring.
+   * Returns how many were pushed, or -1: the planner cannot place it (the
+   * gate is released; slow path). The caller checked room(readRoom).
    */
-  read(owner: Channel, tag: number, view: number, offset: number, length: number, slot: number, at: number): number {
+  read(owner: Channel, tag: number, view: number, offset: number, length: number, slot: number, at: number, fixed = -1, zeroFd = -1): number {
     const { wasm, segs, segCap, blockSize: bs } = this.plan;
     const b0 = Math.floor(offset / bs), b1 = Math.ceil((offset + length) / bs);
     const n = wasm.planLocal(view, b0, b1, bs, segs, segCap);
     if (n < 0) { this.target.release(false, offset, length, -1, 0); return -1; }
-    const buf = this.loop.slabs.buf(slot), so = off(slot);
+    const buf = fixed < 0 ? this.loop.slabs.buf(slot) : null, so = fixed < 0 ? off(slot) : 0;
     const m = this.plan.view, head = offset - b0 * bs;
     let pushed = 0;
     for (let i = 0; i < n; i++) {
@@ -81,23 +138,17 @@ export class BlockIo {
       const a = Math.max(dst, head), e = Math.min(dst + len, head + length);
       if (a >= e) continue;
       const to = at + (a - head);
-      if (m.getUint32(s + this.SEG_KIND, true) === this.SEG_ZERO) { buf.fill(0, so + to, so + to + (e - a)); continue; }
-      const fileOff = m.getUint32(s + this.SEG_OFF, true) + m.getUint32(s + this.SEG_OFF + 4, true) * 0x100000000 + (a - dst);
-      this.loop.push(owner, tag, READ, m.getInt32(s + this.SEG_REF, true), slot, to, e - a, fileOff);
+      const zero = m.getUint32(s + this.SEG_KIND, true) === this.SEG_ZERO;
+      if (zero && buf) { buf.fill(0, so + to, so + to + (e - a)); continue; }
+      const fileOff = zero ? 0 : m.getUint32(s + this.SEG_OFF, true) + m.getUint32(s + this.SEG_OFF + 4, true) * 0x100000000 + (a - dst);
+      pushRead(this.loop, owner, tag, zero ? zeroFd : m.getInt32(s + this.SEG_REF, true), slot, to, e - a, fileOff, fixed);
       pushed++;
     }
     return pushed;
   }
 
-  /** One of a read's file operations finished: 0, or the errno it failed with. A short read is past the file's end: zeros. */
-  completeRead(res: number, op: number): number {
-    if (res < 0) return -res;
-    const want = this.loop.opLen[op];
-    if (res < want) {
-      const at = this.loop.opPos[op] + res;
-      this.loop.slabs.buf(at).fill(0, off(at), off(at) + want - res);
-    }
-    return 0;
+  completeRead(res: number, op: number, owner?: Channel, tag = 0, zeroFd = -1): number {
+    return completeRead(this.loop, res, op, owner, tag, zeroFd);
   }
 
   /**
@@ -108,17 +159,37 @@ export class BlockIo {
    * turn) or 'slow' (nothing held: the engine's).
    */
   write(owner: Channel, offset: number, length: number, slot: number, at: number): number | 'busy' | 'slow' {
+    const fd = this.writeStart(owner, offset, length);
+    if (typeof fd !== 'number') return fd;
+    const t0 = this.loop.now;
+    const res = this.loop.pwrite(slot, at, length, fd, offset);
+    this.writeEnd(this.startedView, offset, length, res >= 0, t0, performance.now());
+    return res;
+  }
+
+  /** The view of the last writeStart() that returned a file. */
+  startedView = 0;
+
+  /**
+   * Begins a WRITE of [offset, offset+length): the file its bytes go to, at
+   * `offset` (its view in startedView; the stripes held until writeEnd), or
+   * 'busy' / 'slow' as write(). For a write the ring performs (zero copy).
+   */
+  writeStart(owner: Channel, offset: number, length: number): number | 'busy' | 'slow' {
     const view = this.acquire(owner, true, offset, length);
     if (view === BUSY) return 'busy';
     if (!view) return 'slow';
-    const { wasm, blockSize: bs } = this.plan;
-    const fd = wasm.planWrite(view, offset, length, bs);
+    const fd = this.plan.wasm.planWrite(view, offset, length, this.plan.blockSize);
     if (fd < 0) { this.target.release(true, offset, length, -1, 0); return 'slow'; }
-    const res = this.loop.pwrite(slot, at, length, fd, offset);
+    this.startedView = view;
+    return fd;
+  }
+
+  /** Ends a started WRITE; `ok`: every byte is in the file (started at loop time t0, ended at t1). */
+  writeEnd(view: number, offset: number, length: number, ok: boolean, t0: number, t1 = this.loop.now): void {
     // The write rule: its blocks are DIRTY only once the bytes are in the file.
-    if (res >= 0) wasm.wrote(view, offset, length, bs);
-    this.target.release(true, offset, length, res >= 0 ? 1 : 0, (performance.now() - this.loop.now) * 1e6);
-    return res;
+    if (ok) this.plan.wasm.wrote(view, offset, length, this.plan.blockSize);
+    this.target.release(true, offset, length, ok ? 1 : 0, (t1 - t0) * 1e6);
   }
 
   /** Ends an acquired READ (started at loop time t0). */

@@ -36,6 +36,8 @@ export class IoLoop {
   /** The buffer position and length of each operation (short reads, partial sends). */
   readonly opPos: Float64Array;
   readonly opLen: Uint32Array;
+  // The fixed slot of each operation on one (pushFixed), else -1.
+  private opFixed: Int32Array;
   private freeIds: number[] = [];
   private dirty = new Set<Channel>();
   private waiting = new Set<Channel>();
@@ -63,6 +65,7 @@ export class IoLoop {
     this.opTag = new Int32Array(this.cap);
     this.opPos = new Float64Array(this.cap);
     this.opLen = new Uint32Array(this.cap);
+    this.opFixed = new Int32Array(this.cap);
     for (let i = this.cap - 1; i >= 0; i--) this.freeIds.push(i);
     this.slabs = new Slabs(maxChunks, (ab) => this.ring.addRegion(ab, 0, ab.byteLength));
     this.wakeSlot = this.slabs.alloc(8);
@@ -92,8 +95,41 @@ export class IoLoop {
     return this.queue(owner, tag, 0, OP.UBLK_CMD, 0, ublkTag, fd, cmd >>> 0, (result >>> 0) + autoBufReg * TWO_32, queue);
   }
 
-  /** Gives the ring n empty fixed-buffer slots (for ublk zero copy's AUTO_BUF_REG); 0 or -errno. */
-  sparseBuffers(n: number): number { return this.ring.sparseBuffers(n); }
+  /**
+   * Gives the ring n empty fixed-buffer slots (for ublk zero copy's
+   * AUTO_BUF_REG), before anything was submitted; 0 or -errno. takeFixed()
+   * then deals them out.
+   */
+  sparseBuffers(n: number): number {
+    const r = this.ring.sparseBuffers(n);
+    if (r === 0) this.fixedFree = [[0, n]];
+    return r;
+  }
+
+  // Free runs [first, count] of the sparse table.
+  private fixedFree: Array<[number, number]> = [];
+
+  /** n consecutive slots of the sparse table: the first, or -1 (none left, or no table). */
+  takeFixed(n: number): number {
+    const i = this.fixedFree.findIndex((r) => r[1] >= n);
+    if (i < 0) return -1;
+    const r = this.fixedFree[i], first = r[0];
+    r[0] += n; r[1] -= n;
+    if (!r[1]) this.fixedFree.splice(i, 1);
+    return first;
+  }
+
+  /** Gives back takeFixed()'s slots (their buffers are gone: the kernel unregisters them at each commit). */
+  giveFixed(first: number, n: number): void {
+    this.fixedFree.push([first, n]);
+    this.fixedFree.sort((a, b) => a[0] - b[0]);
+    const m: Array<[number, number]> = [];
+    for (const r of this.fixedFree) {
+      const last = m[m.length - 1];
+      if (last && last[0] + last[1] === r[0]) last[1] += r[1]; else m.push([r[0], r[1]]);
+    }
+    this.fixedFree = m;
+  }
 
   /**
    * Queues a READ or WRITE of len bytes between fd at fileOffset and the
@@ -101,8 +137,13 @@ export class IoLoop {
    * request's own pages under zero copy.
    */
   pushFixed(owner: Channel, tag: number, op: number, fd: number, index: number, bufOffset: number, len: number, fileOffset: number): number {
-    return this.queue(owner, tag, 0, op, FLAG_RAW_FIXED, index, fd, len, bufOffset, fileOffset);
+    const id = this.queue(owner, tag, bufOffset, op, FLAG_RAW_FIXED, index, fd, len, bufOffset, fileOffset);
+    this.opFixed[id] = index;
+    return id;
   }
+
+  /** The fixed slot an operation in flight moves data to or from (pushFixed), or -1; its offset there is opPos. */
+  fixedIndex(id: number): number { return this.opFixed[id]; }
 
   /** Takes an operation id for owner's `tag` and writes its descriptor (layout: native/strata_native.cc, Desc). */
   private queue(owner: Channel | null, tag: number, pos: number, op: number, flags: number, bufIndex: number, fd: number,
@@ -113,6 +154,7 @@ export class IoLoop {
     this.opTag[id] = tag;
     this.opPos[id] = pos;
     this.opLen[id] = len;
+    this.opFixed[id] = -1;
     const o = (this.head % this.cap) * SQ_ENTRY, v = this.sq;
     v.setUint8(o, op);
     v.setUint8(o + 1, flags);

@@ -1,6 +1,6 @@
 // The I/O workers: a fixed pool (default one per CPU) of long-lived piscina
 // workers, each running one I/O loop (workers/io-worker.ts) that serves many
-// connections through its own io_uring ring. The daemon's threads stay the
+// channels (NBD connections, ublk queues) through its own io_uring ring. The daemon's threads stay the
 // same however many devices are connected. Started on first use.
 import * as os from 'os';
 import * as path from 'path';
@@ -10,13 +10,23 @@ import type { SharedHeap } from '../wasm';
 import { wake } from './loop';
 import { loadNative } from '../native';
 import type { TransmissionEvent, TransmissionOptions } from '../nbd/transmission';
+import type { UblkQueueEvent, UblkQueueSpec } from '../ublk/queue';
 
 /** Messages to a worker (each followed by a wake-up). */
 export type ToWorker =
   | { t: 'open'; id: number; fd: number; target: number; opts: TransmissionOptions; initial: Uint8Array; stats: SharedArrayBuffer }
   | { t: 'reply'; id: number; bytes: Uint8Array | null; done: number; doneBytes: number }
   | { t: 'shutdown' | 'destroy'; id: number }
+  | { t: 'ublk-open'; id: number; target: number; spec: UblkQueueSpec; stats: SharedArrayBuffer }
+  | { t: 'ublk-answer'; id: number; tag: number; result: number; data: Uint8Array | null }
+  | { t: 'ublk-drop'; id: number }
   | { t: 'stop' };
+
+/** What a worker posts about one of its channels. */
+export type WorkerEvent = TransmissionEvent | UblkQueueEvent;
+
+/** A channel on a worker, as its opener sees it. */
+export interface OpenChannel { id: number; send(m: ToWorker): void }
 
 const SEG_CAP = 64;
 const SEG_SIZE = 24;
@@ -36,7 +46,7 @@ export class IoWorkers {
   readonly threads: number;
   private readonly pool: Piscina;
   private readonly workers: Worker[] = [];
-  private readonly handlers = new Map<number, (e: TransmissionEvent) => void>();
+  private readonly handlers = new Map<number, (e: WorkerEvent) => void>();
   private readonly owner = new Map<number, Worker>();
   private nextId = 1;
   private closing: Promise<void> | null = null;
@@ -71,7 +81,7 @@ export class IoWorkers {
       });
       const w: Worker = { port: port1, wakeFd, segs, channels: 0, done };
       started.push(new Promise((resolve) => {
-        port1.on('message', (e: TransmissionEvent | { t: 'ready' }) => (e.t === 'ready' ? resolve() : this.deliver(e)));
+        port1.on('message', (e: WorkerEvent | { t: 'ready' }) => (e.t === 'ready' ? resolve() : this.deliver(e)));
       }));
       // Idle workers do not keep the process alive; open channels do (ref()).
       port1.unref();
@@ -87,7 +97,20 @@ export class IoWorkers {
    * request goes back). `events` gets its slow requests and, once, its close.
    */
   open(fd: number, target: number, opts: TransmissionOptions, initial: Uint8Array, stats: SharedArrayBuffer,
-    events: (e: TransmissionEvent) => void): { id: number; send(m: ToWorker): void } {
+    events: (e: TransmissionEvent) => void): OpenChannel {
+    return this.attach((id) => ({ t: 'open', id, fd, target, opts, initial, stats }), events as (e: WorkerEvent) => void);
+  }
+
+  /**
+   * Has the least busy worker serve one ublk queue (src/ublk/queue.ts) of the
+   * device whose native target key is `target`. `events` gets 'ublk-fetched'
+   * once every tag was fetched, its slow requests, and once, its close.
+   */
+  openUblk(spec: UblkQueueSpec, target: number, stats: SharedArrayBuffer, events: (e: UblkQueueEvent) => void): OpenChannel {
+    return this.attach((id) => ({ t: 'ublk-open', id, target, spec, stats }), events as (e: WorkerEvent) => void);
+  }
+
+  private attach(first: (id: number) => ToWorker, events: (e: WorkerEvent) => void): OpenChannel {
     if (this.closing) throw new Error('the I/O workers are stopping');
     const w = this.workers.reduce((a, b) => (b.channels < a.channels ? b : a));
     const id = this.nextId++;
@@ -96,11 +119,11 @@ export class IoWorkers {
     this.owner.set(id, w);
     this.handlers.set(id, events);
     const send = (m: ToWorker) => { w.port.postMessage(m); wake(w.wakeFd); };
-    send({ t: 'open', id, fd, target, opts, initial, stats });
+    send(first(id));
     return { id, send };
   }
 
-  private deliver(e: TransmissionEvent): void {
+  private deliver(e: WorkerEvent): void {
     const h = this.handlers.get(e.id);
     if (!h) return;
     if (e.t === 'closed') {

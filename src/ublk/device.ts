@@ -1,10 +1,16 @@
-// UblkDevice: a /dev/ublkbN served by native queue threads through a block
-// target. Requests the target cannot plan arrive here (the slow path) in
-// batches and are answered through `onSlow`.
+// UblkDevice: a /dev/ublkbN whose queues are served either by the I/O
+// workers' rings (`io`: src/ublk/queue.ts, the engine's planner in WASM) or
+// by native queue threads through a block target (FileTarget). Requests
+// neither can serve arrive here (the slow path) and are answered through
+// `onSlow`.
 import * as fs from 'fs';
 import * as os from 'os';
 import { ublkAddon, UBLK_OP, type NativeUblkDevice, type NativeDeviceInfo, type NativeSlowRequest, type TargetObject } from './native';
 import { fromNative, UblkError } from './errors';
+import { UBLK_STAT, type UblkQueueEvent, type UblkSlowRequest } from './queue';
+import { IoWorkers, type OpenChannel } from '../io/pool';
+import { SharedHeap } from '../wasm';
+import { FileTarget } from './file-target';
 
 export type SlowOp = 'read' | 'write' | 'flush' | 'discard' | 'write-zeroes' | 'other';
 
@@ -64,7 +70,16 @@ export interface UblkCreateOptions {
    * 2000; 0 leaves the kernel's 30 s). See REQUEST_TIMEOUT_MS.
    */
   requestTimeoutMs?: number;
+  /**
+   * Serve the queues on these I/O workers' rings, planning with the
+   * device whose native target `target` names (Device.ioTarget()); without
+   * it, native queue threads serve them through `target` (the object).
+   */
+  io?: UblkIo;
 }
+
+/** The I/O workers that serve a device's queues (null: the FileTarget devices' own), and how they place its requests: the engine's device (`target`, a native target key) or a plain file (`file`, a descriptor). */
+export interface UblkIo { workers: IoWorkers | null; target?: number; file?: number }
 
 /**
  * Why strata shortens the request timeout: a 6.12 kernel notices that a
@@ -106,6 +121,8 @@ export class UblkDevice {
   /** The request timeout the device runs with (ms), or null if it could not be set (no writable sysfs). */
   requestTimeoutMs: number | null = null;
   private deleted = false;
+  /** The queues on the I/O workers (io), else null. */
+  private queues: WorkerQueues | null = null;
 
   private constructor(private readonly native: NativeUblkDevice, info: NativeDeviceInfo, private readonly handler: SlowHandler) {
     this.info = info;
@@ -118,7 +135,7 @@ export class UblkDevice {
     const transport = opts.transport ?? transportFromEnv();
     return UblkDevice.launch(opts, (n) => n.start(), {
       size: opts.size, queues: opts.queues, depth: opts.depth, maxIo: opts.maxIo, transport,
-      recovery: opts.recovery, alwaysSlow: opts.alwaysSlow, partScan: opts.partScan, owner: opts.owner,
+      recovery: opts.recovery, alwaysSlow: opts.alwaysSlow, partScan: opts.partScan, owner: opts.owner, external: !!ioOf(opts),
     });
   }
 
@@ -126,11 +143,11 @@ export class UblkDevice {
    * Takes over device `id` whose server died (created with `recovery`):
    * START_USER_RECOVERY, fetch every tag, END_USER_RECOVERY.
    */
-  static async recover(id: number, opts: Pick<UblkCreateOptions, 'target' | 'onSlow' | 'alwaysSlow' | 'requestTimeoutMs'>): Promise<UblkDevice> {
-    return UblkDevice.launch(opts, (n) => n.recover(id), { alwaysSlow: opts.alwaysSlow });
+  static async recover(id: number, opts: Pick<UblkCreateOptions, 'target' | 'onSlow' | 'alwaysSlow' | 'requestTimeoutMs' | 'io' | 'size'>): Promise<UblkDevice> {
+    return UblkDevice.launch(opts, (n) => n.recover(id), { alwaysSlow: opts.alwaysSlow, external: !!ioOf(opts) });
   }
 
-  private static async launch(opts: Pick<UblkCreateOptions, 'target' | 'onSlow' | 'requestTimeoutMs'>,
+  private static async launch(opts: Pick<UblkCreateOptions, 'target' | 'onSlow' | 'requestTimeoutMs' | 'io' | 'alwaysSlow' | 'size'>,
     go: (n: NativeUblkDevice) => Promise<NativeDeviceInfo>, nopts: object): Promise<UblkDevice> {
     const timeout = opts.requestTimeoutMs ?? REQUEST_TIMEOUT_MS;
     if (!Number.isInteger(timeout) || timeout < 0) {
@@ -157,6 +174,16 @@ export class UblkDevice {
       throw fromNative(e, 'create');
     }
     dev = new UblkDevice(native, info, handler);
+    const io = ioOf(opts);
+    if (io) {
+      try {
+        const fileSlow = opts.target instanceof FileTarget && opts.target.alwaysSlow;
+        dev.queues = await WorkerQueues.start(native, info, io, handler, { alwaysSlow: !!opts.alwaysSlow || fileSlow, size: opts.size ?? (opts.target as { size?: number }).size ?? 0 });
+      } catch (e) {
+        await native.delete().catch(() => undefined);
+        throw fromNative(e, 'ublk queues on the I/O workers');
+      }
+    }
     live.add(dev);
     dev.pump();
     dev.requestTimeoutMs = setRequestTimeout(info.id, timeout);
@@ -174,6 +201,8 @@ export class UblkDevice {
     } catch (e) {
       throw fromNative(e, 'stop');
     }
+    // STOP_DEV aborts every fetched tag: the workers let the queues go.
+    await this.queues?.closed();
   }
 
   /**
@@ -184,7 +213,9 @@ export class UblkDevice {
   async delete(): Promise<void> {
     if (this.deleted) return;
     try {
+      if (this.queues) await this.stop();
       await this.native.delete();
+      this.queues?.release();
       this.deleted = true;
     } catch (e) {
       throw fromNative(e, 'delete');
@@ -195,13 +226,135 @@ export class UblkDevice {
 
   /** Ends this process's service without stopping the device (a recovery device goes QUIESCED). */
   async abandon(): Promise<void> {
+    // The kernel notices the server gone once this process's ring lets the
+    // queues' commands go, at exit at the latest.
+    this.queues?.drop();
     await this.native.abandon();
     this.deleted = true;
     live.delete(this);
   }
 
   stats(): { fastIos: number; slowIos: number; waits: number; cqes: number; state: string } {
-    return this.native.stats();
+    const s = this.native.stats();
+    return this.queues ? { ...s, ...this.queues.stats() } : s;
+  }
+}
+
+/**
+ * The queues of one device on the I/O workers: each is a channel of the
+ * least busy worker (src/ublk/queue.ts). The main thread opens /dev/ublkcN
+ * once (the kernel allows one opener); the workers use that descriptor.
+ */
+class WorkerQueues {
+  private readonly channels: OpenChannel[] = [];
+  private readonly stats_: Float64Array[] = [];
+  private open = 0;
+  private readonly gone: Array<() => void> = [];
+  private readonly fua: number;
+
+  private constructor(private readonly cdev: number) { this.fua = ublkAddon().ublkUapi.ioFlagFua; }
+
+  static async start(native: NativeUblkDevice, info: NativeDeviceInfo, io: UblkIo, handler: SlowHandler,
+    o: { alwaysSlow: boolean; size: number }): Promise<WorkerQueues> {
+    const workers = io.workers ?? fileWorkers();
+    const cdev = await openCdev(info.id);
+    const wq = new WorkerQueues(cdev);
+    const size = o.size || Number.MAX_SAFE_INTEGER; // unknown: the kernel bounds requests by the device's size anyway
+    let failed: string | null = null;
+    let fetched = 0;
+    let onFetched = () => {};
+    for (let q = 0; q < info.queues; q++) {
+      const stats = new SharedArrayBuffer(UBLK_STAT.LENGTH * 8);
+      wq.stats_.push(new Float64Array(stats));
+      wq.open++;
+      const ch: OpenChannel = workers.openUblk({ cdev, queue: q, depth: info.depth, maxIo: info.maxIo, zeroCopy: info.transport === 'zero-copy', size, alwaysSlow: o.alwaysSlow, file: io.file ?? -1 },
+        io.target ?? 0, stats, (e: UblkQueueEvent) => {
+          if (e.t === 'ublk-fetched') { fetched++; onFetched(); } else if (e.t === 'ublk-requests') {
+            for (const r of e.reqs) wq.serve(ch, handler, q, r);
+          } else {
+            if (fetched < info.queues) failed ??= e.reason;
+            if (--wq.open === 0) { for (const g of wq.gone.splice(0)) g(); }
+            onFetched();
+          }
+        });
+      wq.channels.push(ch);
+    }
+    await workers.ready;
+    await new Promise<void>((resolve) => { onFetched = () => { if (fetched === info.queues || failed) resolve(); }; onFetched(); });
+    if (failed) {
+      wq.drop();
+      fs.closeSync(cdev);
+      throw new UblkError(EIO, 'ublk queue', `an I/O worker could not serve the device's queues: ${failed}`);
+    }
+    // START_DEV (or END_USER_RECOVERY) once every tag is fetched.
+    try {
+      await native.startDev();
+    } catch (e) {
+      wq.drop();
+      fs.closeSync(cdev);
+      throw e;
+    }
+    return wq;
+  }
+
+  private serve(ch: OpenChannel, handler: SlowHandler, queue: number, r: UblkSlowRequest): void {
+    const req: SlowRequest = {
+      op: OPS[r.op] ?? 'other', opcode: r.op, offset: r.offset, length: r.length, fua: (r.flags & this.fua) !== 0,
+      queue, tag: r.tag, data: r.data ? Buffer.from(r.data.buffer, r.data.byteOffset, r.data.byteLength) : undefined,
+    };
+    answer(handler, req, (result, data) => {
+      // A view of a larger buffer would be cloned whole into the message: only its bytes go.
+      const own = data && data.byteLength !== data.buffer.byteLength ? Uint8Array.prototype.slice.call(data) : data;
+      ch.send({ t: 'ublk-answer', id: ch.id, tag: r.tag, result, data: own ?? null });
+    });
+  }
+
+  /** Resolves once every queue's channel closed (the kernel aborted its tags, or it was dropped). */
+  closed(): Promise<void> {
+    return this.open === 0 ? Promise.resolve() : new Promise((r) => this.gone.push(r));
+  }
+
+  /** Stops serving at once (abandon). */
+  drop(): void { for (const ch of this.channels) ch.send({ t: 'ublk-drop', id: ch.id }); }
+
+  /** After DEL_DEV: the char device's descriptor. */
+  release(): void { fs.closeSync(this.cdev); }
+
+  stats(): { fastIos: number; slowIos: number } {
+    let fastIos = 0, slowIos = 0;
+    for (const s of this.stats_) { fastIos += s[UBLK_STAT.FAST]; slowIos += s[UBLK_STAT.SLOW]; }
+    return { fastIos, slowIos };
+  }
+}
+
+/**
+ * Where a device's queues are served: the options' I/O workers, or for a
+ * FileTarget the file devices' own workers (STRATA_UBLK_NATIVE_QUEUES=1:
+ * native queue threads, the old path, for comparison).
+ */
+function ioOf(opts: Pick<UblkCreateOptions, 'io' | 'target'>): UblkIo | undefined {
+  if (opts.io) return opts.io;
+  if (opts.target instanceof FileTarget && process.env.STRATA_UBLK_NATIVE_QUEUES !== '1') return { workers: null, file: opts.target.fd };
+  return undefined;
+}
+
+let fileIo: IoWorkers | null = null;
+/** I/O workers for FileTarget devices (started by the first one; no engine: their shared memory only holds the planner's scratch). */
+function fileWorkers(): IoWorkers {
+  fileIo ??= new IoWorkers(new SharedHeap({ reserveBytes: 1 << 16 }));
+  return fileIo;
+}
+
+/** Opens /dev/ublkcN; devtmpfs creates it with the device, udev may still be adjusting it: retried briefly. */
+async function openCdev(id: number): Promise<number> {
+  for (let i = 0; ; i++) {
+    try {
+      return fs.openSync(`/dev/ublkc${id}`, 'r+');
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      if (i >= 300 || (code !== 'ENOENT' && code !== 'EACCES' && code !== 'EPERM')) throw e;
+      await new Promise((r) => setTimeout(r, 10));
+    }
   }
 }
 
@@ -221,6 +374,11 @@ function serve(native: NativeUblkDevice, handler: SlowHandler, r: NativeSlowRequ
     op: OPS[r.op] ?? 'other', opcode: r.op, offset: r.offset, length: r.length, fua: r.fua,
     queue: r.queue, tag: r.tag, data: r.data,
   };
+  answer(handler, req, (result, data) => native.complete(r.queue, r.tag, result, data));
+}
+
+/** Runs the slow-path handler for one request and gives `done` its result (bytes, 0 or -errno) and a READ's data. */
+function answer(handler: SlowHandler, req: SlowRequest, done: (result: number, data?: Uint8Array) => void): void {
   let p: Promise<Uint8Array | void>;
   try {
     p = Promise.resolve(handler(req));
@@ -229,9 +387,9 @@ function serve(native: NativeUblkDevice, handler: SlowHandler, r: NativeSlowRequ
   }
   p.then((data) => {
     const ok = req.op === 'read' || req.op === 'write' ? req.length : 0;
-    native.complete(r.queue, r.tag, ok, req.op === 'read' && data ? data : undefined);
+    done(ok, req.op === 'read' && data ? data : undefined);
   }, (e) => {
     const errno = typeof (e as { errno?: unknown })?.errno === 'number' ? Math.abs((e as { errno: number }).errno) : EIO;
-    native.complete(r.queue, r.tag, -(errno || EIO));
+    done(-(errno || EIO));
   }).catch((e) => process.emitWarning(`ublk slow-path completion failed: ${(e as Error).message}`));
 }

@@ -24,7 +24,7 @@ export class FileTarget {
   /** What native frontends read (target_js.h). */
   readonly handle: unknown;
   readonly size: number;
-  private constructor(readonly fd: number, size: number, alwaysSlow: boolean, split?: FileTargetOptions['split']) {
+  private constructor(readonly fd: number, size: number, readonly alwaysSlow: boolean, split?: FileTargetOptions['split']) {
     this.size = size;
     try {
       this.handle = ublkAddon().fileTarget(fd, size, alwaysSlow, split?.bytes ?? 0, split?.zeroEvery ?? 0).handle;

@@ -90,6 +90,8 @@ export interface UblkAddon {
 /** The UAPI a ring serving ublk queues needs (native/ublk_uapi.h). */
 export interface UblkUapi {
   fetchReq: number; commitAndFetchReq: number; resOk: number;
+  /** UBLK_IO_F_FUA in a descriptor's op_flags. */
+  ioFlagFua: number;
   descSize: number; descOpFlags: number; descSectors: number; descStartSector: number;
   /** USER_COPY: the position on /dev/ublkcN of (queue, tag) is base + queue * queueStride + tag * tagStride. */
   userCopyBase: number; userCopyQueueStride: number; userCopyTagStride: number;

@@ -13,7 +13,7 @@ import * as fs from 'fs';
 import * as http from 'http';
 import * as path from 'path';
 import { spawn, type ChildProcess } from 'child_process';
-import { check, sh, ublkOrSkip, finish, waitFor, startFioVerify, scratchFile } from './ublk-helpers';
+import { check, sh, ublkOrSkip, finish, waitFor, startFioVerify, scratchFile, startServer, serveUntilKilled } from './ublk-helpers';
 import { kernelDevices, kernelDeviceInfo, ownerId, removeKernelDevice, UblkDevice, FileTarget } from '../../src/ublk';
 
 const DIR = '/tmp/strata-vm-daemon-ublk';
@@ -58,7 +58,9 @@ async function op(id: string): Promise<any> {
 
 const sums = async (mnt: string) => (await sh(`cd ${mnt} && find . -type f ! -path './lost+found/*' | sort | xargs sha256sum`)).trim();
 
-(async () => {
+if (process.argv[2] === '--serve') {
+  serveUntilKilled(() => UblkDevice.create({ target: FileTarget.open(process.argv[3]), recovery: true, owner: ownerId('/elsewhere/cache'), depth: 4 }));
+} else (async () => {
   const t0 = Date.now();
   if (!ublkOrSkip()) finish('daemon-ublk', t0);
   fs.rmSync(DIR, { recursive: true, force: true });
@@ -111,8 +113,10 @@ const sums = async (mnt: string) => (await sh(`cd ${mnt} && find . -type f ! -pa
     const e = await api('POST', '/v1/devices', { layer: tpl, id: 'vm4', frontend: 'ublk' });
     check(c.status === 201 && e.status === 201, `two more devices: ${c.json.path} ${e.json.path}`);
     scratchFile(`${DIR}/other.img`, 4 << 20);
-    const other = await UblkDevice.create({ target: FileTarget.open(`${DIR}/other.img`), recovery: true, owner: ownerId('/elsewhere/cache'), depth: 4 });
-    await other.abandon(); // quiesced, as another data directory's dead daemon would leave it
+    // Quiesced, as another data directory's dead daemon would leave it: its server process is killed.
+    const srv = await startServer(__filename, [`${DIR}/other.img`]);
+    const other = { id: srv.id, path: `/dev/ublkb${srv.id}` };
+    srv.child.kill('SIGKILL');
     check(await waitFor(() => kernelDeviceInfo(other.id)?.state === 'quiesced', 10_000), `another owner's device ${other.path} is quiesced`);
     const writes = async () => Number((await api('GET', '/v1/devices/vm1')).json.stats?.native?.fastWrites ?? 0);
     const w0 = await writes();

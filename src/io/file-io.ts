@@ -1,0 +1,38 @@
+// How an I/O worker places the requests of a device that is one plain file
+// mapped 1:1 (a ublk FileTarget): every READ is one read of the file, every
+// WRITE one write to it. No engine, no gate. Requests past the file's end
+// read as zeros (completeRead), as the engine's do.
+import type { Channel, IoLoop } from './loop';
+import { completeRead, pushRead, type Placement } from './block-io';
+
+/** The view FileIo hands out: any value but 0 (slow path) and BUSY (1). */
+const FILE_VIEW = 2;
+
+export class FileIo implements Placement {
+  readonly readRoom = 1;
+  readonly target = { close: () => {} };
+  startedView = FILE_VIEW;
+
+  constructor(private readonly loop: IoLoop, private readonly fd: number) {}
+
+  acquire(): number { return FILE_VIEW; }
+
+  read(owner: Channel, tag: number, _view: number, offset: number, length: number, slot: number, at: number, fixed = -1): number {
+    pushRead(this.loop, owner, tag, this.fd, slot, at, length, offset, fixed);
+    return 1;
+  }
+
+  completeRead(res: number, op: number, owner?: Channel, tag = 0, zeroFd = -1): number {
+    return completeRead(this.loop, res, op, owner, tag, zeroFd);
+  }
+
+  readDone(): void {}
+
+  write(_owner: Channel, offset: number, length: number, slot: number, at: number): number {
+    return this.loop.pwrite(slot, at, length, this.fd, offset);
+  }
+
+  writeStart(): number { return this.fd; }
+
+  writeEnd(): void {}
+}
