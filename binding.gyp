@@ -3,7 +3,6 @@
     {
       "target_name": "strata_native",
       "sources": ["native/strata_native.cc", "native/device_target.cc", "native/ublk.cc"],
-      "include_dirs": ["build/gen"],
       "dependencies": ["<!(node -p \"require('node-addon-api').targets\"):node_addon_api_except"],
       "defines": [
         "NAPI_VERSION=8",

@@ -1,9 +1,8 @@
 // The shared-memory layouts of strata's data plane, defined here once: block
 // and frame states, and the 32-byte extent and frame records. The WASM module
 // exports them; TypeScript reads them from the instance (src/wasm.ts) and
-// writes records through the accessors below; the native addon includes a
-// header generated from the same exports at build (scripts/build.js →
-// build/gen/strata_layout.h). Multi-byte fields are little-endian.
+// writes records through the accessors below (the native addon reads no
+// record: it only synchronises). Multi-byte fields are little-endian.
 
 // ---------------------------------------------------------------- states
 // One byte per block. A device overlay uses ABSENT/DIRTY/ZERO/CLEAN; a layer's

@@ -3,7 +3,8 @@
 // a machine with ublk_drv).
 //
 // One backing file full of random data; fio (libaio, O_DIRECT) against:
-//   ublk-zero-copy  strata UblkDevice on a FileTarget, AUTO_BUF_REG transport (kernel >= 6.16)
+//   ublk-zero-copy  strata UblkDevice on a FileTarget (its queues on the I/O
+//                   workers' rings), AUTO_BUF_REG transport (kernel >= 6.16)
 //   ublk-user-copy  the same with the USER_COPY transport
 //   strata-zero-copy / strata-user-copy
 //                   a strata device (the file imported as a layer, its cache
@@ -13,11 +14,8 @@
 //                   a built checkout of another commit, e.g. a git worktree):
 //                   the same strata device served by that checkout's engine
 //                   and addon, in this process, for a side-by-side A/B
-//   ring-zero-copy / ring-user-copy
-//                   bare ublk on the same file served by an I/O loop's ring on
-//                   one worker thread (test/vm/ring-server.ts) instead of a
-//                   native thread per queue: what moving ublk onto the I/O
-//                   workers costs or gains, before strata's devices move
+//   ublk-prev-zero-copy / ublk-prev-user-copy (with STRATA_BENCH_PREV)
+//                   that checkout's UblkDevice on a FileTarget
 //   loop            the kernel loop driver on the same file (losetup --direct-io=on)
 //   ublk-zero-copy-sparse (by name only) bare ublk on a fresh sparse file: first
 //                   writes allocate, as in a strata overlay (its reads are of holes)
@@ -35,8 +33,7 @@
 // STRATA_BENCH_QUEUES (default: CPUs), STRATA_BENCH_PEERS (subset, comma-separated),
 // STRATA_BENCH_ROUNDS (default 2), STRATA_BENCH_TMP (a directory to use instead of a tmpfs of its own),
 // STRATA_BENCH_FS (tmpfs, the default, or ext4-ram: see below), STRATA_BENCH_CPU=1
-// (CPU per I/O by thread group on each cell's line), STRATA_BENCH_RING_WORKERS (the
-// ring-* peers' worker threads, default 1).
+// (CPU per I/O by thread group on each cell's line).
 import * as fs from 'fs';
 import * as os from 'os';
 import { execFile } from 'child_process';
@@ -44,7 +41,6 @@ import { features, UblkDevice, FileTarget } from '../src/ublk';
 import { Engine, Codec } from '../src/index';
 import { serveUblk } from '../src/ublk-export';
 import { medianOfRounds } from './rounds';
-import { startRingServer } from '../test/vm/ring-server';
 
 const SECONDS = Number(process.env.STRATA_BENCH_SECONDS || 6);
 const FILE_MB = Number(process.env.STRATA_BENCH_FILE_MB || 256);
@@ -63,8 +59,6 @@ const FS = process.env.STRATA_BENCH_FS || 'tmpfs';
 if (!['tmpfs', 'ext4-ram'].includes(FS)) throw new Error(`STRATA_BENCH_FS must be tmpfs or ext4-ram, not ${FS}`);
 if (!OWN_TMPFS && process.env.STRATA_BENCH_FS) throw new Error('STRATA_BENCH_FS picks the filesystem the bench mounts for itself; it cannot be combined with STRATA_BENCH_TMP');
 const ROUNDS = Math.max(1, Number(process.env.STRATA_BENCH_ROUNDS || 2));
-// The ring-* peers: worker threads whose rings serve the queues (default 1: one ring for every queue).
-const RING_WORKERS = Math.max(1, Number(process.env.STRATA_BENCH_RING_WORKERS || 1));
 
 const sh = (cmd: string) => new Promise<string>((res, rej) =>
   execFile('sh', ['-c', cmd], { maxBuffer: 1 << 26, timeout: 600_000 }, (e, out, err) => (e ? rej(new Error(`${cmd}: ${err || e.message}`)) : res(out))));
@@ -132,12 +126,6 @@ async function fio(dev: string, job: typeof JOBS[number]): Promise<Cell> {
   return { iops: side.iops, mbs: side.bw_bytes / 1e6, p99us: p99 / 1000, cpu };
 }
 
-/** How much each queue-thread wake-up batched over the device's life. */
-function wakeups(dev: UblkDevice): string {
-  const st = dev.stats();
-  return `${st.cqes} CQEs in ${st.waits} queue-thread wake-ups (${(st.cqes / Math.max(1, st.waits)).toFixed(2)} each)`;
-}
-
 (async () => {
   let f;
   try {
@@ -160,17 +148,18 @@ function wakeups(dev: UblkDevice): string {
   // Real data: a sparse or fallocated file would serve reads without I/O.
   await sh(`head -c ${FILE_MB << 20} /dev/urandom > ${img}`);
   const kernel = fs.readFileSync('/proc/sys/kernel/osrelease', 'utf8').trim();
-  const want = (process.env.STRATA_BENCH_PEERS || 'ublk-zero-copy,ublk-user-copy,ring-zero-copy,ring-user-copy,strata-zero-copy,strata-user-copy,loop,hop').split(',');
+  const want = (process.env.STRATA_BENCH_PEERS || 'ublk-zero-copy,ublk-user-copy,strata-zero-copy,strata-user-copy,loop,hop').split(',');
   const target = FileTarget.open(img);
   const engine = await Engine.open({ store: `${DIR}/store`, cacheDir: `${DIR}/cache` });
   const layer = want.some((p) => p.startsWith('strata-')) ? (await engine.importImage(img, { codec: Codec.Lz4 })).id : '';
   // Another checkout's engine (its own addon and WASM), on its own store and cache.
   const PREV = process.env.STRATA_BENCH_PREV;
-  const prev = PREV && want.some((p) => p.startsWith('strata-prev-')) ? await (async () => {
+  const prev = PREV && want.some((p) => p.includes('-prev-')) ? await (async () => {
     const mod = require(`${PREV}/src/index`) as typeof import('../src/index');
     const exp = require(`${PREV}/src/ublk-export`) as typeof import('../src/ublk-export');
+    const ublk = require(`${PREV}/src/ublk`) as typeof import('../src/ublk');
     const e = await mod.Engine.open({ store: `${DIR}/store-prev`, cacheDir: `${DIR}/cache-prev` });
-    return { engine: e, serveUblk: exp.serveUblk, layer: (await e.importImage(img, { codec: mod.Codec.Lz4 })).id };
+    return { engine: e, serveUblk: exp.serveUblk, ublk, layer: want.some((p) => p.startsWith('strata-prev-')) ? (await e.importImage(img, { codec: mod.Codec.Lz4 })).id : '' };
   })() : null;
 
   // Each peer opens a fresh device per round and closes it after.
@@ -182,14 +171,15 @@ function wakeups(dev: UblkDevice): string {
       name: `ublk-${transport}`, note: off,
       async open() {
         const dev = await UblkDevice.create({ target, transport, queues: QUEUES, depth: 64 });
-        return { path: dev.path, close: async () => { const w = wakeups(dev); await dev.delete(); return w; } };
+        return { path: dev.path, close: async () => { const st = dev.stats(); await dev.delete(); return `I/O workers: ${st.fastIos} requests, slow path ${st.slowIos}`; } };
       },
     });
     peers.push({
-      name: `ring-${transport}`, note: off,
+      name: `ublk-prev-${transport}`, note: off ?? (prev ? undefined : 'needs STRATA_BENCH_PREV (a built checkout)'),
       async open() {
-        const srv = await startRingServer(img, { size: FILE_MB << 20, queues: QUEUES, depth: 64, maxIo: 512 << 10, transport, workers: RING_WORKERS });
-        return { path: srv.path, close: async () => { const served = await srv.stop(); await srv.delete(); return `${RING_WORKERS} worker ring(s), ${served.length} queues: ${served.join(' + ')} commits`; } };
+        const t = prev!.ublk.FileTarget.open(img);
+        const dev = await prev!.ublk.UblkDevice.create({ target: t, transport, queues: QUEUES, depth: 64 } as never);
+        return { path: dev.path, close: async () => { await dev.delete(); t.close(); } };
       },
     });
     for (const which of ['strata', 'strata-prev'] as const) {
@@ -205,10 +195,10 @@ function wakeups(dev: UblkDevice): string {
           return {
             path: dev.path,
             async close() {
-              const st = d.nativeStats(), w = wakeups(dev);
+              const st = d.nativeStats();
               await dev.delete();
               await engine.closeDevice(d);
-              return `native: ${st.fastReads} reads, ${st.fastWrites} writes; slow: ${st.slowPlans} (gate ${st.slowGate}, busy stripe ${st.slowBusy}); ${w}`;
+              return `served without the engine: ${st.fastReads} reads, ${st.fastWrites} writes; slow: ${st.slowPlans} (gate ${st.slowGate}, busy stripe ${st.slowBusy})`;
             },
           };
         },
@@ -273,8 +263,8 @@ function wakeups(dev: UblkDevice): string {
     }
   }
 
-  // The thread hop: the same 4 KiB reads at queue depth 1, planned natively
-  // vs every request handed to JavaScript (alwaysSlow) and answered there.
+  // The thread hop: the same 4 KiB reads at queue depth 1, served on the I/O
+  // worker vs every request handed to the main thread (alwaysSlow) and answered there.
   const hop: string[] = [];
   if (want.includes('hop')) {
     const qd1 = { name: '4k randread qd1', rw: 'randread', bs: '4k', qd: 1 };
@@ -312,8 +302,8 @@ function wakeups(dev: UblkDevice): string {
   }
   for (const n of names) if (notes[n]) console.log(`\n${n}: ${notes[n]}`);
   if (hop.length) {
-    console.log('\n4 KiB reads at queue depth 1, mean time per request: served by the native planner vs handed to JavaScript (the slow path: a thread-safe-function hop, the JS handler, the reply back to the queue thread)\n');
-    console.log('| transport | native | via JavaScript | hop cost |\n|---|---|---|---|');
+    console.log('\n4 KiB reads at queue depth 1, mean time per request: served on the I/O worker vs handed to the main thread (the slow path: a message to the main thread, the JS handler, the answer back to the worker)\n');
+    console.log('| transport | I/O worker | via the main thread | hop cost |\n|---|---|---|---|');
     for (const l of hop) console.log(l);
   }
   // The issue's targets, as ratios measured in this boot.
@@ -323,6 +313,11 @@ function wakeups(dev: UblkDevice): string {
   const row = (label: string, a: string, b: string, job: string) =>
     console.log(`| ${label} | ${ratio(iops(a, job), iops(b, job))} | ${medianOfRounds(perRound[a]?.[job] ?? [], perRound[b]?.[job] ?? [], 'not measured')} |`);
   console.log('\n| target | best ÷ best | median of per-round ratios |\n|---|---|---|');
+  for (const [a, b] of [['strata', 'strata-prev'], ['ublk', 'ublk-prev']]) {
+    for (const t of ['zero-copy', 'user-copy']) {
+      for (const j of JOBS.map((x) => x.name)) row(`${a}-${t} ÷ ${b}-${t} (the native queue threads), ${j} (≥ 0.9×)`, `${a}-${t}`, `${b}-${t}`, j);
+    }
+  }
   for (const who of ['ublk', 'strata']) {
     for (const j of ['128k read qd8', '128k write qd8']) row(`${who} zero copy ÷ user copy, ${j} (≥ 1.3×)`, `${who}-zero-copy`, `${who}-user-copy`, j);
     for (const j of ['4k randread qd32', '4k randwrite qd32', '4k randwrite qd32, filled']) row(`${who} zero copy ÷ loop, ${j} (≥ 0.8×)`, `${who}-zero-copy`, 'loop', j);

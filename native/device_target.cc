@@ -1,6 +1,4 @@
-// device_target.cc — see device_target.h. Layouts (extent and frame records,
-// state values) come from assembly/layout.ts through the generated
-// strata_layout.h; docs/architecture.md describes the gate.
+// device_target.cc — see device_target.h; docs/architecture.md describes the gate.
 #include "device_target.h"
 
 #include <napi.h>
@@ -14,49 +12,8 @@
 #include <unordered_map>
 
 #include "napi_util.h"
-#include "strata_layout.h"
-#include "target_js.h"
 
 namespace strata {
-namespace {
-
-using namespace layout;
-
-inline uint64_t U64(const uint8_t* p) { uint64_t v; memcpy(&v, p, 8); return v; }
-inline uint32_t U32(const uint8_t* p) { uint32_t v; memcpy(&v, p, 4); return v; }
-inline int32_t I32(const uint8_t* p) { int32_t v; memcpy(&v, p, 4); return v; }
-
-// Index of the last record (of `size` bytes) whose u64 at `field` is <= key.
-int64_t FindLE(const uint8_t* recs, uint32_t n, uint32_t size, uint32_t field, uint64_t key) {
-  int64_t lo = 0, hi = static_cast<int64_t>(n) - 1, ans = -1;
-  while (lo <= hi) {
-    int64_t mid = (lo + hi) >> 1;
-    if (U64(recs + mid * size + field) <= key) { ans = mid; lo = mid + 1; } else hi = mid - 1;
-  }
-  return ans;
-}
-
-// Appends a segment, merging it with the previous one when contiguous.
-bool AddSeg(Plan& p, int32_t fd, uint64_t off, uint64_t len) {
-  if (p.nseg > 0) {
-    Seg& l = p.seg[p.nseg - 1];
-    if (l.fd == fd && (fd < 0 || l.off + l.len == off) && uint64_t(l.len) + len <= UINT32_MAX) {
-      l.len += static_cast<uint32_t>(len);
-      return true;
-    }
-  }
-  if (p.nseg == kMaxSegs) return false;
-  p.seg[p.nseg++] = Seg{fd, static_cast<uint32_t>(len), fd < 0 ? 0 : off};
-  return true;
-}
-
-uint64_t NowNs() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return uint64_t(ts.tv_sec) * 1000000000ull + uint64_t(ts.tv_nsec);
-}
-
-}  // namespace
 
 const uint64_t DeviceTarget::kLatBoundsNs[kLatBuckets - 1] = {
     10000,    25000,    50000,     100000,    250000,    500000,     1000000,   2500000,
@@ -118,119 +75,10 @@ void DeviceTarget::count(bool w, uint64_t len, bool ok, uint64_t dt) {
   latSumNs[w].fetch_add(dt, std::memory_order_relaxed);
 }
 
-bool DeviceTarget::plan(TOp op, uint64_t off, uint32_t len, Plan& p) {
-  const bool w = op == TOp::Write;
-  const uint32_t view = acquire(w, off, len);
-  if (!view) return false;
-  p.op = op;
-  p.nseg = 0;
-  p.a = off;
-  p.b = len;
-  p.t0 = NowNs();
-  const uint8_t* v = heap_ + view;
-  if (w ? planWrite(v, off, len, p) : planRead(v, off, len, p)) return true;
-  unplanned(w, off, len);
-  return false;
-}
-
 void DeviceTarget::unplanned(bool w, uint64_t off, uint32_t len) {
   unlockStripes(off, len);
   (w ? natWriters_ : natReaders_).fetch_sub(1);
   slowPlans.fetch_add(1, std::memory_order_relaxed);
-}
-
-void DeviceTarget::finish(const Plan& p, bool ok) {
-  const bool w = p.op == TOp::Write;
-  if (w && ok) {
-    // Published only after the bytes are in the overlay file, like the engine.
-    const uint64_t b0 = p.a / bs_, b1 = (p.a + p.b + bs_ - 1) / bs_;
-    const uint32_t table = U32(heap_ + view_ + VIEW_CUR_TABLE);
-    for (uint64_t b = b0; b < b1; b++) __atomic_store_n(heap_ + table + b, uint8_t(DIRTY), __ATOMIC_RELEASE);
-  } else if (w && p.sync) {
-    syncWriteErrors.fetch_add(1);
-  }
-  release(w, p.a, static_cast<uint32_t>(p.b), ok, NowNs() - p.t0);
-}
-
-// Writes go to the current overlay. A partial block needs its old contents
-// (copy-on-write) unless the overlay already holds it: that is the engine's.
-bool DeviceTarget::planWrite(const uint8_t* v, uint64_t off, uint32_t len, Plan& p) {
-  const uint64_t end = off + len;
-  const uint32_t table = U32(v + VIEW_CUR_TABLE);
-  if (off % bs_ && state(table, off / bs_) != DIRTY) return false;
-  if (end % bs_ && state(table, end / bs_) != DIRTY) return false;
-  return AddSeg(p, I32(v + VIEW_CUR_FD), off, len);
-}
-
-bool DeviceTarget::planRead(const uint8_t* v, uint64_t off, uint32_t len, Plan& p) {
-  const uint64_t end = off + len;
-  const uint32_t table = U32(v + VIEW_CUR_TABLE);
-  const int32_t fd = I32(v + VIEW_CUR_FD);
-  for (uint64_t pos = off; pos < end;) {
-    const uint64_t b = pos / bs_;
-    const uint8_t st = state(table, b);
-    uint64_t e = b + 1;
-    const uint64_t bEnd = (end + bs_ - 1) / bs_;
-    while (e < bEnd && state(table, e) == st) e++;
-    const uint64_t runEnd = std::min(end, e * bs_);
-    if (st == DIRTY) {
-      if (!AddSeg(p, fd, pos, runEnd - pos)) return false;
-    } else if (st == ZERO) {
-      if (!AddSeg(p, -1, 0, runEnd - pos)) return false;
-    } else if (st == ABSENT) {
-      if (U32(v + VIEW_NFROZEN) > 0) return false;  // frozen overlays: the engine walks them
-      if (!planBase(v, pos, runEnd, p)) return false;
-    } else {
-      return false;
-    }
-    pos = runEnd;
-  }
-  return true;
-}
-
-// [pos, end) of the base mapping, served from layer caches whose frames are
-// all CACHED (cold frames are fetched by the engine).
-bool DeviceTarget::planBase(const uint8_t* v, uint64_t pos, uint64_t end, Plan& p) {
-  const uint8_t* ext = heap_ + U32(v + VIEW_EXT);
-  const uint32_t nExt = U32(v + VIEW_NEXT), nLayers = U32(v + VIEW_NLAYERS);
-  const uint8_t* layers = heap_ + U32(v + VIEW_LAYERS);
-  int64_t i = FindLE(ext, nExt, EXTENT_SIZE, EXT_DEV, pos);
-  if (i < 0) return false;
-  for (; pos < end && i < nExt; i++) {
-    const uint8_t* r = ext + i * EXTENT_SIZE;
-    const uint64_t dev = U64(r + EXT_DEV), elen = U64(r + EXT_LEN), data = U64(r + EXT_DATA);
-    const uint32_t layer = U32(r + EXT_LAYER);
-    if (pos < dev || pos >= dev + elen) return false;
-    const uint64_t take = std::min(end, dev + elen) - pos;
-    if (layer == ZERO_LAYER) {
-      if (!AddSeg(p, -1, 0, take)) return false;
-    } else {
-      if (layer >= nLayers) return false;
-      const uint8_t* L = layers + layer * LAYER_SIZE;
-      const int32_t lfd = I32(L + LYR_FD);
-      const uint32_t nframes = U32(L + LYR_NFRAMES), states = U32(L + LYR_STATES), refs = U32(L + LYR_REFS);
-      if (lfd < 0 || nframes == 0) return false;
-      const uint64_t d0 = data + (pos - dev);
-      const uint8_t* fr = heap_ + U32(L + LYR_FRAMES);
-      int64_t f = FindLE(fr, nframes, FRAME_SIZE, FRAME_U, d0);
-      if (f < 0) return false;
-      for (uint64_t at = d0; at < d0 + take; f++) {
-        if (f >= nframes) return false;
-        const uint8_t* rec = fr + f * FRAME_SIZE;
-        const uint64_t u = U64(rec + FRAME_U);
-        const uint32_t us = U32(rec + FRAME_USIZE);
-        if (at < u || at >= u + us) return false;
-        if (__atomic_load_n(heap_ + states + f, __ATOMIC_ACQUIRE) != CACHED) return false;
-        // Tell the eviction clock this frame is in use (store only when it changes).
-        uint8_t* ref = heap_ + refs + f;
-        if (refs && __atomic_load_n(ref, __ATOMIC_RELAXED) == 0) __atomic_store_n(ref, uint8_t(1), __ATOMIC_RELAXED);
-        at = u + us;
-      }
-      if (!AddSeg(p, lfd, d0, take)) return false;
-    }
-    pos += take;
-  }
-  return pos >= end;
 }
 
 // Stripes are only ever *tried*: a frontend may hold a plan across
@@ -322,7 +170,6 @@ class DeviceTargetJs : public Napi::ObjectWrap<DeviceTargetJs> {
                         InstanceMethod<&DeviceTargetJs::LockRange>("lockRange"),
                         InstanceMethod<&DeviceTargetJs::UnlockRange>("unlockRange"),
                         InstanceMethod<&DeviceTargetJs::Stats>("stats"),
-                        InstanceMethod<&DeviceTargetJs::SyncWriteErrors>("syncWriteErrors"),
                         InstanceMethod<&DeviceTargetJs::Share>("share"),
                         InstanceMethod<&DeviceTargetJs::Acquire>("acquire"),
                         InstanceMethod<&DeviceTargetJs::Release>("release"),
@@ -347,7 +194,6 @@ class DeviceTargetJs : public Napi::ObjectWrap<DeviceTargetJs> {
         if (it != registry_.end()) t_ = it->second.lock();
       }
       if (!t_) Fail(env, ENOENT, "no shared device target " + std::to_string(key) + " (its device is gone)");
-      info.This().As<Napi::Object>().Set("handle", WrapTarget(env, t_));
       return;
     }
     Bytes heap = GetBytes(env, info[0], "heap");
@@ -357,7 +203,6 @@ class DeviceTargetJs : public Napi::ObjectWrap<DeviceTargetJs> {
     if (bs < 512 || (bs & (bs - 1))) Fail(env, EINVAL, "blockSize must be a power of two >= 512");
     heapRef_ = Napi::Persistent(info[0]);
     t_ = std::make_shared<DeviceTarget>(heap.data, size, static_cast<uint32_t>(bs));
-    info.This().As<Napi::Object>().Set("handle", WrapTarget(env, t_));
   }
 
  private:
@@ -429,11 +274,6 @@ class DeviceTargetJs : public Napi::ObjectWrap<DeviceTargetJs> {
     return t_.get();
   }
 
-  // Just the failed FUA writes: read on every flush, so not the whole stats().
-  Napi::Value SyncWriteErrors(const Napi::CallbackInfo& info) {
-    return Napi::Number::New(info.Env(), double(t_->syncWriteErrors.load()));
-  }
-
   Napi::Value Stats(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
     Napi::Object o = Napi::Object::New(env);
@@ -442,7 +282,6 @@ class DeviceTargetJs : public Napi::ObjectWrap<DeviceTargetJs> {
     o.Set("slowPlans", double(t_->slowPlans.load()));
     o.Set("slowGate", double(t_->slowGate.load()));
     o.Set("slowBusy", double(t_->slowBusy.load()));
-    o.Set("syncWriteErrors", double(t_->syncWriteErrors.load()));
     o.Set("readBytes", double(t_->readBytes.load()));
     o.Set("writeBytes", double(t_->writeBytes.load()));
     // latency: {boundsNs, read: {counts, sumNs}, write: {counts, sumNs}}

@@ -1,17 +1,15 @@
-// device_target.h — a strata device as a native block Target.
-//
-// Plans requests from the same shared-memory tables the engine keeps: the
-// current overlay's state bytes, the base layer's extent table and each
-// layer cache's frame table and frame states. JavaScript publishes the
-// device's *view record* (the one assembly/plan.ts reads) and guards every
-// change of it, and every
+// device_target.h — the gate and stripes between a strata device's engine
+// (JavaScript, main thread) and the I/O workers that serve its requests
+// (they plan in WASM, assembly/plan.ts, from the device's *view record*).
+// JavaScript publishes the view and guards every change of it, and every
 // engine-side request, with a gate: while JS holds the gate as a writer no
-// native request runs (natives fall back to the slow path), and JS waits for
-// the natives in flight to finish before it proceeds. JS readers only keep
-// native *writers* out. Native requests exclude each other per 4 KiB stripe,
+// worker request runs (they fall back to the slow path), and JS waits for
+// the requests in flight to finish before it proceeds. JS readers only keep
+// worker *writers* out. Worker requests exclude each other per 4 KiB stripe,
 // so a read never sees half of a concurrent write (H1); stripes are only
-// try-locked (a ublk queue holds a plan across asynchronous I/O on its own
-// thread), and a busy stripe sends the request to the slow path.
+// try-locked (a worker holds them across asynchronous I/O on its ring), and
+// a busy stripe makes the request wait a few turns, then go the slow path.
+// No planning here: this is synchronisation shared between threads.
 #pragma once
 
 #include <atomic>
@@ -19,21 +17,17 @@
 #include <memory>
 #include <vector>
 
-#include "target.h"
-
 namespace strata {
 
-class DeviceTarget : public Target {
+class DeviceTarget {
  public:
   DeviceTarget(uint8_t* heap, uint64_t size, uint32_t blockSize);
-  ~DeviceTarget() override;
+  ~DeviceTarget();
 
-  uint64_t size() const override { return size_; }
-  bool plan(TOp op, uint64_t off, uint32_t len, Plan& p) override;
-  void finish(const Plan& p, bool ok) override;
+  uint64_t size() const { return size_; }
 
-  // The gate and stripes of one request, for planners outside this class
-  // (an I/O worker plans in WASM): acquire() returns the view record to plan
+  // The gate and stripes of one request (an I/O worker plans it in WASM):
+  // acquire() returns the view record to plan
   // from, or 0 (the request goes the slow path; nothing is held); release()
   // ends it, with how long it took (ns) for the latency histogram.
   // With final false, a busy stripe returns kBusy (nothing held or counted:
@@ -63,11 +57,9 @@ class DeviceTarget : public Target {
   // slowPlans = slowGate (the engine held the gate) + slowBusy (a stripe was
   // held) + requests the tables cannot place (cold, copy-on-write, ...).
   std::atomic<uint64_t> fastReads{0}, fastWrites{0}, slowPlans{0}, slowGate{0}, slowBusy{0};
-  // Failed synchronous (FUA) writes: the device's flushes must fail from then on (see Device.syncFiles).
-  std::atomic<uint64_t> syncWriteErrors{0};
   std::atomic<uint64_t> readBytes{0}, writeBytes{0};
-  // Service time of native requests (plan() to finish(), so it includes the
-  // frontend's I/O), per op: counts per bucket (upper bounds in kLatBoundsNs,
+  // Service time of worker requests (acquire() to release(), so it includes
+  // the I/O), per op: counts per bucket (upper bounds in kLatBoundsNs,
   // the last one unbounded) and the sum. Two clock reads and two relaxed
   // adds per request: cheap next to the I/O itself.
   static constexpr int kLatBuckets = 16;
@@ -76,16 +68,10 @@ class DeviceTarget : public Target {
   std::atomic<uint64_t> latSumNs[2] = {};
 
  private:
-  bool planRead(const uint8_t* v, uint64_t off, uint32_t len, Plan& p);
-  bool planWrite(const uint8_t* v, uint64_t off, uint32_t len, Plan& p);
-  bool planBase(const uint8_t* v, uint64_t pos, uint64_t end, Plan& p);
   void count(bool write, uint64_t len, bool ok, uint64_t ns);
   bool lockStripes(uint64_t off, uint32_t len, bool excl);
   void unlockStripes(uint64_t off, uint32_t len);
   void stripeSpan(uint64_t off, uint32_t len, uint64_t& first, uint64_t& count) const;
-  uint8_t state(uint32_t table, uint64_t i) const {
-    return __atomic_load_n(heap_ + table + i, __ATOMIC_ACQUIRE);
-  }
 
   uint8_t* heap_;
   uint64_t size_;

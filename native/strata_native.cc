@@ -14,6 +14,7 @@
 #include <linux/falloc.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -22,6 +23,7 @@
 #include <deque>
 #include <memory>
 #include <string>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -400,6 +402,7 @@ class Ring : public Napi::ObjectWrap<Ring> {
         io_uring_prep_recv(sqe, d.fd, addr, d.len, 0);
         break;
       case UBLK_CMD: {
+        cmds_.insert(d.id);
         io_uring_prep_rw(IORING_OP_URING_CMD, sqe, d.fd, nullptr, 0, 0);
         sqe->cmd_op = d.len;  // after prep_rw: it shares the SQE's offset field
         sqe->addr = d.bufOffset >> 32;
@@ -461,6 +464,7 @@ class Ring : public Napi::ObjectWrap<Ring> {
     io_uring_for_each_cqe(&ring_, head, cqe) {
       if (n >= max) break;
       put(static_cast<uint32_t>(cqe->user_data), cqe->res);
+      if (!cmds_.empty()) cmds_.erase(static_cast<uint32_t>(cqe->user_data));
       seen++;
     }
     io_uring_cq_advance(&ring_, seen);
@@ -530,8 +534,12 @@ class Ring : public Napi::ObjectWrap<Ring> {
 
   // Closing with ops in flight: cancel what can be cancelled and wait for the
   // rest, so the kernel never writes into regions after we release them.
+  // Waits for the operations in flight that may still write JS memory.
+  // Not for ublk commands: no async cancel reaches them and they end only
+  // when their device stops; closing the ring cancels them (the kernel
+  // then sees their queue's server gone), and they touch no JS memory.
   void Drain() {
-    uint64_t pending = inflight_ - fake_.size();
+    uint64_t pending = inflight_ - fake_.size() - cmds_.size();
     if (pending == 0) return;
     io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
     if (sqe) {
@@ -544,10 +552,13 @@ class Ring : public Napi::ObjectWrap<Ring> {
       int r = io_uring_submit_and_wait(&ring_, 1);
       if (r == -EINTR) continue;
       if (r < 0) break;
-      unsigned head, seen = 0;
-      io_uring_for_each_cqe(&ring_, head, cqe) seen++;
+      unsigned head, seen = 0, counted = 0;
+      io_uring_for_each_cqe(&ring_, head, cqe) {
+        seen++;
+        if (!cmds_.erase(static_cast<uint32_t>(cqe->user_data))) counted++;
+      }
       io_uring_cq_advance(&ring_, seen);
-      pending -= std::min<uint64_t>(seen, pending);
+      pending -= std::min<uint64_t>(counted, pending);
     }
   }
 
@@ -566,6 +577,7 @@ class Ring : public Napi::ObjectWrap<Ring> {
     open_ = false;
     inflight_ = 0;
     fake_.clear();
+    cmds_.clear();
     registered_ = 0;
     sparse_ = 0;
     if (pinned_ && !finalizing) Unref();
@@ -592,6 +604,7 @@ class Ring : public Napi::ObjectWrap<Ring> {
   unsigned sparse_ = 0;  // slots of a sparse table (sparseBuffers), else 0
   std::vector<Region> regions_;
   std::deque<std::pair<uint32_t, int32_t>> fake_;
+  std::unordered_set<uint32_t> cmds_;  // ids of ublk commands in flight (see Drain)
   Napi::Reference<Napi::Value> sqRef_, cqRef_;
   Napi::FunctionReference cb_;
   std::unique_ptr<Napi::AsyncContext> asyncCtx_;
@@ -675,6 +688,15 @@ Napi::Value EventFd(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), fd);
 }
 
+// ioFlusher(): PR_SET_IO_FLUSHER for the calling thread: memory reclaim in
+// it must not wait on writeback through a block device it serves itself
+// (an I/O worker serving ublk queues), which would deadlock. 0 or -errno
+// (EPERM without CAP_SYS_RESOURCE).
+Napi::Value IoFlusher(const Napi::CallbackInfo& info) {
+  int r = prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0);
+  return Napi::Number::New(info.Env(), r < 0 ? -errno : 0);
+}
+
 // dup(fd): a cloexec duplicate, so a socket can change owner (Node's handle
 // closes its descriptor, the I/O worker keeps the copy).
 Napi::Value Dup(const Napi::CallbackInfo& info) {
@@ -716,6 +738,7 @@ Napi::Object InitModule(Napi::Env env, Napi::Object exports) {
   exports.Set("shutdownSocket", Napi::Function::New(env, ShutdownSocket, "shutdownSocket"));
   exports.Set("eventfd", Napi::Function::New(env, EventFd, "eventfd"));
   exports.Set("dup", Napi::Function::New(env, Dup, "dup"));
+  exports.Set("ioFlusher", Napi::Function::New(env, IoFlusher, "ioFlusher"));
   exports.Set("dataExtents", Napi::Function::New(env, DataExtents, "dataExtents"));
   exports.Set("dropPageCache", Napi::Function::New(env, DropPageCache, "dropPageCache"));
   exports.Set("Ring", Ring::Init(env));

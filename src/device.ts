@@ -23,7 +23,7 @@ import { traced } from './tracing';
 import { compactionPlan, copyUp, MAX_CHAIN_DEFAULT } from './compaction';
 import { crashPoint } from './crash-point';
 import { GroupSync } from './group-sync';
-import { loadNative, type NativeDeviceTarget, type NativeTarget, type NativeTargetStats } from './native';
+import { loadNative, type NativeDeviceTarget, type NativeTargetStats } from './native';
 import type { IoWorkers } from './io/pool';
 
 const BS = BLOCK_SIZE;
@@ -542,11 +542,12 @@ export class Device {
   // -------------------------------------------------------- native plane
 
   /**
-   * The device as a native block target: native frontends then serve reads
-   * and writes of blocks whose place is known without entering JS, and hand
-   * everything else back to this device (see native-plane.ts).
+   * The device's gate and stripes shared with the I/O workers: they then
+   * serve reads and writes of blocks whose place is known without the
+   * engine, and hand everything else back to this device (see
+   * native-plane.ts).
    */
-  nativeTarget(): NativeTarget {
+  nativeTarget(): NativeDeviceTarget {
     this.ensureOpen();
     if (!this.plane) {
       const plane = new NativePlane(this.core.heap, this.size, BS);
@@ -558,7 +559,7 @@ export class Device {
 
   /** What an I/O worker needs to serve this device's requests: the workers and a key to its native target. */
   ioTarget(): { workers: IoWorkers; target: number } {
-    return { workers: this.core.io(), target: (this.nativeTarget() as NativeDeviceTarget).share() };
+    return { workers: this.core.io(), target: this.nativeTarget().share() };
   }
 
   /** Native fast-path counters (zeros while no native frontend is attached). */
@@ -688,10 +689,6 @@ export class Device {
   // the disk. So the first failure sticks: every later flush, FUA write and
   // snapshot of this device fails with EIO.
   private async syncFiles(): Promise<void> {
-    // A native FUA write that failed consumed the kernel's report for its file.
-    if (!this.writebackError && (this.plane?.target.syncWriteErrors() ?? 0) > 0) {
-      this.lostWriteback(new StrataError('EIO', 'a synchronous (FUA) write to its overlay failed'));
-    }
     if (this.writebackError) throw this.writebackError;
     // Pinned: an upload finishing meanwhile retires (closes) a frozen
     // overlay, and its fd number may be reused by another file.

@@ -1,4 +1,4 @@
-// The engine's side of native request planning (native/device_target.h).
+// The engine's side of the gate the I/O workers plan under (native/device_target.h).
 // Native frontends (NBD connections, ublk queues) serve a device's reads and
 // writes of blocks whose place is already known without entering JS; they
 // plan from the same shared-memory tables the engine keeps. Every engine

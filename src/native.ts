@@ -66,10 +66,12 @@ export interface NativeInfo {
   probeOps: string[];
 }
 
-/** A block target native frontends plan requests against (native/target.h). */
-export interface NativeTarget { readonly handle: unknown }
-
-export interface NativeDeviceTarget extends NativeTarget {
+/**
+ * A device's gate and stripes between the engine and the I/O workers that
+ * serve its requests (native/device_target.h): workers acquire and release
+ * per request, the engine enters the gate around changes of the view.
+ */
+export interface NativeDeviceTarget {
   /** Enters the gate; true when no conflicting native request is in flight any more. */
   enter(writer: boolean): boolean;
   drained(writer: boolean): boolean;
@@ -80,8 +82,6 @@ export interface NativeDeviceTarget extends NativeTarget {
   lockRange(offset: number, length: number, exclusive: boolean): boolean;
   unlockRange(offset: number, length: number): void;
   stats(): NativeTargetStats;
-  /** Native FUA writes that failed so far (stats().syncWriteErrors without the rest). */
-  syncWriteErrors(): number;
   /** A key another thread passes to `new DeviceTarget(key)` to reach this target. */
   share(): number;
   /**
@@ -97,15 +97,13 @@ export interface NativeDeviceTarget extends NativeTarget {
   close(): void;
 }
 
-/** Service-time histogram of native requests: counts per bucket (upper bounds in ns; the last bucket is unbounded). */
+/** Service-time histogram of the requests I/O workers served: counts per bucket (upper bounds in ns; the last bucket is unbounded). */
 export interface NativeLatency { counts: number[]; sumNs: number }
 
 export interface NativeTargetStats {
   fastReads: number; fastWrites: number; slowPlans: number; readBytes: number; writeBytes: number;
   /** Of slowPlans: the engine held the device gate / a stripe was busy. */
   slowGate?: number; slowBusy?: number;
-  /** Native FUA writes that failed: the device treats them as a lost writeback. */
-  syncWriteErrors?: number;
   latency?: { boundsNs: number[]; read: NativeLatency; write: NativeLatency };
 }
 
@@ -124,6 +122,8 @@ export interface NativeAddon {
   };
   /** A blocking eventfd: a READ of it in a ring waits until another thread writes 8 bytes. */
   eventfd(): number;
+  /** PR_SET_IO_FLUSHER for the calling thread (reclaim never waits on writeback through a device it serves): 0 or -errno. */
+  ioFlusher(): number;
   /** A cloexec duplicate of a descriptor. */
   dup(fd: number): number;
   /** close(2), for descriptors Node's fs did not open (eventfd(), dup()). */

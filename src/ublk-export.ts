@@ -16,7 +16,7 @@ export interface UblkServeOptions {
   owner?: number;
 }
 
-/** The slow path: requests the native planner hands back, answered by the device. */
+/** The slow path: requests the I/O workers hand back, answered by the device. */
 export function deviceSlowHandler(dev: Device): SlowHandler {
   return async (req) => {
     switch (req.op) {
@@ -32,12 +32,12 @@ export function deviceSlowHandler(dev: Device): SlowHandler {
 
 export async function serveUblk(dev: Device, opts: UblkServeOptions = {}): Promise<UblkDevice> {
   return UblkDevice.create({
-    target: dev.nativeTarget(), io: dev.ioTarget(), size: dev.size, queues: opts.queues ?? Math.min(4, os.cpus().length), depth: opts.depth,
+    io: dev.ioTarget(), size: dev.size, queues: opts.queues ?? Math.min(4, os.cpus().length), depth: opts.depth,
     transport: opts.transport, recovery: opts.recovery ?? 'reissue', onSlow: deviceSlowHandler(dev), owner: opts.owner,
   });
 }
 
 /** Takes over a ublk device whose server died, for a device resumed in this process. */
 export async function recoverUblk(id: number, dev: Device): Promise<UblkDevice> {
-  return UblkDevice.recover(id, { target: dev.nativeTarget(), io: dev.ioTarget(), size: dev.size, onSlow: deviceSlowHandler(dev) });
+  return UblkDevice.recover(id, { io: dev.ioTarget(), size: dev.size, onSlow: deviceSlowHandler(dev) });
 }

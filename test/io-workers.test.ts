@@ -9,6 +9,7 @@ import * as fs from 'fs';
 import * as path from 'path';
 import { spawn } from 'child_process';
 import { tmpdir } from './helpers/util';
+import { Engine } from '../src/index';
 
 const ROOT = path.join(__dirname, '..');
 
@@ -48,6 +49,50 @@ test('a process with running I/O workers exits on an uncaught error', async () =
 test('a process with running I/O workers exits once its work ends and the engine is closed', async () => {
   const dir = tmpdir('iox');
   try { assert.is(await child(dir, 'await e.close();'), 0); } finally { fs.rmSync(dir, { recursive: true, force: true }); }
+});
+
+
+test('every I/O worker thread is an I/O flusher (reclaim there never waits on writeback through a ublk device it serves)', async () => {
+  const dir = tmpdir('io-flusher');
+  const e = await Engine.open({ store: `${dir}/store`, cacheDir: `${dir}/cache`, ioWorkers: 2 });
+  try {
+    const io = e.core.io();
+    await io.ready;
+    const capEff = BigInt(`0x${/CapEff:\s*([0-9a-f]+)/.exec(fs.readFileSync('/proc/self/status', 'utf8'))![1]}`);
+    if (!((capEff >> 24n) & 1n)) {
+      // Without CAP_SYS_RESOURCE (a container) the kernel refuses: the workers say so (EPERM) and serve on.
+      assert.equal(io.ioFlusher, [-1, -1]);
+      console.log('SKIP: PR_SET_IO_FLUSHER needs CAP_SYS_RESOURCE, which this process lacks (the kernel lane runs it as root)');
+      return;
+    }
+    assert.equal(io.ioFlusher, [0, 0]);
+    // PF_MEMALLOC_NOIO (0x80000) in the flags field of each thread's stat: set on exactly the two workers' threads.
+    const noio = fs.readdirSync('/proc/self/task').filter((t) => {
+      const stat = fs.readFileSync(`/proc/self/task/${t}/stat`, 'utf8');
+      const flags = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[6]);
+      return (flags & 0x80000) !== 0;
+    });
+    assert.is(noio.length, 2, `threads with PF_MEMALLOC_NOIO: ${noio.join(',')}`);
+  } finally {
+    await e.close();
+  }
+});
+
+test('ublk queues are placed only where a ring has room for every tag (and a zero-copy slot for each)', async () => {
+  const dir = tmpdir('io-room');
+  const e = await Engine.open({ store: `${dir}/store`, cacheDir: `${dir}/cache`, ioWorkers: 2 });
+  try {
+    const io = e.core.io();
+    await io.ready;
+    // Each worker: 16384 ring operations, 4096 kept for others: 12288 tags; 16384 sparse slots.
+    assert.ok(io.ublkRoom(1, 12288, true), 'one queue of 12288 tags');
+    assert.ok(!io.ublkRoom(1, 12289, false), 'no queue of more tags than a ring holds');
+    assert.ok(io.ublkRoom(2, 12288, true), 'one such queue per worker');
+    assert.ok(!io.ublkRoom(3, 12288, false), 'not a third');
+    assert.ok(io.ublkRoom(4, 6144, true) && !io.ublkRoom(5, 6144, true), 'queues dealt to the least busy worker with room');
+  } finally {
+    await e.close();
+  }
 });
 
 test.run();

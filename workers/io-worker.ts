@@ -9,7 +9,10 @@ import * as path from 'path';
 import { threadId, workerData, type MessagePort } from 'worker_threads';
 import { instantiate } from '../src/wasm';
 import { loadNative } from '../src/native';
-import { IoLoop } from '../src/io/loop';
+import { IoLoop, FIXED_SLOTS } from '../src/io/loop';
+
+// Ring operations kept for everything but fetched ublk tags (NBD connections, data moves).
+const OTHER_OPS = 4096;
 import type { ToWorker } from '../src/io/pool';
 import { BlockIo, NO_DEVICE, type RequestGate, type Planner } from '../src/io/block-io';
 import { Transmission } from '../src/nbd/transmission';
@@ -17,10 +20,6 @@ import { FileIo } from '../src/io/file-io';
 import { UblkQueue, type ZeroCopyFiles } from '../src/ublk/queue';
 import type { WorkerEvent } from '../src/io/pool';
 
-// Slots of the ring's sparse buffer table for ublk zero copy (AUTO_BUF_REG
-// registers each request's pages in one): one per tag of every zero-copy
-// queue on this worker. io_uring allows at most 16384.
-const FIXED_SLOTS = 16384;
 
 export interface ServeTask { port: MessagePort; wakeFd: number; segs: number; segCap: number; blockSize: number; maxChunks: number; halt: Int32Array }
 
@@ -90,10 +89,13 @@ export function serve(task: ServeTask): { connections: number } {
       else if (m.t === 'destroy') c.destroy();
     });
   };
+  // This thread serves ublk queues: its memory reclaim must not wait on
+  // writeback through them (the old native queue threads did the same).
+  const flusher = loadNative().ioFlusher();
   const loop = new IoLoop(task.port, task.wakeFd, onMessage, task.maxChunks, task.halt);
   sparse = loop.sparseBuffers(FIXED_SLOTS);
   if (sparse === 0) zc = zeroCopyFiles();
-  task.port.postMessage({ t: 'ready' }); // the pool's ready
+  task.port.postMessage({ t: 'ready', ioFlusher: flusher, fixedSlots: sparse === 0 ? FIXED_SLOTS : 0, tagSlots: loop.capacity - OTHER_OPS }); // the pool's ready
   loop.run(() => conns.size === 0);
   const files = zc as ZeroCopyFiles | null;
   if (files) { fs.closeSync(files.zero); fs.closeSync(files.stage); }

@@ -10,7 +10,7 @@ node scripts/bootstrap.js --vm || exit $?
 kernels=${STRATA_VM_KERNELS:-"6.12 7.3"}
 tests=(test/vm/uring-wakeup.ts test/vm/nbd-kernel.ts
   test/vm/ublk-data.ts test/vm/ublk-lifecycle.ts test/vm/ublk-churn.ts test/vm/ublk-recovery.ts test/vm/ublk-strata.ts
-  test/vm/ublk-ring.ts test/vm/ublk-cold.ts test/vm/writeback-error.ts test/vm/daemon-ublk.ts test/vm/live-snapshot.ts
+  test/vm/ublk-cold.ts test/vm/writeback-error.ts test/vm/daemon-ublk.ts test/vm/live-snapshot.ts
   "test/vm/reboot.sh test/vm/cache-reboot.ts"
   "test/vm/reboot.sh test/vm/power-cut.ts freeze.saved btrfs" "test/vm/reboot.sh test/vm/power-cut.ts upload.rebased btrfs"
   "test/vm/reboot.sh test/vm/power-cut.ts fold.saved ext4")

@@ -1,9 +1,9 @@
 // Prometheus metrics for the daemon (prom-client), served at /metrics.
 // Totals the engine already counts are read at scrape time; latencies are
 // observed where they happen (fetches, device create/delete, snapshots,
-// engine-path requests). Requests served by native threads are timed in
-// native code (plan to completion, into fixed buckets) and exported here as a
-// histogram read at scrape time.
+// engine-path requests). Requests the I/O workers serve without the engine
+// are counted in the device's native target (acquire to release, into fixed
+// buckets) and exported here as a histogram read at scrape time.
 import * as client from 'prom-client';
 import type { Engine } from '../engine';
 import type { DeviceManager } from './devices';
@@ -38,10 +38,10 @@ export class Metrics {
     perDevice('strata_device_engine_writes_total', 'writes served by the engine', (m) => m.dev.stats.writes);
     perDevice('strata_device_engine_read_bytes_total', 'bytes read through the engine', (m) => m.dev.stats.readBytes);
     perDevice('strata_device_engine_write_bytes_total', 'bytes written through the engine', (m) => m.dev.stats.writeBytes);
-    perDevice('strata_device_native_reads_total', 'reads served by native threads', (m) => m.dev.nativeStats().fastReads);
-    perDevice('strata_device_native_writes_total', 'writes served by native threads', (m) => m.dev.nativeStats().fastWrites);
-    perDevice('strata_device_native_read_bytes_total', 'bytes read by native threads', (m) => m.dev.nativeStats().readBytes);
-    perDevice('strata_device_native_write_bytes_total', 'bytes written by native threads', (m) => m.dev.nativeStats().writeBytes);
+    perDevice('strata_device_native_reads_total', 'reads the I/O workers served without the engine', (m) => m.dev.nativeStats().fastReads);
+    perDevice('strata_device_native_writes_total', 'writes the I/O workers served without the engine', (m) => m.dev.nativeStats().fastWrites);
+    perDevice('strata_device_native_read_bytes_total', 'bytes the I/O workers read without the engine', (m) => m.dev.nativeStats().readBytes);
+    perDevice('strata_device_native_write_bytes_total', 'bytes the I/O workers wrote without the engine', (m) => m.dev.nativeStats().writeBytes);
     perDevice('strata_device_flushes_total', 'flushes', (m) => m.dev.stats.flushes);
     const cache = (name: string, help: string, key: 'fetches' | 'fetchBytes' | 'fetchErrors' | 'hits') =>
       new client.Counter({ name, help, registers: [r], collect() { this.reset(); this.inc(engine.stats().cache[key]); } });
@@ -78,11 +78,11 @@ export class Metrics {
 /**
  * strata_device_native_io_seconds{device,op}: a Prometheus histogram built
  * from the native buckets (prom-client's Histogram can only observe, and
- * observing from JS per native request is what the native counters avoid).
+ * observing from JS per request is what the target's counters avoid).
  */
 function nativeLatency(devices: DeviceManager) {
   const name = 'strata_device_native_io_seconds';
-  const help = 'service time of requests served by native threads (planned to completed, including the I/O)';
+  const help = 'service time of requests the I/O workers served without the engine (acquired to released, including the I/O)';
   type Value = { labels: Record<string, string | number>; value: number; metricName: string };
   return {
     name, help, type: 'histogram', aggregator: 'sum',

@@ -1,5 +1,5 @@
 // The engine's rules for a READ or WRITE an I/O worker serves itself, for
-// any frontend on its loop (an NBD connection today): the device's gate and
+// any frontend on its loop (an NBD connection, a ublk queue): the device's gate and
 // stripes (its native target), the WASM planner over the engine's shared
 // tables (assembly/plan.ts), and the write rule. What a request cannot be
 // placed by these goes to the engine on the main thread; the frontend keeps

@@ -1,5 +1,5 @@
 // The loop of one I/O worker: one io_uring ring serving many channels (NBD
-// connections today), on the worker's own thread. It waits in the ring,
+// connections, ublk queues), on the worker's own thread. It waits in the ring,
 // hands each completion to the channel that submitted it, lets the channels
 // that changed move on (parse, plan, submit), and submits their operations
 // in one call. Other threads reach the worker through a MessagePort and an
@@ -19,7 +19,14 @@ export interface Channel {
   fail(e: Error): void;
 }
 
-const ENTRIES = 1024;
+// Submission entries; the completion queue has 4x, which bounds the operations in flight (capacity).
+const ENTRIES = 4096;
+/**
+ * Slots of each worker ring's sparse buffer table for ublk zero copy
+ * (AUTO_BUF_REG registers each request's pages in one): one per tag of its
+ * zero-copy queues. io_uring allows at most 16384.
+ */
+export const FIXED_SLOTS = 16384;
 const TWO_32 = 0x1_0000_0000;
 
 export class IoLoop {
@@ -28,6 +35,8 @@ export class IoLoop {
   private readonly sq: DataView;
   private readonly cq: DataView;
   private readonly cap: number;
+  /** Operations that may be in flight at once (every fetched ublk tag is one). */
+  get capacity(): number { return this.cap; }
   private head = 0;
   private submitted = 0;
   // Operations in flight, by id (the completion's user data).

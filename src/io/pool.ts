@@ -7,7 +7,7 @@ import * as path from 'path';
 import { MessageChannel, type MessagePort } from 'worker_threads';
 import { Piscina } from 'piscina';
 import type { SharedHeap } from '../wasm';
-import { wake } from './loop';
+import { wake, FIXED_SLOTS } from './loop';
 import { loadNative } from '../native';
 import type { TransmissionEvent, TransmissionOptions } from '../nbd/transmission';
 import type { UblkQueueEvent, UblkQueueSpec } from '../ublk/queue';
@@ -48,6 +48,12 @@ export class IoWorkers {
   private readonly workers: Worker[] = [];
   private readonly handlers = new Map<number, (e: WorkerEvent) => void>();
   private readonly owner = new Map<number, Worker>();
+  // Per worker, known once it is ready: free slots of its ring's sparse
+  // table (ublk zero copy) and room in its ring for more fetched ublk tags
+  // (each stays in flight while its queue lives).
+  private readonly fixedFree: number[] = [];
+  private readonly tagsFree: number[] = [];
+  private readonly onClose = new Map<number, (e: WorkerEvent) => void>();
   private nextId = 1;
   private closing: Promise<void> | null = null;
   // Set at process exit (see IoLoop's halt): the workers return from their rings.
@@ -56,6 +62,8 @@ export class IoWorkers {
     Atomics.store(this.halt, 0, 1);
     for (const w of this.workers) wake(w.wakeFd);
   };
+  /** Per worker, once ready: PR_SET_IO_FLUSHER's result for its thread (0, or -errno). */
+  readonly ioFlusher: number[] = [];
   /** Resolves once every worker runs its loop (connections handed over earlier wait in its port). */
   readonly ready: Promise<void>;
 
@@ -81,7 +89,14 @@ export class IoWorkers {
       });
       const w: Worker = { port: port1, wakeFd, segs, channels: 0, done };
       started.push(new Promise((resolve) => {
-        port1.on('message', (e: WorkerEvent | { t: 'ready' }) => (e.t === 'ready' ? resolve() : this.deliver(e)));
+        port1.on('message', (e: WorkerEvent | { t: 'ready'; ioFlusher: number; fixedSlots: number; tagSlots: number }) => {
+          if (e.t !== 'ready') return this.deliver(e);
+          this.ioFlusher[i] = e.ioFlusher;
+          this.fixedFree[i] = e.fixedSlots;
+          this.tagsFree[i] = e.tagSlots;
+          if (e.ioFlusher < 0) opts.log?.(`I/O worker ${i}: PR_SET_IO_FLUSHER refused (errno ${-e.ioFlusher}): its memory reclaim may wait on writeback through the ublk devices it serves`);
+          resolve();
+        });
       }));
       // Idle workers do not keep the process alive; open channels do (ref()).
       port1.unref();
@@ -107,17 +122,59 @@ export class IoWorkers {
    * once every tag was fetched, its slow requests, and once, its close.
    */
   openUblk(spec: UblkQueueSpec, target: number, stats: SharedArrayBuffer, events: (e: UblkQueueEvent) => void): OpenChannel {
-    return this.attach((id) => ({ t: 'ublk-open', id, target, spec, stats }), events as (e: WorkerEvent) => void);
+    const fits = (i: number) => this.tagsFree[i] >= spec.depth && (!spec.zeroCopy || this.fixedFree[i] >= spec.depth);
+    const w = this.least(fits);
+    if (!w) {
+      throw Object.assign(new Error(`no I/O worker has room for ${spec.depth} more ublk tags${spec.zeroCopy ? ` with zero-copy buffer slots (${FIXED_SLOTS} per worker)` : ''}; use fewer tags${spec.zeroCopy ? ', user copy' : ''} or more workers`),
+        { code: 'ENOSPC', errno: os.constants.errno.ENOSPC });
+    }
+    const i = this.workers.indexOf(w);
+    this.tagsFree[i] -= spec.depth;
+    if (spec.zeroCopy) this.fixedFree[i] -= spec.depth;
+    return this.attach((id) => ({ t: 'ublk-open', id, target, spec, stats }), events as (e: WorkerEvent) => void, w, (e) => {
+      // A dropped queue's commands (and their slots) stay with the ring until it closes.
+      if ((e as { slotsKept?: boolean }).slotsKept) return;
+      this.tagsFree[i] += spec.depth;
+      if (spec.zeroCopy) this.fixedFree[i] += spec.depth;
+    });
   }
 
-  private attach(first: (id: number) => ToWorker, events: (e: WorkerEvent) => void): OpenChannel {
+  /**
+   * Whether `queues` more ublk queues of `depth` tags (zero copy: each tag
+   * with a slot of a ring's sparse table) fit on the workers now (once
+   * ready), dealt as openUblk deals them.
+   */
+  ublkRoom(queues: number, depth: number, zeroCopy: boolean): boolean {
+    const tags = [...this.tagsFree], fixed = [...this.fixedFree];
+    const load = this.workers.map((w) => w.channels);
+    for (let q = 0; q < queues; q++) {
+      let best = -1;
+      for (let i = 0; i < tags.length; i++) {
+        if (tags[i] >= depth && (!zeroCopy || fixed[i] >= depth) && (best < 0 || load[i] < load[best])) best = i;
+      }
+      if (best < 0) return false;
+      tags[best] -= depth;
+      fixed[best] -= depth;
+      load[best]++;
+    }
+    return true;
+  }
+
+  /** The least busy worker among those `ok` accepts. */
+  private least(ok: (i: number) => boolean = () => true): Worker | undefined {
+    let best: Worker | undefined;
+    this.workers.forEach((w, i) => { if (ok(i) && (!best || w.channels < best.channels)) best = w; });
+    return best;
+  }
+
+  private attach(first: (id: number) => ToWorker, events: (e: WorkerEvent) => void, w = this.least()!, closed?: (e: WorkerEvent) => void): OpenChannel {
     if (this.closing) throw new Error('the I/O workers are stopping');
-    const w = this.workers.reduce((a, b) => (b.channels < a.channels ? b : a));
     const id = this.nextId++;
     w.channels++;
     w.port.ref();
     this.owner.set(id, w);
     this.handlers.set(id, events);
+    if (closed) this.onClose.set(id, closed);
     const send = (m: ToWorker) => { w.port.postMessage(m); wake(w.wakeFd); };
     send(first(id));
     return { id, send };
@@ -128,6 +185,8 @@ export class IoWorkers {
     if (!h) return;
     if (e.t === 'closed') {
       const w = this.owner.get(e.id)!;
+      this.onClose.get(e.id)?.(e);
+      this.onClose.delete(e.id);
       this.handlers.delete(e.id);
       this.owner.delete(e.id);
       if (--w.channels === 0) w.port.unref();

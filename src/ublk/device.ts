@@ -1,16 +1,18 @@
-// UblkDevice: a /dev/ublkbN whose queues are served either by the I/O
-// workers' rings (`io`: src/ublk/queue.ts, the engine's planner in WASM) or
-// by native queue threads through a block target (FileTarget). Requests
-// neither can serve arrive here (the slow path) and are answered through
-// `onSlow`.
+// UblkDevice: a /dev/ublkbN whose queues the I/O workers' rings serve
+// (src/ublk/queue.ts): READs and WRITEs they can place with the engine's
+// planner (a strata device: `io`) or a file's 1:1 mapping (a FileTarget)
+// complete there; everything else arrives here (the slow path) and is
+// answered through `onSlow`. The addon only adds, starts, stops and deletes
+// the kernel device (native/ublk.cc).
 import * as fs from 'fs';
 import * as os from 'os';
-import { ublkAddon, UBLK_OP, type NativeUblkDevice, type NativeDeviceInfo, type NativeSlowRequest, type TargetObject } from './native';
+import { ublkAddon, UBLK_OP, type NativeUblkDevice, type NativeDeviceInfo } from './native';
 import { fromNative, UblkError } from './errors';
 import { UBLK_STAT, type UblkQueueEvent, type UblkSlowRequest } from './queue';
 import { IoWorkers, type OpenChannel } from '../io/pool';
 import { SharedHeap } from '../wasm';
 import { FileTarget } from './file-target';
+import { features } from './features';
 
 export type SlowOp = 'read' | 'write' | 'flush' | 'discard' | 'write-zeroes' | 'other';
 
@@ -37,9 +39,11 @@ export type SlowHandler = (req: SlowRequest) => Promise<Uint8Array | void> | Uin
 export type Transport = 'zero-copy' | 'user-copy';
 
 export interface UblkCreateOptions {
-  /** A native block target ({ handle }, e.g. FileTarget or the engine's DeviceTarget). */
-  target: TargetObject & { serveSlow?: SlowHandler };
-  /** Bytes; default: the target's size. */
+  /** A file the device maps 1:1 (its slow path: target.serveSlow unless onSlow is given). */
+  target?: FileTarget;
+  /** Or a strata device: the engine's I/O workers and its native target key (Device.ioTarget()). */
+  io?: { workers: IoWorkers; target: number };
+  /** Bytes; default: the file target's size (required with `io`). */
   size?: number;
   queues?: number;
   depth?: number;
@@ -70,16 +74,7 @@ export interface UblkCreateOptions {
    * 2000; 0 leaves the kernel's 30 s). See REQUEST_TIMEOUT_MS.
    */
   requestTimeoutMs?: number;
-  /**
-   * Serve the queues on these I/O workers' rings, planning with the
-   * device whose native target `target` names (Device.ioTarget()); without
-   * it, native queue threads serve them through `target` (the object).
-   */
-  io?: UblkIo;
 }
-
-/** The I/O workers that serve a device's queues (null: the FileTarget devices' own), and how they place its requests: the engine's device (`target`, a native target key) or a plain file (`file`, a descriptor). */
-export interface UblkIo { workers: IoWorkers | null; target?: number; file?: number }
 
 /**
  * Why strata shortens the request timeout: a 6.12 kernel notices that a
@@ -121,10 +116,10 @@ export class UblkDevice {
   /** The request timeout the device runs with (ms), or null if it could not be set (no writable sysfs). */
   requestTimeoutMs: number | null = null;
   private deleted = false;
-  /** The queues on the I/O workers (io), else null. */
+  /** Its queues on the I/O workers. */
   private queues: WorkerQueues | null = null;
 
-  private constructor(private readonly native: NativeUblkDevice, info: NativeDeviceInfo, private readonly handler: SlowHandler) {
+  private constructor(private readonly native: NativeUblkDevice, info: NativeDeviceInfo, readonly handler: SlowHandler) {
     this.info = info;
     this.id = info.id;
     this.path = `/dev/ublkb${info.id}`;
@@ -132,10 +127,28 @@ export class UblkDevice {
   }
 
   static async create(opts: UblkCreateOptions): Promise<UblkDevice> {
-    const transport = opts.transport ?? transportFromEnv();
-    return UblkDevice.launch(opts, (n) => n.start(), {
-      size: opts.size, queues: opts.queues, depth: opts.depth, maxIo: opts.maxIo, transport,
-      recovery: opts.recovery, alwaysSlow: opts.alwaysSlow, partScan: opts.partScan, owner: opts.owner, external: !!ioOf(opts),
+    let transport = opts.transport ?? transportFromEnv();
+    // Zero copy needs a slot of a worker ring's sparse table per tag: when
+    // the workers have none left, 'auto' takes user copy.
+    // Every fetched tag stays in flight on a worker's ring, and under zero
+    // copy has a slot of its sparse table: the workers must have room for
+    // them before the kernel device exists ('auto' takes user copy when
+    // only that fits).
+    const f = (() => { try { return features(); } catch { return null; } })();
+    const workers = f ? opts.io?.workers ?? (opts.target ? fileWorkers() : null) : null;
+    if (workers) {
+      await workers.ready;
+      const queues = opts.queues ?? 1, depth = opts.depth ?? 64;
+      const zc = transport === 'zero-copy' || (transport === 'auto' && f!.zeroCopy);
+      if (zc && transport === 'auto' && !workers.ublkRoom(queues, depth, true)) transport = 'user-copy';
+      if (!workers.ublkRoom(queues, depth, transport !== 'user-copy')) {
+        throw new UblkError(os.constants.errno.ENOSPC, 'UblkDevice', `the I/O workers have no room for ${queues} more queue(s) of ${depth} tags${transport === 'zero-copy' ? ' with zero-copy buffer slots' : ''} (use fewer tags${transport === 'zero-copy' ? ', user copy' : ''} or more workers)`);
+      }
+    }
+    const size = opts.size ?? opts.target?.size;
+    return UblkDevice.launch(opts, size, (n) => n.start(), {
+      size, queues: opts.queues, depth: opts.depth, maxIo: opts.maxIo, transport,
+      recovery: opts.recovery, partScan: opts.partScan, owner: opts.owner,
     });
   }
 
@@ -143,55 +156,44 @@ export class UblkDevice {
    * Takes over device `id` whose server died (created with `recovery`):
    * START_USER_RECOVERY, fetch every tag, END_USER_RECOVERY.
    */
-  static async recover(id: number, opts: Pick<UblkCreateOptions, 'target' | 'onSlow' | 'alwaysSlow' | 'requestTimeoutMs' | 'io' | 'size'>): Promise<UblkDevice> {
-    return UblkDevice.launch(opts, (n) => n.recover(id), { alwaysSlow: opts.alwaysSlow, external: !!ioOf(opts) });
+  static async recover(id: number, opts: Pick<UblkCreateOptions, 'target' | 'io' | 'size' | 'onSlow' | 'alwaysSlow' | 'requestTimeoutMs'>): Promise<UblkDevice> {
+    return UblkDevice.launch(opts, opts.size ?? opts.target?.size, (n) => n.recover(id), {});
   }
 
-  private static async launch(opts: Pick<UblkCreateOptions, 'target' | 'onSlow' | 'requestTimeoutMs' | 'io' | 'alwaysSlow' | 'size'>,
+  private static async launch(opts: Pick<UblkCreateOptions, 'target' | 'io' | 'onSlow' | 'alwaysSlow' | 'requestTimeoutMs'>, size: number | undefined,
     go: (n: NativeUblkDevice) => Promise<NativeDeviceInfo>, nopts: object): Promise<UblkDevice> {
     const timeout = opts.requestTimeoutMs ?? REQUEST_TIMEOUT_MS;
     if (!Number.isInteger(timeout) || timeout < 0) {
       throw new UblkError(os.constants.errno.EINVAL, 'requestTimeoutMs', `requestTimeoutMs must be a whole number of ms >= 0, not ${opts.requestTimeoutMs}`);
     }
-    const handler: SlowHandler = opts.onSlow ?? opts.target.serveSlow?.bind(opts.target) ??
-      (() => { throw new UblkError(EIO, 'slow path', 'target cannot plan this request and no onSlow handler was given'); });
-    let dev: UblkDevice | undefined;
+    if (!opts.io && !(opts.target instanceof FileTarget)) throw new UblkError(os.constants.errno.EINVAL, 'UblkDevice', 'a device needs a FileTarget or an engine device (io)');
+    if (opts.target?.closed) throw new UblkError(os.constants.errno.EBADF, 'UblkDevice', 'the file target is closed');
+    const handler: SlowHandler = opts.onSlow ?? (opts.target ? (r) => opts.target!.serveSlow(r) :
+      () => { throw new UblkError(EIO, 'slow path', 'no onSlow handler was given'); });
     let native: NativeUblkDevice;
     try {
-      // Slow requests can arrive before start() resolves (START_DEV's own
-      // reads, e.g. a partition scan): serve them as soon as they come.
-      native = new (ublkAddon().UblkDevice)(opts.target, nopts, () => {
-        if (dev) dev.pump();
-        else for (const r of native.drain()) serve(native, handler, r);
-      });
+      native = new (ublkAddon().UblkDevice)(nopts);
     } catch (e) {
       throw fromNative(e, 'UblkDevice');
     }
+    const t0 = performance.now();
     let info: NativeDeviceInfo;
     try {
       info = await go(native);
     } catch (e) {
       throw fromNative(e, 'create');
     }
-    dev = new UblkDevice(native, info, handler);
-    const io = ioOf(opts);
-    if (io) {
-      try {
-        const fileSlow = opts.target instanceof FileTarget && opts.target.alwaysSlow;
-        dev.queues = await WorkerQueues.start(native, info, io, handler, { alwaysSlow: !!opts.alwaysSlow || fileSlow, size: opts.size ?? (opts.target as { size?: number }).size ?? 0 });
-      } catch (e) {
-        await native.delete().catch(() => undefined);
-        throw fromNative(e, 'ublk queues on the I/O workers');
-      }
+    const dev = new UblkDevice(native, info, handler);
+    try {
+      dev.queues = await WorkerQueues.start(native, info, opts, handler, size ?? 0);
+    } catch (e) {
+      await native.delete().catch(() => undefined);
+      throw fromNative(e, 'ublk queues on the I/O workers');
     }
+    if (info.createMs) info.createMs = performance.now() - t0;
     live.add(dev);
-    dev.pump();
     dev.requestTimeoutMs = setRequestTimeout(info.id, timeout);
     return dev;
-  }
-
-  private pump(): void {
-    for (const r of this.native.drain()) serve(this.native, this.handler, r);
   }
 
   /** STOP_DEV (or, with `try`, TRY_STOP_DEV: EBUSY while the device is open; kernel >= 7.0). */
@@ -206,14 +208,14 @@ export class UblkDevice {
   }
 
   /**
-   * Stops (if needed), ends the queue threads and deletes the kernel device
+   * Stops (if needed), waits for the workers to let the queues go and deletes the kernel device
    * (DEL_DEV_ASYNC: returns even while something still holds /dev/ublkbN
    * open; the id is freed when the last opener closes).
    */
   async delete(): Promise<void> {
     if (this.deleted) return;
     try {
-      if (this.queues) await this.stop();
+      await this.stop();
       await this.native.delete();
       this.queues?.release();
       this.deleted = true;
@@ -224,19 +226,25 @@ export class UblkDevice {
     }
   }
 
-  /** Ends this process's service without stopping the device (a recovery device goes QUIESCED). */
+  /**
+   * Ends this process's service without stopping the device: a recovery
+   * device goes QUIESCED once the kernel sees its server gone, which is when
+   * this process's rings let the queues' commands go: at exit.
+   */
   async abandon(): Promise<void> {
-    // The kernel notices the server gone once this process's ring lets the
-    // queues' commands go, at exit at the latest.
     this.queues?.drop();
     await this.native.abandon();
     this.deleted = true;
     live.delete(this);
   }
 
-  stats(): { fastIos: number; slowIos: number; waits: number; cqes: number; state: string } {
-    const s = this.native.stats();
-    return this.queues ? { ...s, ...this.queues.stats() } : s;
+  /**
+   * Requests the workers served, those that came to the slow path (of them
+   * READs and WRITEs the workers could not place, FUA aside: slowReadWrites),
+   * and the kernel device's state as this object knows it.
+   */
+  stats(): { fastIos: number; slowIos: number; slowReadWrites: number; state: string } {
+    return { ...this.native.stats(), ...(this.queues?.stats() ?? { fastIos: 0, slowIos: 0, slowReadWrites: 0 }) };
   }
 }
 
@@ -252,48 +260,60 @@ class WorkerQueues {
   private readonly gone: Array<() => void> = [];
   private readonly fua: number;
 
-  private constructor(private readonly cdev: number) { this.fua = ublkAddon().ublkUapi.ioFlagFua; }
+  private constructor(private readonly cdev: number, private readonly file: number) { this.fua = ublkAddon().ublkUapi.ioFlagFua; }
 
-  static async start(native: NativeUblkDevice, info: NativeDeviceInfo, io: UblkIo, handler: SlowHandler,
-    o: { alwaysSlow: boolean; size: number }): Promise<WorkerQueues> {
-    const workers = io.workers ?? fileWorkers();
+  /** Opens the char device (and a file target's own descriptor), has every queue's tags fetched, then START_DEV. */
+  static async start(native: NativeUblkDevice, info: NativeDeviceInfo, opts: Pick<UblkCreateOptions, 'target' | 'io' | 'alwaysSlow'>,
+    handler: SlowHandler, size: number): Promise<WorkerQueues> {
+    const workers = opts.io?.workers ?? fileWorkers();
+    let t = performance.now();
+    const lap = () => { const n = performance.now(), d = n - t; t = n; return d; };
     const cdev = await openCdev(info.id);
-    const wq = new WorkerQueues(cdev);
-    const size = o.size || Number.MAX_SAFE_INTEGER; // unknown: the kernel bounds requests by the device's size anyway
+    // The device's own descriptor of a file target: a target closed early cannot leave its number to another file.
+    const file = opts.target ? fs.openSync(opts.target.path, 'r+') : -1;
+    const wq = new WorkerQueues(cdev, file);
+    info.createSteps.openCdev = lap();
+    const alwaysSlow = !!opts.alwaysSlow || !!opts.target?.alwaysSlow;
     let failed: string | null = null;
     let fetched = 0;
     let onFetched = () => {};
-    for (let q = 0; q < info.queues; q++) {
-      const stats = new SharedArrayBuffer(UBLK_STAT.LENGTH * 8);
-      wq.stats_.push(new Float64Array(stats));
-      wq.open++;
-      const ch: OpenChannel = workers.openUblk({ cdev, queue: q, depth: info.depth, maxIo: info.maxIo, zeroCopy: info.transport === 'zero-copy', size, alwaysSlow: o.alwaysSlow, file: io.file ?? -1 },
-        io.target ?? 0, stats, (e: UblkQueueEvent) => {
-          if (e.t === 'ublk-fetched') { fetched++; onFetched(); } else if (e.t === 'ublk-requests') {
-            for (const r of e.reqs) wq.serve(ch, handler, q, r);
-          } else {
-            if (fetched < info.queues) failed ??= e.reason;
-            if (--wq.open === 0) { for (const g of wq.gone.splice(0)) g(); }
-            onFetched();
-          }
-        });
-      wq.channels.push(ch);
-    }
     await workers.ready;
-    await new Promise<void>((resolve) => { onFetched = () => { if (fetched === info.queues || failed) resolve(); }; onFetched(); });
-    if (failed) {
-      wq.drop();
-      fs.closeSync(cdev);
-      throw new UblkError(EIO, 'ublk queue', `an I/O worker could not serve the device's queues: ${failed}`);
-    }
-    // START_DEV (or END_USER_RECOVERY) once every tag is fetched.
     try {
+      for (let q = 0; q < info.queues; q++) {
+        const stats = new SharedArrayBuffer(UBLK_STAT.LENGTH * 8);
+        wq.stats_.push(new Float64Array(stats));
+        wq.open++;
+        const spec = { cdev, queue: q, depth: info.depth, maxIo: info.maxIo, zeroCopy: info.transport === 'zero-copy',
+          size: size || Number.MAX_SAFE_INTEGER /* unknown: the kernel bounds requests by the device anyway */, alwaysSlow, file };
+        const ch: OpenChannel = workers.openUblk(spec, opts.io?.target ?? 0, stats, (e: UblkQueueEvent) => {
+          if (e.t === 'ublk-fetched') fetched++;
+          else if (e.t === 'ublk-requests') for (const r of e.reqs) wq.serve(ch, handler, q, r);
+          else {
+            if (fetched < info.queues) failed ??= e.reason;
+            if (--wq.open === 0) for (const g of wq.gone.splice(0)) g();
+          }
+          onFetched();
+        });
+        wq.channels.push(ch);
+      }
+    } catch (e) {
+      // No worker could take a queue (zero-copy slots): the ones opened go.
+      wq.drop();
+      wq.release();
+      throw fromNative(e, 'ublk queue');
+    }
+    await new Promise<void>((resolve) => { onFetched = () => { if (fetched === info.queues || failed) resolve(); }; onFetched(); });
+    info.createSteps.queuesReady = lap();
+    try {
+      if (failed) throw new UblkError(EIO, 'ublk queue', `an I/O worker could not serve the device's queues: ${failed}`);
+      // START_DEV (or END_USER_RECOVERY) once every tag is fetched.
       await native.startDev();
     } catch (e) {
       wq.drop();
-      fs.closeSync(cdev);
+      wq.release();
       throw e;
     }
+    info.createSteps.startDev = lap();
     return wq;
   }
 
@@ -317,25 +337,17 @@ class WorkerQueues {
   /** Stops serving at once (abandon). */
   drop(): void { for (const ch of this.channels) ch.send({ t: 'ublk-drop', id: ch.id }); }
 
-  /** After DEL_DEV: the char device's descriptor. */
-  release(): void { fs.closeSync(this.cdev); }
-
-  stats(): { fastIos: number; slowIos: number } {
-    let fastIos = 0, slowIos = 0;
-    for (const s of this.stats_) { fastIos += s[UBLK_STAT.FAST]; slowIos += s[UBLK_STAT.SLOW]; }
-    return { fastIos, slowIos };
+  /** After DEL_DEV: the char device's descriptor (and the file's). */
+  release(): void {
+    fs.closeSync(this.cdev);
+    if (this.file >= 0) fs.closeSync(this.file);
   }
-}
 
-/**
- * Where a device's queues are served: the options' I/O workers, or for a
- * FileTarget the file devices' own workers (STRATA_UBLK_NATIVE_QUEUES=1:
- * native queue threads, the old path, for comparison).
- */
-function ioOf(opts: Pick<UblkCreateOptions, 'io' | 'target'>): UblkIo | undefined {
-  if (opts.io) return opts.io;
-  if (opts.target instanceof FileTarget && process.env.STRATA_UBLK_NATIVE_QUEUES !== '1') return { workers: null, file: opts.target.fd };
-  return undefined;
+  stats(): { fastIos: number; slowIos: number; slowReadWrites: number } {
+    let fastIos = 0, slowIos = 0, slowReadWrites = 0;
+    for (const s of this.stats_) { fastIos += s[UBLK_STAT.FAST]; slowIos += s[UBLK_STAT.SLOW]; slowReadWrites += s[UBLK_STAT.SLOW_RW]; }
+    return { fastIos, slowIos, slowReadWrites };
+  }
 }
 
 let fileIo: IoWorkers | null = null;
@@ -367,14 +379,6 @@ function setRequestTimeout(id: number, ms: number): number | null {
   } catch {
     return null; // a read-only /sys (some containers): the kernel's timeout stays
   }
-}
-
-function serve(native: NativeUblkDevice, handler: SlowHandler, r: NativeSlowRequest): void {
-  const req: SlowRequest = {
-    op: OPS[r.op] ?? 'other', opcode: r.op, offset: r.offset, length: r.length, fua: r.fua,
-    queue: r.queue, tag: r.tag, data: r.data,
-  };
-  answer(handler, req, (result, data) => native.complete(r.queue, r.tag, result, data));
 }
 
 /** Runs the slow-path handler for one request and gives `done` its result (bytes, 0 or -errno) and a READ's data. */

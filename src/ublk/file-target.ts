@@ -1,44 +1,25 @@
-// FileTarget: a block target that maps the device 1:1 onto one file. Native
-// queue threads serve it entirely (READ/WRITE/FLUSH/DISCARD/WRITE_ZEROES);
-// `alwaysSlow` sends every request through JavaScript instead (tests of the
-// slow path), where `serveSlow` answers them with plain fs calls.
+// FileTarget: a block target that maps the device 1:1 onto one file. The
+// I/O workers serve its READs and WRITEs (src/io/file-io.ts); FLUSH,
+// DISCARD and WRITE_ZEROES, and with `alwaysSlow` every request (tests of
+// the slow path), come to `serveSlow`, which answers with plain fs calls.
 import * as fs from 'fs';
-import { ublkAddon } from './native';
-import { fromNative } from './errors';
 import type { SlowRequest } from './device';
 
 export interface FileTargetOptions {
   /** Device size; default: the file's size (rounded down to 512). */
   size?: number;
   alwaysSlow?: boolean;
-  /**
-   * Tests of the frontend's segment handling: plan every request as pieces
-   * cut at multiples of `bytes`, and plan every `zeroEvery`-th piece as a
-   * zero segment (reads return zeros there, writes to it are dropped), like
-   * a sparse overlay would. Requests needing more than 64 pieces go slow.
-   */
-  split?: { bytes: number; zeroEvery?: number };
 }
 
 export class FileTarget {
-  /** What native frontends read (target_js.h). */
-  readonly handle: unknown;
-  readonly size: number;
-  private constructor(readonly fd: number, size: number, readonly alwaysSlow: boolean, split?: FileTargetOptions['split']) {
-    this.size = size;
-    try {
-      this.handle = ublkAddon().fileTarget(fd, size, alwaysSlow, split?.bytes ?? 0, split?.zeroEvery ?? 0).handle;
-    } catch (e) {
-      throw fromNative(e, 'fileTarget');
-    }
-  }
+  private constructor(readonly path: string, readonly fd: number, readonly size: number, readonly alwaysSlow: boolean) {}
 
-  /** Opens `path` read-write; the native side keeps its own dup of the fd. */
+  /** Opens `path` read-write (for the slow path; each device opens its own descriptor for the workers). */
   static open(path: string, opts: FileTargetOptions = {}): FileTarget {
     const fd = fs.openSync(path, 'r+');
     try {
       const size = opts.size ?? Math.floor(fs.fstatSync(fd).size / 512) * 512;
-      return new FileTarget(fd, size, !!opts.alwaysSlow, opts.split);
+      return new FileTarget(path, fd, size, !!opts.alwaysSlow);
     } catch (e) {
       fs.closeSync(fd);
       throw e;
@@ -75,9 +56,11 @@ export class FileTarget {
     }
   }
 
-  /** Closes the JS fd and lets go of the native target: its dup closes once no device uses it. */
+  closed = false;
+
   close(): void {
-    ublkAddon().releaseTarget(this.handle);
+    if (this.closed) return;
+    this.closed = true;
     fs.closeSync(this.fd);
   }
 }

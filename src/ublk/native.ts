@@ -1,21 +1,10 @@
-// Typed view of the ublk part of the addon (native/ublk.cc). The UAPI itself
-// (command encodings, struct layouts, feature bits) lives in native/ublk_uapi.h.
+// Typed view of the ublk part of the addon (native/ublk.cc): the control
+// plane and what the I/O workers' rings need. The UAPI itself (command
+// encodings, struct layouts, feature bits) lives in native/ublk_uapi.h.
 import { loadNative } from '../native';
 
 /** Op codes as the kernel reports them in a request (UBLK_IO_OP_*). */
 export const UBLK_OP = { READ: 0, WRITE: 1, FLUSH: 2, DISCARD: 3, WRITE_SAME: 4, WRITE_ZEROES: 5 } as const;
-
-export interface NativeSlowRequest {
-  queue: number;
-  tag: number;
-  op: number;
-  flags: number;
-  fua: boolean;
-  offset: number;
-  length: number;
-  /** WRITE only: a copy of the request's data. */
-  data?: Buffer;
-}
 
 export interface NativeDeviceInfo {
   id: number;
@@ -25,9 +14,9 @@ export interface NativeDeviceInfo {
   maxIo: number;
   /** UBLK_F_* names the device was created with. */
   flags: string[];
-  /** Native time from opening /dev/ublk-control to START_DEV returning. */
+  /** Time from opening /dev/ublk-control to START_DEV returning (the native part, then the whole after start). */
   createMs: number;
-  /** Its parts, in ms (0 after recover()). */
+  /** Its parts, in ms (0 after recover()): ADD_DEV and SET_PARAMS (native), then the char device opened, every tag fetched, START_DEV. */
   createSteps: { addDev: number; setParams: number; openCdev: number; queuesReady: number; startDev: number };
 }
 
@@ -38,11 +27,8 @@ export interface NativeDeviceOptions {
   maxIo?: number;
   transport?: 'auto' | 'zero-copy' | 'user-copy';
   recovery?: boolean | 'reissue' | 'fail-io';
-  alwaysSlow?: boolean;
   partScan?: boolean;
   owner?: number;
-  /** Its queues are served by another ring (an I/O worker's): start() only adds it; startDev() starts it. */
-  external?: boolean;
 }
 
 /** Any kernel ublk device, as UBLK_U_CMD_GET_DEV_INFO reports it. */
@@ -57,31 +43,23 @@ export interface KernelDeviceInfo {
 }
 
 export interface NativeUblkDevice {
+  /** ADD_DEV and SET_PARAMS; the queues are then fetched elsewhere and startDev() starts it. */
   start(): Promise<NativeDeviceInfo>;
+  /** START_USER_RECOVERY of a device whose server died; startDev() ends the recovery. */
   recover(id: number): Promise<NativeDeviceInfo>;
-  /** external devices: START_DEV, once every tag of every queue was fetched. */
+  /** START_DEV (or END_USER_RECOVERY), once every tag of every queue was fetched. */
   startDev(): Promise<void>;
-  drain(): NativeSlowRequest[];
-  /** result: bytes for READ/WRITE, 0 for others, or -errno. false once the device is gone. */
-  complete(queue: number, tag: number, result: number, data?: Uint8Array): boolean;
   stop(opts?: { try?: boolean }): Promise<void>;
   delete(): Promise<void>;
   abandon(): Promise<void>;
-  stats(): { fastIos: number; slowIos: number; waits: number; cqes: number; state: string };
-}
-
-export interface TargetObject {
-  handle: unknown;
+  stats(): { state: string };
 }
 
 export interface UblkAddon {
   ublkFeatures(): { flags: number; names: string[] };
-  UblkDevice: new (target: TargetObject, opts: NativeDeviceOptions, onSlow: () => void) => NativeUblkDevice;
+  UblkDevice: new (opts: NativeDeviceOptions) => NativeUblkDevice;
   ublkDeviceInfo(id: number): KernelDeviceInfo;
   ublkRemove(id: number): Promise<void>;
-  fileTarget(fd: number, size: number, alwaysSlow?: boolean, split?: number, zeroEvery?: number): TargetObject;
-  /** Drops a target handle's share of its native target (target_js.h). */
-  releaseTarget(handle: unknown): void;
   /** A queue's request descriptors (mmap of /dev/ublkcN, read-only; ublkUapi.desc*). */
   ublkIoDescs(cdevFd: number, queue: number, depth: number): ArrayBuffer;
   ublkUapi: UblkUapi;

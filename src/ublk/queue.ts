@@ -45,29 +45,31 @@ export interface UblkSlowRequest { tag: number; op: number; flags: number; offse
 export type UblkQueueEvent =
   | { t: 'ublk-fetched'; id: number }
   | { t: 'ublk-requests'; id: number; reqs: UblkSlowRequest[] }
-  | { t: 'closed'; id: number; reason: string };
+  | { t: 'closed'; id: number; reason: string; slotsKept?: boolean };
 
 /** Counters the main thread reads without a message (a Float64Array over a SharedArrayBuffer). */
-export const UBLK_STAT = { FAST: 0, SLOW: 1, LENGTH: 2 } as const;
+export const UBLK_STAT = { FAST: 0, SLOW: 1, SLOW_RW: 2, LENGTH: 3 } as const;
 
-// Tag states. A tag in TODO-marked states waits in `todo` for pump().
-const S_FETCH = 0; //      todo: its first FETCH
-const S_CMD = 1; //        a FETCH or COMMIT_AND_FETCH is out
-const S_NEW = 2; //        todo: a request to start
-const S_READING = 3; //    file pieces on their way into the request (or its buffer)
-const S_COPY_OUT = 4; //   todo: READ data to the request
-const S_COPYING = 13; //   buffer -> request (user copy), staging -> request (zero copy)
-const S_DATA_IN = 5; //    a WRITE's data on its way from the request into a buffer
-const S_WRITE = 6; //      todo: a user-copy WRITE whose data is in its buffer
-const S_WRITING = 7; //    zero copy: request -> file
-const S_STAGE_IN = 8; //   zero copy, to the main thread: request -> staging
-const S_STAGE_BACK = 9; // todo: staging -> buffer
-const S_STAGING_BACK = 14; // staging -> buffer
-const S_SLOW = 10; //      at the main thread
-const S_COMMIT = 11; //    todo: COMMIT_AND_FETCH with res
-const S_DEAD = 12; //      the kernel ended it
+// Tag states. Those marked "todo" wait in `todo` for pump(), which pushes
+// their next operation; the others wait for an operation or an answer.
+const S_FETCH = 0; //         todo: its first FETCH
+const S_CMD = 1; //           a FETCH or COMMIT_AND_FETCH is out
+const S_NEW = 2; //           todo: a request to start
+const S_READING = 3; //       file pieces on their way into the request (or its buffer)
+const S_COPY_OUT = 4; //      todo: READ data to the request
+const S_COPYING = 5; //       buffer -> request (user copy), staging -> request (zero copy)
+const S_DATA_IN = 6; //       a WRITE's data on its way from the request into a buffer
+const S_WRITE = 7; //         todo: a user-copy WRITE whose data is in its buffer
+const S_WRITING = 8; //       zero copy: request -> file
+const S_STAGE_IN = 9; //      zero copy, to the main thread: request -> staging
+const S_STAGE_BACK = 10; //   todo: staging -> buffer
+const S_STAGING_BACK = 11; // staging -> buffer
+const S_SLOW = 12; //         at the main thread
+const S_COMMIT = 13; //       todo: COMMIT_AND_FETCH with res
+const S_DEAD = 14; //         the kernel ended it (or the queue closed)
 
 const TAG_FETCHED = -1;
+const EMPTY = new Uint8Array(0);
 
 /** Files a worker's zero-copy queues share: /dev/zero and a staging file. */
 export interface ZeroCopyFiles { zero: number; stage: number }
@@ -129,8 +131,8 @@ export class UblkQueue implements Channel {
   /** The main thread answered a slow request: result (bytes or -errno) and, for a READ, its data. */
   answer(tag: number, result: number, data: Uint8Array | null): void {
     if (this.st[tag] !== S_SLOW) return;
-    if (result >= 0 && this.op[tag] === UBLK_OP.READ && data) {
-      this.answers[tag] = data;
+    if (result >= 0 && this.op[tag] === UBLK_OP.READ) {
+      this.answers[tag] = data ?? EMPTY; // no data (or short): zeros
       this.st[tag] = S_COPY_OUT;
       this.todo.push(tag);
     } else this.commitLater(tag, result);
@@ -381,6 +383,8 @@ export class UblkQueue implements Channel {
     }
     this.st[tag] = S_SLOW;
     this.stats[UBLK_STAT.SLOW]++;
+    // READs and WRITEs it could not place (FUA writes are the engine's by rule).
+    if ((this.op[tag] === UBLK_OP.READ || this.op[tag] === UBLK_OP.WRITE) && !(this.flags[tag] & this.u.ioFlagFua)) this.stats[UBLK_STAT.SLOW_RW]++;
     this.toMain.push({ tag, op: this.op[tag], flags: this.flags[tag], offset: this.at[tag], length: this.len[tag], data: bytes });
     return true;
   }
@@ -448,6 +452,6 @@ export class UblkQueue implements Channel {
     this.closeTarget();
     // Slots still registered (tags the kernel holds) are unregistered at commit or teardown; a dropped queue's stay taken.
     if (this.fixed >= 0 && !this.dropped) this.loop.giveFixed(this.fixed, this.spec.depth);
-    this.post({ t: 'closed', id: this.id, reason });
+    this.post({ t: 'closed', id: this.id, reason, slotsKept: this.dropped });
   }
 }

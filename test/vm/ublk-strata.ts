@@ -35,7 +35,7 @@ async function fsAndSnapshot(transport: Transport, template: string): Promise<vo
     const before = await sums(mnt);
     await sh(`umount ${mnt}`);
     const st = dev.nativeStats();
-    check(st.fastReads > 0 && st.fastWrites > 0, `${transport}: native planner served reads and writes (${JSON.stringify(st)})`);
+    check(st.fastReads > 0 && st.fastWrites > 0, `${transport}: the I/O workers served reads and writes (${JSON.stringify(st)})`);
     await u.delete(); u = undefined;
     const snap = await dev.snapshot();
     await engine.closeDevice(dev);

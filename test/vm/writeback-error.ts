@@ -7,8 +7,8 @@
 //     snapshot (which could upload bytes the disk no longer has);
 //   - through ublk: `dd conv=fsync` onto the device fails, and a second,
 //     small `dd conv=fsync` fails too;
-//   - through ublk with FUA writes (served natively with RWF_DSYNC): once
-//     one fails, a later `dd conv=fsync` fails too.
+//   - through ublk with FUA writes (the I/O workers hand them to the
+//     engine): once one fails, a later `dd conv=fsync` fails too.
 import * as fs from 'fs';
 import { Engine, Codec, StrataError } from '../../src/index';
 import { serveUblk } from '../../src/ublk-export';
@@ -46,7 +46,7 @@ async function throughUblk(name: string, transport: Transport, template: string,
     const dev = await engine.openDevice(template);
     u = await serveUblk(dev, { transport, queues: 1 });
     const big = await sh(`dd if=/dev/urandom of=${u.path} bs=1M count=48 ${ddFlags} status=none 2>&1; echo rc=$?`, 300_000);
-    check(!/rc=0\s*$/.test(big), `${transport}: ${what} onto ${u.path} fails (${big.trim().split('\n').pop()}; native FUA write errors: ${dev.nativeStats().syncWriteErrors})`);
+    check(!/rc=0\s*$/.test(big), `${transport}: ${what} onto ${u.path} fails (${big.trim().split('\n').pop()})`);
     const small = await sh(`dd if=/dev/zero of=${u.path} bs=4k count=1 conv=fsync status=none 2>&1; echo rc=$?`, 120_000);
     check(!/rc=0\s*$/.test(small), `${transport}: a later small dd conv=fsync fails too (${small.trim().split('\n').pop()})`);
   } catch (e) {
@@ -101,9 +101,9 @@ async function errOf(p: Promise<unknown>): Promise<StrataError | undefined> {
   const transport = transports(f)[0];
   // Through ublk: the kernel's FLUSH after buffered writes.
   await throughUblk('b', transport, template, 'conv=fsync', 'dd conv=fsync of 48 MiB');
-  // Through ublk with FUA writes (O_DSYNC on the device): the queue threads
-  // write them natively with RWF_DSYNC, and a failed one is the kernel's one
-  // report of the lost writeback; the device's next FLUSH must still fail.
+  // Through ublk with FUA writes (O_DSYNC on the device): the I/O workers
+  // hand them to the engine, whose sync fails and sticks; the device's next
+  // FLUSH must still fail.
   await throughUblk('c', transport, template, 'oflag=direct,dsync', 'dd oflag=direct,dsync (FUA writes) of 48 MiB');
   finish('writeback-error', t0);
 })().catch((e) => { console.error(e); process.exit(1); });
