@@ -10,6 +10,7 @@ import * as path from 'path';
 import { spawn } from 'child_process';
 import { tmpdir } from './helpers/util';
 import { Engine } from '../src/index';
+import type { IoWorkers } from '../src/io/pool';
 
 const ROOT = path.join(__dirname, '..');
 
@@ -52,12 +53,20 @@ test('a process with running I/O workers exits once its work ends and the engine
 });
 
 
-test('every I/O worker thread is an I/O flusher (reclaim there never waits on writeback through a ublk device it serves)', async () => {
-  const dir = tmpdir('io-flusher');
+/** Runs fn with a started pool of two I/O workers (an engine's). */
+async function withWorkers(name: string, fn: (io: IoWorkers) => void): Promise<void> {
+  const dir = tmpdir(name);
   const e = await Engine.open({ store: `${dir}/store`, cacheDir: `${dir}/cache`, ioWorkers: 2 });
   try {
     const io = e.core.io();
     await io.ready;
+    fn(io);
+  } finally {
+    await e.close();
+  }
+}
+
+test('every I/O worker thread is an I/O flusher (reclaim there never waits on writeback through a ublk device it serves)', () => withWorkers('io-flusher', (io) => {
     const capEff = BigInt(`0x${/CapEff:\s*([0-9a-f]+)/.exec(fs.readFileSync('/proc/self/status', 'utf8'))![1]}`);
     if (!((capEff >> 24n) & 1n)) {
       // Without CAP_SYS_RESOURCE (a container) the kernel refuses: the workers say so (EPERM) and serve on.
@@ -73,26 +82,15 @@ test('every I/O worker thread is an I/O flusher (reclaim there never waits on wr
       return (flags & 0x80000) !== 0;
     });
     assert.is(noio.length, 2, `threads with PF_MEMALLOC_NOIO: ${noio.join(',')}`);
-  } finally {
-    await e.close();
-  }
-});
+}));
 
-test('ublk queues are placed only where a ring has room for every tag (and a zero-copy slot for each)', async () => {
-  const dir = tmpdir('io-room');
-  const e = await Engine.open({ store: `${dir}/store`, cacheDir: `${dir}/cache`, ioWorkers: 2 });
-  try {
-    const io = e.core.io();
-    await io.ready;
+test('ublk queues are placed only where a ring has room for every tag (and a zero-copy slot for each)', () => withWorkers('io-room', (io) => {
     // Each worker: 16384 ring operations, 4096 kept for others: 12288 tags; 16384 sparse slots.
     assert.ok(io.ublkRoom(1, 12288, true), 'one queue of 12288 tags');
     assert.ok(!io.ublkRoom(1, 12289, false), 'no queue of more tags than a ring holds');
     assert.ok(io.ublkRoom(2, 12288, true), 'one such queue per worker');
     assert.ok(!io.ublkRoom(3, 12288, false), 'not a third');
     assert.ok(io.ublkRoom(4, 6144, true) && !io.ublkRoom(5, 6144, true), 'queues dealt to the least busy worker with room');
-  } finally {
-    await e.close();
-  }
-});
+}));
 
 test.run();

@@ -111,34 +111,21 @@ export class IoLoop {
    */
   sparseBuffers(n: number): number {
     const r = this.ring.sparseBuffers(n);
-    if (r === 0) this.fixedFree = [[0, n]];
+    if (r === 0) for (let i = n - 1; i >= 0; i--) this.fixedFree.push(i);
     return r;
   }
 
-  // Free runs [first, count] of the sparse table.
-  private fixedFree: Array<[number, number]> = [];
+  // Free slots of the sparse table. Any slot serves any tag: no runs to keep.
+  private fixedFree: number[] = [];
 
-  /** n consecutive slots of the sparse table: the first, or -1 (none left, or no table). */
-  takeFixed(n: number): number {
-    const i = this.fixedFree.findIndex((r) => r[1] >= n);
-    if (i < 0) return -1;
-    const r = this.fixedFree[i], first = r[0];
-    r[0] += n; r[1] -= n;
-    if (!r[1]) this.fixedFree.splice(i, 1);
-    return first;
+  /** n slots of the sparse table, or null (fewer left, or no table). */
+  takeFixed(n: number): Int32Array | null {
+    if (this.fixedFree.length < n) return null;
+    return Int32Array.from(this.fixedFree.splice(this.fixedFree.length - n, n));
   }
 
   /** Gives back takeFixed()'s slots (their buffers are gone: the kernel unregisters them at each commit). */
-  giveFixed(first: number, n: number): void {
-    this.fixedFree.push([first, n]);
-    this.fixedFree.sort((a, b) => a[0] - b[0]);
-    const m: Array<[number, number]> = [];
-    for (const r of this.fixedFree) {
-      const last = m[m.length - 1];
-      if (last && last[0] + last[1] === r[0]) last[1] += r[1]; else m.push([r[0], r[1]]);
-    }
-    this.fixedFree = m;
-  }
+  giveFixed(slots: Int32Array): void { for (const i of slots) this.fixedFree.push(i); }
 
   /**
    * Queues a READ or WRITE of len bytes between fd at fileOffset and the

@@ -122,16 +122,12 @@ export class IoWorkers {
    * once every tag was fetched, its slow requests, and once, its close.
    */
   openUblk(spec: UblkQueueSpec, target: number, stats: SharedArrayBuffer, events: (e: UblkQueueEvent) => void): OpenChannel {
-    const fits = (i: number) => this.tagsFree[i] >= spec.depth && (!spec.zeroCopy || this.fixedFree[i] >= spec.depth);
-    const w = this.least(fits);
-    if (!w) {
+    const i = this.placeUblk(spec.depth, spec.zeroCopy, this.tagsFree, this.fixedFree, this.workers.map((w) => w.channels));
+    if (i < 0) {
       throw Object.assign(new Error(`no I/O worker has room for ${spec.depth} more ublk tags${spec.zeroCopy ? ` with zero-copy buffer slots (${FIXED_SLOTS} per worker)` : ''}; use fewer tags${spec.zeroCopy ? ', user copy' : ''} or more workers`),
         { code: 'ENOSPC', errno: os.constants.errno.ENOSPC });
     }
-    const i = this.workers.indexOf(w);
-    this.tagsFree[i] -= spec.depth;
-    if (spec.zeroCopy) this.fixedFree[i] -= spec.depth;
-    return this.attach((id) => ({ t: 'ublk-open', id, target, spec, stats }), events as (e: WorkerEvent) => void, w, (e) => {
+    return this.attach((id) => ({ t: 'ublk-open', id, target, spec, stats }), events as (e: WorkerEvent) => void, this.workers[i], (e) => {
       // A dropped queue's commands (and their slots) stay with the ring until it closes.
       if ((e as { slotsKept?: boolean }).slotsKept) return;
       this.tagsFree[i] += spec.depth;
@@ -145,29 +141,31 @@ export class IoWorkers {
    * ready), dealt as openUblk deals them.
    */
   ublkRoom(queues: number, depth: number, zeroCopy: boolean): boolean {
-    const tags = [...this.tagsFree], fixed = [...this.fixedFree];
-    const load = this.workers.map((w) => w.channels);
-    for (let q = 0; q < queues; q++) {
-      let best = -1;
-      for (let i = 0; i < tags.length; i++) {
-        if (tags[i] >= depth && (!zeroCopy || fixed[i] >= depth) && (best < 0 || load[i] < load[best])) best = i;
-      }
-      if (best < 0) return false;
-      tags[best] -= depth;
-      fixed[best] -= depth;
-      load[best]++;
-    }
+    const tags = [...this.tagsFree], fixed = [...this.fixedFree], load = this.workers.map((w) => w.channels);
+    for (let q = 0; q < queues; q++) if (this.placeUblk(depth, zeroCopy, tags, fixed, load) < 0) return false;
     return true;
   }
 
-  /** The least busy worker among those `ok` accepts. */
-  private least(ok: (i: number) => boolean = () => true): Worker | undefined {
-    let best: Worker | undefined;
-    this.workers.forEach((w, i) => { if (ok(i) && (!best || w.channels < best.channels)) best = w; });
+  /**
+   * Where a ublk queue goes: the least busy worker whose ring has room for
+   * every tag (and zero-copy slots); its room and load are taken from the
+   * arrays given. -1: none.
+   */
+  private placeUblk(depth: number, zeroCopy: boolean, tags: number[], fixed: number[], load: number[]): number {
+    let best = -1;
+    for (let i = 0; i < tags.length; i++) {
+      if (tags[i] >= depth && (!zeroCopy || fixed[i] >= depth) && (best < 0 || load[i] < load[best])) best = i;
+    }
+    if (best >= 0) {
+      tags[best] -= depth;
+      if (zeroCopy) fixed[best] -= depth;
+      load[best]++;
+    }
     return best;
   }
 
-  private attach(first: (id: number) => ToWorker, events: (e: WorkerEvent) => void, w = this.least()!, closed?: (e: WorkerEvent) => void): OpenChannel {
+  private attach(first: (id: number) => ToWorker, events: (e: WorkerEvent) => void,
+    w = this.workers.reduce((a, b) => (b.channels < a.channels ? b : a)), closed?: (e: WorkerEvent) => void): OpenChannel {
     if (this.closing) throw new Error('the I/O workers are stopping');
     const id = this.nextId++;
     w.channels++;

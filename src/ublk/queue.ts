@@ -95,8 +95,8 @@ export class UblkQueue implements Channel {
   private live: number;
   private closed = false;
   private dropped = false;
-  /** Zero copy: the first of this queue's slots in the ring's sparse table (tag t uses fixed + t). */
-  private readonly fixed: number;
+  /** Zero copy: each tag's slot in the ring's sparse table (AUTO_BUF_REG's index); null under user copy. */
+  private readonly fixed: Int32Array | null;
 
   constructor(readonly id: number, private readonly loop: IoLoop, private readonly io: Placement, private readonly spec: UblkQueueSpec,
     private readonly zc: ZeroCopyFiles | null, private readonly stats: Float64Array, private readonly post: (e: UblkQueueEvent) => void) {
@@ -105,8 +105,8 @@ export class UblkQueue implements Channel {
     if (spec.zeroCopy) {
       if (!zc) throw new Error('zero copy needs the I/O worker\'s sparse buffer table, which this kernel refused');
       this.fixed = loop.takeFixed(n);
-      if (this.fixed < 0) throw new Error(`no ${n} free slots left in this I/O worker's sparse buffer table`);
-    } else this.fixed = -1;
+      if (!this.fixed) throw new Error(`no ${n} free slots left in this I/O worker's sparse buffer table`);
+    } else this.fixed = null;
     this.descs = new DataView(ublkAddon().ublkIoDescs(spec.cdev, spec.queue, n));
     this.st = new Uint8Array(n).fill(S_FETCH);
     this.op = new Uint8Array(n);
@@ -285,7 +285,7 @@ export class UblkQueue implements Channel {
         if (view === BUSY) return false;
         return this.toSlow(tag, false);
       }
-      const n = io.read(this, tag, view, offset, length, slot, 0, zc ? this.fixed + tag : -1, this.zc?.zero ?? -1);
+      const n = io.read(this, tag, view, offset, length, slot, 0, zc ? this.fixed![tag] : -1, this.zc?.zero ?? -1);
       if (n < 0) {
         if (slot >= 0) loop.slabs.release(slot);
         return this.toSlow(tag, false);
@@ -312,14 +312,14 @@ export class UblkQueue implements Channel {
             this.view[tag] = io.startedView;
             this.t0[tag] = loop.now;
             this.st[tag] = S_WRITING;
-            loop.pushFixed(this, tag, WRITE, fd, this.fixed + tag, 0, length, offset);
+            loop.pushFixed(this, tag, WRITE, fd, this.fixed![tag], 0, length, offset);
             return true;
           }
           this.slowW[tag] = 1;
         }
         // Its data to the main thread: request -> staging file -> buffer.
         this.st[tag] = S_STAGE_IN;
-        loop.pushFixed(this, tag, WRITE, this.zc!.stage, this.fixed + tag, 0, length, this.stageAt(tag));
+        loop.pushFixed(this, tag, WRITE, this.zc!.stage, this.fixed![tag], 0, length, this.stageAt(tag));
         return true;
       }
       const slot = loop.slabs.alloc(length);
@@ -364,7 +364,7 @@ export class UblkQueue implements Channel {
         this.release(tag);
         if (w !== len) { this.commitLater(tag, this.failure(w)); return true; }
         this.st[tag] = S_COPYING;
-        loop.pushFixed(this, tag, READ, this.zc!.stage, this.fixed + tag, 0, len, this.stageAt(tag));
+        loop.pushFixed(this, tag, READ, this.zc!.stage, this.fixed![tag], 0, len, this.stageAt(tag));
         return true;
       }
     }
@@ -410,11 +410,11 @@ export class UblkQueue implements Channel {
   }
 
   /** Zero copy: the request's slot in the ring's sparse table (AUTO_BUF_REG's index), else 0. */
-  private bufReg(tag: number): number { return this.spec.zeroCopy ? this.fixed + tag : 0; }
+  private bufReg(tag: number): number { return this.fixed ? this.fixed[tag] : 0; }
   /** User copy: the request's position on /dev/ublkcN. */
   private pos(tag: number): number { return this.u.userCopyBase + this.spec.queue * this.u.userCopyQueueStride + tag * this.u.userCopyTagStride; }
   /** Zero copy: the tag's place in the staging file (slots of the sparse table never overlap). */
-  private stageAt(tag: number): number { return (this.fixed + tag) * this.spec.maxIo; }
+  private stageAt(tag: number): number { return this.fixed![tag] * this.spec.maxIo; }
 
   /**
    * After close: what a data move still in flight holds (its stripes, its
@@ -451,7 +451,7 @@ export class UblkQueue implements Channel {
     }
     this.closeTarget();
     // Slots still registered (tags the kernel holds) are unregistered at commit or teardown; a dropped queue's stay taken.
-    if (this.fixed >= 0 && !this.dropped) this.loop.giveFixed(this.fixed, this.spec.depth);
+    if (this.fixed && !this.dropped) this.loop.giveFixed(this.fixed);
     this.post({ t: 'closed', id: this.id, reason, slotsKept: this.dropped });
   }
 }
