@@ -339,6 +339,30 @@ test('worker threads: sync and async rings tear down with their worker', () => {
   assert.is(r.stdout, 'exits 3');
 });
 
+// A native call that throws while its worker is being stopped cannot throw
+// into JavaScript any more (napi_throw fails): the addon must drop the error,
+// not let the C++ exception escape and abort the whole process (a ublk-data
+// run in CI died this way at exit, after all its tests had passed).
+test('a worker stopped inside a throwing native call does not abort the process', () => {
+  for (const stop of ['process.exit(0)', 'w.terminate()']) {
+    let aborted = 0;
+    const runs = 8;
+    for (let i = 0; i < runs; i++) {
+      const r = child(`
+        const { Worker } = require('worker_threads');
+        const w = new Worker(\`
+          const n = require(process.env.NATIVE);
+          require('worker_threads').parentPort.postMessage('go');
+          for (;;) { try { n.dup(1 << 30); } catch {} }
+        \`, { eval: true });
+        w.on('message', () => setTimeout(() => { ${stop}; }, 5));
+      `);
+      if (r.status !== 0) aborted++;
+    }
+    assert.is(aborted, 0, `${stop}: ${aborted} of ${runs} runs aborted`);
+  }
+});
+
 test('errors carry errno and code', () => {
   const sq = new SharedArrayBuffer(SQ_ENTRY * 2);
   const cq = new SharedArrayBuffer(CQ_ENTRY * 2);
