@@ -2,7 +2,7 @@
   "targets": [
     {
       "target_name": "strata_native",
-      "sources": ["native/strata_native.cc", "native/device_target.cc", "native/ublk.cc"],
+      "sources": ["native/strata_native.cc", "native/ublk.cc"],
       "dependencies": ["<!(node -p \"require('node-addon-api').targets\"):node_addon_api_except"],
       "defines": [
         "NAPI_VERSION=8",

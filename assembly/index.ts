@@ -8,6 +8,7 @@
 import { EXTENT_SIZE, EXT_DEV, EXT_LEN, EXT_LAYER, EXT_DATA, ZERO_LAYER, FRAME_SIZE, FRAME_U, FRAME_USIZE, extentPut } from './layout';
 export * from './layout';
 export { planRead, planLocal, planWrite, wrote } from './plan';
+export * from './gate';
 
 // ---------------------------------------------------------------- states
 // One byte per block (values and record layouts: ./layout.ts). Transitions

@@ -94,3 +94,29 @@ export const SEG_DST: u32 = 20; // u32 offset of the piece within the request
 export const SEG_FILE: u32 = 1;
 export const SEG_ZERO: u32 = 2;
 export const SEG_LAYER: u32 = 3;
+
+// ---------------------------------------------------------------- gates
+// A device's gate and stripes between the engine (main thread) and the I/O
+// workers that serve its requests (assembly/gate.ts): a header, the
+// counters, then GATE_NSTRIPES i32 stripe counts at GATE_STRIPES.
+export const GATE_JS_WRITERS: u32 = 0; // i32 engine requests holding the gate as a writer
+export const GATE_JS_READERS: u32 = 4; // i32 ... as a reader
+export const GATE_NAT_READERS: u32 = 8; // i32 worker reads in flight
+export const GATE_NAT_WRITERS: u32 = 12; // i32 worker writes in flight
+export const GATE_VIEW: u32 = 16; // u32 the device's VIEW record (0: none, every request goes to the engine)
+export const GATE_REFS: u32 = 20; // i32 holders: the device, and each channel serving it
+export const GATE_DEV_SIZE: u32 = 24; // u64 device bytes
+export const GATE_STATS: u32 = 32; // u64 counters, by GS_* index (gateStat)
+export const GS_FAST_READS: u32 = 0;
+export const GS_FAST_WRITES: u32 = 1;
+export const GS_SLOW_PLANS: u32 = 2; // = GS_SLOW_GATE + GS_SLOW_BUSY + requests the tables cannot place
+export const GS_SLOW_GATE: u32 = 3;
+export const GS_SLOW_BUSY: u32 = 4;
+export const GS_READ_BYTES: u32 = 5;
+export const GS_WRITE_BYTES: u32 = 6;
+export const GS_LAT: u32 = 7; // GATE_LAT_BUCKETS reads, then as many writes (service time, gateLatBound)
+export const GATE_LAT_BUCKETS: u32 = 16;
+export const GS_LAT_SUM: u32 = GS_LAT + 2 * GATE_LAT_BUCKETS; // read ns, then write ns
+export const GATE_STRIPES: u32 = 4096;
+export const GATE_NSTRIPES: u32 = 16384; // 4 KiB each, indexes wrap around
+export const GATE_BYTES: u32 = GATE_STRIPES + GATE_NSTRIPES * 4;

@@ -8,8 +8,8 @@
 //   ublk-user-copy  the same with the USER_COPY transport
 //   strata-zero-copy / strata-user-copy
 //                   a strata device (the file imported as a layer, its cache
-//                   warmed) served by serveUblk: the engine's DeviceTarget
-//                   plans every request; writes land in the device's overlay
+//                   warmed) served by serveUblk: the I/O workers plan every
+//                   request with the engine's WASM planner; writes land in the device's overlay
 //   strata-prev-zero-copy / strata-prev-user-copy (with STRATA_BENCH_PREV=DIR,
 //                   a built checkout of another commit, e.g. a git worktree):
 //                   the same strata device served by that checkout's engine

@@ -27,7 +27,6 @@
 #include <utility>
 #include <vector>
 
-#include "modules.h"
 #include "napi_util.h"
 #include "ublk.h"
 #include "ublk_uapi.h"
@@ -744,7 +743,6 @@ Napi::Object InitModule(Napi::Env env, Napi::Object exports) {
   exports.Set("Ring", Ring::Init(env));
   exports.Set("info", Napi::Function::New(env, Info, "info"));
   exports.Set("pageSize", Napi::Function::New(env, PageSize, "pageSize"));
-  strata::InitDeviceTarget(env, exports);
   strata::InitUblk(env, exports);
   return exports;
 }

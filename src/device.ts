@@ -18,12 +18,12 @@ import { S } from './wasm';
 import { Pinned, ViewRecord, SegKind } from './device-view';
 import { einval, StrataError } from './errors';
 import { writeLayer, type BlockRun, type Progress, type WriteLayerStats } from './layer-writer';
-import { NativePlane } from './native-plane';
+import { DeviceGate, type GateStats } from './device-gate';
 import { traced } from './tracing';
 import { compactionPlan, copyUp, MAX_CHAIN_DEFAULT } from './compaction';
 import { crashPoint } from './crash-point';
 import { GroupSync } from './group-sync';
-import { loadNative, type NativeDeviceTarget, type NativeTargetStats } from './native';
+import { loadNative } from './native';
 import type { IoWorkers } from './io/pool';
 
 const BS = BLOCK_SIZE;
@@ -96,8 +96,8 @@ export class Device {
   /** suspend(): overlay files and manifest stay for a later resume. */
   private keepFiles = false;
   private readonly dir: string;
-  /** Set once a native frontend serves this device (see native-plane.ts). */
-  private plane: NativePlane | null = null;
+  /** Set once the I/O workers serve this device (see device-gate.ts). */
+  private plane: DeviceGate | null = null;
   stats = { reads: 0, writes: 0, readBytes: 0, writeBytes: 0, trims: 0, flushes: 0, snapshots: 0 };
 
   private constructor(private readonly core: Core, private readonly registry: LayerRegistry,
@@ -530,7 +530,7 @@ export class Device {
     await this.lastSnapshot;
     const unlock = await this.locks.acquire(0, this.blocks, true);
     this.closed = true;
-    await this.plane?.closeGate();
+    await this.plane?.close();
     unlock();
     if (this.opts.durable && !this.keepFiles) fs.rmSync(manifestPath(this.dir, this.id), { force: true });
     this.cur.pin.retire();
@@ -539,32 +539,32 @@ export class Device {
     this.rec.retire();
   }
 
-  // -------------------------------------------------------- native plane
+  // -------------------------------------------------------- the I/O workers' gate
 
   /**
    * The device's gate and stripes shared with the I/O workers: they then
    * serve reads and writes of blocks whose place is known without the
    * engine, and hand everything else back to this device (see
-   * native-plane.ts).
+   * device-gate.ts).
    */
-  nativeTarget(): NativeDeviceTarget {
+  gate(): DeviceGate {
     this.ensureOpen();
     if (!this.plane) {
-      const plane = new NativePlane(this.core.heap, this.size, BS);
+      const plane = new DeviceGate(this.core.heap, this.size, BS);
       this.plane = plane;
       void plane.gated(true, () => this.publish());
     }
-    return this.plane.target;
+    return this.plane;
   }
 
-  /** What an I/O worker needs to serve this device's requests: the workers and a key to its native target. */
-  ioTarget(): { workers: IoWorkers; target: number } {
-    return { workers: this.core.io(), target: this.nativeTarget().share() };
+  /** What an I/O worker needs to serve this device's requests: the workers and its gate record. */
+  ioTarget(): { workers: IoWorkers; gate: number } {
+    return { workers: this.core.io(), gate: this.gate().ptr };
   }
 
-  /** Native fast-path counters (zeros while no native frontend is attached). */
-  nativeStats(): NativeTargetStats {
-    return this.plane?.target.stats() ?? { fastReads: 0, fastWrites: 0, slowPlans: 0, readBytes: 0, writeBytes: 0 };
+  /** What the I/O workers served without the engine (zeros while none serves the device). */
+  nativeStats(): GateStats {
+    return this.plane?.stats() ?? { fastReads: 0, fastWrites: 0, slowPlans: 0, readBytes: 0, writeBytes: 0 };
   }
 
   /** Keeps native requests out (waiting for those in flight) until the returned function is called. */
@@ -582,9 +582,9 @@ export class Device {
   }
 
   /**
-   * Tells the planners the current view: a new record for the WASM planner
-   * (requests under way keep the one they pinned) and the native planner's
-   * copy; only inside gated(true, ...) once natives serve the device.
+   * Tells the planner the current view: a new record (the engine's requests
+   * under way keep the one they pinned; the I/O workers move to it at once);
+   * only inside gated(true, ...) once the workers serve the device.
    */
   private publish(): void {
     const base = this.base;
@@ -593,7 +593,7 @@ export class Device {
       cur: this.cur, frozen: this.frozen, ext: base.map.ptr, nExt: base.map.extents.length,
       layers: base.header.chain.map((_, i) => base.caches.get(i)?.nativeView() ?? null),
     });
-    // Natives are drained (the gate is held) and move to the new record at once.
+    // The workers are drained (the gate is held) and move to the new record at once.
     this.plane?.publish(this.rec.ptr);
     old?.retire();
   }

@@ -425,7 +425,7 @@ export class LayerCache {
     return 0;
   }
 
-  /** Where native planners find this cache (see native/device_target.h). */
+  /** Where the planner finds this cache (its LAYER record, assembly/layout.ts). */
   nativeView(): { fd: number; states: number; frames: number; nframes: number; refs: number } {
     return { fd: this.fd, states: this.states, frames: this.framesPtr, nframes: this.header.frames.length, refs: this.refs };
   }

@@ -66,47 +66,6 @@ export interface NativeInfo {
   probeOps: string[];
 }
 
-/**
- * A device's gate and stripes between the engine and the I/O workers that
- * serve its requests (native/device_target.h): workers acquire and release
- * per request, the engine enters the gate around changes of the view.
- */
-export interface NativeDeviceTarget {
-  /** Enters the gate; true when no conflicting native request is in flight any more. */
-  enter(writer: boolean): boolean;
-  drained(writer: boolean): boolean;
-  exit(writer: boolean): void;
-  /** The device's view record (heap offset; src/device-view.ts), only with the gate held as a writer; null stops all native planning. */
-  setView(viewRecord: number | null): void;
-  /** Tries to take the stripes of [offset, offset+length) (block-aligned); false when a native request holds one. */
-  lockRange(offset: number, length: number, exclusive: boolean): boolean;
-  unlockRange(offset: number, length: number): void;
-  stats(): NativeTargetStats;
-  /** A key another thread passes to `new DeviceTarget(key)` to reach this target. */
-  share(): number;
-  /**
-   * The gate and stripes of one request planned elsewhere (an I/O worker's
-   * WASM): the view record to plan from, 0 (slow path, nothing held), or 1
-   * when another request holds its stripes and `final` is false (nothing held:
-   * try again soon).
-   */
-  acquire(write: boolean, offset: number, length: number, final: boolean): number;
-  /** Ends an acquired request: outcome 1 done, 0 its I/O failed, -1 not planned (slow path). */
-  release(write: boolean, offset: number, length: number, outcome: 1 | 0 | -1, elapsedNs: number): void;
-  /** This object lets go of the target. */
-  close(): void;
-}
-
-/** Service-time histogram of the requests I/O workers served: counts per bucket (upper bounds in ns; the last bucket is unbounded). */
-export interface NativeLatency { counts: number[]; sumNs: number }
-
-export interface NativeTargetStats {
-  fastReads: number; fastWrites: number; slowPlans: number; readBytes: number; writeBytes: number;
-  /** Of slowPlans: the engine held the device gate / a stripe was busy. */
-  slowGate?: number; slowBusy?: number;
-  latency?: { boundsNs: number[]; read: NativeLatency; write: NativeLatency };
-}
-
 export interface NativeAddon {
   Ring: NativeRingConstructor;
   info(): NativeInfo;
@@ -115,11 +74,6 @@ export interface NativeAddon {
   dataExtents(fd: number, size: number): number[];
   /** Writes back and evicts a file's cached pages (tests and benches of cold reads). */
   dropPageCache(fd: number): void;
-  DeviceTarget: {
-    new (heap: SharedArrayBuffer, size: number, blockSize: number): NativeDeviceTarget;
-    /** The target another thread's share() named (ENOENT once it is gone). */
-    new (key: number): NativeDeviceTarget;
-  };
   /** A blocking eventfd: a READ of it in a ring waits until another thread writes 8 bytes. */
   eventfd(): number;
   /** PR_SET_IO_FLUSHER for the calling thread (reclaim never waits on writeback through a device it serves): 0 or -errno. */

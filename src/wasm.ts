@@ -12,7 +12,11 @@ const LAYOUT_NAMES = ['ABSENT', 'FETCHING', 'CACHED', 'DIRTY', 'ZERO', 'CLEAN',
   'FRAME_SIZE', 'FRAME_U', 'FRAME_C', 'FRAME_USIZE', 'FRAME_CSIZE', 'FRAME_SUM',
   'VIEW_SIZE', 'VIEW_CUR_FD', 'VIEW_CUR_TABLE', 'VIEW_NFROZEN', 'VIEW_FROZEN', 'VIEW_EXT', 'VIEW_NEXT', 'VIEW_NLAYERS', 'VIEW_LAYERS',
   'OVERLAY_SIZE', 'OVL_FD', 'OVL_TABLE', 'LAYER_SIZE', 'LYR_FD', 'LYR_STATES', 'LYR_FRAMES', 'LYR_NFRAMES', 'LYR_REFS',
-  'SEG_SIZE', 'SEG_KIND', 'SEG_REF', 'SEG_OFF', 'SEG_LEN', 'SEG_DST', 'SEG_FILE', 'SEG_ZERO', 'SEG_LAYER'] as const;
+  'SEG_SIZE', 'SEG_KIND', 'SEG_REF', 'SEG_OFF', 'SEG_LEN', 'SEG_DST', 'SEG_FILE', 'SEG_ZERO', 'SEG_LAYER',
+  'GATE_BYTES', 'GATE_LAT_BUCKETS', 'GS_FAST_READS', 'GS_FAST_WRITES', 'GS_SLOW_PLANS', 'GS_SLOW_GATE', 'GS_SLOW_BUSY',
+  'GS_READ_BYTES', 'GS_WRITE_BYTES', 'GS_LAT', 'GS_LAT_SUM', 'GATE_SLOW', 'GATE_BUSY'] as const;
+// i32 values (the rest are u32).
+const SIGNED = new Set<string>(['GATE_SLOW', 'GATE_BUSY']);
 export type LayoutName = typeof LAYOUT_NAMES[number];
 
 export interface WasmExports {
@@ -45,6 +49,27 @@ export interface WasmExports {
   planWrite(view: number, offset: number, length: number, blockSize: number): number;
   /** Marks a planned write's blocks DIRTY once its bytes are in the overlay file. */
   wrote(view: number, offset: number, length: number, blockSize: number): void;
+
+  // A device's gate and stripes (assembly/gate.ts). Flags are 0 or 1.
+  gateInit(g: number, size: number): void;
+  gateRetain(g: number): void;
+  /** Holders left. */
+  gateDrop(g: number): number;
+  gateRefs(g: number): number;
+  gateEnter(g: number, writer: number): number;
+  gateDrained(g: number, writer: number): number;
+  gateExit(g: number, writer: number): void;
+  gateSetView(g: number, view: number): number;
+  gateLockRange(g: number, offset: number, length: number, exclusive: number, blockSize: number): number;
+  gateUnlockRange(g: number, offset: number, length: number, blockSize: number): void;
+  gateStat(g: number, i: number): number;
+  gateLatBound(i: number): number;
+  /** Segments planned (gate and stripes held until readEnd), GATE_SLOW or GATE_BUSY. */
+  readStart(g: number, offset: number, length: number, final: number, blockSize: number, out: number, cap: number): number;
+  readEnd(g: number, offset: number, length: number, ok: number, ns: number): void;
+  /** The file to write to (held until writeEnd), GATE_SLOW or GATE_BUSY. */
+  writeStart(g: number, offset: number, length: number, final: number, blockSize: number): number;
+  writeEnd(g: number, offset: number, length: number, ok: number, ns: number, blockSize: number): void;
 }
 
 export const PAGE = 65536;
@@ -74,7 +99,7 @@ export function layout(): Record<LayoutName, number> {
     for (const k of LAYOUT_NAMES) {
       const g = ex[k];
       if (!(g instanceof WebAssembly.Global)) throw new Error(`build/strata.wasm exports no ${k}: rebuild it (npm run setup)`);
-      out[k] = Number(g.value) >>> 0;
+      out[k] = SIGNED.has(k) ? Number(g.value) : Number(g.value) >>> 0;
     }
     layoutValues = out;
   }

@@ -14,7 +14,7 @@ import { IoLoop, FIXED_SLOTS } from '../src/io/loop';
 // Ring operations kept for everything but fetched ublk tags (NBD connections, data moves).
 const OTHER_OPS = 4096;
 import type { ToWorker } from '../src/io/pool';
-import { BlockIo, NO_DEVICE, type RequestGate, type Planner } from '../src/io/block-io';
+import { BlockIo, type Planner } from '../src/io/block-io';
 import { Transmission } from '../src/nbd/transmission';
 import { FileIo } from '../src/io/file-io';
 import { UblkQueue, type ZeroCopyFiles } from '../src/ublk/queue';
@@ -39,7 +39,6 @@ export function serve(task: ServeTask): { connections: number } {
     task.port.postMessage(e, transfer);
   };
   const refuse = (id: number, e: unknown) => post({ t: 'closed', id, reason: (e as Error).message });
-  const deviceTarget = (key: number): RequestGate => (key ? new (loadNative().DeviceTarget)(key) : NO_DEVICE);
   const onMessage = (raw: unknown) => {
     const m = raw as ToWorker;
     if (m.t === 'stop') {
@@ -47,33 +46,29 @@ export function serve(task: ServeTask): { connections: number } {
       for (const c of conns.values()) (c instanceof UblkQueue ? c.drop() : c.destroy());
       return;
     }
+    // The pool took a hold of the device's gate for this channel: its BlockIo lets go at close.
     if (m.t === 'open') {
-      let target: RequestGate = NO_DEVICE;
-      try { target = deviceTarget(m.target); } catch (e) {
-        loadNative().close(m.fd);
-        refuse(m.id, e);
-        return;
-      }
+      const io = new BlockIo(loop, m.gate, plan);
       try {
-        conns.set(m.id, new Transmission(m.id, m.fd, loop, new BlockIo(loop, target, plan), m.opts, m.initial, new Float64Array(m.stats), post));
+        conns.set(m.id, new Transmission(m.id, m.fd, loop, io, m.opts, m.initial, new Float64Array(m.stats), post));
         served++;
       } catch (e) {
-        target.close();
+        io.close();
         loadNative().close(m.fd);
         refuse(m.id, e);
       }
       return;
     }
     if (m.t === 'ublk-open') {
-      let target: RequestGate = NO_DEVICE;
+      const io = new BlockIo(loop, m.gate, plan);
       try {
-        target = deviceTarget(m.target);
         if (m.spec.zeroCopy && !zc) throw new Error(`zero copy: this ring refused a sparse buffer table (errno ${-sparse})`);
-        const io = m.spec.file >= 0 ? new FileIo(loop, m.spec.file) : new BlockIo(loop, target, plan);
-        conns.set(m.id, new UblkQueue(m.id, loop, io, m.spec, zc, new Float64Array(m.stats), post));
+        // A FileTarget's queue has no device gate.
+        if (m.spec.file >= 0) io.close();
+        conns.set(m.id, new UblkQueue(m.id, loop, m.spec.file >= 0 ? new FileIo(loop, m.spec.file) : io, m.spec, zc, new Float64Array(m.stats), post));
         served++;
       } catch (e) {
-        target.close();
+        io.close();
         refuse(m.id, e);
       }
       return;

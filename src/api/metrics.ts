@@ -2,7 +2,7 @@
 // Totals the engine already counts are read at scrape time; latencies are
 // observed where they happen (fetches, device create/delete, snapshots,
 // engine-path requests). Requests the I/O workers serve without the engine
-// are counted in the device's native target (acquire to release, into fixed
+// are counted in the device's gate record (start to end, into fixed
 // buckets) and exported here as a histogram read at scrape time.
 import * as client from 'prom-client';
 import type { Engine } from '../engine';

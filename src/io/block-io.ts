@@ -1,11 +1,10 @@
 // The engine's rules for a READ or WRITE an I/O worker serves itself, for
-// any frontend on its loop (an NBD connection, a ublk queue): the device's gate and
-// stripes (its native target), the WASM planner over the engine's shared
-// tables (assembly/plan.ts), and the write rule. What a request cannot be
-// placed by these goes to the engine on the main thread; the frontend keeps
-// only its protocol.
+// any frontend on its loop (an NBD connection, a ublk queue): the device's
+// gate and stripes, the planner and the write rule, each request's start
+// and end one WASM call over the engine's shared tables (assembly/gate.ts).
+// What a request cannot be placed by these goes to the engine on the main
+// thread; the frontend keeps only its protocol.
 import * as native from '../native';
-import type { NativeDeviceTarget } from '../native';
 import type { WasmExports } from '../wasm';
 import { layout } from '../wasm';
 import type { Channel, IoLoop } from './loop';
@@ -14,12 +13,6 @@ import * as slabs from './slabs';
 const { READ } = native.OP;
 const off = slabs.offsetOf;
 
-/** What a frontend takes per request from its device's native target (DeviceTarget). */
-export type RequestGate = Pick<NativeDeviceTarget, 'acquire' | 'release' | 'close'>;
-
-/** The gate of an export with no device behind it: every request takes the slow path. */
-export const NO_DEVICE: RequestGate = { acquire: () => 0, release: () => {}, close: () => {} };
-
 /** The worker's planner: WASM over the engine's memory, with room for segments. */
 export interface Planner { wasm: WasmExports; view: DataView; segs: number; segCap: number; blockSize: number }
 
@@ -27,28 +20,27 @@ export interface Planner { wasm: WasmExports; view: DataView; segs: number; segC
 export const MORE = -1;
 const EIO = 5;
 
-/** acquire(): the stripes are held by another request (it ends soon): try again next turn. */
-export const BUSY = 1;
 /** Turns a request waits for busy stripes before it goes the slow path. */
 const BUSY_TURNS = 64;
 
 /**
  * How a frontend's requests are placed: the engine's (BlockIo) or a plain
- * file's (FileIo). A frontend calls acquire, then read (completeRead per
- * operation, readDone) or write / writeStart + writeEnd.
+ * file's (FileIo). A frontend calls read (then completeRead per operation,
+ * readDone) or write, or writeStart + writeEnd around a write the ring
+ * performs. 'busy': another request holds its blocks (the owner is pumped
+ * again next turn: try then); 'slow': the engine's (nothing held).
  */
 export interface Placement {
   /** Ring entries a read may need. */
   readonly readRoom: number;
-  readonly target: { close(): void };
-  startedView: number;
-  acquire(owner: Channel, write: boolean, offset: number, length: number): number;
-  read(owner: Channel, tag: number, view: number, offset: number, length: number, slot: number, at: number, fixed?: number, zeroFd?: number): number;
+  read(owner: Channel, tag: number, offset: number, length: number, slot: number, at: number, fixed?: number, zeroFd?: number): number | 'busy' | 'slow';
   completeRead(res: number, op: number, owner?: Channel, tag?: number, zeroFd?: number): number;
   readDone(offset: number, length: number, ok: boolean, t0: number): void;
   write(owner: Channel, offset: number, length: number, slot: number, at: number): number | 'busy' | 'slow';
   writeStart(owner: Channel, offset: number, length: number): number | 'busy' | 'slow';
-  writeEnd(view: number, offset: number, length: number, ok: boolean, t0: number, t1?: number): void;
+  writeEnd(offset: number, length: number, ok: boolean, t0: number, t1?: number): void;
+  /** The frontend is done with the device (once). */
+  close(): void;
 }
 
 /**
@@ -84,6 +76,7 @@ export function completeRead(loop: IoLoop, res: number, op: number, owner?: Chan
 
 export class BlockIo implements Placement {
   private busyTurns = 0;
+  private closed = false;
   private readonly SEG_SIZE: number;
   private readonly SEG_KIND: number;
   private readonly SEG_REF: number;
@@ -91,46 +84,46 @@ export class BlockIo implements Placement {
   private readonly SEG_LEN: number;
   private readonly SEG_DST: number;
   private readonly SEG_ZERO: number;
+  private readonly BUSY: number;
 
-  constructor(private readonly loop: IoLoop, readonly target: RequestGate, private readonly plan: Planner) {
+  /** `gate`: the device's gate record (held for this frontend by the pool; 0: no device, every request is the engine's). */
+  constructor(private readonly loop: IoLoop, private readonly gate: number, private readonly plan: Planner) {
     const l = layout();
     this.SEG_SIZE = l.SEG_SIZE; this.SEG_KIND = l.SEG_KIND; this.SEG_REF = l.SEG_REF; this.SEG_OFF = l.SEG_OFF;
-    this.SEG_LEN = l.SEG_LEN; this.SEG_DST = l.SEG_DST; this.SEG_ZERO = l.SEG_ZERO;
+    this.SEG_LEN = l.SEG_LEN; this.SEG_DST = l.SEG_DST; this.SEG_ZERO = l.SEG_ZERO; this.BUSY = l.GATE_BUSY;
   }
 
   /** Ring entries a read may need (one per segment). */
   get readRoom(): number { return this.plan.segCap; }
 
   /**
-   * The gate and stripes of a request: its view, 0 (slow path) or BUSY for a
-   * few turns (another request holds its stripes: it waits rather than burden
-   * the engine, whose own request on those blocks would have to wait too);
-   * `owner` is pumped again next turn.
+   * A busy stripe (another request holds it: it ends soon) makes a request
+   * wait a few turns rather than burden the engine, whose own request on
+   * those blocks would have to wait too; `owner` is pumped again next turn.
    */
-  acquire(owner: Channel, write: boolean, offset: number, length: number): number {
-    const v = this.target.acquire(write, offset, length, this.busyTurns >= BUSY_TURNS);
-    if (v === BUSY) { this.busyTurns++; this.loop.retry(owner); return BUSY; }
-    this.busyTurns = 0;
-    return v;
+  private busy(owner: Channel): 'busy' {
+    this.busyTurns++;
+    this.loop.retry(owner);
+    return 'busy';
   }
 
   /**
-   * Places an acquired READ of [offset, offset+length) into slot + at: zero
-   * pieces are filled now, file pieces pushed on the loop as `owner`'s
-   * operations with `tag` (see completeRead). With `fixed` (a ublk zero-copy
-   * request's slot in the ring's sparse table, see IoLoop.pushFixed) the
-   * bytes go there instead, at `at`, and zero pieces are read from
-   * `zeroFd` (/dev/zero): that memory is only reachable through the ring.
-   * Returns how many were pushed, or -1: the planner cannot place it (the
-   * gate is released; slow path). The caller checked room(readRoom).
+   * Places a READ of [offset, offset+length) into slot + at: zero pieces
+   * are filled now, file pieces pushed on the loop as `owner`'s operations
+   * with `tag` (see completeRead); returns how many were pushed (the
+   * stripes held until readDone). With `fixed` (a ublk zero-copy request's
+   * slot in the ring's sparse table, see IoLoop.pushFixed) the bytes go
+   * there instead, at `at`, and zero pieces are read from `zeroFd`
+   * (/dev/zero): that memory is only reachable through the ring. The
+   * caller checked room(readRoom).
    */
-  read(owner: Channel, tag: number, view: number, offset: number, length: number, slot: number, at: number, fixed = -1, zeroFd = -1): number {
+  read(owner: Channel, tag: number, offset: number, length: number, slot: number, at: number, fixed = -1, zeroFd = -1): number | 'busy' | 'slow' {
     const { wasm, segs, segCap, blockSize: bs } = this.plan;
-    const b0 = Math.floor(offset / bs), b1 = Math.ceil((offset + length) / bs);
-    const n = wasm.planLocal(view, b0, b1, bs, segs, segCap);
-    if (n < 0) { this.target.release(false, offset, length, -1, 0); return -1; }
+    const n = wasm.readStart(this.gate, offset, length, this.busyTurns >= BUSY_TURNS ? 1 : 0, bs, segs, segCap);
+    if (n < 0) return n === this.BUSY ? this.busy(owner) : (this.busyTurns = 0, 'slow');
+    this.busyTurns = 0;
     const buf = fixed < 0 ? this.loop.slabs.buf(slot) : null, so = fixed < 0 ? off(slot) : 0;
-    const m = this.plan.view, head = offset - b0 * bs;
+    const m = this.plan.view, head = offset % bs;
     let pushed = 0;
     for (let i = 0; i < n; i++) {
       const s = segs + i * this.SEG_SIZE;
@@ -151,49 +144,46 @@ export class BlockIo implements Placement {
     return completeRead(this.loop, res, op, owner, tag, zeroFd);
   }
 
+  /** Ends a placed READ (started at loop time t0). */
+  readDone(offset: number, length: number, ok: boolean, t0: number): void {
+    this.plan.wasm.readEnd(this.gate, offset, length, ok ? 1 : 0, (this.loop.now - t0) * 1e6);
+  }
+
   /**
    * A WRITE of the bytes at slot + at: planned and written now, on this
    * thread (a buffered write cannot complete inline in the ring on ext4;
    * io-wq would take it to another thread, which halves small-write
-   * throughput). Returns bytes written or -errno, 'busy' (pumped again next
-   * turn) or 'slow' (nothing held: the engine's).
+   * throughput). Returns bytes written or -errno, 'busy' or 'slow'.
    */
   write(owner: Channel, offset: number, length: number, slot: number, at: number): number | 'busy' | 'slow' {
     const fd = this.writeStart(owner, offset, length);
     if (typeof fd !== 'number') return fd;
     const t0 = this.loop.now;
     const res = this.loop.pwrite(slot, at, length, fd, offset);
-    this.writeEnd(this.startedView, offset, length, res >= 0, t0, performance.now());
+    this.writeEnd(offset, length, res >= 0, t0, performance.now());
     return res;
   }
 
-  /** The view of the last writeStart() that returned a file. */
-  startedView = 0;
-
   /**
    * Begins a WRITE of [offset, offset+length): the file its bytes go to, at
-   * `offset` (its view in startedView; the stripes held until writeEnd), or
-   * 'busy' / 'slow' as write(). For a write the ring performs (zero copy).
+   * `offset` (the stripes held until writeEnd), or 'busy' / 'slow'. For a
+   * write the ring performs (zero copy).
    */
   writeStart(owner: Channel, offset: number, length: number): number | 'busy' | 'slow' {
-    const view = this.acquire(owner, true, offset, length);
-    if (view === BUSY) return 'busy';
-    if (!view) return 'slow';
-    const fd = this.plan.wasm.planWrite(view, offset, length, this.plan.blockSize);
-    if (fd < 0) { this.target.release(true, offset, length, -1, 0); return 'slow'; }
-    this.startedView = view;
+    const fd = this.plan.wasm.writeStart(this.gate, offset, length, this.busyTurns >= BUSY_TURNS ? 1 : 0, this.plan.blockSize);
+    if (fd < 0) return fd === this.BUSY ? this.busy(owner) : (this.busyTurns = 0, 'slow');
+    this.busyTurns = 0;
     return fd;
   }
 
-  /** Ends a started WRITE; `ok`: every byte is in the file (started at loop time t0, ended at t1). */
-  writeEnd(view: number, offset: number, length: number, ok: boolean, t0: number, t1 = this.loop.now): void {
-    // The write rule: its blocks are DIRTY only once the bytes are in the file.
-    if (ok) this.plan.wasm.wrote(view, offset, length, this.plan.blockSize);
-    this.target.release(true, offset, length, ok ? 1 : 0, (t1 - t0) * 1e6);
+  /** Ends a started WRITE; `ok`: every byte is in the file (started at loop time t0, ended at t1): only then are its blocks DIRTY. */
+  writeEnd(offset: number, length: number, ok: boolean, t0: number, t1 = this.loop.now): void {
+    this.plan.wasm.writeEnd(this.gate, offset, length, ok ? 1 : 0, (t1 - t0) * 1e6, this.plan.blockSize);
   }
 
-  /** Ends an acquired READ (started at loop time t0). */
-  readDone(offset: number, length: number, ok: boolean, t0: number): void {
-    this.target.release(false, offset, length, ok ? 1 : 0, (this.loop.now - t0) * 1e6);
+  close(): void {
+    if (this.closed || !this.gate) return;
+    this.closed = true;
+    this.plan.wasm.gateDrop(this.gate);
   }
 }

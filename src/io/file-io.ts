@@ -5,19 +5,12 @@
 import type { Channel, IoLoop } from './loop';
 import { completeRead, pushRead, type Placement } from './block-io';
 
-/** The view FileIo hands out: any value but 0 (slow path) and BUSY (1). */
-const FILE_VIEW = 2;
-
 export class FileIo implements Placement {
   readonly readRoom = 1;
-  readonly target = { close: () => {} };
-  startedView = FILE_VIEW;
 
   constructor(private readonly loop: IoLoop, private readonly fd: number) {}
 
-  acquire(): number { return FILE_VIEW; }
-
-  read(owner: Channel, tag: number, _view: number, offset: number, length: number, slot: number, at: number, fixed = -1): number {
+  read(owner: Channel, tag: number, offset: number, length: number, slot: number, at: number, fixed = -1): number {
     pushRead(this.loop, owner, tag, this.fd, slot, at, length, offset, fixed);
     return 1;
   }
@@ -35,4 +28,6 @@ export class FileIo implements Placement {
   writeStart(): number { return this.fd; }
 
   writeEnd(): void {}
+
+  close(): void {}
 }

@@ -14,10 +14,10 @@ import type { UblkQueueEvent, UblkQueueSpec } from '../ublk/queue';
 
 /** Messages to a worker (each followed by a wake-up). */
 export type ToWorker =
-  | { t: 'open'; id: number; fd: number; target: number; opts: TransmissionOptions; initial: Uint8Array; stats: SharedArrayBuffer }
+  | { t: 'open'; id: number; fd: number; gate: number; opts: TransmissionOptions; initial: Uint8Array; stats: SharedArrayBuffer }
   | { t: 'reply'; id: number; bytes: Uint8Array | null; done: number; doneBytes: number }
   | { t: 'shutdown' | 'destroy'; id: number }
-  | { t: 'ublk-open'; id: number; target: number; spec: UblkQueueSpec; stats: SharedArrayBuffer }
+  | { t: 'ublk-open'; id: number; gate: number; spec: UblkQueueSpec; stats: SharedArrayBuffer }
   | { t: 'ublk-answer'; id: number; tag: number; result: number; data: Uint8Array | null }
   | { t: 'ublk-drop'; id: number }
   | { t: 'stop' };
@@ -108,26 +108,26 @@ export class IoWorkers {
 
   /**
    * Hands a connection's socket (`fd`, now the worker's) to the least busy
-   * worker; `target` is its device's native target key (0: no device, every
-   * request goes back). `events` gets its slow requests and, once, its close.
+   * worker; `gate` is its device's gate record (assembly/gate.ts; 0: no
+   * device, every request goes back), held for the channel until it closes. `events` gets its slow requests and, once, its close.
    */
-  open(fd: number, target: number, opts: TransmissionOptions, initial: Uint8Array, stats: SharedArrayBuffer,
+  open(fd: number, gate: number, opts: TransmissionOptions, initial: Uint8Array, stats: SharedArrayBuffer,
     events: (e: TransmissionEvent) => void): OpenChannel {
-    return this.attach((id) => ({ t: 'open', id, fd, target, opts, initial, stats }), events as (e: WorkerEvent) => void);
+    return this.attach(gate, (id) => ({ t: 'open', id, fd, gate, opts, initial, stats }), events as (e: WorkerEvent) => void);
   }
 
   /**
    * Has the least busy worker serve one ublk queue (src/ublk/queue.ts) of the
-   * device whose native target key is `target`. `events` gets 'ublk-fetched'
+   * device whose gate record is `gate` (as open()). `events` gets 'ublk-fetched'
    * once every tag was fetched, its slow requests, and once, its close.
    */
-  openUblk(spec: UblkQueueSpec, target: number, stats: SharedArrayBuffer, events: (e: UblkQueueEvent) => void): OpenChannel {
+  openUblk(spec: UblkQueueSpec, gate: number, stats: SharedArrayBuffer, events: (e: UblkQueueEvent) => void): OpenChannel {
     const i = this.placeUblk(spec.depth, spec.zeroCopy, this.tagsFree, this.fixedFree, this.workers.map((w) => w.channels));
     if (i < 0) {
       throw Object.assign(new Error(`no I/O worker has room for ${spec.depth} more ublk tags${spec.zeroCopy ? ` with zero-copy buffer slots (${FIXED_SLOTS} per worker)` : ''}; use fewer tags${spec.zeroCopy ? ', user copy' : ''} or more workers`),
         { code: 'ENOSPC', errno: os.constants.errno.ENOSPC });
     }
-    return this.attach((id) => ({ t: 'ublk-open', id, target, spec, stats }), events as (e: WorkerEvent) => void, this.workers[i], (e) => {
+    return this.attach(gate, (id) => ({ t: 'ublk-open', id, gate, spec, stats }), events as (e: WorkerEvent) => void, this.workers[i], (e) => {
       // A dropped queue's commands (and their slots) stay with the ring until it closes.
       if ((e as { slotsKept?: boolean }).slotsKept) return;
       this.tagsFree[i] += spec.depth;
@@ -164,7 +164,7 @@ export class IoWorkers {
     return best;
   }
 
-  private attach(first: (id: number) => ToWorker, events: (e: WorkerEvent) => void,
+  private attach(gate: number, first: (id: number) => ToWorker, events: (e: WorkerEvent) => void,
     w = this.workers.reduce((a, b) => (b.channels < a.channels ? b : a)), closed?: (e: WorkerEvent) => void): OpenChannel {
     if (this.closing) throw new Error('the I/O workers are stopping');
     const id = this.nextId++;
@@ -173,6 +173,8 @@ export class IoWorkers {
     this.owner.set(id, w);
     this.handlers.set(id, events);
     if (closed) this.onClose.set(id, closed);
+    // The worker lets go of it (gateDrop) when the channel is done with it.
+    if (gate) this.heap.wasm.gateRetain(gate);
     const send = (m: ToWorker) => { w.port.postMessage(m); wake(w.wakeFd); };
     send(first(id));
     return { id, send };

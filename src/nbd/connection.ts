@@ -398,7 +398,7 @@ export class NbdConnection {
     await new Promise<void>((resolve) => socket.write(Buffer.alloc(0), () => resolve()));
     if (socket.destroyed) throw new Error('socket closed during hand-off');
     while (socket.read() !== null) { /* the 'data' listener queues it */ }
-    const { workers, target } = exp.io ? exp.io() : { workers: this.workers(), target: 0 };
+    const { workers, gate } = exp.io ? exp.io() : { workers: this.workers(), gate: 0 };
     const native = loadNative();
     let fd: number, relay: Socket | null = null;
     if (this.client.tls) {
@@ -414,7 +414,7 @@ export class NbdConnection {
     let resolveClosed!: () => void;
     this.wireClosed = new Promise((r) => { resolveClosed = r; });
     try {
-      this.wire = new WorkerWire(workers, fd, target, {
+      this.wire = new WorkerWire(workers, fd, gate, {
         structured: this.structured, readOnly: !!exp.readOnly, size: exp.size, minBlock: this.minBlock,
         maxPayload: this.maxPayload, maxInflight: this.maxInflight, maxInflightBytes: this.maxInflightBytes,
         maxQueuedReplyBytes: this.maxQueued,

@@ -21,10 +21,10 @@ export interface NbdExport {
   /**
    * Optional: the connection's transmission phase then runs on an I/O
    * worker, which serves what the device's view places and hands
-   * everything else to the methods above. `target`: the key of the
-   * device's native target (its gate and stripes).
+   * everything else to the methods above. `gate`: the heap offset of
+   * the device's gate record (assembly/gate.ts).
    */
-  io?(): { workers: IoWorkers; target: number };
+  io?(): { workers: IoWorkers; gate: number };
 }
 
 /** What an NBD_OPT_INFO (or a meta-context query) tells about an export. */

@@ -9,7 +9,7 @@
 // queued whole, so they never interleave. Memory is bounded: the worker
 // stops receiving while too many requests or reply bytes are pending.
 import * as native from '../native';
-import { BlockIo, BUSY } from '../io/block-io';
+import { BlockIo } from '../io/block-io';
 import type { Channel, IoLoop } from '../io/loop';
 import * as slabs from '../io/slabs';
 import * as P from './protocol';
@@ -244,11 +244,9 @@ export class Transmission implements Channel {
     const hdr = readReplyHeaderLen(this.opts.structured);
     const slot = this.loop.slabs.alloc(hdr + length);
     if (slot < 0) return 'wait';
-    const view = io.acquire(this, false, offset, length);
-    if (view === BUSY || !view) { this.loop.slabs.release(slot); return view ? 'wait' : 'slow'; }
     const tag = this.tags[this.freeTags - 1];
-    const n = io.read(this, tag, view, offset, length, slot, hdr);
-    if (n < 0) { this.loop.slabs.release(slot); return 'slow'; }
+    const n = io.read(this, tag, offset, length, slot, hdr);
+    if (typeof n !== 'number') { this.loop.slabs.release(slot); return n === 'busy' ? 'wait' : 'slow'; }
     this.take(c, ca);
     putReadReplyHeader(this.loop.slabs.buf(slot), off(slot), this.opts.structured, c, ca, offset, length);
     this.fOff[tag] = offset; this.fLen[tag] = length;
@@ -450,7 +448,7 @@ export class Transmission implements Channel {
     if (this.payload) slabs.release(this.payload.slot);
     slabs.release(this.recvSlot);
     try { loadNative().close(this.fd); } catch { /* already closed */ }
-    this.io.target.close();
+    this.io.close();
     this.post({ t: 'closed', id: this.id, reason });
   }
 

@@ -15,12 +15,12 @@ export class WorkerWire {
   private readonly ch: { id: number; send(m: ToWorker): void };
   private gone = false;
 
-  /** `fd` becomes the worker's (a duplicate, or one end of a socket pair); `target`: a DeviceTarget's share() key, 0 for none (every request comes back). */
-  constructor(workers: IoWorkers, fd: number, target: number, opts: TransmissionOptions, initial: Uint8Array,
+  /** `fd` becomes the worker's (a duplicate, or one end of a socket pair); `gate`: its device's gate record, 0 for none (every request comes back). */
+  constructor(workers: IoWorkers, fd: number, gate: number, opts: TransmissionOptions, initial: Uint8Array,
     onEvent: (kind: 'requests' | 'closed', message: string) => void) {
     const stats = new SharedArrayBuffer(STAT.LENGTH * 8);
     this.counters = new Float64Array(stats);
-    this.ch = workers.open(fd, target, opts, initial, stats, (e) => {
+    this.ch = workers.open(fd, gate, opts, initial, stats, (e) => {
       if (e.t === 'requests') {
         for (const r of e.reqs) this.queue.push(toWire(r));
         onEvent('requests', '');

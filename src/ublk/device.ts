@@ -41,8 +41,8 @@ export type Transport = 'zero-copy' | 'user-copy';
 export interface UblkCreateOptions {
   /** A file the device maps 1:1 (its slow path: target.serveSlow unless onSlow is given). */
   target?: FileTarget;
-  /** Or a strata device: the engine's I/O workers and its native target key (Device.ioTarget()). */
-  io?: { workers: IoWorkers; target: number };
+  /** Or a strata device: the engine's I/O workers and its gate record (Device.ioTarget()). */
+  io?: { workers: IoWorkers; gate: number };
   /** Bytes; default: the file target's size (required with `io`). */
   size?: number;
   queues?: number;
@@ -285,7 +285,7 @@ class WorkerQueues {
         wq.open++;
         const spec = { cdev, queue: q, depth: info.depth, maxIo: info.maxIo, zeroCopy: info.transport === 'zero-copy',
           size: size || Number.MAX_SAFE_INTEGER /* unknown: the kernel bounds requests by the device anyway */, alwaysSlow, file };
-        const ch: OpenChannel = workers.openUblk(spec, opts.io?.target ?? 0, stats, (e: UblkQueueEvent) => {
+        const ch: OpenChannel = workers.openUblk(spec, opts.io?.gate ?? 0, stats, (e: UblkQueueEvent) => {
           if (e.t === 'ublk-fetched') fetched++;
           else if (e.t === 'ublk-requests') for (const r of e.reqs) wq.serve(ch, handler, q, r);
           else {

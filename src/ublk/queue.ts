@@ -14,7 +14,7 @@
 //              main thread passes through a staging file (only the ring
 //              reaches those pages).
 import * as native from '../native';
-import { BUSY, MORE, type Placement } from '../io/block-io';
+import { MORE, type Placement } from '../io/block-io';
 import type { Channel, IoLoop } from '../io/loop';
 import * as slabs from '../io/slabs';
 import { ublkAddon, UBLK_OP, type UblkUapi } from './native';
@@ -87,7 +87,6 @@ export class UblkQueue implements Channel {
   private readonly res: Int32Array;
   private readonly pending: Int32Array;
   private readonly err: Int32Array;
-  private readonly view: Uint32Array;
   private readonly t0: Float64Array;
   private readonly answers: Array<Uint8Array | null>;
   private todo: number[] = [];
@@ -118,7 +117,6 @@ export class UblkQueue implements Channel {
     this.res = new Int32Array(n);
     this.pending = new Int32Array(n);
     this.err = new Int32Array(n);
-    this.view = new Uint32Array(n);
     this.t0 = new Float64Array(n);
     this.answers = new Array(n).fill(null);
     this.live = n;
@@ -183,7 +181,7 @@ export class UblkQueue implements Channel {
         return;
       case S_WRITING: {
         const ok = res === this.len[tag];
-        this.io.writeEnd(this.view[tag], this.at[tag], this.len[tag], ok, this.t0[tag]);
+        this.io.writeEnd(this.at[tag], this.len[tag], ok, this.t0[tag]);
         this.stats[UBLK_STAT.FAST]++;
         return this.commitLater(tag, ok ? this.len[tag] : this.failure(res));
       }
@@ -279,16 +277,10 @@ export class UblkQueue implements Channel {
       const zc = this.spec.zeroCopy;
       const slot = zc ? -1 : loop.slabs.alloc(length);
       if (!zc && slot < 0) return false;
-      const view = io.acquire(this, false, offset, length);
-      if (view === BUSY || !view) {
+      const n = io.read(this, tag, offset, length, slot, 0, zc ? this.fixed![tag] : -1, this.zc?.zero ?? -1);
+      if (typeof n !== 'number') {
         if (slot >= 0) loop.slabs.release(slot);
-        if (view === BUSY) return false;
-        return this.toSlow(tag, false);
-      }
-      const n = io.read(this, tag, view, offset, length, slot, 0, zc ? this.fixed![tag] : -1, this.zc?.zero ?? -1);
-      if (n < 0) {
-        if (slot >= 0) loop.slabs.release(slot);
-        return this.toSlow(tag, false);
+        return n === 'busy' ? false : this.toSlow(tag, false);
       }
       this.slot[tag] = slot;
       this.pending[tag] = n;
@@ -309,7 +301,6 @@ export class UblkQueue implements Channel {
           const fd = io.writeStart(this, offset, length);
           if (fd === 'busy') return false;
           if (fd !== 'slow') {
-            this.view[tag] = io.startedView;
             this.t0[tag] = loop.now;
             this.st[tag] = S_WRITING;
             loop.pushFixed(this, tag, WRITE, fd, this.fixed![tag], 0, length, offset);
@@ -418,7 +409,7 @@ export class UblkQueue implements Channel {
 
   /**
    * After close: what a data move still in flight holds (its stripes, its
-   * buffer) is given back as it lands; the device's target once none is left.
+   * buffer) is given back as it lands; the device's gate once none is left.
    */
   private settle(tag: number, res: number, opId: number): void {
     const st = this.st[tag];
@@ -426,19 +417,19 @@ export class UblkQueue implements Channel {
       if (this.io.completeRead(res, opId, this, tag, this.zc?.zero ?? -1) === MORE) return;
       if (--this.pending[tag] === 0) { this.io.readDone(this.at[tag], this.len[tag], false, this.t0[tag]); this.st[tag] = S_DEAD; }
     } else if (st === S_WRITING) {
-      this.io.writeEnd(this.view[tag], this.at[tag], this.len[tag], res === this.len[tag], this.t0[tag]);
+      this.io.writeEnd(this.at[tag], this.len[tag], res === this.len[tag], this.t0[tag]);
       this.st[tag] = S_DEAD;
     } else if (st !== S_CMD) this.st[tag] = S_DEAD;
     this.release(tag);
-    this.closeTarget();
+    this.closeIo();
   }
 
-  private closeTarget(): void {
-    if (this.targetClosed || this.st.some((s) => s === S_READING || s === S_WRITING)) return;
-    this.targetClosed = true;
-    this.io.target.close();
+  private closeIo(): void {
+    if (this.ioClosed || this.st.some((s) => s === S_READING || s === S_WRITING)) return;
+    this.ioClosed = true;
+    this.io.close();
   }
-  private targetClosed = false;
+  private ioClosed = false;
 
   private close(reason: string): void {
     if (this.closed) return;
@@ -449,7 +440,7 @@ export class UblkQueue implements Channel {
       // Buffers a move in flight still uses are given back as it lands (settle).
       if (st !== S_READING && st !== S_WRITING && st !== S_DATA_IN && st !== S_STAGE_IN && st !== S_STAGING_BACK && st !== S_COPYING) this.release(t);
     }
-    this.closeTarget();
+    this.closeIo();
     // Slots still registered (tags the kernel holds) are unregistered at commit or teardown; a dropped queue's stay taken.
     if (this.fixed && !this.dropped) this.loop.giveFixed(this.fixed);
     this.post({ t: 'closed', id: this.id, reason, slotsKept: this.dropped });

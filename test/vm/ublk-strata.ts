@@ -1,5 +1,5 @@
 // Runs INSIDE the kernel test VM: strata devices served over ublk through
-// the engine's native target (src/ublk-export.ts), on every transport the
+// the engine's gate (src/ublk-export.ts), on every transport the
 // kernel offers:
 //   - an ext4 template: mount, check its files, write more, umount, snapshot,
 //     resume the snapshot on a new ublk device, every file's sha256, fsck;

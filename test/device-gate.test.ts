@@ -1,7 +1,7 @@
-// The data plane (the I/O workers, native/device_target.cc) and
-// its gate with the engine (src/native-plane.ts), driven over NBD: what the
-// natives serve, what they hand to the engine, and that snapshots taken
-// while natives write lose nothing.
+// The data plane (the I/O workers) and its gate with the engine
+// (assembly/gate.ts, src/device-gate.ts), driven over NBD: what the workers
+// serve, what they hand to the engine, and that snapshots taken while they
+// write lose nothing.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import * as fs from 'fs';
@@ -14,6 +14,8 @@ import { deviceExport } from '../src/nbd-export';
 import { tmpdir } from './helpers/util';
 import { openStore } from '../src/store/open';
 import type { ObjectStore } from '../src/store/types';
+import { SharedHeap, layout, S } from '../src/wasm';
+import { DeviceGate } from '../src/device-gate';
 
 const BS = 4096;
 let f: Fixture;
@@ -28,6 +30,99 @@ async function serveFresh(eng: Engine, name: string, dir: string) {
   return { d, srv, sock: await srv.listenUnix(`${dir}/nbd.sock`) };
 }
 test.after(async () => { await f.close(); });
+
+// The gate itself (assembly/gate.ts), as an I/O worker meets it: writeStart
+// plans by the write rule from a VIEW record made here (overlay file 7,
+// every block DIRTY), so no engine is needed.
+function gateBench() {
+  const heap = new SharedHeap({ reserveBytes: 0 });
+  const l = layout(), w = heap.wasm;
+  const blocks = 64;
+  const table = heap.alloc(blocks), view = heap.alloc(l.VIEW_SIZE);
+  w.stateFill(table, 0, blocks, S.DIRTY);
+  const v = new DataView(heap.buffer);
+  v.setInt32(view + l.VIEW_CUR_FD, 7, true);
+  v.setUint32(view + l.VIEW_CUR_TABLE, table, true);
+  const gate = new DeviceGate(heap, blocks * BS, BS);
+  const start = (off: number, final = 0) => w.writeStart(gate.ptr, off, BS, final, BS);
+  const end = (off: number, ok = 1) => w.writeEnd(gate.ptr, off, BS, ok, 30_000, BS);
+  return { heap, w, l, gate, view, start, end };
+}
+
+test('the gate: no view, no worker request; the engine inside keeps workers out and waits for theirs', async () => {
+  const { w, l, gate, view, start, end } = gateBench();
+  assert.is(start(0), l.GATE_SLOW, 'nothing published yet');
+  assert.is(gate.stats().slowGate, 1);
+  await gate.gated(true, () => gate.publish(view));
+  assert.is(start(0), 7, 'the overlay file of the view');
+  // An engine writer now waits for that write, and none starts meanwhile.
+  let inside = false;
+  const engine = gate.gated(true, () => { inside = true; });
+  await new Promise((r) => setImmediate(r));
+  assert.not.ok(inside, 'the engine waits for the worker write in flight');
+  assert.is(start(8 * BS), l.GATE_SLOW, 'no worker request starts while the engine waits');
+  end(0);
+  await engine;
+  assert.ok(inside);
+  const held = await gate.hold();
+  assert.ok(w.gateSetView(gate.ptr, view), 'held as a writer, drained: the view may change');
+  held();
+  assert.not.ok(w.gateSetView(gate.ptr, view), 'the view changes only with the gate held');
+  const s = gate.stats();
+  assert.is(s.fastWrites, 1);
+  assert.is(s.writeBytes, BS);
+  assert.is(s.latency!.write.counts[2], 1, '30 µs lands in the (25, 50] µs bucket');
+  assert.is(s.latency!.boundsNs[1], 25_000);
+});
+
+test('the gate: a write holds its 4 KiB stripes until it ends; the engine takes stripes of its blocks only', async () => {
+  const { w, l, gate, view, start, end } = gateBench();
+  await gate.gated(true, () => gate.publish(view));
+  assert.is(start(4 * BS), 7);
+  assert.is(start(4 * BS), l.GATE_BUSY, 'the same stripe: busy, nothing held');
+  assert.is(w.readStart(gate.ptr, 4 * BS + 512, 512, 0, BS, 0, 0), l.GATE_BUSY, 'a read of it too');
+  assert.is(start(4 * BS, 1), l.GATE_SLOW, 'when final: the engine\'s');
+
+  assert.is(gate.stats().slowBusy, 1);
+  assert.is(start(5 * BS), 7, 'the next stripe is free');
+  end(5 * BS);
+  assert.not.ok(gate.lockRange(4 * BS, BS, false), 'the engine cannot take a stripe a worker write holds');
+  end(4 * BS);
+  assert.ok(gate.lockRange(4 * BS + 100, 10, true), 'widened to the block');
+  assert.is(start(4 * BS), l.GATE_BUSY);
+  assert.is(start(6 * BS), 7, 'other blocks stay the workers\'');
+  end(6 * BS, 0);
+  gate.unlockRange(4 * BS + 100, 10);
+  assert.is(start(4 * BS), 7);
+  end(4 * BS);
+  assert.ok(gate.lockRange(0, 64 * BS, true), 'every stripe was released');
+  gate.unlockRange(0, 64 * BS);
+  assert.is(gate.stats().fastWrites, 3, 'a failed write is not counted');
+  // An engine reader (it enters once no worker write is in flight) keeps
+  // worker writes out, not reads.
+  await gate.gated(false, () => {
+    assert.is(start(9 * BS), l.GATE_SLOW);
+    assert.is(gate.stats().slowGate, 1);
+    // A read passes it (to the planner, which has no room for a segment here).
+    const plans = gate.stats().slowPlans;
+    assert.is(w.readStart(gate.ptr, 9 * BS, BS, 1, BS, 0, 0), l.GATE_SLOW);
+    assert.equal([gate.stats().slowGate, gate.stats().slowPlans], [1, plans + 1]);
+  });
+});
+
+test('a closed device\'s gate record lives while a connection holds it, then is freed', async () => {
+  const d = await f.addDevice('g');
+  const c = await RawClient.open(f.sock, 'g');
+  assert.is((await c.read(0, BS)).error, 0);
+  const heap = (d as unknown as { core: { heap: SharedHeap } }).core.heap;
+  const ptr = d.gate().ptr;
+  await d.close();
+  assert.is(heap.wasm.gateRefs(ptr), 1, 'the connection\'s hold');
+  assert.ok(heap.heap.sizeOf(ptr) !== undefined, 'not freed under the connection');
+  c.close();
+  for (let i = 0; i < 100 && heap.heap.sizeOf(ptr) !== undefined; i++) await new Promise((r) => setTimeout(r, 50));
+  assert.is(heap.heap.sizeOf(ptr), undefined, 'freed once the connection closed');
+});
 
 test('aligned reads of cached data and writes are served natively; the data is right', async () => {
   const d = await f.addDevice('a');
@@ -79,7 +174,7 @@ test('engine requests exclude natives from their own blocks only (stripes), neve
   const c = await RawClient.open(f.sock, 's');
   await c.read(40 * BS, BS); // warm
   await c.read(90 * BS, BS);
-  const t = d.nativeTarget() as ReturnType<typeof d.nativeTarget> & { lockRange(o: number, l: number, x: boolean): boolean; unlockRange(o: number, l: number): void };
+  const t = d.gate();
   // Hold block 40 the way an engine write does.
   assert.ok(t.lockRange(40 * BS, BS, true));
   assert.not.ok(t.lockRange(40 * BS + 512, 512, false), 'a held stripe is not taken twice');
