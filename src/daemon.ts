@@ -28,6 +28,7 @@ import { Metrics } from './api/metrics';
 import pino from 'pino';
 import { features as ublkFeatures, kernelDeviceInfo, ownerId, sweepLeftDevices, type UblkDevice } from './ublk';
 import { serveUblk, recoverUblk } from './ublk-export';
+import { within } from './deadline';
 
 // Structured JSON logs (pino): one line per event, with device / operation ids as fields.
 const logger = pino({ base: { pid: process.pid }, timestamp: pino.stdTimeFunctions.isoTime, formatters: { level: (label) => ({ level: label }) } });
@@ -222,16 +223,14 @@ export async function main(argv: string[]): Promise<void> {
     stopping = true;
     ready = false;
     log('info', 'stopping', { signal: sig, operations: ops.active, devices: devices.size });
-    const within = <T>(p: Promise<T>, ms: number, what: string) => Promise.race([p, new Promise<void>((r) => setTimeout(() => {
-      log('warn', `${what} did not finish within ${ms} ms`); r();
-    }, ms).unref())]);
+    const step = <T>(p: Promise<T>, ms: number, what: string) => within(p, ms, () => log('warn', `${what} did not finish within ${ms} ms`));
     api.server.close();
     await server.close();
-    await within(ops.settle(), 60_000, 'running operations');
-    await within(devices.flushAll().catch((e) => log('warn', 'flush failed', { error: String(e) })), 30_000, 'flushing devices');
-    await within(devices.releaseUblk(cfg.ublkOnStop).catch((e) => log('warn', 'ublk release failed', { error: String(e) })), 30_000, `ublk devices (${cfg.ublkOnStop})`);
+    await step(ops.settle(), 60_000, 'running operations');
+    await step(devices.flushAll().catch((e) => log('warn', 'flush failed', { error: String(e) })), 30_000, 'flushing devices');
+    await step(devices.releaseUblk(cfg.ublkOnStop).catch((e) => log('warn', 'ublk release failed', { error: String(e) })), 30_000, `ublk devices (${cfg.ublkOnStop})`);
     // Devices are durable: closing the engine suspends them for the next start.
-    await within(engine.close().catch((e) => log('error', 'closing the engine', { error: String((e as Error).message ?? e) })), 30_000, 'closing the engine');
+    await step(engine.close().catch((e) => log('error', 'closing the engine', { error: String((e as Error).message ?? e) })), 30_000, 'closing the engine');
     fs.rmSync(cfg.apiSocket, { force: true });
     log('info', 'stopped');
     process.exit(0);

@@ -10,6 +10,7 @@ import { RawClient } from './helpers/nbd-client';
 import { ApiClient } from '../src/api/client';
 import { OPT, REP } from '../src/nbd/protocol';
 import { metrics } from './helpers/daemon';
+import { within } from '../src/deadline';
 
 const hasNbdcopy = fs.existsSync('/usr/bin/nbdcopy');
 const run = (cmd: string, args: string[]) => new Promise<{ code: number; err: string }>((res) =>
@@ -49,6 +50,17 @@ function tcpListeners(pid: number): string[] {
 
 if (!hasNbdcopy) skip('daemon: nbdcopy (libnbd-bin) not installed');
 else {
+// Shutdown waits for each step with a deadline: a step that finished in
+// time must not be reported late when a later step is slow (its timer used
+// to stay armed, so a slow engine close logged every earlier step too).
+test('shutdown deadlines: a step that finished in time is never reported late; one that did not is', async () => {
+  const late: string[] = [];
+  await within(Promise.resolve(), 30, () => late.push('quick'));
+  await within(new Promise((r) => setTimeout(r, 200)), 30, () => late.push('slow'));
+  await new Promise((r) => setTimeout(r, 80));
+  assert.equal(late, ['slow']);
+});
+
 test('daemon serves imported layers over a 0600 unix socket, no TCP unless asked, and stops cleanly on SIGTERM', async () => {
   const dir = tmpdir('daemon');
   const img = makeImage(2048, 5);
