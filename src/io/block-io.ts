@@ -39,6 +39,13 @@ export interface Placement {
   write(owner: Channel, offset: number, length: number, slot: number, at: number): number | 'busy' | 'slow';
   writeStart(owner: Channel, offset: number, length: number): number | 'busy' | 'slow';
   writeEnd(offset: number, length: number, ok: boolean, t0: number, t1?: number): void;
+  /**
+   * A FLUSH, or a DISCARD / WRITE_ZEROES of [offset, offset+length), as
+   * one operation of owner's `tag` (its result answers the request), or
+   * false: the engine's.
+   */
+  flush(owner: Channel, tag: number): boolean;
+  discard(owner: Channel, tag: number, offset: number, length: number): boolean;
   /** The frontend is done with the device (once). */
   close(): void;
 }
@@ -180,6 +187,10 @@ export class BlockIo implements Placement {
   writeEnd(offset: number, length: number, ok: boolean, t0: number, t1 = this.loop.now): void {
     this.plan.wasm.writeEnd(this.gate, offset, length, ok ? 1 : 0, (t1 - t0) * 1e6, this.plan.blockSize);
   }
+
+  // The engine's: its flush syncs overlays and zero journals; discards change the tables.
+  flush(): boolean { return false; }
+  discard(): boolean { return false; }
 
   close(): void {
     if (this.closed || !this.gate) return;

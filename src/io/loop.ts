@@ -93,6 +93,11 @@ export class IoLoop {
     return this.queue(owner, tag, s ? slot + at : 0, op, 0, s ? chunkOf(slot) : 0, fd, len, s ? offsetOf(slot) + at : 0, fileOffset);
   }
 
+  /** Queues a FALLOCATE of [fileOffset, fileOffset+len) of fd; `mode`: FLAG_PUNCH or FLAG_ZERO_RANGE (both keep the size). */
+  pushFallocate(owner: Channel, tag: number, fd: number, mode: number, fileOffset: number, len: number): number {
+    return this.queue(owner, tag, 0, OP.FALLOCATE, mode, 0, fd, 0, len, fileOffset);
+  }
+
   /**
    * Queues a ublk I/O command (FETCH_REQ, COMMIT_AND_FETCH_REQ) for `queue`
    * and `ublkTag` on the char device `fd`; `result` is the request's

@@ -1,7 +1,8 @@
 // FileTarget: a block target that maps the device 1:1 onto one file. The
-// I/O workers serve its READs and WRITEs (src/io/file-io.ts); FLUSH,
-// DISCARD and WRITE_ZEROES, and with `alwaysSlow` every request (tests of
-// the slow path), come to `serveSlow`, which answers with plain fs calls.
+// I/O workers serve its requests (src/io/file-io.ts); FUA writes, discards
+// on a file system without the fallocate mode, and with `alwaysSlow` every
+// request (tests of the slow path), come to `serveSlow`, which answers with
+// plain fs calls.
 import * as fs from 'fs';
 import type { SlowRequest } from './device';
 

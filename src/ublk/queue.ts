@@ -2,9 +2,11 @@
 // this worker's thread is the daemon of every tag. Each tag cycles
 //   FETCH / COMMIT_AND_FETCH out -> a request in its descriptor -> data moved -> commit
 // READs and WRITEs the device's view can place are served here with the
-// engine's rules (src/io/block-io.ts); everything else (cold data, FUA,
-// FLUSH, DISCARD, WRITE_ZEROES, unplannable ranges) goes to the device on
-// the main thread, whose answers come back through the worker's port.
+// engine's rules (src/io/block-io.ts), and a FileTarget's FLUSH, DISCARD
+// and WRITE_ZEROES as one operation on its file; everything else (cold
+// data, FUA, an engine device's FLUSH, DISCARD and WRITE_ZEROES,
+// unplannable ranges) goes to the device on the main thread, whose answers
+// come back through the worker's port.
 // How data meets the request:
 //   user copy  through a buffer of this loop: file -> buffer -> /dev/ublkcN
 //              at the tag's position, and back for writes
@@ -67,6 +69,9 @@ const S_STAGING_BACK = 11; // staging -> buffer
 const S_SLOW = 12; //         at the main thread
 const S_COMMIT = 13; //       todo: COMMIT_AND_FETCH with res
 const S_DEAD = 14; //         the kernel ended it (or the queue closed)
+const S_FILE_OP = 15; //      a FLUSH, DISCARD or WRITE_ZEROES on the file (FileIo)
+
+const EOPNOTSUPP = 95;
 
 const TAG_FETCHED = -1;
 const EMPTY = new Uint8Array(0);
@@ -90,6 +95,8 @@ export class UblkQueue implements Channel {
   private readonly t0: Float64Array;
   private readonly answers: Array<Uint8Array | null>;
   private todo: number[] = [];
+  private kept: number[] = [];
+  private spare: number[] = [];
   private toMain: UblkSlowRequest[] = [];
   private live: number;
   private closed = false;
@@ -185,6 +192,11 @@ export class UblkQueue implements Channel {
         this.stats[UBLK_STAT.FAST]++;
         return this.commitLater(tag, ok ? this.len[tag] : this.failure(res));
       }
+      case S_FILE_OP:
+        // A file system that cannot punch holes: the main thread writes zeros.
+        if (res === -EOPNOTSUPP) { this.toSlow(tag, false); return; }
+        this.stats[UBLK_STAT.FAST]++;
+        return this.commitLater(tag, res < 0 ? res : 0);
       case S_STAGE_IN:
         if (res !== this.len[tag]) return this.commitLater(tag, this.failure(res));
         this.st[tag] = S_STAGE_BACK;
@@ -199,18 +211,28 @@ export class UblkQueue implements Channel {
   pump(): void {
     if (this.closed) return;
     let waiting = false;
-    const keep: number[] = [];
-    const todo = this.todo;
-    this.todo = [];
+    // Three lists swapped, not allocated, per turn: this turn's tags, the
+    // ones that must wait (kept first), and what the steps queue meanwhile.
+    const todo = this.todo, keep = this.kept;
+    this.todo = this.spare;
     for (let i = 0; i < todo.length; i++) {
       const tag = todo[i];
       if (this.dropped) break;
-      if (!this.loop.room(this.io.readRoom + 2)) { waiting = true; keep.push(...todo.slice(i)); break; }
+      if (!this.loop.room(this.io.readRoom + 2)) { waiting = true; for (let j = i; j < todo.length; j++) keep.push(todo[j]); break; }
       if (!this.step(tag)) keep.push(tag);
     }
-    if (keep.length) { this.todo.unshift(...keep); waiting ||= !this.dropped; }
+    todo.length = 0;
+    const kept = keep.length, added = this.todo.length;
+    if (kept) {
+      for (let i = 0; i < added; i++) keep.push(this.todo[i]);
+      this.todo.length = 0;
+      this.kept = this.todo;
+      this.todo = keep;
+      waiting ||= !this.dropped;
+    }
+    this.spare = todo;
     // Steps taken here may have queued more (a write served at once commits next).
-    if (this.todo.length > keep.length && !this.closed) this.loop.touch(this);
+    if (added && !this.closed) this.loop.touch(this);
     this.loop.wait(this, waiting && !this.closed);
     if (this.toMain.length) {
       const reqs = this.toMain;
@@ -320,7 +342,16 @@ export class UblkQueue implements Channel {
       loop.push(this, tag, READ, this.spec.cdev, slot, 0, length, this.pos(tag));
       return true;
     }
+    if (this.fileOp(tag, op, offset, length)) { this.st[tag] = S_FILE_OP; return true; }
     return this.toSlow(tag, false);
+  }
+
+  /** FLUSH, DISCARD and WRITE_ZEROES the placement does on this ring (a FileTarget's), else false. */
+  private fileOp(tag: number, op: number, offset: number, length: number): boolean {
+    if (this.spec.alwaysSlow) return false;
+    if (op === UBLK_OP.FLUSH) return this.io.flush(this, tag);
+    if (op !== UBLK_OP.DISCARD && op !== UBLK_OP.WRITE_ZEROES) return false;
+    return length > 0 && offset + length <= this.spec.size && this.io.discard(this, tag, offset, length);
   }
 
   /** User copy: a WRITE's data is in its buffer: written here (BlockIo.write), or to the main thread. */

@@ -57,13 +57,20 @@ async function concurrent(dev: UblkDevice, img: string, label: string): Promise<
   check(same.trim() === 'same', `${label}: device and backing file agree after the concurrent run`);
 }
 
-async function flushDiscard(dev: UblkDevice, img: string, label: string): Promise<void> {
-  await sh(`head -c 65536 /dev/urandom | dd of=${dev.path} bs=64k seek=100 oflag=direct conv=fsync status=none`);
+async function flushDiscard(dev: UblkDevice, img: string, label: string, slow: boolean): Promise<void> {
+  const before = dev.stats().slowIos;
+  await sh(`head -c 131072 /dev/urandom | dd of=${dev.path} bs=64k seek=100 oflag=direct conv=fsync status=none`);
   await sh(`blkdiscard -o ${100 * 65536} -l 65536 ${dev.path}`);
-  await sh(`blkdiscard -z -o ${101 * 65536} -l 4096 ${dev.path}`).catch(() => undefined);
-  const isZero = (cmd: string) => sh(`${cmd} | cmp -n 65536 - /dev/zero && echo zero`).then((o) => o.trim() === 'zero', () => false);
+  await sh(`blkdiscard -z -o ${101 * 65536} -l 4096 ${dev.path}`);
+  const isZero = (cmd: string, n = 65536) => sh(`${cmd} | cmp -n ${n} - /dev/zero && echo zero`).then((o) => o.trim() === 'zero', () => false);
   check(await isZero(`dd if=${dev.path} bs=64k skip=100 count=1 iflag=direct status=none`), `${label}: a discarded range reads as zeros through the device`);
   check(await isZero(`dd if=${img} bs=64k skip=100 count=1 status=none`), `${label}: and in the backing file`);
+  check(await isZero(`dd if=${dev.path} bs=4k skip=${101 * 16} count=1 iflag=direct status=none`, 4096), `${label}: a write-zeroes range reads as zeros`);
+  const rest = await sh(`dd if=${dev.path} bs=4k skip=${101 * 16 + 1} count=1 iflag=direct status=none | cmp -n 4096 - /dev/zero && echo zero`).catch(() => 'data');
+  check(rest.trim() !== 'zero', `${label}: and the block after it kept its data`);
+  // A FileTarget's FLUSH, DISCARD and WRITE_ZEROES are one fdatasync or fallocate on the worker's ring.
+  const moved = dev.stats().slowIos - before;
+  check(slow ? moved > 0 : moved === 0, `${label}: flush, discard and write-zeroes served ${slow ? 'by the main thread' : 'on the I/O worker'} (${moved} to the main thread)`);
 }
 
 async function filesystem(dev: UblkDevice, label: string): Promise<void> {
@@ -151,11 +158,11 @@ async function segmented(transport: 'zero-copy' | 'user-copy'): Promise<void> {
         if (!smoke) {
           await patternRoundTrip(dev, img, 32, label);
           await concurrent(dev, img, label);
-          await flushDiscard(dev, img, label);
+          await flushDiscard(dev, img, label, slow);
           if (!slow) await filesystem(dev, label);
         }
         const st = dev.stats();
-        // FLUSH, DISCARD, WRITE_ZEROES and FUA writes are a FileTarget's slow path (serveSlow) either way.
+        // FUA writes are a FileTarget's slow path (serveSlow) either way.
         check(slow ? st.fastIos === 0 && st.slowReadWrites > 0 : st.slowReadWrites === 0 && st.fastIos > 0,
           `${label}: reads and writes took the ${slow ? 'slow' : 'fast'} path (fast ${st.fastIos}, slow ${st.slowIos}, of them reads and writes ${st.slowReadWrites})`);
       } catch (e) {
