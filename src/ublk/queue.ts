@@ -70,6 +70,8 @@ const S_SLOW = 12; //         at the main thread
 const S_COMMIT = 13; //       todo: COMMIT_AND_FETCH with res
 const S_DEAD = 14; //         the kernel ended it (or the queue closed)
 const S_FILE_OP = 15; //      a FLUSH, DISCARD or WRITE_ZEROES on the file (FileIo)
+const S_UNSTAGE_R = 16; //    zero copy: an answer is in the request, its staged copy punched out; then commit
+const S_UNSTAGE_W = 17; //    zero copy: a WRITE's data is in a buffer, its staged copy punched out; then to the main thread
 
 const EOPNOTSUPP = 95;
 
@@ -180,7 +182,12 @@ export class UblkQueue implements Channel {
         this.todo.push(tag);
         return;
       }
-      case S_COPYING: return this.commitLater(tag, this.moved(tag, res) ? this.len[tag] : this.failure(res));
+      case S_COPYING: {
+        const r = this.moved(tag, res) ? this.len[tag] : this.failure(res);
+        return this.spec.zeroCopy ? this.unstage(tag, S_UNSTAGE_R, r) : this.commitLater(tag, r);
+      }
+      case S_UNSTAGE_R: return this.commitLater(tag, this.res[tag]);
+      case S_UNSTAGE_W: this.toSlow(tag, true); return;
       case S_DATA_IN:
         if (!this.moved(tag, res, true)) return this.commitLater(tag, this.failure(res));
         this.st[tag] = S_WRITE;
@@ -204,8 +211,22 @@ export class UblkQueue implements Channel {
         return;
       case S_STAGING_BACK:
         if (!this.moved(tag, res, true)) return this.commitLater(tag, this.failure(res));
-        this.toSlow(tag, true);
+        this.unstage(tag, S_UNSTAGE_W, 0);
     }
+  }
+
+  /**
+   * Zero copy: the tag's range of the staging file has been read; its
+   * pages are punched out before the tag moves on (state `next`, with
+   * `res` kept for the commit), or the staging file would keep every page
+   * a slow request ever passed through it. In order, so the punch never
+   * meets the tag's next staged data. Without room in the ring it is left.
+   */
+  private unstage(tag: number, next: number, res: number): void {
+    this.res[tag] = res;
+    this.st[tag] = next;
+    if (this.loop.room(1)) this.loop.pushFallocate(this, tag, this.zc!.stage, native.FLAG_PUNCH, this.stageAt(tag), this.len[tag]);
+    else this.complete(tag, 0, -1);
   }
 
   pump(): void {

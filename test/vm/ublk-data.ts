@@ -161,6 +161,13 @@ async function segmented(transport: 'zero-copy' | 'user-copy'): Promise<void> {
           await flushDiscard(dev, img, label, slow);
           if (!slow) await filesystem(dev, label);
         }
+        if (transport === 'zero-copy' && slow) {
+          // Every request passed through the workers' staging files: none keeps the pages.
+          const staged = fs.readdirSync('/proc/self/fd').map((fd) => {
+            try { return fs.readlinkSync(`/proc/self/fd/${fd}`).includes('strata-stage-') ? fs.fstatSync(Number(fd)).blocks * 512 : 0; } catch { return 0; }
+          }).reduce((a, b) => a + b, 0);
+          check(staged < (1 << 20), `${label}: the staging files keep no pages once the requests are done (${(staged / 1048576).toFixed(1)} MiB held)`);
+        }
         const st = dev.stats();
         // FUA writes are a FileTarget's slow path (serveSlow) either way.
         check(slow ? st.fastIos === 0 && st.slowReadWrites > 0 : st.slowReadWrites === 0 && st.fastIos > 0,
