@@ -78,7 +78,7 @@ export class DeviceGate {
    */
   async close(): Promise<void> {
     await this.enter(true);
-    this.setView(0);
+    this.publish(0);
     this.retire();
   }
 
@@ -89,8 +89,10 @@ export class DeviceGate {
     return () => { if (open) { open = false; this.heap.wasm.gateExit(this.ptr, 1); } };
   }
 
-  /** Publishes the device's view record (src/device-view.ts); call inside gated(true, ...). */
-  publish(viewRecord: number): void { this.setView(viewRecord); }
+  /** Publishes the device's view record (src/device-view.ts; 0: none); call inside gated(true, ...). */
+  publish(viewRecord: number): void {
+    if (!this.heap.wasm.gateSetView(this.ptr, viewRecord)) throw new Error('device gate: the view changes only with the gate held as a writer and the workers drained');
+  }
 
   stats(): GateStats {
     const w = this.heap.wasm, l = layout(), g = this.ptr, n = l.GATE_LAT_BUCKETS;
@@ -105,10 +107,6 @@ export class DeviceGate {
       readBytes: stat(l.GS_READ_BYTES), writeBytes: stat(l.GS_WRITE_BYTES),
       latency: { boundsNs: Array.from({ length: n - 1 }, (_, i) => w.gateLatBound(i)), read: side(0), write: side(1) },
     };
-  }
-
-  private setView(view: number): void {
-    if (!this.heap.wasm.gateSetView(this.ptr, view)) throw new Error('device gate: the view changes only with the gate held as a writer and the workers drained');
   }
 
   /** Enters; undefined when already drained, else resolves once the workers are. */

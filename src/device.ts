@@ -97,7 +97,7 @@ export class Device {
   private keepFiles = false;
   private readonly dir: string;
   /** Set once the I/O workers serve this device (see device-gate.ts). */
-  private plane: DeviceGate | null = null;
+  private ioGate: DeviceGate | null = null;
   stats = { reads: 0, writes: 0, readBytes: 0, writeBytes: 0, trims: 0, flushes: 0, snapshots: 0 };
 
   private constructor(private readonly core: Core, private readonly registry: LayerRegistry,
@@ -530,7 +530,7 @@ export class Device {
     await this.lastSnapshot;
     const unlock = await this.locks.acquire(0, this.blocks, true);
     this.closed = true;
-    await this.plane?.close();
+    await this.ioGate?.close();
     unlock();
     if (this.opts.durable && !this.keepFiles) fs.rmSync(manifestPath(this.dir, this.id), { force: true });
     this.cur.pin.retire();
@@ -549,12 +549,12 @@ export class Device {
    */
   gate(): DeviceGate {
     this.ensureOpen();
-    if (!this.plane) {
-      const plane = new DeviceGate(this.core.heap, this.size, BS);
-      this.plane = plane;
-      void plane.gated(true, () => this.publish());
+    if (!this.ioGate) {
+      const gate = new DeviceGate(this.core.heap, this.size, BS);
+      this.ioGate = gate;
+      void gate.gated(true, () => this.publish());
     }
-    return this.plane;
+    return this.ioGate;
   }
 
   /** What an I/O worker needs to serve this device's requests: the workers and its gate record. */
@@ -564,21 +564,21 @@ export class Device {
 
   /** What the I/O workers served without the engine (zeros while none serves the device). */
   nativeStats(): GateStats {
-    return this.plane?.stats() ?? { fastReads: 0, fastWrites: 0, slowPlans: 0, readBytes: 0, writeBytes: 0 };
+    return this.ioGate?.stats() ?? { fastReads: 0, fastWrites: 0, slowPlans: 0, readBytes: 0, writeBytes: 0 };
   }
 
   /** Keeps native requests out (waiting for those in flight) until the returned function is called. */
   holdNatives(): Promise<() => void> {
-    return this.plane ? this.plane.hold() : Promise.resolve(() => {});
+    return this.ioGate ? this.ioGate.hold() : Promise.resolve(() => {});
   }
 
   /** Runs fn with natives kept off blocks [b0, b1) (engine data requests). */
   private striped<T>(b0: number, b1: number, exclusive: boolean, fn: () => T | Promise<T>): Promise<T> {
-    return this.plane ? this.plane.striped(b0 * BS, (b1 - b0) * BS, exclusive, fn) : settle(fn);
+    return this.ioGate ? this.ioGate.striped(b0 * BS, (b1 - b0) * BS, exclusive, fn) : settle(fn);
   }
 
   private gated<T>(writer: boolean, fn: () => T | Promise<T>): Promise<T> {
-    return this.plane ? this.plane.gated(writer, fn) : settle(fn);
+    return this.ioGate ? this.ioGate.gated(writer, fn) : settle(fn);
   }
 
   /**
@@ -594,7 +594,7 @@ export class Device {
       layers: base.header.chain.map((_, i) => base.caches.get(i)?.nativeView() ?? null),
     });
     // The workers are drained (the gate is held) and move to the new record at once.
-    this.plane?.publish(this.rec.ptr);
+    this.ioGate?.publish(this.rec.ptr);
     old?.retire();
   }
 
@@ -820,7 +820,7 @@ function recoverOverlay(core: Core, dir: string, id: string, gen: number, size: 
   return { gen, file, fd, table, zfd, zlen, zsync: new GroupSync(() => core.uring.fsync(zfd)), keep, pin: overlayPin(heap, dir, id, gen, fd, zfd, table, keep) };
 }
 
-/** fn's result as a promise (a throw becomes a rejection): no native plane to coordinate with. */
+/** fn's result as a promise (a throw becomes a rejection): no I/O workers to coordinate with. */
 function settle<T>(fn: () => T | Promise<T>): Promise<T> {
   try { return Promise.resolve(fn()); } catch (e) { return Promise.reject(e); }
 }

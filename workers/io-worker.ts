@@ -60,12 +60,11 @@ export function serve(task: ServeTask): { connections: number } {
       return;
     }
     if (m.t === 'ublk-open') {
-      const io = new BlockIo(loop, m.gate, plan);
+      // A FileTarget's queue has no device (and no gate: m.gate is 0).
+      const io = m.spec.file >= 0 ? new FileIo(loop, m.spec.file) : new BlockIo(loop, m.gate, plan);
       try {
         if (m.spec.zeroCopy && !zc) throw new Error(`zero copy: this ring refused a sparse buffer table (errno ${-sparse})`);
-        // A FileTarget's queue has no device gate.
-        if (m.spec.file >= 0) io.close();
-        conns.set(m.id, new UblkQueue(m.id, loop, m.spec.file >= 0 ? new FileIo(loop, m.spec.file) : io, m.spec, zc, new Float64Array(m.stats), post));
+        conns.set(m.id, new UblkQueue(m.id, loop, io, m.spec, zc, new Float64Array(m.stats), post));
         served++;
       } catch (e) {
         io.close();

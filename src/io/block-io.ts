@@ -108,7 +108,8 @@ export class BlockIo implements Placement {
    * wait a few turns rather than burden the engine, whose own request on
    * those blocks would have to wait too; `owner` is pumped again next turn.
    */
-  private busy(owner: Channel): 'busy' {
+  private refused(owner: Channel, code: number): 'busy' | 'slow' {
+    if (code !== this.BUSY) { this.busyTurns = 0; return 'slow'; }
     this.busyTurns++;
     this.loop.retry(owner);
     return 'busy';
@@ -127,7 +128,7 @@ export class BlockIo implements Placement {
   read(owner: Channel, tag: number, offset: number, length: number, slot: number, at: number, fixed = -1, zeroFd = -1): number | 'busy' | 'slow' {
     const { wasm, segs, segCap, blockSize: bs } = this.plan;
     const n = wasm.readStart(this.gate, offset, length, this.busyTurns >= BUSY_TURNS ? 1 : 0, bs, segs, segCap);
-    if (n < 0) return n === this.BUSY ? this.busy(owner) : (this.busyTurns = 0, 'slow');
+    if (n < 0) return this.refused(owner, n);
     this.busyTurns = 0;
     const buf = fixed < 0 ? this.loop.slabs.buf(slot) : null, so = fixed < 0 ? off(slot) : 0;
     const m = this.plan.view, head = offset % bs;
@@ -178,7 +179,7 @@ export class BlockIo implements Placement {
    */
   writeStart(owner: Channel, offset: number, length: number): number | 'busy' | 'slow' {
     const fd = this.plan.wasm.writeStart(this.gate, offset, length, this.busyTurns >= BUSY_TURNS ? 1 : 0, this.plan.blockSize);
-    if (fd < 0) return fd === this.BUSY ? this.busy(owner) : (this.busyTurns = 0, 'slow');
+    if (fd < 0) return this.refused(owner, fd);
     this.busyTurns = 0;
     return fd;
   }
